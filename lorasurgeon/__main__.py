@@ -1,0 +1,3 @@
+from lorasurgeon.cli import main
+
+main()

@@ -1,0 +1,32 @@
+"""The errors lorasurgeon raises on purpose. Each carries one whole sentence for the user and an exit code.
+
+Anything else that escapes the library is a bug, and the CLI shows it as one.
+"""
+
+from __future__ import annotations
+
+
+class LorasurgeonError(Exception):
+    """Base class: a sentence a person can act on, naming the file and the tensor or key involved."""
+
+    exit_code = 2
+
+
+class InputError(LorasurgeonError):
+    """An input file is unreadable, malformed, unsafe or of a format we do not read."""
+
+
+class UnsupportedError(LorasurgeonError):
+    """The input is valid but asks for something lorasurgeon does not do (yet); never silently skipped."""
+
+
+class MismatchError(LorasurgeonError):
+    """The adapter does not fit the checkpoint (shapes, ranks, names)."""
+
+
+class OutputError(LorasurgeonError):
+    """The output cannot be written where asked: it exists, is an input, or the disk refused it."""
+
+
+class NumericError(LorasurgeonError):
+    """A tensor holds or would produce values that cannot be trusted (NaN, Inf, overflow)."""

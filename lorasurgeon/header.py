@@ -1,0 +1,198 @@
+"""The safetensors header: parse and validate it, and write one.
+
+Format: 8 bytes little-endian header length N, N bytes of JSON, then the tensor data. Every entry names a
+dtype, a shape and [begin, end) offsets relative to the end of the header; the offsets of all entries
+must tile the data region exactly (no gaps, no overlap), as the safetensors reference loader demands.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorasurgeon.errors import InputError
+
+# safetensors dtype name -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "U16": (torch.uint16, 2),
+    "U32": (torch.uint32, 4),
+    "U64": (torch.uint64, 8),
+    "BOOL": (torch.bool, 1),
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+# Real headers are a few MB even for 100k-tensor checkpoints; a larger one is hostile or broken.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+METADATA_KEY = "__metadata__"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, absolute byte range [start, end), dtype name and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed, validated safetensors header: tensors in file order and the string metadata."""
+
+    path: Path
+    tensors: tuple[TensorInfo, ...]
+    metadata: dict[str, str]
+    data_start: int
+
+
+def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
+    return DTYPES[dtype][1] * math.prod(shape)
+
+
+def read_header(path: Path) -> Header:
+    """Read and validate the header of `path`; raise InputError naming the file and the tensor at fault."""
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise InputError(f"{path}: not a safetensors file (only {len(prefix)} bytes long)")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES or length + 8 > file_size:
+                raise InputError(
+                    f"{path}: not a safetensors file or truncated (header length {length} "
+                    f"does not fit a file of {file_size} bytes)"
+                )
+            raw = f.read(length)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    return parse_header(path, raw, file_size)
+
+
+def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
+    """Validate the JSON header `raw` of a file of `file_size` bytes (see module docstring)."""
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+    except _DuplicateKey as e:
+        raise InputError(f"{path}: header names tensor {e.args[0]!r} twice") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}: not a safetensors file (header is not a JSON object)")
+    metadata = _parse_metadata(path, doc.pop(METADATA_KEY, None))
+    data_start = 8 + len(raw)
+    tensors = sorted(
+        (_parse_entry(path, name, entry, data_start) for name, entry in doc.items()), key=lambda t: (t.start, t.end)
+    )
+    _check_tiling(path, tensors, data_start, file_size)
+    return Header(path=path, tensors=tuple(tensors), metadata=metadata, data_start=data_start)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _parse_metadata(path: Path, meta: Any) -> dict[str, str]:
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise InputError(f"{path}: header {METADATA_KEY} must map strings to strings")
+    return dict(meta)
+
+
+def _parse_entry(path: Path, name: str, entry: Any, data_start: int) -> TensorInfo:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise InputError(f"{where}: header entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise InputError(f"{where}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_nat(d) for d in shape):
+        raise InputError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_nat(o) for o in offsets)):
+        raise InputError(f"{where}: data_offsets {offsets!r} is not a pair of non-negative integers")
+    begin, end = offsets
+    expected = nbytes_of(dtype, tuple(shape))
+    if end - begin != expected:
+        raise InputError(
+            f"{where}: {dtype}{shape} needs {expected} bytes but data_offsets [{begin}, {end}] hold {end - begin}"
+        )
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+
+
+def _is_nat(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_tiling(path: Path, tensors: list[TensorInfo], data_start: int, file_size: int) -> None:
+    position = data_start
+    for t in tensors:
+        if t.start != position:
+            problem = "overlaps the tensor before it" if t.start < position else "leaves a gap before it"
+            raise InputError(f"{path}: tensor {t.name!r} {problem} (data offset {t.start - data_start})")
+        position = t.end
+    if position != file_size:
+        got = file_size - data_start
+        raise InputError(
+            f"{path}: header describes {position - data_start} bytes of tensor data but the file holds "
+            f"{got} (truncated or padded file)"
+        )
+
+
+def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+    """Serialise a header for tensors written back to back in the order given; returns the 8-byte length
+    prefix plus the JSON, padded with spaces to a multiple of 8 like the reference writer."""
+    doc: dict[str, Any] = {}
+    if metadata:
+        doc[METADATA_KEY] = metadata
+    offset = 0
+    for name, dtype, shape in entries:
+        size = nbytes_of(dtype, shape)
+        doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(doc, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw

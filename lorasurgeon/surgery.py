@@ -1,0 +1,170 @@
+"""Run a Plan: read one base tensor, add its adapter terms in fp32, round once, write it; repeat.
+
+Only the tensor in hand (and its factors) is resident. Untouched tensors are copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorasurgeon import linalg
+from lorasurgeon.checkpoint import PICKLE_SUFFIXES
+from lorasurgeon.errors import NumericError
+from lorasurgeon.header import DTYPES
+from lorasurgeon.plan import Plan, Step
+from lorasurgeon.writer import TMP_MARK, CheckpointWriter
+
+SIGNS = {"merge": 1, "unmerge": -1}
+
+
+@dataclass(frozen=True)
+class Progress:
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int
+    bytes_total: int
+
+
+@dataclass(frozen=True)
+class SurgerySummary:
+    """What a merge or unmerge did (or, with dry_run, would do)."""
+
+    operation: str
+    output: str
+    device: str
+    dry_run: bool
+    tensors: int
+    changed: int
+    bytes_written: int
+    seconds: float
+    plan: Plan = field(repr=False)
+    copied_files: tuple[str, ...] = ()
+    skipped_files: tuple[str, ...] = ()
+    removed_temporaries: tuple[str, ...] = ()
+
+
+def execute(
+    plan: Plan, writer: CheckpointWriter, device: torch.device, on_progress: Callable[[Progress], None] | None = None
+) -> tuple[list[str], list[str]]:
+    """Write every step of `plan` through `writer`; returns (files copied, weight files skipped)."""
+    base = plan.base
+    total_bytes = sum(s.tensor.nbytes for s in plan.steps)
+    done_tensors = done_bytes = 0
+    writer.reserve(_output_bytes(plan))
+    for shard in base.shards:
+        steps = [s for s in plan.steps if s.shard == shard.name]
+        entries = [(s.tensor.name, s.out_dtype, s.tensor.shape) for s in steps]
+        with writer.shard(shard.name, entries, output_metadata(shard.header.metadata, plan)) as stream:
+            for step in steps:
+                if step.terms or step.out_dtype != step.tensor.dtype:
+                    stream.write(compute(plan, step, device))
+                else:
+                    stream.copy_from(base, step.tensor)
+                done_tensors += 1
+                done_bytes += step.tensor.nbytes
+                if on_progress:
+                    on_progress(Progress(done_tensors, len(plan.steps), done_bytes, total_bytes))
+    if base.index_name:
+        writer.write_json(base.index_name, output_index(plan))
+    if base.layout == "file":
+        return [], []
+    return copy_companions(base.root, plan, writer)
+
+
+def compute(plan: Plan, step: Step, device: torch.device) -> torch.Tensor:
+    """The step's output tensor: fp32(W) ± Σ factor·(B @ A), rounded once to the output dtype."""
+    base = plan.base
+    weight = base.read(step.tensor).to(device)
+    out_dtype = DTYPES[step.out_dtype][0]
+    if not step.terms:
+        return weight.to(out_dtype)
+    delta = torch.zeros(step.tensor.shape, dtype=torch.float32, device=device)
+    for term in step.terms:
+        source = plan.adapters[term.adapter].source
+        a = source.read(term.module.a).to(device)
+        b = source.read(term.module.b).to(device)
+        delta += linalg.lora_delta(a, b, term.factor, term.transpose)
+    exact = linalg.add_delta(weight, delta, SIGNS[plan.operation])
+    result = exact.to(out_dtype)
+    _check_finite(step, weight, exact, result)
+    return result
+
+
+def _check_finite(step: Step, weight: torch.Tensor, exact: torch.Tensor, result: torch.Tensor) -> None:
+    name = f"{step.tensor.path.name}: {step.tensor.name}"
+    bad_in = linalg.nonfinite_count(weight)
+    if bad_in:
+        raise NumericError(
+            f"{name}: the base tensor holds {bad_in} NaN/Inf values, which the {step.out_dtype} "
+            "result would carry; fix the base first"
+        )
+    overflow = linalg.overflow_count(exact, result)
+    if overflow:
+        raise NumericError(
+            f"{name}: {overflow} values overflow {step.out_dtype} after adding the adapter "
+            f"(largest magnitude {exact.abs().max().item():.4g})"
+        )
+    bad_out = linalg.nonfinite_count(result)
+    if bad_out:
+        raise NumericError(f"{name}: the result holds {bad_out} NaN/Inf values")
+
+
+def output_metadata(metadata: dict[str, str], plan: Plan) -> dict[str, str]:
+    """The base shard's metadata, with format=pt (transformers requires it) and our record of the operation."""
+    record = {
+        "operation": plan.operation,
+        "base": plan.base.path.name,
+        "adapters": [a.path.name for a in plan.adapters],
+        "weights": list(plan.weights),
+        "version": _version(),
+    }
+    return {**metadata, "format": metadata.get("format", "pt"), "lorasurgeon": json.dumps(record)}
+
+
+def output_index(plan: Plan) -> dict[str, Any]:
+    meta = dict(plan.base.index_metadata)
+    meta["total_size"] = _output_bytes(plan)
+    weight_map = {s.tensor.name: s.shard for s in plan.steps}
+    return {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
+
+
+def copy_companions(root: Path, plan: Plan, writer: CheckpointWriter) -> tuple[list[str], list[str]]:
+    """Copy every non-weight file of a checkpoint directory (config, tokenizer, ...) into OUT."""
+    written = {s.name for s in plan.base.shards} | {plan.base.index_name}
+    copied, skipped = [], []
+    for path in _walk(root):
+        rel = path.relative_to(root).as_posix()
+        if rel in written:
+            continue
+        # Stale weights in another format would shadow or contradict the merged ones when loaded.
+        if path.suffix in PICKLE_SUFFIXES or path.suffix in (".safetensors", ".gguf", ".h5", ".msgpack"):
+            skipped.append(rel)
+            continue
+        writer.copy_file(path, rel)
+        copied.append(rel)
+    return copied, skipped
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    for path in sorted(root.rglob("*")):
+        inner = path.parts[len(root.parts) :]
+        if path.is_file() and not any(TMP_MARK in part or part.startswith(".") for part in inner):
+            yield path
+
+
+def _output_bytes(plan: Plan) -> int:
+    return sum(DTYPES[s.out_dtype][1] * s.tensor.numel for s in plan.steps)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("lorasurgeon")
+    except metadata.PackageNotFoundError:
+        return "unknown"

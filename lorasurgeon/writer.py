@@ -1,0 +1,209 @@
+"""CheckpointWriter: build OUT in a temporary sibling, stream shards into it, publish it with a rename.
+
+Each shard's header is written first (every tensor's name, dtype and shape is known from the plan), then
+tensor bytes are appended in header order, so no shard is ever buffered. Nothing appears at OUT until
+every byte is written and fsync'd; an existing OUT (with --force) stays intact until the new one is
+complete. Temporaries are named `.<OUT name>.lorasurgeon-tmp-<pid>` so a later run can recognise and remove
+those left by a killed run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+import torch
+
+from lorasurgeon.checkpoint import Checkpoint
+from lorasurgeon.errors import OutputError
+from lorasurgeon.header import TensorInfo, build_header, nbytes_of
+
+TMP_MARK = ".lorasurgeon-tmp-"
+
+
+class CheckpointWriter:
+    """Writes one output (a file, or a directory of files) atomically. Use as a context manager."""
+
+    def __init__(self, out: Path, *, is_dir: bool, inputs: Sequence[Path], force: bool = False) -> None:
+        self.out = Path(out).absolute()
+        self.is_dir = is_dir
+        self.force = force
+        self.removed_stale: list[Path] = []
+        check_output_path(self.out, inputs, force)
+        self.tmp = self.out.parent / f".{self.out.name}{TMP_MARK}{os.getpid()}"
+        self.bytes_written = 0
+
+    def __enter__(self) -> CheckpointWriter:
+        self.removed_stale = remove_stale_temporaries(self.out)
+        try:
+            if self.is_dir:
+                self.tmp.mkdir()
+        except OSError as e:
+            raise OutputError(f"{self.tmp.parent}: cannot create the output: {e.strerror or e}") from None
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        if et is None:
+            self._publish()
+        else:
+            _remove(self.tmp)
+
+    def path(self, relname: str) -> Path:
+        """Where a file named `relname` inside OUT is being built."""
+        return self.tmp / relname if self.is_dir else self.tmp
+
+    def reserve(self, nbytes: int) -> None:
+        """Fail before writing anything when the file system cannot hold `nbytes` more."""
+        free = shutil.disk_usage(self.out.parent).free
+        if nbytes > free:
+            raise OutputError(f"{self.out}: needs {_size(nbytes)} but only {_size(free)} is free on its file system")
+
+    @contextlib.contextmanager
+    def shard(
+        self, relname: str, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]
+    ) -> Iterator[ShardStream]:
+        """Open one safetensors file, write its header, and yield a stream that takes the tensors in order."""
+        target = self.path(relname)
+        header = build_header(entries, metadata)
+        expected = [nbytes_of(dtype, shape) for _, dtype, shape in entries]
+        with self._guard(target, len(header) + sum(expected)), open(target, "wb") as f:
+            f.write(header)
+            stream = ShardStream(f, [name for name, _, _ in entries], expected)
+            yield stream
+            stream.finish()
+            f.flush()
+            os.fsync(f.fileno())
+        self.bytes_written += len(header) + sum(expected)
+
+    def write_json(self, relname: str, doc: Any) -> None:
+        target = self.path(relname)
+        data = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+        with self._guard(target, len(data)), open(target, "wb") as f:
+            f.write(data)
+            os.fsync(f.fileno())
+
+    def copy_file(self, source: Path, relname: str) -> None:
+        target = self.path(relname)
+        with self._guard(target, source.stat().st_size):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+
+    @contextlib.contextmanager
+    def _guard(self, target: Path, nbytes: int) -> Iterator[None]:
+        """Turn the OS's refusals (no space, no permission, read-only) into one clear error."""
+        try:
+            yield
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                free = shutil.disk_usage(self.out.parent).free
+                raise OutputError(
+                    f"{target.name}: out of space writing {self.out} ({_size(nbytes)} needed for this file, "
+                    f"{_size(free)} free)"
+                ) from None
+            raise OutputError(f"{self.out}: cannot write {target.name}: {e.strerror or e}") from None
+
+    def _publish(self) -> None:
+        try:
+            _fsync_dir(self.tmp if self.is_dir else self.tmp.parent)
+            if self.out.exists() or self.out.is_symlink():
+                old = self.out.parent / f".{self.out.name}{TMP_MARK}{os.getpid()}-old"
+                os.replace(self.out, old)
+                os.replace(self.tmp, self.out)
+                _remove(old)
+            else:
+                os.replace(self.tmp, self.out)
+            _fsync_dir(self.out.parent)
+        except OSError as e:
+            _remove(self.tmp)
+            raise OutputError(f"{self.out}: cannot publish the output: {e.strerror or e}") from None
+
+
+class ShardStream:
+    """Takes a shard's tensors in header order and checks each one's size against the header."""
+
+    def __init__(self, f: BinaryIO, names: list[str], sizes: list[int]) -> None:
+        self.file = f
+        self._names = names
+        self._sizes = sizes
+        self._next = 0
+
+    def write(self, tensor: torch.Tensor) -> None:
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._expect(len(data))
+        self.file.write(memoryview(data))
+
+    def copy_from(self, source: Checkpoint, info: TensorInfo) -> None:
+        """Append a tensor's bytes unchanged, straight from its source file."""
+        self._expect(info.nbytes)
+        source.copy_to(info, self.file)
+
+    def _expect(self, nbytes: int) -> None:
+        if self._next >= len(self._names) or nbytes != self._sizes[self._next]:
+            raise RuntimeError(f"writer: tensor #{self._next} does not match the shard header")
+        self._next += 1
+
+    def finish(self) -> None:
+        if self._next != len(self._names):
+            raise RuntimeError(f"writer: {len(self._names) - self._next} tensors were never written")
+
+
+def check_output_path(out: Path, inputs: Sequence[Path], force: bool) -> None:
+    """Refuse an OUT that is, contains or lies inside an input, and an existing OUT without --force."""
+    resolved = out.resolve()
+    for source in inputs:
+        src = Path(source).resolve()
+        if resolved == src or src.is_relative_to(resolved) or resolved.is_relative_to(src):
+            raise OutputError(f"{out}: the output may not be an input or lie inside one ({source})")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise OutputError(f"{out}: already exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out.parent}: output directory does not exist")
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove temporaries of OUT left by runs that no longer exist; refuse if one is still running."""
+    removed = []
+    for tmp in out.parent.glob(f".{out.name}{TMP_MARK}*"):
+        pid_text = tmp.name.rsplit(TMP_MARK, 1)[1].removesuffix("-old")
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and _alive(int(pid_text)):
+            raise OutputError(f"{out}: another lorasurgeon run (pid {pid_text}) is writing it right now")
+        _remove(tmp)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
