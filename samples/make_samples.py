@@ -23,8 +23,14 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 def build_base(out: Path) -> None:
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
     )
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
 
@@ -49,8 +55,12 @@ def main() -> None:
     build_base(HERE / "base")
     train_adapter(HERE / "base", HERE / "adapter-lora", LoraConfig(r=8, lora_alpha=16, target_modules=PROJECTIONS), 1)
     rslora = LoraConfig(
-        r=8, lora_alpha=16, use_rslora=True, target_modules=PROJECTIONS,
-        rank_pattern={"mlp.down_proj": 4}, alpha_pattern={"self_attn.o_proj": 32},
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=PROJECTIONS,
+        rank_pattern={"mlp.down_proj": 4},
+        alpha_pattern={"self_attn.o_proj": 32},
     )
     train_adapter(HERE / "base", HERE / "adapter-rslora", rslora, 2)
     for readme in HERE.glob("adapter-*/README.md"):

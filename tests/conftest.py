@@ -1,0 +1,34 @@
+"""Session-cached fixtures: tiny real models and PEFT adapters (see builders.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny fp32 Llama saved as a Hugging Face directory (one model.safetensors)."""
+    from builders import save_model
+
+    return save_model(tmp_path_factory.mktemp("llama") / "base")
+
+
+@pytest.fixture(scope="session")
+def llama_adapter(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Path:
+    """A PEFT LoRA (r=4, alpha=8) on all seven projections of `llama_dir`."""
+    from builders import save_adapter
+
+    return save_adapter(llama_dir, tmp_path_factory.mktemp("adapter") / "lora", r=4, lora_alpha=8)
+
+
+@pytest.fixture
+def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh current directory for commands that write their default output there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
