@@ -20,11 +20,34 @@ import torch
 from lorasurgeon.adapter import Adapter, load_adapter
 from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import LorasurgeonError, MismatchError
+from lorasurgeon.extract import (
+    ExtractOptions,
+    ExtractSummary,
+    NothingChangedError,
+    adapter_config,
+    changed_vectors,
+    decompose_pairs,
+    plan_extract,
+    write_adapter,
+)
+from lorasurgeon.extract import default_output as default_extract_output
 from lorasurgeon.plan import Plan, plan_surgery
+from lorasurgeon.report import Report, make_report, parse_rule
 from lorasurgeon.surgery import Progress, SurgerySummary, execute
 from lorasurgeon.writer import CheckpointWriter
 
-__all__ = ["LorasurgeonError", "Progress", "SurgerySummary", "check", "merge", "unmerge"]
+__all__ = [
+    "ExtractSummary",
+    "LorasurgeonError",
+    "Progress",
+    "Report",
+    "SurgerySummary",
+    "check",
+    "extract",
+    "merge",
+    "report",
+    "unmerge",
+]
 
 DTYPE_CHOICES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 PathLike = str | Path
@@ -39,6 +62,28 @@ def check(base: PathLike, adapters: Sequence[PathLike], *, alpha: float | None =
         return plan_surgery("merge", ckpt, loaded, [1.0] * len(loaded))
 
 
+def report(
+    path: PathLike,
+    *,
+    base: PathLike | None = None,
+    stats: bool = False,
+    fail_on: Sequence[str] = (),
+    on_progress: Callable[[Progress], None] | None = None,
+) -> Report:
+    """Describe a checkpoint (any layout) or an adapter (PEFT, kohya, diffusers) from its headers.
+
+    `base`: also run `check` against it and count the base parameters the adapter touches. `stats`: read
+    every tensor once (NaN/Inf, min/max/mean/std, ΔW norms and stable ranks); `nan`/`inf` rules imply it.
+    `fail_on`: rules (nan, inf, mismatch, rank>N, params>N, dtype!=X, dtype==X); those that hold are in
+    `Report.fired`. Raises LorasurgeonError for an unknown rule, InputError for unreadable input.
+
+    >>> report("samples/adapter-lora", fail_on=["rank>4"]).fired[0].rule  # doctest: +SKIP
+    'rank>4'
+    """
+    rules = [parse_rule(text) for text in fail_on]
+    return make_report(Path(path), Path(base) if base is not None else None, stats, rules, on_progress)
+
+
 def merge(
     base: PathLike,
     adapters: Sequence[PathLike],
@@ -51,6 +96,7 @@ def merge(
     dtype: str = "keep",
     force: bool = False,
     dry_run: bool = False,
+    allow_nonfinite: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> SurgerySummary:
     """Write base + Σ weight_i · scale · ΔW_i to `out` (default: `<base>-merged` in the current directory).
@@ -59,7 +105,9 @@ def merge(
     fp16, bf16). Raises MismatchError when the adapters do not fit, OutputError when `out` cannot be
     written, NumericError when a result would not be finite.
     """
-    return _surgery("merge", base, adapters, out, weights, scale, alpha, device, dtype, force, dry_run, on_progress)
+    return _surgery(
+        "merge", base, adapters, out, weights, scale, alpha, device, dtype, force, dry_run, allow_nonfinite, on_progress
+    )
 
 
 def unmerge(
@@ -73,11 +121,26 @@ def unmerge(
     dtype: str = "keep",
     force: bool = False,
     dry_run: bool = False,
+    allow_nonfinite: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> SurgerySummary:
     """Write merged − scale · ΔW to `out` (default: `<merged>-unmerged`). Exact only up to rounding:
     in bf16 a merge followed by an unmerge leaves about one ulp of difference on some elements."""
-    return _surgery("unmerge", merged, [adapter], out, None, scale, alpha, device, dtype, force, dry_run, on_progress)
+    return _surgery(
+        "unmerge",
+        merged,
+        [adapter],
+        out,
+        None,
+        scale,
+        alpha,
+        device,
+        dtype,
+        force,
+        dry_run,
+        allow_nonfinite,
+        on_progress,
+    )
 
 
 def _surgery(
@@ -92,13 +155,14 @@ def _surgery(
     dtype: str,
     force: bool,
     dry_run: bool,
+    allow_nonfinite: bool,
     on_progress: Callable[[Progress], None] | None,
 ) -> SurgerySummary:
     started = time.perf_counter()
     weights = _weights(weights, len(adapters))
     torch_device = resolve_device(device)
     with _opened(base, adapters, alpha) as (ckpt, loaded):
-        plan = plan_surgery(operation, ckpt, loaded, weights, scale, _dtype(dtype))
+        plan = plan_surgery(operation, ckpt, loaded, weights, scale, _dtype(dtype), allow_nonfinite)
         if plan.errors:
             more = (
                 f" (and {len(plan.errors) - 1} more problems; run `lorasurgeon check`)" if len(plan.errors) > 1 else ""
@@ -130,6 +194,86 @@ def _surgery(
         )
 
 
+def extract(
+    base: PathLike,
+    tuned: PathLike,
+    out: PathLike | None = None,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_rank: int | None = None,
+    alpha: float | None = None,
+    method: str = "auto",
+    targets: Sequence[str] = (),
+    include_embeddings: bool = False,
+    skip_mismatched: bool = False,
+    curve: Sequence[int] = (),
+    save_changed_vectors: bool = False,
+    device: str = "auto",
+    force: bool = False,
+    dry_run: bool = False,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> ExtractSummary:
+    """Write a PEFT LoRA adapter directory approximating `tuned` − `base` (default `<tuned>-lora`).
+
+    Per target matrix (2-D weights, linear projections unless `targets` globs or `re:` regexes say otherwise)
+    ΔW is factorised by truncated SVD at `rank`, or at the smallest rank keeping `energy` of ‖ΔW‖²_F (at most
+    `max_rank`); `method` is auto, exact or randomized (see lorasurgeon.extract). `curve` adds the relative
+    error at those ranks. `save_changed_vectors` stores the modules whose 1-D tensors (norms) changed as PEFT
+    modules_to_save. Raises MismatchError when names or shapes differ (unless `skip_mismatched`),
+    NothingChangedError (exit code 1) when no target differs, OutputError when `out` cannot be written.
+
+    >>> extract("base/", "tuned/", "lora/", rank=16).total_error  # doctest: +SKIP
+    0.41
+    """
+    started = time.perf_counter()
+    options = ExtractOptions(
+        rank,
+        energy,
+        max_rank,
+        alpha,
+        method,
+        tuple(targets),
+        include_embeddings,
+        skip_mismatched,
+        tuple(curve),
+        save_changed_vectors,
+    )
+    options.validate(dry_run)
+    torch_device = resolve_device(device)
+    if Path(base).resolve() == Path(tuned).resolve():
+        raise NothingChangedError(f"{tuned}: BASE and TUNED are the same checkpoint, so there is nothing to extract")
+    with Checkpoint.open(Path(base)) as base_ckpt, Checkpoint.open(Path(tuned)) as tuned_ckpt:
+        plan = plan_extract(base_ckpt, tuned_ckpt, options)
+        target = Path(out) if out is not None else default_extract_output(tuned_ckpt)
+        inputs = [Path(base), Path(tuned)]
+        writer = None if dry_run else CheckpointWriter(target, is_dir=True, inputs=inputs, force=force)
+        results, factors, changed = decompose_pairs(plan, options, torch_device, on_progress)
+        saved, full = changed_vectors(plan, changed, results) if save_changed_vectors else ([], {})
+        config = adapter_config(plan, results, options, saved)
+        if writer is not None:
+            record = {"operation": "extract", "base": base_ckpt.path.name, "tuned": tuned_ckpt.path.name}
+            with writer:
+                write_adapter(writer, factors, config, record, full)
+        extracted = {r.module for r in results}
+        return ExtractSummary(
+            base=str(base),
+            tuned=str(tuned),
+            output=str(target),
+            dry_run=dry_run,
+            device=str(torch_device),
+            matrices=tuple(results),
+            unchanged=tuple(p.tuned.name for p in plan.pairs if p.module not in extracted),
+            saved_modules=tuple(saved),
+            changed_other=tuple(changed),
+            warnings=plan.findings,
+            curve=options.curve,
+            config=config,
+            bytes_written=writer.bytes_written if writer is not None else 0,
+            seconds=time.perf_counter() - started,
+        )
+
+
 @contextlib.contextmanager
 def _opened(
     base: PathLike, adapters: Sequence[PathLike], alpha: float | None
@@ -149,8 +293,8 @@ def default_output(ckpt: Checkpoint, operation: str) -> Path:
     """`<base name>-merged[.safetensors]` in the current directory, mirroring the base's layout."""
     suffix = f"-{operation}d"
     if ckpt.layout == "file":
-        return Path.cwd() / f"{ckpt.path.stem}{suffix}.safetensors"
-    return Path.cwd() / f"{ckpt.root.resolve().name}{suffix}"
+        return Path(f"{ckpt.path.stem}{suffix}.safetensors")
+    return Path(f"{ckpt.root.resolve().name}{suffix}")
 
 
 def resolve_device(device: str) -> torch.device:

@@ -2,12 +2,17 @@
 
 Loading reads headers and the config only; factor tensors stay on disk until the plan or the surgery reads
 them. Everything the adapter holds that lorasurgeon cannot apply exactly is refused here, by name.
+
+Besides LoRA factors (Linear, Conv1D, ConvNd and Embedding, with DoRA magnitudes and lora_B biases), a PEFT
+file holds full tensors that replace base tensors when PEFT loads it (modules_to_save, saved embeddings,
+bias="all"/"lora_only") and trainable-token rows (FORMATS.md §4.3-§4.5); both are kept here by name.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,41 +21,20 @@ from lorasurgeon import keys
 from lorasurgeon.checkpoint import Checkpoint, read_json, refuse_pickle
 from lorasurgeon.errors import InputError, MismatchError, UnsupportedError
 from lorasurgeon.header import TensorInfo
+from lorasurgeon.lora_config import CONFIG_NAME, LoraConfig
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
-# Config fields whose non-default value means the adapter is not plain LoRA; each is refused by name.
-UNSUPPORTED_FIELDS: dict[str, str] = {
-    "use_dora": "DoRA (use_dora)",
-    "lora_bias": "LoRA biases (lora_bias)",
-    "modules_to_save": "full replacement modules (modules_to_save)",
-    "layer_replication": "layer replication (layer_replication), which PEFT cannot merge either",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
-    "target_parameters": "LoRA on raw parameters (target_parameters)",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens), which cannot be merged",
-    "velora_config": "VeLoRA (velora_config)",
-    "kasa_config": "KaSA (kasa_config)",
-    "use_bdlora": "BD-LoRA (use_bdlora)",
-    "arrow_config": "Arrow routing (arrow_config)",
-    "monteclora_config": "MonteCLoRA (monteclora_config)",
-    "use_qalora": "QA-LoRA (use_qalora)",
-}
-# init_lora_weights values that rewrite the base during training: merging into the original base is wrong.
-MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", "mica")
-ROLE_NAMES = {
-    "lora_B_bias": "a LoRA bias (lora_B.bias)",
-    "lora_embedding_A": "an embedding LoRA factor",
-    "lora_embedding_B": "an embedding LoRA factor",
-    "lora_magnitude_vector": "a DoRA magnitude vector",
-    "trainable_tokens_delta": "trainable token rows",
-    "replacement": "a full replacement tensor (modules_to_save, saved embedding or bias)",
-}
+FACTOR_ROLES = (("lora_A", "lora_B", "linear"), ("lora_embedding_A", "lora_embedding_B", "embedding"))
 
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One adapted module: its path in the model, its factors on disk, and its effective scale."""
+    """One adapted module: its path in the model, its factors on disk, and its effective scale.
+
+    `kind` is "linear" (also transformers Conv1D), "conv" (A is (r, in, *k)) or "embedding" (A is (r, V),
+    B is (d, r)); `magnitude` is the DoRA magnitude vector and `bias` the lora_B bias, when the adapter has them.
+    """
 
     module: str
     a: TensorInfo
@@ -59,6 +43,9 @@ class LoraModule:
     alpha: float
     scale: float
     fan_in_fan_out: bool
+    kind: str = "linear"
+    magnitude: TensorInfo | None = None
+    bias: TensorInfo | None = None
 
     @property
     def target(self) -> str:
@@ -67,8 +54,26 @@ class LoraModule:
 
 
 @dataclass(frozen=True)
+class Replacement:
+    """A full tensor that replaces the base's `module`.`param` (modules_to_save, saved embedding, bias)."""
+
+    module: str
+    param: str
+    tensor: TensorInfo
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Trainable tokens: `tensor` holds the new rows `indices` of `module`'s weight (not a delta)."""
+
+    module: str
+    tensor: TensorInfo
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Adapter:
-    """A LoRA adapter in normal form; `source` reads its factor tensors."""
+    """A LoRA adapter in normal form; `source` reads its factor and replacement tensors."""
 
     path: Path
     format: str
@@ -77,31 +82,148 @@ class Adapter:
     ignored: tuple[str, ...]
     source: Checkpoint
     use_rslora: bool = False
+    replacements: tuple[Replacement, ...] = ()
+    token_rows: tuple[TokenRows, ...] = ()
 
 
 def load_adapter(path: Path, alpha: float | None = None) -> Adapter:
-    """Read a PEFT adapter directory or `.safetensors` file.
+    """Read a PEFT adapter directory or `.safetensors` file, or a kohya / sd-scripts LoRA file.
 
     The config (adapter_config.json, in the directory or beside the file) gives rank, alpha and the
     module selection; without one, `alpha` must be given and every module in the file is used.
-    `alpha`, when given, replaces lora_alpha and every alpha_pattern value.
-    Raises InputError (unreadable), UnsupportedError (not plain Linear LoRA), MismatchError (A without B).
+    `alpha`, when given, replaces lora_alpha and every alpha_pattern value (kohya: every `.alpha`).
+    A kohya file needs no config: its `.alpha` tensors give the scale, and a missing one means alpha = rank.
+    Raises InputError (unreadable), UnsupportedError (a variant lorasurgeon cannot apply exactly),
+    MismatchError (A without B, DoRA or trainable-token tensors the config does not account for).
     """
     weights, config_path = _locate(Path(path))
+    if config_path is None:
+        probe = Checkpoint.open(weights)
+        if keys.is_kohya(probe.tensors):
+            return _kohya_adapter(Path(path), probe, alpha)
+        if keys.is_diffusers(probe.tensors, probe.shards[0].header.metadata):
+            return _diffusers_adapter(Path(path), probe, alpha)
+        probe.close()
     if config_path is None and alpha is None:
         raise InputError(
             f"{weights}: no {CONFIG_NAME} beside it, so the LoRA scale is unknown; pass --alpha "
             "(the lora_alpha it was trained with)"
         )
     config = read_json(config_path) if config_path else {}
-    settings = _Settings.parse(config_path or weights, config, alpha)
+    settings = LoraConfig.parse(config_path or weights, config, alpha)
     source = Checkpoint.open(weights)
     try:
-        modules, ignored = _modules(source, settings, selected_only=config_path is not None)
+        contents = _Contents.read(source, settings, has_config=config_path is not None)
     except Exception:
         source.close()
         raise
-    return Adapter(Path(path), "peft", config, tuple(modules), tuple(ignored), source, settings.use_rslora)
+    return Adapter(
+        Path(path),
+        "peft",
+        config,
+        tuple(contents.modules),
+        tuple(contents.ignored),
+        source,
+        settings.use_rslora,
+        tuple(contents.replacements),
+        tuple(contents.rows),
+    )
+
+
+def _kohya_adapter(path: Path, source: Checkpoint, alpha: float | None) -> Adapter:
+    """A kohya / sd-scripts file (FORMATS.md §5.1, §5.3): `N.lora_down.weight`, `N.lora_up.weight`, `N.alpha`.
+
+    Module names stay kohya names (`lora_unet_..._to_q`); the plan resolves them against the base.
+    """
+    try:
+        parts: dict[str, dict[str, TensorInfo]] = {}
+        for info in source:
+            module, role = keys.split_kohya_key(info.name)
+            if role is None:
+                raise UnsupportedError(
+                    f"{source.path}: {info.name} is not a plain LoRA tensor (LyCORIS LoHa/LoKr/Tucker or kohya DoRA "
+                    "dora_scale), which lorasurgeon cannot merge yet"
+                )
+            parts.setdefault(module, {})[role] = info
+        modules = tuple(_kohya_module(source, module, found, alpha) for module, found in parts.items())
+    except Exception:
+        source.close()
+        raise
+    return Adapter(path, "kohya", {}, modules, (), source)
+
+
+def _kohya_module(source: Checkpoint, module: str, found: dict[str, TensorInfo], alpha: float | None) -> LoraModule:
+    if "lora_down" not in found or "lora_up" not in found:
+        missing = "lora_up" if "lora_down" in found else "lora_down"
+        raise MismatchError(f"{source.path}: {next(iter(found.values())).name} has no matching {missing} tensor")
+    down, up = found["lora_down"], found["lora_up"]
+    rank = down.shape[0] if down.shape else 0
+    stored = found.get("alpha")
+    value = alpha if alpha is not None or stored is None else _scalar(source, stored)
+    value = value or float(rank)  # sd-scripts: a missing, None or 0 alpha means alpha = rank (scale 1)
+    if rank <= 0 or not math.isfinite(value):
+        raise InputError(f"{source.path}: {down.name} has rank {rank} and alpha {value}, which give no scale")
+    kind = "conv" if len(down.shape) > 2 else "linear"
+    return LoraModule(module, down, up, rank, value, value / rank, False, kind)
+
+
+def _scalar(source: Checkpoint, info: TensorInfo) -> float:
+    """The value of a one-element `.alpha` tensor."""
+    if info.numel != 1 or info.dtype not in ("F64", "F32", "F16", "BF16", "I64", "I32"):
+        raise InputError(f"{source.path}: {info.name} must be one number, not {info.dtype} {list(info.shape)}")
+    return float(source.read(info).item())
+
+
+def _diffusers_adapter(path: Path, source: Checkpoint, alpha: float | None) -> Adapter:
+    """A diffusers LoRA file (FORMATS.md §5.6): `<component>.<module path>.lora_A/lora_B.weight`.
+
+    The scale is each component's LoraConfig from `lora_adapter_metadata`, else `<module>.alpha` tensors,
+    else 1 (alpha = rank), as diffusers loads it; `alpha` overrides them all. Module paths keep their
+    component (`unet.down_blocks...`), which the plan strips to find the tensor in a `unet/` checkpoint.
+    """
+    try:
+        configs = _diffusers_configs(source)
+        alphas: dict[str, float] = {}
+        parts: dict[str, dict[str, TensorInfo]] = {}
+        for info in source:
+            key = keys.split_peft_key(info.name)
+            if info.name.endswith(".alpha"):
+                alphas[info.name.removesuffix(".alpha")] = _scalar(source, info)
+            elif key.role in ("replacement", "trainable_tokens_delta"):
+                raise UnsupportedError(f"{source.path}: {info.name} is not a LoRA tensor of a diffusers file")
+            else:
+                parts.setdefault(key.module, {})[key.role] = info
+        modules = []
+        for module, found in parts.items():
+            a, b, kind = _factors(source.path, found)
+            component, _, inner = module.partition(".")
+            default = {"r": a.shape[0], "lora_alpha": alphas.get(module, a.shape[0])}
+            default |= {"use_dora": "lora_magnitude_vector" in found, "lora_bias": "lora_B_bias" in found}
+            settings = LoraConfig.parse(source.path, configs.get(component, default), alpha)
+            lora = _module(source.path, settings, inner, found, (a, b, kind), has_config=True)
+            modules.append(dataclasses.replace(lora, module=module))
+    except Exception:
+        source.close()
+        raise
+    return Adapter(path, "diffusers", {}, tuple(modules), (), source)
+
+
+def _diffusers_configs(source: Checkpoint) -> dict[str, dict[str, Any]]:
+    """`lora_adapter_metadata` (`{"unet.r": 4, "unet.lora_alpha": 8, ...}`) as one LoraConfig per component."""
+    raw = source.shards[0].header.metadata.get(keys.DIFFUSERS_METADATA)
+    if raw is None:
+        return {}
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise InputError(f"{source.path}: metadata {keys.DIFFUSERS_METADATA} is not a JSON object")
+    configs: dict[str, dict[str, Any]] = {}
+    for name, value in doc.items():
+        component, _, field = str(name).partition(".")
+        configs.setdefault(component, {})[field] = value
+    return configs
 
 
 def _locate(path: Path) -> tuple[Path, Path | None]:
@@ -121,152 +243,65 @@ def _locate(path: Path) -> tuple[Path, Path | None]:
     return path, config if config.is_file() else None
 
 
-@dataclass(frozen=True)
-class _Settings:
-    rank: int
-    alpha: float
-    use_rslora: bool
-    fan_in_fan_out: bool
-    rank_pattern: dict[str, float]
-    alpha_pattern: dict[str, float]
-    target_modules: str | list[str] | None
-    exclude_modules: str | list[str] | None
-    layers_to_transform: int | list[int] | None
-    layers_pattern: str | list[str] | None
+@dataclass
+class _Contents:
+    """What an adapter file holds, sorted by role (mutable only while it is being read)."""
+
+    modules: list[LoraModule]
+    ignored: list[str]
+    replacements: list[Replacement]
+    rows: list[TokenRows]
 
     @classmethod
-    def parse(cls, where: Path, config: Mapping[str, Any], alpha: float | None) -> _Settings:
-        _refuse_unsupported(where, config)
-        field = _FieldReader(where, config)
-        rank = field.integer("r", 8)
-        alpha_pattern = field.numbers("alpha_pattern")
-        return cls(
-            rank=rank,
-            alpha=alpha if alpha is not None else field.number("lora_alpha", 8),
-            use_rslora=field.boolean("use_rslora"),
-            fan_in_fan_out=field.boolean("fan_in_fan_out"),
-            rank_pattern=field.numbers("rank_pattern"),
-            alpha_pattern={k: alpha for k in alpha_pattern} if alpha is not None else alpha_pattern,
-            target_modules=field.names("target_modules"),
-            exclude_modules=field.names("exclude_modules"),
-            layers_to_transform=field.layers("layers_to_transform"),
-            layers_pattern=field.names("layers_pattern"),
-        )
-
-    def selects(self, module: str) -> bool:
-        """PEFT's check_target_module_exists, for adapters that have a config."""
-        if keys.module_selected(self.exclude_modules, module):
-            return False
-        if isinstance(self.target_modules, str) or self.target_modules is None:
-            return keys.module_selected(self.target_modules, module)
-        if module in self.target_modules:
-            return True
-        if not keys.module_selected(self.target_modules, module):
-            return False
-        wanted = self.layers_to_transform
-        if wanted is None or wanted == []:
-            return True
-        index = keys.layer_index(module, self.layers_pattern)
-        return index is not None and (index == wanted if isinstance(wanted, int) else index in wanted)
-
-    def rank_alpha(self, module: str) -> tuple[int, float]:
-        rank = keys.pattern_value(self.rank_pattern, module)
-        alpha = keys.pattern_value(self.alpha_pattern, module)
-        return int(rank if rank is not None else self.rank), float(alpha if alpha is not None else self.alpha)
+    def read(cls, source: Checkpoint, settings: LoraConfig, has_config: bool) -> _Contents:
+        contents = cls([], [], [], [])
+        parts: dict[str, dict[str, TensorInfo]] = {}
+        for info in source:
+            key = keys.split_peft_key(info.name)
+            if key.role == "replacement":
+                contents.replacements.append(Replacement(key.module, key.param, info))
+            elif key.role == "trainable_tokens_delta":
+                indices = settings.rows_for(source.path, key.module, info)
+                contents.rows.append(TokenRows(key.module, info, indices))
+            else:
+                parts.setdefault(key.module, {})[key.role] = info
+        for module, found in parts.items():
+            a, b, kind = _factors(source.path, found)
+            if has_config and not settings.selects(module):
+                contents.ignored.extend(sorted(info.name for info in found.values()))
+                continue
+            contents.modules.append(_module(source.path, settings, module, found, (a, b, kind), has_config))
+        return contents
 
 
-def _refuse_unsupported(where: Path, config: Mapping[str, Any]) -> None:
-    peft_type = config.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise UnsupportedError(f"{where}: peft_type {peft_type!r} is not LoRA")
-    found = [label for name, label in UNSUPPORTED_FIELDS.items() if config.get(name) not in (None, False, [], {})]
-    if config.get("bias", "none") != "none":
-        found.append(f"trained biases (bias={config['bias']!r})")
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(MUTATING_INITS):
-        found.append(f"init_lora_weights={init!r}, which rewrites the base during training")
-    if found:
-        raise UnsupportedError(f"{where}: the adapter uses {', '.join(found)}, which lorasurgeon cannot merge yet")
+def _factors(where: Path, found: dict[str, TensorInfo]) -> tuple[TensorInfo, TensorInfo, str]:
+    """(A, B, kind) of one module's tensors; a factor without its partner is a MismatchError."""
+    for a_role, b_role, kind in FACTOR_ROLES:
+        if a_role in found and b_role in found:
+            a = found[a_role]
+            return a, found[b_role], "conv" if kind == "linear" and len(a.shape) > 2 else kind
+        if a_role in found or b_role in found:
+            have, missing = (a_role, b_role) if a_role in found else (b_role, a_role)
+            raise MismatchError(f"{where}: {found[have].name} has no matching {missing} tensor")
+    stray = next(iter(found.values()))
+    raise MismatchError(f"{where}: {stray.name} belongs to a module that has no lora_A/lora_B factors")
 
 
-class _FieldReader:
-    """Typed access to config fields; a wrong type is an InputError naming the field."""
-
-    def __init__(self, where: Path, config: Mapping[str, Any]) -> None:
-        self.where = where
-        self.config = config
-
-    def _bad(self, name: str, expected: str) -> InputError:
-        return InputError(f"{self.where}: field {name!r} must be {expected}, not {self.config[name]!r}")
-
-    def integer(self, name: str, default: int) -> int:
-        value = self.config.get(name, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise self._bad(name, "a positive integer")
-        return value
-
-    def number(self, name: str, default: float) -> float:
-        value = self.config.get(name, default)
-        if not _is_number(value):
-            raise self._bad(name, "a number")
-        return float(value)
-
-    def boolean(self, name: str) -> bool:
-        value = self.config.get(name, False)
-        if not isinstance(value, bool):
-            raise self._bad(name, "true or false")
-        return value
-
-    def numbers(self, name: str) -> dict[str, float]:
-        value = self.config.get(name) or {}
-        if not isinstance(value, dict) or not all(_is_number(v) for v in value.values()):
-            raise self._bad(name, "an object mapping module patterns to numbers")
-        return {str(k): float(v) for k, v in value.items()}
-
-    def names(self, name: str) -> str | list[str] | None:
-        value = self.config.get(name)
-        if value is None or isinstance(value, str):
-            return value
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise self._bad(name, "a string, a list of strings or null")
-
-    def layers(self, name: str) -> int | list[int] | None:
-        value = self.config.get(name)
-        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
-            return value
-        if isinstance(value, list) and all(isinstance(v, int) for v in value):
-            return list(value)
-        raise self._bad(name, "an integer, a list of integers or null")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _modules(source: Checkpoint, settings: _Settings, selected_only: bool) -> tuple[list[LoraModule], list[str]]:
-    factors: dict[str, dict[str, TensorInfo]] = {}
-    for info in source:
-        key = keys.split_peft_key(info.name)
-        if key.role not in ("lora_A", "lora_B"):
-            raise UnsupportedError(
-                f"{source.path}: {info.name} is {ROLE_NAMES[key.role]}, which lorasurgeon cannot merge yet"
-            )
-        factors.setdefault(key.module, {})[key.role] = info
-    modules, ignored = [], []
-    for module, pair in factors.items():
-        if "lora_A" not in pair or "lora_B" not in pair:
-            have, missing = ("lora_A", "lora_B") if "lora_A" in pair else ("lora_B", "lora_A")
-            raise MismatchError(f"{source.path}: {pair[have].name} has no matching {missing} tensor")
-        if selected_only and not settings.selects(module):
-            ignored.extend(sorted(info.name for info in pair.values()))
-            continue
-        a, b = pair["lora_A"], pair["lora_B"]
-        if len(a.shape) != 2 or len(b.shape) != 2:
-            raise UnsupportedError(
-                f"{source.path}: {a.name} has shape {list(a.shape)}: convolution LoRA cannot be merged yet"
-            )
-        rank, alpha = settings.rank_alpha(module) if selected_only else (a.shape[0], settings.alpha)
-        scale = alpha / math.sqrt(rank) if settings.use_rslora else alpha / rank
-        modules.append(LoraModule(module, a, b, rank, alpha, scale, settings.fan_in_fan_out))
-    return modules, ignored
+def _module(
+    where: Path,
+    settings: LoraConfig,
+    module: str,
+    found: dict[str, TensorInfo],
+    factors: tuple[TensorInfo, TensorInfo, str],
+    has_config: bool,
+) -> LoraModule:
+    a, b, kind = factors
+    magnitude, bias = found.get("lora_magnitude_vector"), found.get("lora_B_bias")
+    if has_config and (magnitude is not None) != settings.use_dora:
+        problem = "has no lora_magnitude_vector" if magnitude is None else "has a DoRA magnitude vector"
+        raise MismatchError(f"{where}: {module} {problem} but {CONFIG_NAME} says use_dora={settings.use_dora}")
+    if has_config and bias is not None and not settings.lora_bias:
+        raise MismatchError(f"{where}: {bias.name} is a lora_B bias but {CONFIG_NAME} says lora_bias=false")
+    rank, alpha = settings.rank_alpha(module) if has_config else (a.shape[0], settings.alpha)
+    scale = alpha / math.sqrt(rank) if settings.use_rslora else alpha / rank
+    return LoraModule(module, a, b, rank, alpha, scale, settings.fan_in_fan_out, kind, magnitude, bias)

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 import torch
 
 from lorasurgeon.errors import InputError
-from lorasurgeon.header import DTYPES, Header, TensorInfo, read_header
+from lorasurgeon.header import DTYPES, Header, TensorInfo, pickle_refusal, read_header
 
 # Files holding Python pickles: never opened, whatever their extension claims.
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
@@ -57,6 +57,8 @@ class Checkpoint:
         if path.is_dir():
             return _open_dir(path)
         refuse_pickle(path)
+        if not path.is_file():
+            raise InputError(f"{path}: is not a regular file")
         if path.name.endswith(".index.json"):
             return _open_index(path, layout="index")
         return _from_shards(path, "file", path.parent, [path.name])
@@ -85,9 +87,9 @@ class Checkpoint:
         torch_dtype = DTYPES[info.dtype][0]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=torch_dtype)
-        buffer = bytearray(info.nbytes)
-        self._read_into(info.path, info.start, memoryview(buffer))
-        return torch.frombuffer(buffer, dtype=torch_dtype).reshape(info.shape)
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)  # uninitialised: the read fills every byte
+        self._read_into(info.path, info.start, buffer.numpy().data)
+        return buffer.view(torch_dtype).reshape(info.shape)
 
     def copy_to(self, info: TensorInfo, out: BinaryIO) -> None:
         """Append the tensor's raw bytes to `out` without decoding them (in-kernel copy where possible)."""
@@ -102,7 +104,7 @@ class Checkpoint:
                 chunk = os.pread(src.fileno(), min(remaining, COPY_CHUNK), position)
                 if not chunk:
                     raise InputError(f"{info.path}: file ended inside tensor {info.name!r} (truncated?)")
-                out.write(chunk)
+                write_all(out, memoryview(chunk))
                 sent = len(chunk)
             position += sent
             remaining -= sent
@@ -125,13 +127,17 @@ class Checkpoint:
             done += n
 
 
+def write_all(f: BinaryIO, data: memoryview) -> None:
+    """Write every byte to an unbuffered file: one raw write may be short (Linux caps it near 2 GB)."""
+    data = data.cast("B")
+    while data:
+        data = data[f.write(data) or 0 :]
+
+
 def refuse_pickle(path: Path) -> None:
     """Pickle files can run arbitrary code when loaded; we never open them."""
     if path.suffix in PICKLE_SUFFIXES or path.name.endswith(".bin.index.json"):
-        raise InputError(
-            f"{path}: is a PyTorch pickle file, which lorasurgeon never loads because unpickling can run "
-            "arbitrary code; convert it to safetensors first (e.g. save_pretrained(..., safe_serialization=True))"
-        )
+        raise pickle_refusal(path)
 
 
 def _open_dir(root: Path) -> Checkpoint:
@@ -167,18 +173,18 @@ def _open_index(index_path: Path, layout: str) -> Checkpoint:
     if not isinstance(metadata, dict):
         raise InputError(f"{index_path}: field 'metadata' must be an object")
     names = list(dict.fromkeys(weight_map.values()))
-    ckpt = _from_shards(index_path if layout == "index" else root, layout, root, names)
+    ckpt = _from_shards(index_path if layout == "index" else root, layout, root, names, index_path)
     ckpt.index_name = index_path.name
     ckpt.index_metadata = metadata
+    stored_in = {info.name: shard.name for shard in ckpt.shards for info in shard.header.tensors}
     for tensor, shard_name in weight_map.items():
-        info = ckpt.tensors.get(tensor)
-        if info is None or info.path.name != Path(shard_name).name:
+        if stored_in.get(tensor) != shard_name:
             raise InputError(f"{index_path}: weight_map puts {tensor!r} in {shard_name}, whose header lacks it")
     return ckpt
 
 
-def _from_shards(path: Path, layout: str, root: Path, names: list[str]) -> Checkpoint:
-    shards = tuple(Shard(name, read_header(_shard_path(root, name))) for name in names)
+def _from_shards(path: Path, layout: str, root: Path, names: list[str], index: Path | None = None) -> Checkpoint:
+    shards = tuple(Shard(name, read_header(_shard_path(root, name, index))) for name in names)
     tensors: dict[str, TensorInfo] = {}
     for shard in shards:
         for info in shard.header.tensors:
@@ -188,18 +194,23 @@ def _from_shards(path: Path, layout: str, root: Path, names: list[str]) -> Check
                 )
             tensors[info.name] = info
     config_path = root / "config.json"
-    config = read_json(config_path) if layout != "file" and config_path.is_file() else None
+    config = read_config(config_path) if layout != "file" and config_path.is_file() else None
     return Checkpoint(path=path, layout=layout, root=root, shards=shards, config=config, tensors=tensors)
 
 
-def _shard_path(root: Path, name: str) -> Path:
+def _shard_path(root: Path, name: str, index: Path | None) -> Path:
     """The shard's path, refusing names that escape the checkpoint directory (../, absolute, symlinks)."""
+    where = index or root
+    if not name or "\x00" in name:
+        raise InputError(f"{where}: shard name {name!r} is not a file name")
     candidate = root / name
-    if Path(name).is_absolute() or not candidate.resolve().is_relative_to(root.resolve()):
-        raise InputError(f"{root}: shard name {name!r} points outside the checkpoint directory")
+    # A plain file name that is no symlink cannot leave the directory; anything else is resolved and checked.
+    plain = "/" not in name and name not in (".", "..") and not candidate.is_symlink()
+    if not plain and (Path(name).is_absolute() or not candidate.resolve().is_relative_to(root.resolve())):
+        raise InputError(f"{where}: shard name {name!r} points outside the checkpoint directory {root}")
     refuse_pickle(candidate)
     if not candidate.is_file():
-        raise InputError(f"{candidate}: shard listed in the index is missing")
+        raise InputError(f"{candidate}: shard listed in {where.name} is missing")
     return candidate
 
 
@@ -211,6 +222,21 @@ def read_json(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: is not valid JSON ({e})") from None
+    except RecursionError:
+        raise InputError(f"{path}: is not valid JSON (nested too deeply)") from None
     if not isinstance(doc, dict):
         raise InputError(f"{path}: must hold a JSON object")
     return doc
+
+
+# config.json fields lorasurgeon reads, and the JSON type each must have.
+CONFIG_FIELDS: dict[str, tuple[type, str]] = {"model_type": (str, "a string")}
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A model's config.json; InputError naming the field when one we read has the wrong type."""
+    config = read_json(path)
+    for name, (kind, expected) in CONFIG_FIELDS.items():
+        if name in config and not isinstance(config[name], kind):
+            raise InputError(f"{path}: field {name!r} must be {expected}, not {config[name]!r}")
+    return config

@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -16,7 +17,8 @@ import click
 
 import lorasurgeon
 from lorasurgeon import render
-from lorasurgeon.errors import LorasurgeonError
+from lorasurgeon.errors import LorasurgeonError, NonfiniteWarning
+from lorasurgeon.report import RULE_HELP
 
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 DTYPE = click.option(
@@ -32,6 +34,9 @@ FORCE = click.option(
     "--force", is_flag=True, help="Replace OUT if it exists (the old one stays until the new is done)."
 )
 DRY_RUN = click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+ALLOW_NONFINITE = click.option(
+    "--allow-nonfinite", is_flag=True, help="Write NaN/Inf from the inputs through, warning by tensor name."
+)
 JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 OUT = click.option("-o", "--out", type=click.Path(path_type=Path), help="Output path (default: <base>-merged).")
 EXISTING = click.Path(exists=False, path_type=Path)
@@ -72,6 +77,7 @@ def check(base: Path, adapters: tuple[Path, ...], alpha: float | None, as_json: 
 @DTYPE
 @FORCE
 @DRY_RUN
+@ALLOW_NONFINITE
 @JSON
 def merge(base: Path, adapters: tuple[Path, ...], out: Path | None, weights: tuple[float, ...], **options: Any) -> None:
     """Merge one or more ADAPTERS into BASE and write OUT.
@@ -94,6 +100,7 @@ def merge(base: Path, adapters: tuple[Path, ...], out: Path | None, weights: tup
 @DTYPE
 @FORCE
 @DRY_RUN
+@ALLOW_NONFINITE
 @JSON
 def unmerge(merged: Path, adapter: Path, out: Path | None, **options: Any) -> None:
     """Subtract ADAPTER from MERGED and write OUT (restores the base up to rounding).
@@ -106,30 +113,136 @@ def unmerge(merged: Path, adapter: Path, out: Path | None, **options: Any) -> No
     render.emit_json(render.summary_doc(summary)) if as_json else render.show_summary(summary)
 
 
+@cli.command()
+@click.argument("path", type=EXISTING)
+@click.option("--base", type=EXISTING, help="For an adapter: also check it against this checkpoint.")
+@click.option("--stats", is_flag=True, help="Read every tensor once: NaN/Inf, min/max/mean/std, ΔW norms.")
+@JSON
+@click.option("--markdown", is_flag=True, help="Print Markdown on stdout (for a CI job summary).")
+@click.option("--fail-on", "fail_on", multiple=True, metavar="RULE", help=f"Exit 1 if RULE holds: {RULE_HELP}.")
+def report(path: Path, base: Path | None, stats: bool, as_json: bool, markdown: bool, fail_on: tuple[str, ...]) -> None:
+    """Describe the checkpoint or adapter at PATH from its headers. Exit 1 if a --fail-on rule holds.
+
+    Example: lorasurgeon report adapter/ --base base/ --fail-on 'rank>64' --fail-on 'params>50M'
+    """
+    if as_json and markdown:
+        raise click.UsageError("--json and --markdown are exclusive; choose one")
+    with render.progress_bar("report") as on_progress:
+        result = lorasurgeon.report(path, base=base, stats=stats, fail_on=fail_on, on_progress=on_progress)
+    if as_json:
+        render.emit_json(render.report_doc(result))
+    elif markdown:
+        sys.stdout.write(render.report_markdown(result))
+    else:
+        render.show_report(result)
+    if as_json or markdown:
+        render.show_fired(result)
+    sys.exit(1 if result.fired else 0)
+
+
+def _ranks(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...]:
+    """`2,4,8,16` -> (2, 4, 8, 16)."""
+    try:
+        return tuple(int(part) for part in value.split(",")) if value else ()
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated ranks such as 2,4,8,16") from None
+
+
+@cli.command()
+@click.argument("base", type=EXISTING)
+@click.argument("tuned", type=EXISTING)
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Adapter directory (default: <tuned>-lora).")
+@click.option("--rank", type=int, help="Rank of every matrix.")
+@click.option("--energy", type=float, help="Per matrix, the smallest rank keeping this fraction of ‖ΔW‖² (0-1].")
+@click.option("--max-rank", type=int, help="Cap on the rank --energy chooses.")
+@click.option("--alpha", type=float, help="lora_alpha (default: alpha = r, so the scale is 1).")
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    metavar="PATTERN",
+    help="Modules to extract, repeatable: a shell glob on the module path ('*.self_attn.*'), or re:REGEX "
+    "(a full match, 're:.*\\.(q|v)_proj'). Default: every 2-D weight but embeddings and output heads.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["auto", "exact", "randomized"]),
+    default="auto",
+    show_default=True,
+    help="exact: full SVD (the optimum); randomized: range finder + power iterations, checked for convergence; "
+    "auto: exact for small matrices or unbounded ranks, randomized otherwise.",
+)
+@DEVICE
+@click.option("--skip-mismatched", is_flag=True, help="Skip tensors on one side only or of different shapes.")
+@click.option("--include-embeddings", is_flag=True, help="Also extract embeddings (PEFT lora_embedding_A/B).")
+@click.option(
+    "--save-changed-vectors",
+    is_flag=True,
+    help="Store modules whose 1-D tensors changed (norms) in full, as PEFT modules_to_save.",
+)
+@click.option("--curve", callback=_ranks, metavar="R1,R2,...", help="Also report the relative error at these ranks.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Draw spectra and error-vs-rank to a PNG (matplotlib).")
+@FORCE
+@click.option("--dry-run", is_flag=True, help="Compute and report; write no adapter.")
+@JSON
+def extract(base: Path, tuned: Path, out: Path | None, plot: Path | None, **options: Any) -> None:
+    """Extract a LoRA adapter from a full fine-tune: truncated SVD of TUNED − BASE, per matrix.
+
+    Example: lorasurgeon extract base/ tuned/ -o lora/ --energy 0.9 --max-rank 64
+    """
+    as_json = options.pop("as_json")
+    if plot is not None:
+        render.require_matplotlib()
+    with render.progress_bar("extract") as on_progress:
+        summary = lorasurgeon.extract(base, tuned, out, on_progress=on_progress, **options)
+    if plot is not None:
+        render.plot_extract(summary, plot)
+    render.emit_json(render.extract_doc(summary)) if as_json else render.show_extract(summary)
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM unwinds like Ctrl-C, so the writer removes its temporary on the way out.
+    # SIGTERM and SIGHUP unwind like Ctrl-C, so the writer removes its temporary on the way out.
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: runs the CLI; every LorasurgeonError becomes one `Error:` line and its exit code."""
-    signal.signal(signal.SIGTERM, _terminate)
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    """Entry point: every failure becomes one `Error:` line on stderr and exit code 2 (130 when interrupted);
+    `--debug` adds the traceback. NonfiniteWarnings become `warning:` lines."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    handlers = {signum: signal.signal(signum, _terminate) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        cli.main(args=argv, prog_name="lorasurgeon", standalone_mode=False)
-    except click.exceptions.Abort:
-        sys.exit(_fail("interrupted; nothing was written", 130))
-    except KeyboardInterrupt:
-        sys.exit(_fail("interrupted; nothing was written", 130))
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", NonfiniteWarning)
+            warnings.showwarning = _show_warning
+            cli.main(args=args, prog_name="lorasurgeon", standalone_mode=False)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except LorasurgeonError as e:
-        if debug:
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        sys.exit(_fail("interrupted; nothing was written", 130))
+    except Exception as e:  # the one funnel: ours carry a sentence, the OS's name a file, the rest are bugs
+        if "--debug" in args:
             traceback.print_exc()
-        sys.exit(_fail(str(e), e.exit_code))
+        sys.exit(_fail(*_describe(e)))
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _describe(error: Exception) -> tuple[str, int]:
+    """The message and exit code for an exception that reached `main`."""
+    if isinstance(error, LorasurgeonError):
+        return str(error), error.exit_code
+    if isinstance(error, OSError):
+        return f"{error.filename or 'lorasurgeon'}: {error.strerror or error}", 2
+    bug = f"{type(error).__name__}: {error}"
+    return f"internal error ({bug}); this is a bug in lorasurgeon: rerun with --debug and report it", 2
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    click.echo(f"warning: {message}", err=True)
 
 
 def _fail(message: str, code: int) -> int:
-    click.echo(f"Error: {message}", err=True)
+    click.echo(f"Error: {' '.join(str(message).split())}", err=True)  # always one line
     return code

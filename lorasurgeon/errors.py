@@ -30,3 +30,7 @@ class OutputError(LorasurgeonError):
 
 class NumericError(LorasurgeonError):
     """A tensor holds or would produce values that cannot be trusted (NaN, Inf, overflow)."""
+
+
+class NonfiniteWarning(UserWarning):
+    """NaN/Inf values let through by `allow_nonfinite`; the CLI shows each as a `warning:` line."""

@@ -7,6 +7,7 @@ must tile the data region exactly (no gaps, no overlap), as the safetensors refe
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -43,6 +44,10 @@ FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 # Real headers are a few MB even for 100k-tensor checkpoints; a larger one is hostile or broken.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 METADATA_KEY = "__metadata__"
+# No real dimension comes near this; larger ones (possible with zero-size tensors) overflow torch.
+MAX_DIM = 2**53
+# First bytes of PyTorch's formats: a zip archive (torch.save since 1.6) or a bare pickle (protocol 2-5).
+PICKLE_MAGICS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ class TensorInfo:
     def nbytes(self) -> int:
         return self.end - self.start
 
-    @property
+    @functools.cached_property  # reports sum it over every tensor several times
     def numel(self) -> int:
         return math.prod(self.shape)
 
@@ -83,16 +88,32 @@ def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
     return DTYPES[dtype][1] * math.prod(shape)
 
 
+def pickle_refusal(path: Path) -> InputError:
+    """The error for a PyTorch pickle, whatever its name: loading one can run arbitrary code."""
+    return InputError(
+        f"{path}: is a PyTorch pickle file, which lorasurgeon never loads because unpickling can run "
+        "arbitrary code; convert it to safetensors first (e.g. save_pretrained(..., safe_serialization=True))"
+    )
+
+
 def read_header(path: Path) -> Header:
     """Read and validate the header of `path`; raise InputError naming the file and the tensor at fault."""
     try:
         with open(path, "rb") as f:
             file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
+            if prefix.startswith(PICKLE_MAGICS) and f.read(1) != b"{":  # safetensors JSON opens with "{"
+                raise pickle_refusal(path)
+            f.seek(8)
             if len(prefix) < 8:
                 raise InputError(f"{path}: not a safetensors file (only {len(prefix)} bytes long)")
             (length,) = struct.unpack("<Q", prefix)
-            if length > MAX_HEADER_BYTES or length + 8 > file_size:
+            if length > MAX_HEADER_BYTES:
+                raise InputError(
+                    f"{path}: not a safetensors file (header length {length} is past the {MAX_HEADER_BYTES} "
+                    "bytes any real checkpoint needs)"
+                )
+            if length + 8 > file_size:
                 raise InputError(
                     f"{path}: not a safetensors file or truncated (header length {length} "
                     f"does not fit a file of {file_size} bytes)"
@@ -105,21 +126,31 @@ def read_header(path: Path) -> Header:
 
 def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
     """Validate the JSON header `raw` of a file of `file_size` bytes (see module docstring)."""
-    try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
-    except _DuplicateKey as e:
-        raise InputError(f"{path}: header names tensor {e.args[0]!r} twice") from None
+    doc = _load_json(path, raw, object_pairs_hook=None)
     if not isinstance(doc, dict):
         raise InputError(f"{path}: not a safetensors file (header is not a JSON object)")
     metadata = _parse_metadata(path, doc.pop(METADATA_KEY, None))
+    # json.loads keeps the last of duplicate keys silently. Every entry has one "data_offsets" key, so a
+    # count that disagrees with the entries (rare) sends us through the slow parse that names the duplicate.
+    if raw.count(b'"data_offsets"') != len(doc):
+        _load_json(path, raw, object_pairs_hook=_no_duplicates)
     data_start = 8 + len(raw)
     tensors = sorted(
         (_parse_entry(path, name, entry, data_start) for name, entry in doc.items()), key=lambda t: (t.start, t.end)
     )
     _check_tiling(path, tensors, data_start, file_size)
     return Header(path=path, tensors=tuple(tensors), metadata=metadata, data_start=data_start)
+
+
+def _load_json(path: Path, raw: bytes, object_pairs_hook: Any) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=object_pairs_hook)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+    except RecursionError:
+        raise InputError(f"{path}: not a safetensors file (header JSON is nested too deeply)") from None
+    except _DuplicateKey as e:
+        raise InputError(f"{path}: header names tensor {e.args[0]!r} twice") from None
 
 
 class _DuplicateKey(Exception):
@@ -144,32 +175,46 @@ def _parse_metadata(path: Path, meta: Any) -> dict[str, str]:
 
 
 def _parse_entry(path: Path, name: str, entry: Any, data_start: int) -> TensorInfo:
-    where = f"{path}: tensor {name!r}"
+    # The hot loop of opening a checkpoint: messages are built only when something is wrong.
     if not isinstance(entry, dict):
-        raise InputError(f"{where}: header entry is not an object")
+        raise InputError(f"{path}: tensor {name!r}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
-        raise InputError(f"{where}: unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(_is_nat(d) for d in shape):
-        raise InputError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_nat(o) for o in offsets)):
-        raise InputError(f"{where}: data_offsets {offsets!r} is not a pair of non-negative integers")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise InputError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not _valid_dims(shape):
+        raise InputError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of non-negative integers below 2**53")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and _is_nat(offsets[0]) and _is_nat(offsets[1])):
+        raise InputError(f"{path}: tensor {name!r}: data_offsets {offsets!r} is not a pair of non-negative integers")
     begin, end = offsets
-    expected = nbytes_of(dtype, tuple(shape))
+    dims = tuple(shape)
+    expected = DTYPES[dtype][1] * math.prod(dims)
     if end - begin != expected:
         raise InputError(
-            f"{where}: {dtype}{shape} needs {expected} bytes but data_offsets [{begin}, {end}] hold {end - begin}"
+            f"{path}: tensor {name!r}: {dtype}{shape} needs {expected} bytes but data_offsets [{begin}, {end}] "
+            f"hold {end - begin}"
         )
-    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+    return TensorInfo(name, dtype, dims, path, data_start + begin, data_start + end)
+
+
+def _valid_dims(shape: list[Any]) -> bool:
+    for d in shape:  # noqa: SIM110 - a plain loop is faster than all(); it runs for every tensor of every shard
+        if type(d) is not int or d < 0 or d > MAX_DIM:
+            return False
+    return True
 
 
 def _is_nat(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    return type(x) is int and x >= 0
 
 
 def _check_tiling(path: Path, tensors: list[TensorInfo], data_start: int, file_size: int) -> None:
     position = data_start
     for t in tensors:
+        if t.end > file_size:
+            raise InputError(
+                f"{path}: tensor {t.name!r}: data_offsets [{t.start - data_start}, {t.end - data_start}] lie past "
+                f"the end of the file ({file_size - data_start} bytes of tensor data)"
+            )
         if t.start != position:
             problem = "overlaps the tensor before it" if t.start < position else "leaves a gap before it"
             raise InputError(f"{path}: tensor {t.name!r} {problem} (data offset {t.start - data_start})")

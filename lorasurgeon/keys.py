@@ -20,6 +20,7 @@ PEFT_ROLES: dict[str, tuple[str, str]] = {
     ".lora_embedding_A": ("lora_embedding_A", "weight"),
     ".lora_embedding_B": ("lora_embedding_B", "weight"),
     ".lora_magnitude_vector": ("lora_magnitude_vector", "weight"),
+    ".lora_magnitude_vector.weight": ("lora_magnitude_vector", "weight"),
     ".token_adapter.trainable_tokens_delta": ("trainable_tokens_delta", "weight"),
 }
 
@@ -31,6 +32,62 @@ CONV1D_MODULES: dict[str, frozenset[str]] = {
     "imagegpt": frozenset({"c_attn", "c_proj", "c_fc", "q_attn"}),
     "decision_transformer": frozenset({"c_attn", "c_proj", "c_fc", "q_attn"}),
 }
+
+# First path components a checkpoint may store without: transformers' base-model prefixes, and the pipeline
+# components of diffusers LoRA files (`unet.down_blocks...` for the tensors of `unet/`).
+MODEL_PREFIXES = frozenset(
+    {
+        "transformer",
+        "model",
+        "base_model",
+        "gpt_neox",
+        "bert",
+        "roberta",
+        "unet",
+        "text_encoder",
+        "text_encoder_2",
+        "prior",
+    }
+)
+# diffusers LoRA files whose component prefix alone identifies the format; `transformer.` keys (SD3, Flux) look
+# like a bare PEFT export of a GPT-2 and are only taken for diffusers with lora_adapter_metadata.
+DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "prior")
+DIFFUSERS_METADATA = "lora_adapter_metadata"
+
+# Module names of input and output embeddings; a tied checkpoint stores only the first (FORMATS.md §4.1).
+INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in")
+OUTPUT_EMBEDDING = "lm_head.weight"
+
+# Name components of the companion tensors that quantizers write beside a weight (bitsandbytes, GPTQ/AWQ, FP8).
+QUANTIZED_PARTS = frozenset(
+    {
+        "absmax",
+        "quant_map",
+        "quant_state",
+        "nested_absmax",
+        "SCB",
+        "qweight",
+        "qzeros",
+        "g_idx",
+        "weight_scale",
+        "weight_scale_inv",
+        "input_scale",
+    }
+)
+
+# kohya / sd-scripts key suffixes -> role (FORMATS.md §5.1); any other suffix is not plain LoRA.
+KOHYA_ROLES = {".lora_down.weight": "lora_down", ".lora_up.weight": "lora_up", ".alpha": "alpha"}
+# Checkpoint name prefix -> the kohya prefixes its modules may carry (FORMATS.md §5.2). "" stands for a
+# diffusers component file (unet/, text_encoder/, text_encoder_2/), whose names are sd-scripts' module paths.
+# SD1/2 LDM-layout U-Nets, SDXL kohya names on a diffusers U-Net, and OpenCLIP fused q/k/v need conversion
+# tables that are not here: their modules find no tensor and are refused by name.
+KOHYA_PREFIXES: dict[str, tuple[str, ...]] = {
+    "model.diffusion_model.": ("lora_unet",),  # SDXL single file: SAI U-Net names verbatim
+    "conditioner.embedders.0.transformer.": ("lora_te1",),  # SDXL text encoder 1 (HF CLIP names)
+    "cond_stage_model.transformer.": ("lora_te",),  # SD1 single file: HF CLIP text encoder
+    "": ("lora_unet", "lora_te", "lora_te1", "lora_te2"),
+}
+KOHYA_COMPONENTS = ("lora_unet", "lora_te1", "lora_te2", "lora_te3", "lora_te")
 
 
 @dataclass(frozen=True)
@@ -70,7 +127,7 @@ def tensor_candidates(module: str, param: str) -> list[str]:
     name = f"{module}.{param}"
     first, _, rest = name.partition(".")
     candidates = [name]
-    if rest and first in {"transformer", "model", "base_model", "gpt_neox", "bert", "roberta"}:
+    if rest and first in MODEL_PREFIXES:
         candidates.append(rest)
     return candidates
 
@@ -120,3 +177,66 @@ def shortest_unique_suffix(module: str, all_modules: Iterable[str]) -> str:
         if not any(o == suffix or o.endswith("." + suffix) for o in others):
             return suffix
     return module
+
+
+def input_embedding(names: Iterable[str]) -> str | None:
+    """The checkpoint name of the input embedding among `names` (`model.embed_tokens.weight`, ...), if any."""
+    for name in names:
+        module, _, param = name.rpartition(".")
+        if param == "weight" and module.rpartition(".")[2] in INPUT_EMBEDDINGS:
+            return name
+    return None
+
+
+def quantized_part(name: str) -> str | None:
+    """The quantizer companion component in a tensor name (`...q_proj.weight.absmax` -> `absmax`), if any."""
+    return next((part for part in name.split(".") if part in QUANTIZED_PARTS), None)
+
+
+def under_module(names: Sequence[str] | None, module: str) -> bool:
+    """PEFT's rule that a module at or below a `modules_to_save` entry is never LoRA-targeted."""
+    return any(re.fullmatch(rf"(^|.*\.){re.escape(n)}($|\..*)", module) for n in names or ())
+
+
+def is_kohya(names: Iterable[str]) -> bool:
+    """True when a file's keys are kohya / sd-scripts LoRA keys (`lora_down` / `lora_up`)."""
+    return any(n.endswith((".lora_down.weight", ".lora_up.weight")) for n in names)
+
+
+def split_kohya_key(key: str) -> tuple[str, str | None]:
+    """`lora_unet_mid_block_attentions_0_proj_in.lora_down.weight` -> (module name, "lora_down"); role None
+    for anything that is not a plain LoRA tensor (LyCORIS hada_/lokr_/lora_mid, dora_scale, ...)."""
+    for suffix, role in KOHYA_ROLES.items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return key.partition(".")[0], None
+
+
+def kohya_names(tensor_names: Iterable[str]) -> dict[str, list[str]]:
+    """sd-scripts' forward naming rule applied to every `.weight` of a checkpoint: kohya module name -> the
+    checkpoint tensors it may denote (more than one: ambiguous). Never inverts `_` -> `.` (FORMATS.md §5.2)."""
+    names: dict[str, list[str]] = {}
+    for name in tensor_names:
+        if not name.endswith(".weight"):
+            continue
+        for prefix, components in KOHYA_PREFIXES.items():
+            if name.startswith(prefix):
+                path = name[len(prefix) : -len(".weight")].replace(".", "_")
+                for component in components:
+                    names.setdefault(f"{component}_{path}", []).append(name)
+    return names
+
+
+def kohya_component(module: str) -> str:
+    """The component prefix of a kohya module name (`lora_unet`, `lora_te1`, ...), or "" when it has none."""
+    return next((c for c in KOHYA_COMPONENTS if module.startswith(c + "_")), "")
+
+
+def is_diffusers(names: Iterable[str], metadata: Mapping[str, str]) -> bool:
+    """True for a diffusers LoRA file (FORMATS.md §5.6): PEFT keys under pipeline components, never under
+    `base_model.model.`; `transformer.` components only with diffusers' own metadata."""
+    components = {n.partition(".")[0] for n in names}
+    if not components or any(n.startswith(PEFT_PREFIX) for n in names):
+        return False
+    allowed = (*DIFFUSERS_COMPONENTS, "transformer") if DIFFUSERS_METADATA in metadata else DIFFUSERS_COMPONENTS
+    return components <= set(allowed)

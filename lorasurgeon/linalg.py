@@ -24,6 +24,30 @@ def add_delta(weight: torch.Tensor, delta: torch.Tensor, sign: int) -> torch.Ten
     return weight.float() + sign * delta
 
 
+def conv_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """ΔW of a ConvNd LoRA in fp32: A is (r, in, *k), B is (out, r, 1, ...); ΔW is (out, in, *k).
+
+    Composing the k×k conv A with the 1×1 conv B is one matmul over the flattened kernel (FORMATS.md §2.4);
+    it equals PEFT's 1×1 squeeze path and its conv path up to fp32 rounding.
+    """
+    rank = a.shape[0]
+    delta = b.float().reshape(b.shape[0], rank) @ a.float().reshape(rank, -1)  # (out, r) @ (r, in·∏k)
+    return delta.reshape(b.shape[0], *a.shape[1:]) * scale
+
+
+def dora_rescale(merged: torch.Tensor, magnitude: torch.Tensor, out_dim: int) -> torch.Tensor:
+    """DoRA's merged weight: V = W + ΔW rescaled so each output feature has norm m (FORMATS.md §2.7), in fp32.
+
+    `out_dim` is the axis of output features in V's storage layout (1 for Conv1D (in, out) weights and for
+    embeddings (V, d), whose norms PEFT takes per column); the L2 norm runs over every other axis, no epsilon.
+    """
+    v = merged.float()
+    others = [d for d in range(v.dim()) if d != out_dim]
+    norm = torch.linalg.vector_norm(v, dim=others, keepdim=True)  # (out,) laid along out_dim
+    scale: torch.Tensor = magnitude.float().reshape(norm.shape) / norm
+    return v * scale
+
+
 def nonfinite_count(tensor: torch.Tensor) -> int:
     """How many elements are NaN or ±Inf (0 for integer tensors)."""
     if not tensor.is_floating_point():
@@ -34,3 +58,128 @@ def nonfinite_count(tensor: torch.Tensor) -> int:
 def overflow_count(exact: torch.Tensor, rounded: torch.Tensor) -> int:
     """How many finite values of `exact` became ±Inf when rounded (e.g. past fp16's 65504)."""
     return int((torch.isfinite(exact) & ~torch.isfinite(rounded)).sum().item())
+
+
+STATS_CHUNK = 1 << 22  # elements up-cast to fp64 at a time by tensor_stats (32 MB)
+
+
+def tensor_stats(tensor: torch.Tensor) -> tuple[int, int, float | None, float | None, float | None, float | None]:
+    """(NaN count, ±Inf count, min, max, mean, std) of a tensor; the last four over its finite values only
+    (std with Bessel's correction, 0 for a single value), None when it has none. Computed in fp64, a chunk at a
+    time, so neither a huge value's square nor the up-cast of a large tensor overflows."""
+    flat = tensor.reshape(-1)
+    chunks = [flat[i : i + STATS_CHUNK] for i in range(0, flat.numel(), STATS_CHUNK)]
+    nan = inf = n = 0
+    total, low, high = 0.0, float("inf"), float("-inf")
+    for chunk in chunks:
+        x = chunk.double()
+        finite = x[torch.isfinite(x)]
+        nan += int(torch.isnan(x).sum().item())
+        inf += int(torch.isinf(x).sum().item())
+        if finite.numel():
+            n += finite.numel()
+            total += finite.sum().item()
+            low, high = min(low, finite.min().item()), max(high, finite.max().item())
+    if n == 0:
+        return nan, inf, None, None, None, None
+    mean = total / n
+    square = sum(((x := c.double())[torch.isfinite(x)] - mean).square().sum().item() for c in chunks)
+    return nan, inf, low, high, mean, (square / (n - 1)) ** 0.5 if n > 1 else 0.0
+
+
+def lora_delta_norms(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """(‖BA‖_F, ‖BA‖_2, stable rank ‖BA‖_F² / ‖BA‖_2²) from r×r Gram matrices, never forming BA itself.
+
+    A is (r, in, *k) and B is (out, r, *1) (embeddings: A (r, V), B (d, r)); both are flattened to matrices.
+    The squared singular values of BA are the eigenvalues of G_B^½ G_A G_B^½ with G_A = AAᵀ, G_B = BᵀB.
+    """
+    if a.numel() == 0 or b.numel() == 0:
+        return 0.0, 0.0, 0.0
+    a2 = a.reshape(a.shape[0], -1).double()
+    b2 = b.reshape(b.shape[0], -1).double()
+    gram_a = a2 @ a2.T  # (r, in) @ (in, r) -> (r, r)
+    gram_b = b2.T @ b2  # (r, out) @ (out, r) -> (r, r)
+    values, vectors = torch.linalg.eigh(gram_b)
+    root = (vectors * values.clamp(min=0).sqrt()) @ vectors.T  # G_B^½, (r, r)
+    sigma2 = torch.linalg.eigvalsh(root @ gram_a @ root).clamp(min=0)
+    fro2, top = sigma2.sum().item(), sigma2.max().item()
+    return fro2**0.5, top**0.5, fro2 / top if top > 0 else 0.0
+
+
+# --- Truncated SVD for extraction: ΔW ≈ B·A with B = U_r·diag(√σ_r), A = diag(√σ_r)·V_rᵀ -------------------
+
+
+def exact_svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD (U, σ, Vᵀ) of a 2-D fp32 delta: (m, k), (k,), (k, n) with k = min(m, n)."""
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    return u, s, vh
+
+
+def randomized_svd(
+    delta: torch.Tensor, rank: int, oversample: int, max_iters: int, tol: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Rank-`rank + oversample` SVD by a Gaussian range finder refined with QR-orthonormalised power
+    iterations, stopped when the rank-`rank` error has converged. Returns (U, σ, Vᵀ, converged).
+
+    Every sketch Q gives U·diag(σ)·Vᵀ = Q·Qᵀ·ΔW, so its rank-r truncation has error² exactly
+    ‖ΔW‖² − Σ_{i≤r} σ_i² (the projection theorem): the guard watches that number. It stops when one more
+    iteration lowers it by at most `tol` of itself (plus a floor of 1e-10·‖ΔW‖², i.e. fp32 noise) and
+    reports `converged=False` when `max_iters` pass first; the caller then falls back to the exact SVD.
+    Iterations cost two (m, n) @ (n, k) products each; the small (k, n) SVD costs k²·n.
+    """
+    m, n = delta.shape
+    k = min(rank + oversample, m, n)
+    total = float(torch.linalg.matrix_norm(delta).item()) ** 2
+    omega = torch.randn(n, k, generator=generator, device=delta.device, dtype=delta.dtype)
+    q = torch.linalg.qr(delta @ omega).Q  # (m, n) @ (n, k) -> (m, k), orthonormal columns
+    previous = float("inf")
+    for iteration in range(max_iters + 1):
+        small = q.T @ delta  # (k, m) @ (m, n) -> (k, n)
+        u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
+        error = max(total - float(s[:rank].double().square().sum().item()), 0.0)
+        converged = previous - error <= tol * error + 1e-10 * total
+        if converged or iteration == max_iters:
+            return q @ u_small, s, vh, converged  # (m, k) @ (k, k) -> (m, k)
+        previous = error
+        z = torch.linalg.qr(small.T).Q  # (n, k): the row space, orthonormalised (one power iteration)
+        q = torch.linalg.qr(delta @ z).Q
+    raise AssertionError("unreachable")
+
+
+def split_factors(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) with scale · B @ A = U_r·diag(σ_r)·V_rᵀ, the singular values split evenly: √(σ/scale) in each."""
+    root = (s[:rank] / scale).sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]  # (m, r), (r, n)
+
+
+def energy_rank(s: torch.Tensor, total: float, fraction: float) -> int:
+    """The smallest r whose Σ_{i≤r} σ_i² reaches `fraction` of `total` (= ‖ΔW‖²_F); len(s) if none does.
+
+    fraction 1 keeps every singular value computed: Σσ² and an fp32 ‖ΔW‖² agree only to rounding.
+    """
+    if fraction >= 1:
+        return len(s)
+    captured = torch.cumsum(s.double().square(), 0)
+    reached = int(torch.searchsorted(captured, torch.tensor([fraction * total], dtype=torch.float64)).item())
+    return max(1, min(reached + 1, len(s)))
+
+
+def relative_errors(s: torch.Tensor, total: float, ranks: list[int], complete: bool) -> list[float]:
+    """‖ΔW − (rank-r truncation)‖_F / ‖ΔW‖_F for each r, from the singular values of one SVD.
+
+    With the `complete` spectrum the error is the tail √(Σ_{i>r} σ_i²), exact even when tiny; otherwise it is
+    √(total − Σ_{i≤r} σ_i²), which fp32 cancellation blurs below about 3e-4 · ‖ΔW‖.
+    """
+    squares = s.double().square()
+    if complete:  # tails[i] = Σ_{j>i} σ_j², summed from the small end
+        total = float(squares.sum().item())
+        tails = [*torch.flip(torch.cumsum(torch.flip(squares, [0]), 0), [0])[1:].tolist(), 0.0]
+    else:
+        tails = (total - torch.cumsum(squares, 0)).tolist()
+    out = []
+    for r in ranks:
+        tail = tails[min(r, len(tails)) - 1]
+        out.append((max(tail, 0.0) / total) ** 0.5 if total > 0 else 0.0)
+    return out

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import itertools
 import json
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from lorasurgeon.errors import UnsupportedError
+from lorasurgeon.extract import ExtractSummary
 from lorasurgeon.plan import Finding, Plan
+from lorasurgeon.report import SCHEMA_VERSION, CheckResult, Count, ModuleReport, Report
 from lorasurgeon.surgery import Progress as SurgeryProgress
 from lorasurgeon.surgery import SurgerySummary
 
@@ -54,9 +61,22 @@ def plan_doc(plan: Plan) -> dict[str, Any]:
             "alpha": term.module.alpha,
             "scale": term.module.scale,
             "transposed": term.transpose,
+            "kind": term.module.kind,
+            "dora": term.dora,
+            "bias": term.bias,
         }
         for step in plan.steps
         for term in step.terms
+    ]
+    replaced = [  # tensors the adapter sets outright: modules_to_save, saved embeddings, biases, token rows
+        {
+            "adapter": str(plan.adapters[source.adapter].path),
+            "adapter_key": source.tensor.name,
+            "base_key": step.tensor.name,
+            "rows": list(source.indices) if source.indices is not None else None,
+        }
+        for step in plan.steps
+        for source in ((step.replacement,) if step.replacement else ()) + step.rows
     ]
     return {
         "ok": not plan.errors,
@@ -66,6 +86,7 @@ def plan_doc(plan: Plan) -> dict[str, Any]:
             for a in plan.adapters
         ],
         "modules": modules,
+        "replaced": replaced,
         "findings": [finding_doc(f) for f in plan.findings],
     }
 
@@ -154,3 +175,318 @@ def show_plan(summary: SurgerySummary) -> None:
         table.add_row(row["shard"], row["tensor"], row["dtype"], ", ".join(row["adapters"]))
     stderr.print(table)
     stderr.print(f"{summary.changed} of {summary.tensors} tensors would change; the rest are copied byte for byte")
+
+
+def report_doc(report: Report) -> dict[str, Any]:
+    """The `report --json` document; every field is described in report.schema.json."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": report.kind,
+        "path": report.path,
+        "format": report.format,
+        "ok": not report.fired,
+        "totals": _count_doc(report.totals),
+        "by_dtype": [{"dtype": c.name} | _count_doc(c) for c in report.by_dtype],
+        "categories": [{"category": c.name} | _count_doc(c) for c in report.categories],
+        "groups": [{"name": c.name, "repeat": c.repeat, "indices": c.indices} | _count_doc(c) for c in report.groups],
+        "shards": [
+            {
+                "name": c.name,
+                "file_bytes": c.bytes,
+                "tensors": c.tensors,
+                "parameters": c.parameters,
+                "metadata": c.metadata,
+            }
+            for c in report.shards
+        ],
+        "metadata": report.metadata,
+        "config": report.config,
+        "adapter": _adapter_doc(report) if report.kind == "adapter" else None,
+        "findings": [finding_doc(f) for f in report.findings],
+        "check": _check_doc(report.check) if report.check else None,
+        "stats": None if report.stats is None else [asdict(s) for s in report.stats],
+        "fired": [{"rule": h.rule, "reason": h.reason} for h in report.fired],
+    }
+
+
+def _adapter_doc(report: Report) -> dict[str, Any]:
+    lora, base = report.lora_parameters
+    return {
+        "lora_parameters": lora,
+        "base_parameters": base,
+        "reduction": 1 - lora / base if base else None,
+        "targets": report.targets,
+        "modules": [_module_doc(m) for m in report.modules],
+    }
+
+
+def _check_doc(check: CheckResult) -> dict[str, Any]:
+    return {
+        "base": check.base,
+        "ok": not any(f.severity == "error" for f in check.findings),
+        "findings": [finding_doc(f) for f in check.findings],
+        "touched_parameters": check.touched_parameters,
+        "base_parameters": check.base_parameters,
+        "touched_fraction": check.touched_parameters / check.base_parameters if check.base_parameters else 0.0,
+    }
+
+
+def _count_doc(c: Count) -> dict[str, int]:
+    return {"tensors": c.tensors, "parameters": c.parameters, "bytes": c.bytes}
+
+
+def _module_doc(m: ModuleReport) -> dict[str, Any]:
+    doc = asdict(m)
+    doc["base_shape"] = list(m.base_shape) if m.base_shape else None
+    return doc | {"base_parameters": m.base_parameters, "reduction": m.reduction}
+
+
+def report_tables(report: Report) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The report as (title, columns, rows) tables, shared by the rich and the Markdown renderings."""
+    t = report.totals
+    title = f"{report.path}: {report.kind} ({report.format}), {t.tensors} tensors, {t.parameters:,} parameters"
+    tables = [(title, ["dtype", "tensors", "parameters", "bytes"], [_count_row(c) for c in report.by_dtype])]
+    tables.append(("categories", ["category", "tensors", "parameters", "bytes"], _rows(report.categories)))
+    if report.groups:
+        rows = [
+            [f"{c.name} ×{c.repeat} [{c.indices}]" if c.indices else c.name, *_count_row(c)[1:]] for c in report.groups
+        ]
+        tables.append(("groups (per block)", ["group", "tensors", "parameters", "bytes"], rows))
+    if report.kind == "adapter":
+        tables.append(_targets_table(report))
+    shard_rows = [[*_count_row(c), _meta(c.metadata)] for c in report.shards]
+    tables.append(("files", ["file", "tensors", "parameters", "size", "metadata"], shard_rows))
+    if report.stats is not None:
+        tables.append(_stats_table(report))
+    if any(m.stable_rank is not None for m in report.modules):
+        tables.append(_delta_table(report))
+    return tables
+
+
+def _count_row(c: Count) -> list[str]:
+    return [c.name, str(c.tensors), f"{c.parameters:,}", _size(c.bytes)]
+
+
+def _rows(counts: tuple[Count, ...]) -> list[list[str]]:
+    return [_count_row(c) for c in counts]
+
+
+def _size(n: int) -> str:
+    return next(
+        f"{n / 1000**i:.1f} {unit}"
+        for i, unit in reversed(list(enumerate(["B", "kB", "MB", "GB", "TB"])))
+        if n >= 1000**i or i == 0
+    )
+
+
+def _meta(metadata: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v if len(v) < 40 else v[:37] + '...'}" for k, v in metadata.items())
+
+
+def _targets_table(report: Report) -> tuple[str, list[str], list[list[str]]]:
+    by_target: dict[str, list[ModuleReport]] = {}
+    for m in report.modules:
+        by_target.setdefault(m.module.rpartition(".")[2], []).append(m)
+    rows = []
+    for name, modules in sorted(by_target.items()):
+        lora, base = sum(m.parameters for m in modules), sum(m.base_parameters or 0 for m in modules)
+        shapes = sorted({"×".join(map(str, m.base_shape)) for m in modules if m.base_shape})
+        rows.append(
+            [
+                name,
+                str(len(modules)),
+                _distinct(m.kind for m in modules),
+                _distinct(m.rank for m in modules),
+                _distinct(m.alpha for m in modules),
+                _distinct(m.scale for m in modules),
+                ", ".join(shapes),
+                f"{lora:,}",
+                f"{base:,}" if base else "",
+                f"{1 - lora / base:.2%}" if base else "",
+            ]
+        )
+    lora, base = report.lora_parameters
+    title = f"LoRA: {lora:,} parameters adapting {base:,} base parameters"
+    title += f" ({1 - lora / base:.2%} fewer)" if base else ""
+    columns = ["target", "matrices", "kind", "rank", "alpha", "scale", "base shape", "LoRA", "base", "reduction"]
+    return title, columns, rows
+
+
+def _distinct(values: Any) -> str:
+    return ", ".join(sorted({"" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in values}))
+
+
+def _stats_table(report: Report) -> tuple[str, list[str], list[list[str]]]:
+    rows = [
+        [s.name, s.dtype, str(s.nan), str(s.inf), _num(s.min), _num(s.max), _num(s.mean), _num(s.std)]
+        for s in report.stats or ()
+    ]
+    return "tensor statistics", ["tensor", "dtype", "NaN", "Inf", "min", "max", "mean", "std"], rows
+
+
+def _delta_table(report: Report) -> tuple[str, list[str], list[list[str]]]:
+    rows = [
+        [m.module, _num(m.delta_norm), _num(m.delta_spectral_norm), _num(m.stable_rank)]
+        for m in report.modules
+        if m.stable_rank is not None
+    ]
+    return "ΔW = scale·BA (from r×r Gram matrices)", ["module", "‖ΔW‖_F", "‖ΔW‖_2", "stable rank"], rows
+
+
+def _num(v: float | None) -> str:
+    return "" if v is None else f"{v:.4g}"
+
+
+def show_report(report: Report) -> None:
+    """The report as rich tables on stderr, then its findings, the check and the rules that fired."""
+    for title, columns, rows in report_tables(report):
+        stderr.print(f"[bold]{title}[/]", soft_wrap=True)
+        table = Table()
+        for i, column in enumerate(columns):
+            table.add_column(column, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        stderr.print(table)
+    show_findings(report.findings)
+    if report.check:
+        show_findings(report.check.findings)
+        c = report.check
+        stderr.print(
+            f"{c.base}: the adapter touches {c.touched_parameters:,} of {c.base_parameters:,} base "
+            f"parameters ({c.touched_parameters / max(c.base_parameters, 1):.2%})"
+        )
+    show_fired(report)
+
+
+def show_fired(report: Report) -> None:
+    for hit in report.fired:
+        stderr.print(f"[red]fail-on {hit.rule}:[/] {hit.reason}", soft_wrap=True)
+
+
+def report_markdown(report: Report) -> str:
+    """The report as GitHub Markdown (for a CI job summary)."""
+    lines = []
+    for title, columns, rows in report_tables(report):
+        lines += [f"**{title}**", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+        lines.append("")
+    findings = [*report.findings, *(report.check.findings if report.check else ())]
+    lines += [f"- **{f.severity}**: {f.message}" for f in findings]
+    lines += [f"- **fail-on `{h.rule}`**: {h.reason}" for h in report.fired]
+    if report.check:
+        c = report.check
+        lines.append(f"- touches {c.touched_parameters:,} of {c.base_parameters:,} base parameters of `{c.base}`")
+    lines.append(f"\n**{'passed' if not report.fired else 'failed: ' + ', '.join(h.rule for h in report.fired)}**")
+    return "\n".join(lines) + "\n"
+
+
+def extract_doc(summary: ExtractSummary) -> dict[str, Any]:
+    """The `extract --json` document: per matrix and in total, plus what was left out and why."""
+    return {
+        "base": summary.base,
+        "tuned": summary.tuned,
+        "output": summary.output,
+        "dry_run": summary.dry_run,
+        "device": summary.device,
+        "seconds": round(summary.seconds, 3),
+        "bytes_written": summary.bytes_written,
+        "curve_ranks": list(summary.curve),
+        "total": {
+            "matrices": len(summary.matrices),
+            "relative_error": summary.total_error,
+            "captured_energy": 1.0 - summary.total_error**2,
+            "adapter_params": summary.adapter_params,
+            "replaced_params": summary.replaced_params,
+            "curve": list(summary.curve_errors),
+        },
+        "matrices": [
+            {
+                "tensor": m.tensor,
+                "module": m.module,
+                "kind": m.kind,
+                "shape": list(m.shape),
+                "rank": m.rank,
+                "method": m.method,
+                "captured_energy": m.energy,
+                "relative_error": m.error,
+                "delta_norm": m.norm,
+                "adapter_params": m.adapter_params,
+                "curve": list(m.curve),
+            }
+            for m in summary.matrices
+        ],
+        "unchanged_targets": list(summary.unchanged),
+        "saved_modules": list(summary.saved_modules),
+        "changed_not_extracted": [
+            {"tensor": c.name, "shape": list(c.shape), "max_abs_change": c.max_change} for c in summary.changed_other
+        ],
+        "warnings": [finding_doc(f) for f in summary.warnings],
+        "adapter_config": summary.config,
+    }
+
+
+def show_extract(summary: ExtractSummary) -> None:
+    """The extract table on stderr: one row per matrix, a total row, then what the adapter leaves out."""
+    show_findings(summary.warnings)
+    doc = extract_doc(summary)
+    table = Table(title=f"extract: {summary.tuned} − {summary.base}", title_justify="left")
+    curve = [f"err@{r}" for r in summary.curve]
+    for column in ("tensor", "shape", "rank", "method", "energy", "rel. error", *curve, "params"):
+        table.add_column(column, justify="left" if column in ("tensor", "method") else "right")
+    for m in doc["matrices"]:
+        shape = "x".join(map(str, m["shape"]))
+        share = m["adapter_params"] / (m["shape"][0] * m["shape"][1])
+        table.add_row(
+            m["tensor"], shape, str(m["rank"]), m["method"], f"{m['captured_energy']:.4f}",
+            f"{m['relative_error']:.4f}", *(f"{e:.4f}" for e in m["curve"]), f"{share:.1%}",
+        )  # fmt: skip
+    total = doc["total"]
+    share = total["adapter_params"] / max(total["replaced_params"], 1)
+    table.add_row(
+        f"total ({total['matrices']} matrices)", "", "", "", f"{total['captured_energy']:.4f}",
+        f"{total['relative_error']:.4f}", *(f"{e:.4f}" for e in total["curve"]), f"{share:.1%}", style="bold",
+    )  # fmt: skip
+    stderr.print(table)
+    for c in summary.changed_other:
+        shape = "x".join(map(str, c.shape))
+        saved = c.name.rpartition(".")[0] in summary.saved_modules
+        where = "saved in full:" if saved else "[yellow]not in the adapter:[/]"
+        stderr.print(f"{where} {c.name} ({shape}) changed by up to {c.max_change:.3g}")
+    if summary.unchanged:
+        stderr.print(f"{len(summary.unchanged)} target matrices are unchanged and have no LoRA factors")
+    if summary.dry_run:
+        stderr.print("dry run: no adapter written")
+    else:
+        stderr.print(
+            f"extract: wrote {summary.output} ({len(summary.matrices)} matrices, "
+            f"{summary.bytes_written / 1e6:.1f} MB, {summary.seconds:.1f} s on {summary.device})",
+            soft_wrap=True,
+        )
+
+
+def require_matplotlib() -> None:
+    """Fail before any work when --plot is asked for and matplotlib is missing."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UnsupportedError(
+            "--plot needs matplotlib, which is not installed; install it with pip install 'lorasurgeon[plot]'"
+        )
+
+
+def plot_extract(summary: ExtractSummary, path: Path) -> None:
+    """Two panels to `path`: each matrix's singular values, and its relative error against rank."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never opens a window
+    import matplotlib.pyplot as plt
+
+    figure, (spectra, errors) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for m in summary.matrices:
+        kept = itertools.accumulate(s * s / m.norm**2 for s in m.spectrum)
+        ranks = range(1, len(m.spectrum) + 1)
+        spectra.semilogy(ranks, m.spectrum, linewidth=0.8, alpha=0.6)
+        errors.plot(ranks, [max(1 - k, 0.0) ** 0.5 for k in kept], linewidth=0.8, alpha=0.6)
+    spectra.set(title="singular values of ΔW", xlabel="index", ylabel="σ")
+    errors.set(title="‖ΔW − ΔW_r‖ / ‖ΔW‖", xlabel="rank r", ylabel="relative error", ylim=(0, 1))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -6,6 +6,7 @@ Only the tensor in hand (and its factors) is resident. Untouched tensors are cop
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -16,12 +17,13 @@ import torch
 
 from lorasurgeon import linalg
 from lorasurgeon.checkpoint import PICKLE_SUFFIXES
-from lorasurgeon.errors import NumericError
+from lorasurgeon.errors import NonfiniteWarning, NumericError
 from lorasurgeon.header import DTYPES
-from lorasurgeon.plan import Plan, Step
+from lorasurgeon.plan import Plan, Step, Term
 from lorasurgeon.writer import TMP_MARK, CheckpointWriter
 
 SIGNS = {"merge": 1, "unmerge": -1}
+CONFIG_NAME = "config.json"
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ def execute(
         entries = [(s.tensor.name, s.out_dtype, s.tensor.shape) for s in steps]
         with writer.shard(shard.name, entries, output_metadata(shard.header.metadata, plan)) as stream:
             for step in steps:
-                if step.terms or step.out_dtype != step.tensor.dtype:
+                if step.touched or step.out_dtype != step.tensor.dtype:
                     stream.write(compute(plan, step, device))
                 else:
                     stream.copy_from(base, step.tensor)
@@ -73,47 +75,81 @@ def execute(
                     on_progress(Progress(done_tensors, len(plan.steps), done_bytes, total_bytes))
     if base.index_name:
         writer.write_json(base.index_name, output_index(plan))
+    if plan.config is not None:
+        writer.write_json(CONFIG_NAME, plan.config)
     if base.layout == "file":
         return [], []
     return copy_companions(base.root, plan, writer)
 
 
 def compute(plan: Plan, step: Step, device: torch.device) -> torch.Tensor:
-    """The step's output tensor: fp32(W) ± Σ factor·(B @ A), rounded once to the output dtype."""
-    base = plan.base
-    weight = base.read(step.tensor).to(device)
+    """The step's output tensor: W (or its replacement, with token rows set) ± Σ term deltas in fp32,
+    rescaled per output feature when the term is DoRA, rounded once to the output dtype."""
+    weight = _start(plan, step).to(device)
     out_dtype = DTYPES[step.out_dtype][0]
     if not step.terms:
         return weight.to(out_dtype)
     delta = torch.zeros(step.tensor.shape, dtype=torch.float32, device=device)
     for term in step.terms:
-        source = plan.adapters[term.adapter].source
-        a = source.read(term.module.a).to(device)
-        b = source.read(term.module.b).to(device)
-        delta += linalg.lora_delta(a, b, term.factor, term.transpose)
+        delta += _delta(plan, term, device)
     exact = linalg.add_delta(weight, delta, SIGNS[plan.operation])
+    dora = next((t for t in step.terms if t.dora), None)
+    if dora is not None and dora.module.magnitude is not None:
+        magnitude = plan.adapters[dora.adapter].source.read(dora.module.magnitude).to(device)
+        exact = linalg.dora_rescale(exact, magnitude, 1 if dora.transpose else 0)
     result = exact.to(out_dtype)
-    _check_finite(step, weight, exact, result)
+    _check_finite(plan, step, weight, exact, result)
     return result
 
 
-def _check_finite(step: Step, weight: torch.Tensor, exact: torch.Tensor, result: torch.Tensor) -> None:
+def _start(plan: Plan, step: Step) -> torch.Tensor:
+    """The value the terms are added to: the base tensor, or the adapter tensor that replaces it, with any
+    trainable-token rows set (in fp32, so the output is rounded once)."""
+    if step.replacement is None:
+        weight = plan.base.read(step.tensor)
+    else:
+        weight = plan.adapters[step.replacement.adapter].source.read(step.replacement.tensor)
+    if not step.rows:
+        return weight
+    weight = weight.float()
+    for rows in step.rows:
+        indices = torch.tensor(rows.indices or (), dtype=torch.long)
+        weight[indices] = plan.adapters[rows.adapter].source.read(rows.tensor).float()
+    return weight
+
+
+def _delta(plan: Plan, term: Term, device: torch.device) -> torch.Tensor:
+    """One term's ΔW in fp32, laid out like the tensor it changes (a lora_B bias: factor · b)."""
+    source = plan.adapters[term.adapter].source
+    module = term.module
+    if term.bias and module.bias is not None:
+        return source.read(module.bias).to(device).float() * term.factor
+    a, b = source.read(module.a).to(device), source.read(module.b).to(device)
+    if module.kind == "conv":
+        return linalg.conv_delta(a, b, term.factor)
+    return linalg.lora_delta(a, b, term.factor, term.transpose)
+
+
+def _check_finite(plan: Plan, step: Step, weight: torch.Tensor, exact: torch.Tensor, result: torch.Tensor) -> None:
+    """Refuse NaN/Inf carried from the base or produced by the sum (`plan.allow_nonfinite`: warn, by name,
+    through NonfiniteWarning); overflow of the output dtype is always an error."""
     name = f"{step.tensor.path.name}: {step.tensor.name}"
-    bad_in = linalg.nonfinite_count(weight)
-    if bad_in:
-        raise NumericError(
-            f"{name}: the base tensor holds {bad_in} NaN/Inf values, which the {step.out_dtype} "
-            "result would carry; fix the base first"
-        )
     overflow = linalg.overflow_count(exact, result)
     if overflow:
         raise NumericError(
             f"{name}: {overflow} values overflow {step.out_dtype} after adding the adapter "
             f"(largest magnitude {exact.abs().max().item():.4g})"
         )
-    bad_out = linalg.nonfinite_count(result)
-    if bad_out:
-        raise NumericError(f"{name}: the result holds {bad_out} NaN/Inf values")
+    bad_in, bad_out = linalg.nonfinite_count(weight), linalg.nonfinite_count(result)
+    if bad_in:
+        problem = f"the base tensor holds {bad_in} NaN/Inf values, which the {step.out_dtype} result would carry"
+    elif bad_out:
+        problem = f"the result holds {bad_out} NaN/Inf values"
+    else:
+        return
+    if not plan.allow_nonfinite:
+        raise NumericError(f"{name}: {problem}; fix the input or pass --allow-nonfinite")
+    warnings.warn(f"{name}: {problem}; written anyway (--allow-nonfinite)", NonfiniteWarning, stacklevel=2)
 
 
 def output_metadata(metadata: dict[str, str], plan: Plan) -> dict[str, str]:
@@ -138,6 +174,8 @@ def output_index(plan: Plan) -> dict[str, Any]:
 def copy_companions(root: Path, plan: Plan, writer: CheckpointWriter) -> tuple[list[str], list[str]]:
     """Copy every non-weight file of a checkpoint directory (config, tokenizer, ...) into OUT."""
     written = {s.name for s in plan.base.shards} | {plan.base.index_name}
+    if plan.config is not None:
+        written.add(CONFIG_NAME)
     copied, skipped = [], []
     for path in _walk(root):
         rel = path.relative_to(root).as_posix()

@@ -21,11 +21,12 @@ from typing import Any, BinaryIO
 
 import torch
 
-from lorasurgeon.checkpoint import Checkpoint
+from lorasurgeon.checkpoint import Checkpoint, write_all
 from lorasurgeon.errors import OutputError
 from lorasurgeon.header import TensorInfo, build_header, nbytes_of
 
 TMP_MARK = ".lorasurgeon-tmp-"
+OLD_SUFFIX = "-old"  # the previous OUT directory, moved aside for the instant of the swap
 
 
 class CheckpointWriter:
@@ -36,9 +37,11 @@ class CheckpointWriter:
         self.is_dir = is_dir
         self.force = force
         self.removed_stale: list[Path] = []
+        self.restored = restore_interrupted_swap(self.out)
         check_output_path(self.out, inputs, force)
         self.tmp = self.out.parent / f".{self.out.name}{TMP_MARK}{os.getpid()}"
         self.bytes_written = 0
+        self.needed = 0
 
     def __enter__(self) -> CheckpointWriter:
         self.removed_stale = remove_stale_temporaries(self.out)
@@ -61,6 +64,7 @@ class CheckpointWriter:
 
     def reserve(self, nbytes: int) -> None:
         """Fail before writing anything when the file system cannot hold `nbytes` more."""
+        self.needed = nbytes
         free = shutil.disk_usage(self.out.parent).free
         if nbytes > free:
             raise OutputError(f"{self.out}: needs {_size(nbytes)} but only {_size(free)} is free on its file system")
@@ -73,9 +77,10 @@ class CheckpointWriter:
         target = self.path(relname)
         header = build_header(entries, metadata)
         expected = [nbytes_of(dtype, shape) for _, dtype, shape in entries]
-        with self._guard(target, len(header) + sum(expected)), open(target, "wb") as f:
-            f.write(header)
+        # Unbuffered: tensor bytes go straight to the descriptor, and in-kernel copies append at its offset.
+        with self._guard(target, len(header) + sum(expected)), open(target, "wb", buffering=0) as f:
             stream = ShardStream(f, [name for name, _, _ in entries], expected)
+            write_all(f, memoryview(header))
             yield stream
             stream.finish()
             f.flush()
@@ -94,6 +99,8 @@ class CheckpointWriter:
         with self._guard(target, source.stat().st_size):
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
+            with open(target, "rb") as f:  # published only once every byte is on disk, like the shards
+                os.fsync(f.fileno())
 
     @contextlib.contextmanager
     def _guard(self, target: Path, nbytes: int) -> Iterator[None]:
@@ -103,26 +110,32 @@ class CheckpointWriter:
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 free = shutil.disk_usage(self.out.parent).free
+                limit = "over the file size limit" if e.errno == errno.EFBIG else "out of space"
                 raise OutputError(
-                    f"{target.name}: out of space writing {self.out} ({_size(nbytes)} needed for this file, "
-                    f"{_size(free)} free)"
+                    f"{self.out}: {limit} writing {target.name} (the output needs {_size(max(self.needed, nbytes))}, "
+                    f"{_size(free)} is free); nothing was written"
                 ) from None
             raise OutputError(f"{self.out}: cannot write {target.name}: {e.strerror or e}") from None
 
     def _publish(self) -> None:
+        """Rename the finished temporary onto OUT. A file replaces the old OUT in one atomic rename; a
+        directory cannot, so the old one is moved aside first and moved back if the second rename fails
+        (or, after a kill between the two, by the next run: see `restore_interrupted_swap`)."""
+        old = self.out.parent / f".{self.out.name}{TMP_MARK}{os.getpid()}{OLD_SUFFIX}"
+        swapped = False
         try:
             _fsync_dir(self.tmp if self.is_dir else self.tmp.parent)
-            if self.out.exists() or self.out.is_symlink():
-                old = self.out.parent / f".{self.out.name}{TMP_MARK}{os.getpid()}-old"
+            if self.is_dir and (self.out.exists() or self.out.is_symlink()):
                 os.replace(self.out, old)
-                os.replace(self.tmp, self.out)
-                _remove(old)
-            else:
-                os.replace(self.tmp, self.out)
+                swapped = True
+            os.replace(self.tmp, self.out)
             _fsync_dir(self.out.parent)
         except OSError as e:
+            if swapped:
+                os.replace(old, self.out)
             _remove(self.tmp)
             raise OutputError(f"{self.out}: cannot publish the output: {e.strerror or e}") from None
+        _remove(old)
 
 
 class ShardStream:
@@ -137,7 +150,7 @@ class ShardStream:
     def write(self, tensor: torch.Tensor) -> None:
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         self._expect(len(data))
-        self.file.write(memoryview(data))
+        write_all(self.file, data.data)
 
     def copy_from(self, source: Checkpoint, info: TensorInfo) -> None:
         """Append a tensor's bytes unchanged, straight from its source file."""
@@ -167,11 +180,25 @@ def check_output_path(out: Path, inputs: Sequence[Path], force: bool) -> None:
         raise OutputError(f"{out.parent}: output directory does not exist")
 
 
+def restore_interrupted_swap(out: Path) -> Path | None:
+    """Put back an old OUT directory that a run killed mid-swap left moved aside; returns where it was."""
+    if out.exists() or out.is_symlink():
+        return None
+    for old in _temporaries(out):
+        if not old.name.endswith(OLD_SUFFIX):
+            continue
+        pid_text = old.name.rsplit(TMP_MARK, 1)[1].removesuffix(OLD_SUFFIX)
+        if not (pid_text.isdigit() and _alive(int(pid_text))):
+            os.replace(old, out)
+            return old
+    return None
+
+
 def remove_stale_temporaries(out: Path) -> list[Path]:
     """Remove temporaries of OUT left by runs that no longer exist; refuse if one is still running."""
     removed = []
-    for tmp in out.parent.glob(f".{out.name}{TMP_MARK}*"):
-        pid_text = tmp.name.rsplit(TMP_MARK, 1)[1].removesuffix("-old")
+    for tmp in _temporaries(out):
+        pid_text = tmp.name.rsplit(TMP_MARK, 1)[1].removesuffix(OLD_SUFFIX)
         if pid_text.isdigit() and int(pid_text) != os.getpid() and _alive(int(pid_text)):
             raise OutputError(f"{out}: another lorasurgeon run (pid {pid_text}) is writing it right now")
         _remove(tmp)
@@ -179,10 +206,18 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     return removed
 
 
+def _temporaries(out: Path) -> list[Path]:
+    """Siblings named as temporaries of `out` (listed, not globbed: OUT's name may hold glob characters)."""
+    prefix = f".{out.name}{TMP_MARK}"
+    if not out.parent.is_dir():
+        return []
+    return sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix))
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
@@ -206,4 +241,6 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _size(nbytes: int) -> str:
+    if nbytes < 1e6:
+        return f"{nbytes / 1e3:.1f} kB"
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"

@@ -13,6 +13,7 @@ ORDER = [
     "errors",
     "header",
     "keys",
+    "lora_config",
     "linalg",
     "checkpoint",
     "writer",

@@ -144,3 +144,13 @@ def test_two_adapters_weighted_equals_independent_sum(tmp_path: Path, llama_dir:
     assert not torch.equal(
         ours["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"]
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_merge_matches_peft(tmp_path: Path, dtype: torch.dtype) -> None:
+    base = save_model(tmp_path / "base", dtype=dtype)
+    adapter = save_adapter(base, tmp_path / "lora", r=4, lora_alpha=8)
+    summary = lorasurgeon.merge(base, [adapter], tmp_path / "out", device="cuda")
+    assert summary.device.startswith("cuda")
+    projections(assert_matches_peft(tmp_path / "out", base, peft_merged(base, adapter)), 14)

@@ -1,0 +1,492 @@
+"""Every malformed input class, through every command that reads it: a clean error and nothing else.
+
+Each case is generated here from the valid tiny Llama and its PEFT adapter (conftest), by rewriting a copy.
+Every run must end with exit code 2 (exit 1 for `check` when the adapter merely does not fit: that is
+its documented answer), exactly one `Error:` line that names the bad file, no traceback, nothing written
+next to OUT, and every input byte unchanged. Hypothesis then mutates valid files at random: the header
+and index readers may only read them correctly or raise a LorasurgeonError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from builders import tree_hashes
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lorasurgeon.checkpoint import Checkpoint
+from lorasurgeon.cli import main
+from lorasurgeon.errors import LorasurgeonError
+from lorasurgeon.header import read_header
+
+COMMANDS = ("check", "merge", "unmerge")
+WEIGHTS = "model.safetensors"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+Q_PROJ_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+# --- safetensors bytes, taken apart and put back together -------------------------------------------------
+
+
+def split(raw: bytes) -> tuple[dict[str, dict[str, object]], bytes]:
+    (length,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + length]), raw[8 + length :]
+
+
+def join(header: object, data: bytes) -> bytes:
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def tensors_by_offset(header: dict[str, dict[str, object]]) -> list[str]:
+    names = [n for n in header if n != "__metadata__"]
+    return sorted(names, key=lambda n: header[n]["data_offsets"])  # type: ignore[return-value,arg-type]
+
+
+def rewrite(edit: Callable[[dict[str, dict[str, object]]], None]) -> Callable[[bytes], bytes]:
+    """A file mutation that edits the header JSON (entries in file order) and keeps the data."""
+
+    def mutate(raw: bytes) -> bytes:
+        header, data = split(raw)
+        edit(header)
+        return join(header, data)
+
+    return mutate
+
+
+def _first(header: dict[str, dict[str, object]]) -> dict[str, object]:
+    return header[tensors_by_offset(header)[0]]
+
+
+def _set(key: str, value: object) -> Callable[[dict[str, dict[str, object]]], None]:
+    return lambda h: _first(h).__setitem__(key, value)
+
+
+def _overlap(header: dict[str, dict[str, object]]) -> None:
+    second = tensors_by_offset(header)[1]
+    begin, end = header[second]["data_offsets"]  # type: ignore[misc]
+    header[second]["data_offsets"] = [begin - 4, end - 4]
+
+
+def _gap(header: dict[str, dict[str, object]]) -> None:
+    for name in tensors_by_offset(header)[1:]:
+        begin, end = header[name]["data_offsets"]  # type: ignore[misc]
+        header[name]["data_offsets"] = [begin + 4, end + 4]
+
+
+def _past_end(header: dict[str, dict[str, object]]) -> None:
+    last = header[tensors_by_offset(header)[-1]]
+    begin, end = last["data_offsets"]  # type: ignore[misc]
+    last["data_offsets"] = [begin + 1_000_000, end + 1_000_000]
+
+
+def _size_mismatch(header: dict[str, dict[str, object]]) -> None:
+    entry = _first(header)
+    entry["shape"] = [*entry["shape"][:-1], entry["shape"][-1] + 1]  # type: ignore[index,operator]
+
+
+def _duplicate(raw: bytes) -> bytes:
+    header, data = split(raw)
+    text = json.dumps(header)
+    name = tensors_by_offset(header)[0]
+    entry = json.dumps({name: header[name]})[1:-1]
+    return join(text[:-1].encode() + b", " + entry.encode() + b"}", data)
+
+
+def _torch_zip(raw: bytes) -> bytes:
+    with tempfile.TemporaryFile() as f:
+        torch.save({"w": torch.zeros(4)}, f)
+        f.seek(0)
+        return f.read()
+
+
+def _torch_legacy(raw: bytes) -> bytes:
+    with tempfile.TemporaryFile() as f:
+        torch.save({"w": torch.zeros(4)}, f, _use_new_zipfile_serialization=False)
+        f.seek(0)
+        return f.read()
+
+
+# name -> how a valid safetensors file becomes a bad one
+FILE_MUTATIONS: dict[str, Callable[[bytes], bytes]] = {
+    "empty file": lambda raw: b"",
+    "five bytes": lambda raw: raw[:5],
+    "truncated data": lambda raw: raw[:-100],
+    "truncated header": lambda raw: raw[: 8 + struct.unpack("<Q", raw[:8])[0] // 2],
+    "random bytes": lambda raw: random.Random(6).randbytes(4096),
+    "header length past EOF": lambda raw: struct.pack("<Q", len(raw) * 2) + raw[8:],
+    "header length past bound": lambda raw: struct.pack("<Q", 2**40) + raw[8:],
+    "header not JSON": lambda raw: join(b"{not json" + b" " * 100, split(raw)[1]),
+    "header not UTF-8": lambda raw: join(b'{"\xff\xfe": 1}', split(raw)[1]),
+    "header a JSON list": lambda raw: join(b"[1, 2, 3]", split(raw)[1]),
+    "header nested 100000 deep": lambda raw: join(b"[" * 100_000 + b"]" * 100_000, split(raw)[1]),
+    "entry not an object": rewrite(lambda h: h.__setitem__(tensors_by_offset(h)[0], [1, 2])),
+    "offsets out of range": rewrite(_past_end),
+    "overlapping tensors": rewrite(_overlap),
+    "gap between tensors": rewrite(_gap),
+    "unknown dtype": rewrite(_set("dtype", "F12")),
+    "dtype not a string": rewrite(_set("dtype", ["F32"])),
+    "shape not a list": rewrite(_set("shape", "4x4")),
+    "negative dimension": rewrite(_set("shape", [-1, 4])),
+    "huge dimension": rewrite(_set("shape", [0, 2**70])),
+    "offsets not a pair": rewrite(_set("data_offsets", [0])),
+    "byte size disagrees with offsets": rewrite(_size_mismatch),
+    "duplicate tensor name": _duplicate,
+    "metadata value not a string": rewrite(lambda h: h.__setitem__("__metadata__", {"format": 1})),
+    "metadata not an object": rewrite(lambda h: h.__setitem__("__metadata__", "pt")),
+    "torch.save zip pickle renamed .safetensors": _torch_zip,
+    "legacy pickle renamed .safetensors": _torch_legacy,
+}
+
+
+# --- cases: a base and an adapter, one of them bad --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: `build(tmp, base, adapter)` copies the valid inputs into `tmp`, spoils one, and returns
+    (base, adapter, the name the error must mention)."""
+
+    name: str
+    build: Callable[[Path, Path, Path], tuple[Path, Path, str]]
+    misfit: bool = False  # readable, but the adapter does not fit: `check` answers 1, the others 2
+
+
+def copies(tmp: Path, base: Path, adapter: Path) -> tuple[Path, Path]:
+    return Path(shutil.copytree(base, tmp / "base")), Path(shutil.copytree(adapter, tmp / "adapter"))
+
+
+def file_case(role: str, mutation: str) -> Case:
+    def build(tmp: Path, base: Path, adapter: Path) -> tuple[Path, Path, str]:
+        base, adapter = copies(tmp, base, adapter)
+        target = base / WEIGHTS if role == "base" else adapter / ADAPTER_WEIGHTS
+        target.write_bytes(FILE_MUTATIONS[mutation](target.read_bytes()))
+        return base, adapter, f"{target.name}: is a PyTorch pickle" if "pickle" in mutation else target.name
+
+    return Case(f"{role}: {mutation}", build)
+
+
+def sharded(tmp: Path, base: Path, adapter: Path) -> tuple[Path, Path, dict[str, object]]:
+    """The base as an index + one shard, and the index document to spoil."""
+    base, adapter = copies(tmp, base, adapter)
+    shard = "model-00001-of-00001.safetensors"
+    (base / WEIGHTS).rename(base / shard)
+    with safe_open(base / shard, "pt") as f:
+        names = list(f.keys())
+    return base, adapter, {"metadata": {"total_size": 1}, "weight_map": dict.fromkeys(names, shard)}
+
+
+def index_case(name: str, edit: Callable[[Path, dict[str, object]], object]) -> Case:
+    def build(tmp: Path, base: Path, adapter: Path) -> tuple[Path, Path, str]:
+        base, adapter, index = sharded(tmp, base, adapter)
+        doc = edit(base, index)
+        index_path = base / "model.safetensors.index.json"
+        index_path.write_bytes(doc if isinstance(doc, bytes) else json.dumps(doc).encode())
+        return base, adapter, INDEX_CULPRITS.get(name, "model.safetensors.index.json")
+
+    return Case(f"index: {name}", build)
+
+
+def _point_first_at(target: Callable[[Path], str]) -> Callable[[Path, dict[str, object]], object]:
+    """Point every tensor at a shard outside the directory (a valid copy, so only the escape is wrong)."""
+
+    def edit(base: Path, index: dict[str, object]) -> object:
+        outside = base.parent / "outside.safetensors"
+        shutil.copyfile(base / "model-00001-of-00001.safetensors", outside)
+        name = target(base)
+        index["weight_map"] = dict.fromkeys(index["weight_map"], name)  # type: ignore[arg-type]
+        return index
+
+    return edit
+
+
+def _symlink_out(base: Path) -> str:
+    (base / "link.safetensors").symlink_to(base.parent / "outside.safetensors")
+    return "link.safetensors"
+
+
+def _wrong_shard(base: Path, index: dict[str, object]) -> object:
+    weight_map = index["weight_map"]
+    assert isinstance(weight_map, dict)
+    weight_map["model.extra.weight"] = "model-00001-of-00001.safetensors"
+    return index
+
+
+# What the error names when it is not the index itself.
+INDEX_CULPRITS = {"shard missing": "missing.safetensors", "shard is a pickle": "model.bin"}
+INDEX_EDITS: dict[str, Callable[[Path, dict[str, object]], object]] = {
+    "not JSON": lambda base, index: b"{'weight_map': ",
+    "not UTF-8": lambda base, index: b'{"weight_map": "\xff"}',
+    "a JSON list": lambda base, index: [index],
+    "weight_map missing": lambda base, index: {"metadata": {}},
+    "weight_map a list": lambda base, index: {"weight_map": ["model-00001-of-00001.safetensors"]},
+    "shard name not a string": lambda base, index: {"weight_map": dict.fromkeys(index["weight_map"], 7)},  # type: ignore[arg-type]
+    "metadata not an object": lambda base, index: {**index, "metadata": [1]},
+    "shard escapes with ../": _point_first_at(lambda base: "../outside.safetensors"),
+    "shard is an absolute path": _point_first_at(lambda base: str(base.parent / "outside.safetensors")),
+    "shard is a symlink out": _point_first_at(_symlink_out),
+    "shard name with NUL": lambda base, index: {"weight_map": dict.fromkeys(index["weight_map"], "a\x00b")},  # type: ignore[arg-type]
+    "shard name empty": lambda base, index: {"weight_map": dict.fromkeys(index["weight_map"], "")},  # type: ignore[arg-type]
+    "shard missing": lambda base, index: {"weight_map": dict.fromkeys(index["weight_map"], "missing.safetensors")},  # type: ignore[arg-type]
+    "tensor not in its shard": _wrong_shard,
+    "shard is a pickle": lambda base, index: {"weight_map": dict.fromkeys(index["weight_map"], "model.bin")},  # type: ignore[arg-type]
+}
+
+
+def json_case(role: str, name: str, text: bytes, field: str) -> Case:
+    def build(tmp: Path, base: Path, adapter: Path) -> tuple[Path, Path, str]:
+        base, adapter = copies(tmp, base, adapter)
+        target = base / "config.json" if role == "base" else adapter / "adapter_config.json"
+        if text.startswith(b"+"):  # a field set to a wrong type in the real config
+            doc = json.loads(target.read_text())
+            doc[field] = json.loads(text[1:])
+            target.write_text(json.dumps(doc))
+        else:
+            target.write_bytes(text)
+        return base, adapter, f"{target.name}: field {field!r}" if text.startswith(b"+") else target.name
+
+    return Case(f"{role} config: {name}", build)
+
+
+def pickle_case(role: str) -> Case:
+    """A directory holding only PyTorch pickles: refused with the safetensors advice, never opened."""
+
+    def build(tmp: Path, base: Path, adapter: Path) -> tuple[Path, Path, str]:
+        base, adapter = copies(tmp, base, adapter)
+        if role == "base":
+            (base / WEIGHTS).unlink()
+            (base / "pytorch_model.bin").write_bytes(_torch_zip(b""))
+        else:
+            (adapter / ADAPTER_WEIGHTS).unlink()
+            (adapter / "adapter_model.bin").write_bytes(_torch_zip(b""))
+        return base, adapter, "safetensors"
+
+    return Case(f"{role}: only a .bin pickle", build)
+
+
+def pickle_file_case() -> Case:
+    def build(tmp: Path, base: Path, adapter: Path) -> tuple[Path, Path, str]:
+        base, adapter = copies(tmp, base, adapter)
+        weights = base / "weights.pt"
+        weights.write_bytes(_torch_zip(b""))
+        return weights, adapter, "safetensors"
+
+    return Case("base: a .pt file", build)
+
+
+def shape_case(name: str, edit: Callable[[dict[str, torch.Tensor]], None]) -> Case:
+    """A valid adapter file whose factor shapes do not fit the base."""
+
+    def build(tmp: Path, base: Path, adapter: Path) -> tuple[Path, Path, str]:
+        base, adapter = copies(tmp, base, adapter)
+        tensors = load_file(adapter / ADAPTER_WEIGHTS)
+        edit(tensors)
+        save_file(tensors, adapter / ADAPTER_WEIGHTS)
+        return base, adapter, "q_proj"
+
+    return Case(f"adapter shapes: {name}", build, misfit=True)
+
+
+def _reshape(key: str, rows: int, cols: int) -> Callable[[dict[str, torch.Tensor]], None]:
+    return lambda t: t.__setitem__(key, torch.ones(rows, cols))
+
+
+Q_PROJ_B = Q_PROJ_A.replace("lora_A", "lora_B")
+CASES: list[Case] = [
+    *(file_case(role, mutation) for role in ("base", "adapter") for mutation in FILE_MUTATIONS),
+    *(index_case(name, edit) for name, edit in INDEX_EDITS.items()),
+    json_case("base", "not JSON", b'{"model_type": llama', "config.json"),
+    json_case("base", "a JSON list", b"[]", "config.json"),
+    json_case("base", "model_type a number", b"+5", "model_type"),
+    json_case("base", "model_type a list", b'+["llama"]', "model_type"),
+    json_case("adapter", "not JSON", b'{"r": 4,', "adapter_config.json"),
+    json_case("adapter", "not UTF-8", b'{"r": "\xff"}', "adapter_config.json"),
+    json_case("adapter", "r a string", b'+"4"', "r"),
+    json_case("adapter", "r zero", b"+0", "r"),
+    json_case("adapter", "lora_alpha a list", b"+[8]", "lora_alpha"),
+    json_case("adapter", "target_modules a number", b"+3", "target_modules"),
+    json_case("adapter", "use_rslora a string", b'+"yes"', "use_rslora"),
+    json_case("adapter", "rank_pattern a list", b"+[1]", "rank_pattern"),
+    json_case("adapter", "layers_to_transform a string", b'+"0"', "layers_to_transform"),
+    pickle_case("base"),
+    pickle_case("adapter"),
+    pickle_file_case(),
+    shape_case("lora_A in-features too wide", _reshape(Q_PROJ_A, 4, 33)),
+    shape_case("lora_B out-features too tall", _reshape(Q_PROJ_B, 33, 4)),
+    shape_case("lora_A rank differs from lora_B", _reshape(Q_PROJ_A, 3, 32)),
+    shape_case("lora_A a vector", lambda t: t.__setitem__(Q_PROJ_A, torch.ones(32))),
+]
+
+
+# --- running them -----------------------------------------------------------------------------------------
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """`lorasurgeon ARGS` in this process through the real entry point: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def command_line(command: str, base: Path, adapter: Path, out: Path) -> list[str]:
+    return [command, str(base), str(adapter)] + ([] if command == "check" else ["-o", str(out)])
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_refused_cleanly(
+    case: Case,
+    command: str,
+    llama_dir: Path,
+    llama_adapter: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base, adapter, culprit = case.build(tmp_path / "in", llama_dir, llama_adapter)
+    before = tree_hashes(tmp_path / "in")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    code, stdout, stderr = run_cli(command_line(command, base, adapter, out_dir / "result"), capsys)
+
+    if case.misfit and command == "check" and code == 1:  # found, not unreadable: check's own answer
+        assert culprit in stderr
+    else:
+        assert code == 2, stderr
+        errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1, stderr
+        assert culprit in errors[0], errors[0]
+        assert "internal error" not in errors[0]
+    assert "Traceback" not in stdout + stderr
+    assert list(out_dir.iterdir()) == []  # no OUT, no temporary
+    assert tree_hashes(tmp_path / "in") == before
+
+
+def test_pickle_is_never_unpickled(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A pickle whose loading would leave a mark is refused before any byte of it is interpreted."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.mkdir, (str(marker),))
+
+    evil = tmp_path / "model.safetensors"
+    torch.save({"w": Payload()}, evil)
+    code, _, stderr = run_cli(["check", str(evil), str(evil)], capsys)
+    assert code == 2
+    assert "convert it to safetensors" in stderr
+    assert not marker.exists()
+
+
+def test_a_valid_header_of_length_640_is_not_taken_for_a_pickle(tmp_path: Path) -> None:
+    """Length 640 starts with the bytes of pickle protocol 2 (0x80 0x02); the JSON after it decides."""
+    header = {"w": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}
+    text = json.dumps(header).encode()
+    text += b" " * (640 - len(text))
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(join(text, b"\x00" * 4))
+    assert [t.name for t in read_header(path).tensors] == ["w"]
+
+
+# --- hypothesis: random damage to valid files -------------------------------------------------------------
+
+
+def small_file() -> bytes:
+    tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(3, dtype=torch.float16)}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(tensors, f"{tmp}/x.safetensors", metadata={"format": "pt"})
+        return Path(f"{tmp}/x.safetensors").read_bytes()
+
+
+VALID = small_file()
+HEADER_END = 8 + struct.unpack("<Q", VALID[:8])[0]
+
+
+@st.composite
+def damaged(draw: st.DrawFn, valid: bytes, hot_end: int) -> bytes:
+    """`valid` with a few byte edits, mostly inside its first `hot_end` bytes, maybe truncated or extended."""
+    data = bytearray(valid)
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["set", "insert", "delete"]))
+        at = draw(st.integers(0, max(0, min(len(data), hot_end) - 1)))
+        if kind == "set" and data:
+            data[at] = draw(st.integers(0, 255))
+        elif kind == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=8))
+        elif data:
+            del data[at : at + draw(st.integers(1, 8))]
+    cut = draw(st.one_of(st.none(), st.integers(0, len(data))))
+    return bytes(data[:cut]) + draw(st.binary(max_size=4))
+
+
+def refused(action: Callable[[], object]) -> str | None:
+    """The message of the LorasurgeonError `action` raises, or None when it succeeds (any other error fails)."""
+    try:
+        action()
+    except LorasurgeonError as e:
+        return str(e)
+    return None
+
+
+def reads_like_safetensors(path: Path) -> None:
+    """Our reading of a file we accepted must agree with the safetensors library's."""
+    header = read_header(path)
+    with safe_open(path, "pt") as f:
+        theirs = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    assert {t.name: (t.dtype, list(t.shape)) for t in header.tensors} == theirs
+    for t in header.tensors:
+        assert header.data_start <= t.start <= t.end <= path.stat().st_size
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=damaged(VALID, HEADER_END))
+def test_header_reader_reads_correctly_or_refuses(raw: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "x.safetensors"
+        path.write_bytes(raw)
+        refusal = refused(lambda: read_header(path))
+        if refusal is not None:
+            assert refusal.startswith(str(path)), refusal
+        else:
+            reads_like_safetensors(path)
+
+
+INDEX = json.dumps(
+    {"metadata": {"total_size": 30}, "weight_map": {"a": "x.safetensors", "b": "x.safetensors"}}
+).encode()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=damaged(INDEX, len(INDEX)))
+def test_index_reader_reads_correctly_or_refuses(raw: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "ckpt"
+        root.mkdir()
+        (root / "x.safetensors").write_bytes(VALID)
+        (Path(tmp) / "outside.safetensors").write_bytes(VALID)
+        (root / "model.safetensors.index.json").write_bytes(raw)
+        refusal = refused(lambda: Checkpoint.open(root).close())
+        if refusal is not None:
+            assert str(root) in refusal, refusal
+        else:
+            with Checkpoint.open(root) as ckpt:
+                assert sorted(ckpt.tensors) == ["a", "b"]
+                assert {info.path.resolve() for info in ckpt.tensors.values()} == {(root / "x.safetensors").resolve()}
