@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ class Checkpoint:
     config: dict[str, Any] | None = None
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     _files: dict[Path, BinaryIO] = field(default_factory=dict, repr=False)
+    _opening: threading.Lock = field(default_factory=threading.Lock, repr=False)  # the writer's thread reads too
 
     @classmethod
     def open(cls, path: Path) -> Checkpoint:
@@ -110,6 +112,10 @@ class Checkpoint:
             remaining -= sent
 
     def _file(self, path: Path) -> BinaryIO:
+        with self._opening:
+            return self._open_once(path)
+
+    def _open_once(self, path: Path) -> BinaryIO:
         if path not in self._files:
             try:
                 self._files[path] = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()

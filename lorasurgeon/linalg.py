@@ -5,6 +5,8 @@ Shapes follow PEFT: A is (r, in), B is (out, r), and a delta is laid out like th
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -22,6 +24,30 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, transpose: bool) 
 def add_delta(weight: torch.Tensor, delta: torch.Tensor, sign: int) -> torch.Tensor:
     """fp32(W) + sign · ΔW in fp32; the caller rounds it once to the stored dtype."""
     return weight.float() + sign * delta
+
+
+def add_lora_(exact: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, transpose: bool) -> None:
+    """exact += scale · (B @ A) (transposed for (in, out) weights), in place on an fp32 tensor.
+
+    One fused gemm: no ΔW-sized temporaries, and gemm applies `scale` to the finished product, the same
+    order as lora_delta and PEFT's get_delta_weight, so the result equals add_delta(exact, lora_delta(...)).
+    """
+    if transpose:
+        exact.addmm_(a.float().T, b.float().T, alpha=scale)  # (in, r) @ (r, out) -> (in, out)
+    else:
+        exact.addmm_(b.float(), a.float(), alpha=scale)  # (out, r) @ (r, in) -> (out, in)
+
+
+def fits(exact: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True when every value of fp32 `exact` is finite and within `dtype`'s range: one pass, no masks.
+
+    NaN propagates into aminmax, so a True answer needs no further NaN/Inf/overflow counting.
+    """
+    if exact.numel() == 0:
+        return True
+    low, high = torch.aminmax(exact)
+    largest = max(-low.item(), high.item())
+    return math.isfinite(largest) and largest <= torch.finfo(dtype).max
 
 
 def conv_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:

@@ -89,16 +89,19 @@ def compute(plan: Plan, step: Step, device: torch.device) -> torch.Tensor:
     out_dtype = DTYPES[step.out_dtype][0]
     if not step.terms:
         return weight.to(out_dtype)
-    delta = torch.zeros(step.tensor.shape, dtype=torch.float32, device=device)
+    # The terms are added in place: `weight` is a buffer of our own (read fresh), so an fp32 base is reused
+    # as it is, and a bf16/fp16 one is up-cast once and then dropped.
+    exact = weight.float()
+    del weight
     for term in step.terms:
-        delta += _delta(plan, term, device)
-    exact = linalg.add_delta(weight, delta, SIGNS[plan.operation])
+        _add_term(plan, term, exact, SIGNS[plan.operation], device)
     dora = next((t for t in step.terms if t.dora), None)
     if dora is not None and dora.module.magnitude is not None:
         magnitude = plan.adapters[dora.adapter].source.read(dora.module.magnitude).to(device)
         exact = linalg.dora_rescale(exact, magnitude, 1 if dora.transpose else 0)
     result = exact.to(out_dtype)
-    _check_finite(plan, step, weight, exact, result)
+    if not linalg.fits(exact, out_dtype):
+        _check_finite(plan, step, _start(plan, step), exact, result)
     return result
 
 
@@ -118,21 +121,24 @@ def _start(plan: Plan, step: Step) -> torch.Tensor:
     return weight
 
 
-def _delta(plan: Plan, term: Term, device: torch.device) -> torch.Tensor:
-    """One term's ΔW in fp32, laid out like the tensor it changes (a lora_B bias: factor · b)."""
+def _add_term(plan: Plan, term: Term, exact: torch.Tensor, sign: int, device: torch.device) -> None:
+    """exact += sign · (one term's ΔW, laid out like the tensor it changes; a lora_B bias: factor · b)."""
     source = plan.adapters[term.adapter].source
     module = term.module
     if term.bias and module.bias is not None:
-        return source.read(module.bias).to(device).float() * term.factor
+        exact.add_(source.read(module.bias).to(device).float(), alpha=sign * term.factor)
+        return
     a, b = source.read(module.a).to(device), source.read(module.b).to(device)
     if module.kind == "conv":
-        return linalg.conv_delta(a, b, term.factor)
-    return linalg.lora_delta(a, b, term.factor, term.transpose)
+        exact.add_(linalg.conv_delta(a, b, term.factor), alpha=sign)
+    else:
+        linalg.add_lora_(exact, a, b, sign * term.factor, term.transpose)
 
 
 def _check_finite(plan: Plan, step: Step, weight: torch.Tensor, exact: torch.Tensor, result: torch.Tensor) -> None:
-    """Refuse NaN/Inf carried from the base or produced by the sum (`plan.allow_nonfinite`: warn, by name,
-    through NonfiniteWarning); overflow of the output dtype is always an error."""
+    """The slow path, taken only when linalg.fits found a problem: refuse NaN/Inf carried from the base
+    (`weight`, read again) or produced by the sum (`plan.allow_nonfinite`: warn, by name, through
+    NonfiniteWarning); overflow of the output dtype is always an error."""
     name = f"{step.tensor.path.name}: {step.tensor.name}"
     overflow = linalg.overflow_count(exact, result)
     if overflow:

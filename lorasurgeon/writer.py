@@ -14,7 +14,8 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -81,8 +82,11 @@ class CheckpointWriter:
         with self._guard(target, len(header) + sum(expected)), open(target, "wb", buffering=0) as f:
             stream = ShardStream(f, [name for name, _, _ in entries], expected)
             write_all(f, memoryview(header))
-            yield stream
-            stream.finish()
+            try:
+                yield stream
+                stream.finish()
+            finally:
+                stream.close()
             f.flush()
             os.fsync(f.fileno())
         self.bytes_written += len(header) + sum(expected)
@@ -139,23 +143,45 @@ class CheckpointWriter:
 
 
 class ShardStream:
-    """Takes a shard's tensors in header order and checks each one's size against the header."""
+    """Takes a shard's tensors in header order, checks each one's size against the header, and writes it
+    behind the caller: tensor i is written on a worker thread while the caller computes tensor i + 1 (file
+    writes and torch ops both release the GIL). At most one write is pending, so at most one finished tensor
+    waits in memory."""
 
     def __init__(self, f: BinaryIO, names: list[str], sizes: list[int]) -> None:
         self.file = f
         self._names = names
         self._sizes = sizes
         self._next = 0
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorasurgeon-writer")
+        self._pending: Future[None] | None = None
 
     def write(self, tensor: torch.Tensor) -> None:
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         self._expect(len(data))
-        write_all(self.file, data.data)
+        self._submit(write_all, self.file, data.data)
 
     def copy_from(self, source: Checkpoint, info: TensorInfo) -> None:
         """Append a tensor's bytes unchanged, straight from its source file."""
         self._expect(info.nbytes)
-        source.copy_to(info, self.file)
+        self._submit(source.copy_to, info, self.file)
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self._wait()
+        self._pending = self._worker.submit(self._then_flush, fn, *args)
+
+    def _then_flush(self, fn: Callable[..., None], *args: Any) -> None:
+        start = self.file.tell()
+        fn(*args)
+        # On Linux, DONTNEED starts writing the range's dirty pages back now (without waiting), so the fsync at
+        # the end of the shard has little left to do, and the written data does not crowd the page cache.
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.file.fileno(), start, self.file.tell() - start, os.POSIX_FADV_DONTNEED)
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()  # re-raises the worker's OSError here, inside the writer's guard
 
     def _expect(self, nbytes: int) -> None:
         if self._next >= len(self._names) or nbytes != self._sizes[self._next]:
@@ -163,8 +189,13 @@ class ShardStream:
         self._next += 1
 
     def finish(self) -> None:
+        self._wait()
         if self._next != len(self._names):
             raise RuntimeError(f"writer: {len(self._names) - self._next} tensors were never written")
+
+    def close(self) -> None:
+        """Stop the worker after its current write (on success finish() has already waited for it)."""
+        self._worker.shutdown(wait=True, cancel_futures=True)
 
 
 def check_output_path(out: Path, inputs: Sequence[Path], force: bool) -> None:

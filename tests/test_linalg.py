@@ -92,3 +92,28 @@ def test_overflow_and_nonfinite_counts() -> None:
     assert linalg.overflow_count(exact, rounded) == 1
     assert linalg.nonfinite_count(rounded) == 2
     assert linalg.nonfinite_count(torch.arange(3)) == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=lora_case())
+def test_fused_in_place_add_equals_delta_then_add(case: tuple) -> None:
+    """The surgery's fused gemm (add_lora_) agrees with lora_delta + add_delta up to the rounding of the sum and
+    the accumulation order of the two gemm kernels (the dot-product bound of the reference test above)."""
+    weight, a, b, scale, transpose = case
+    delta = linalg.lora_delta(a, b, scale, transpose)
+    expected = linalg.add_delta(weight, delta, -1)
+    fused = weight.clone()
+    linalg.add_lora_(fused, a, b, -scale, transpose)
+    dots = 2 * (a.shape[0] + 2) * 2.0**-24 * scale * (b.abs() @ a.abs())
+    bound = 2.0**-23 * (weight.abs() + delta.abs()) + (dots.T if transpose else dots) + 1e-30
+    assert ((fused - expected).abs() <= bound).all()
+    assert not torch.equal(fused, weight) or not delta.any()
+
+
+def test_fits_is_false_exactly_for_nonfinite_or_out_of_range() -> None:
+    assert linalg.fits(torch.tensor([1.0, -65504.0]), torch.float16)
+    assert not linalg.fits(torch.tensor([1.0, 65520.0]), torch.float16)  # rounds to inf in fp16
+    assert not linalg.fits(torch.tensor([1.0, float("nan")]), torch.float32)
+    assert not linalg.fits(torch.tensor([float("-inf"), 0.0]), torch.bfloat16)
+    assert linalg.fits(torch.tensor([3e38]), torch.float32)
+    assert linalg.fits(torch.empty(0), torch.float16)
