@@ -20,17 +20,8 @@ import torch
 from lorasurgeon.adapter import Adapter, load_adapter
 from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import LorasurgeonError, MismatchError
-from lorasurgeon.extract import (
-    ExtractOptions,
-    ExtractSummary,
-    NothingChangedError,
-    adapter_config,
-    changed_vectors,
-    decompose_pairs,
-    plan_extract,
-    write_adapter,
-)
-from lorasurgeon.extract import default_output as default_extract_output
+from lorasurgeon.extract import ExtractOptions, ExtractSummary
+from lorasurgeon.extract import run as run_extract
 from lorasurgeon.plan import Plan, plan_surgery
 from lorasurgeon.report import Report, make_report, parse_rule
 from lorasurgeon.surgery import Progress, SurgerySummary, execute
@@ -226,7 +217,6 @@ def extract(
     >>> extract("base/", "tuned/", "lora/", rank=16).total_error  # doctest: +SKIP
     0.41
     """
-    started = time.perf_counter()
     options = ExtractOptions(
         rank,
         energy,
@@ -241,37 +231,8 @@ def extract(
     )
     options.validate(dry_run)
     torch_device = resolve_device(device)
-    if Path(base).resolve() == Path(tuned).resolve():
-        raise NothingChangedError(f"{tuned}: BASE and TUNED are the same checkpoint, so there is nothing to extract")
-    with Checkpoint.open(Path(base)) as base_ckpt, Checkpoint.open(Path(tuned)) as tuned_ckpt:
-        plan = plan_extract(base_ckpt, tuned_ckpt, options)
-        target = Path(out) if out is not None else default_extract_output(tuned_ckpt)
-        inputs = [Path(base), Path(tuned)]
-        writer = None if dry_run else CheckpointWriter(target, is_dir=True, inputs=inputs, force=force)
-        results, factors, changed = decompose_pairs(plan, options, torch_device, on_progress)
-        saved, full = changed_vectors(plan, changed, results) if save_changed_vectors else ([], {})
-        config = adapter_config(plan, results, options, saved)
-        if writer is not None:
-            record = {"operation": "extract", "base": base_ckpt.path.name, "tuned": tuned_ckpt.path.name}
-            with writer:
-                write_adapter(writer, factors, config, record, full)
-        extracted = {r.module for r in results}
-        return ExtractSummary(
-            base=str(base),
-            tuned=str(tuned),
-            output=str(target),
-            dry_run=dry_run,
-            device=str(torch_device),
-            matrices=tuple(results),
-            unchanged=tuple(p.tuned.name for p in plan.pairs if p.module not in extracted),
-            saved_modules=tuple(saved),
-            changed_other=tuple(changed),
-            warnings=plan.findings,
-            curve=options.curve,
-            config=config,
-            bytes_written=writer.bytes_written if writer is not None else 0,
-            seconds=time.perf_counter() - started,
-        )
+    out_path = Path(out) if out is not None else None
+    return run_extract(Path(base), Path(tuned), out_path, options, torch_device, force, dry_run, on_progress)
 
 
 @contextlib.contextmanager

@@ -34,3 +34,9 @@ class NumericError(LorasurgeonError):
 
 class NonfiniteWarning(UserWarning):
     """NaN/Inf values let through by `allow_nonfinite`; the CLI shows each as a `warning:` line."""
+
+
+class NothingChangedError(MismatchError):
+    """BASE and TUNED agree on every target matrix: there is no adapter to extract (exit 1, like a check)."""
+
+    exit_code = 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ import torch
 
 from lorasurgeon import keys, linalg
 from lorasurgeon.checkpoint import Checkpoint
-from lorasurgeon.errors import LorasurgeonError, MismatchError, NumericError, UnsupportedError
+from lorasurgeon.errors import LorasurgeonError, MismatchError, NothingChangedError, NumericError, UnsupportedError
 from lorasurgeon.header import DTYPE_NAMES, TensorInfo
 from lorasurgeon.plan import Finding
 from lorasurgeon.surgery import Progress
@@ -48,12 +49,6 @@ HEADS = frozenset({"lm_head", "embed_out", "score", "classifier", "qa_outputs"})
 EXACT_BELOW = 1024
 MAX_POWER_ITERS, CONVERGENCE_TOL = 12, 1e-3
 WEIGHTS_NAME, CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
-
-
-class NothingChangedError(MismatchError):
-    """BASE and TUNED agree on every target matrix: there is no adapter to extract (exit 1, like a check)."""
-
-    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -352,10 +347,14 @@ def _changed_others(
     index, total, done, work = counts
     changed = []
     for b, t in plan.others:
-        if t.is_float:
-            diff = read_delta(plan, b, t, device).abs().max().item() if t.numel else 0.0
+        old, new = plan.base.read(b), plan.tuned.read(t)
+        if old.dtype == new.dtype and torch.equal(old, new):  # the common case, decided without fp32 copies
+            diff = 0.0
+        elif b.is_float and t.is_float and t.numel:
+            diff = float((new.to(device, torch.float32) - old.to(device, torch.float32)).abs().max().item())
         else:
-            diff = float(not torch.equal(plan.base.read(b), plan.tuned.read(t)))
+            diff = 1.0
+        del old, new
         if diff:
             changed.append(ChangedTensor(t.name, t.shape, float(diff)))
         index, done = index + 1, done + b.nbytes + t.nbytes
@@ -459,6 +458,50 @@ def default_output(tuned: Checkpoint) -> Path:
     """`<tuned name>-lora` in the current directory."""
     stem = tuned.path.name.removesuffix(".index.json").removesuffix(".safetensors")
     return Path.cwd() / f"{(tuned.root.resolve().name if tuned.layout == 'dir' else stem)}-lora"
+
+
+def run(
+    base: Path,
+    tuned: Path,
+    out: Path | None,
+    options: ExtractOptions,
+    device: torch.device,
+    force: bool,
+    dry_run: bool,
+    on_progress: Callable[[Progress], None] | None,
+) -> ExtractSummary:
+    """plan -> decompose -> write, for lorasurgeon.extract(); OUT is checked before any SVD is computed."""
+    started = time.perf_counter()
+    if base.resolve() == tuned.resolve():
+        raise NothingChangedError(f"{tuned}: BASE and TUNED are the same checkpoint, so there is nothing to extract")
+    with Checkpoint.open(base) as base_ckpt, Checkpoint.open(tuned) as tuned_ckpt:
+        plan = plan_extract(base_ckpt, tuned_ckpt, options)
+        target = out if out is not None else default_output(tuned_ckpt)
+        writer = None if dry_run else CheckpointWriter(target, is_dir=True, inputs=[base, tuned], force=force)
+        results, factors, changed = decompose_pairs(plan, options, device, on_progress)
+        saved, full = changed_vectors(plan, changed, results) if options.save_changed_vectors else ([], {})
+        config = adapter_config(plan, results, options, saved)
+        if writer is not None:
+            record = {"operation": "extract", "base": base_ckpt.path.name, "tuned": tuned_ckpt.path.name}
+            with writer:
+                write_adapter(writer, factors, config, record, full)
+        extracted = {r.module for r in results}
+        return ExtractSummary(
+            base=str(base),
+            tuned=str(tuned),
+            output=str(target),
+            dry_run=dry_run,
+            device=str(device),
+            matrices=tuple(results),
+            unchanged=tuple(p.tuned.name for p in plan.pairs if p.module not in extracted),
+            saved_modules=tuple(saved),
+            changed_other=tuple(changed),
+            warnings=plan.findings,
+            curve=options.curve,
+            config=config,
+            bytes_written=writer.bytes_written if writer is not None else 0,
+            seconds=time.perf_counter() - started,
+        )
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,6 @@ Shapes follow PEFT: A is (r, in), B is (out, r), and a delta is laid out like th
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -46,8 +44,8 @@ def fits(exact: torch.Tensor, dtype: torch.dtype) -> bool:
     if exact.numel() == 0:
         return True
     low, high = torch.aminmax(exact)
-    largest = max(-low.item(), high.item())
-    return math.isfinite(largest) and largest <= torch.finfo(dtype).max
+    limit = torch.finfo(dtype).max
+    return -low.item() <= limit and high.item() <= limit  # False for NaN and ±Inf as well
 
 
 def conv_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:

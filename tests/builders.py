@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -117,3 +118,17 @@ def logits(model_dir: Path, arch: str = "llama", tokens: torch.Tensor | None = N
     tokens = tokens if tokens is not None else torch.arange(16).reshape(2, 8)
     with torch.no_grad():
         return model(input_ids=tokens).logits
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """`lorasurgeon ARGS` in this process through the real entry point: (exit code, stdout, stderr)."""
+    from lorasurgeon.cli import main
+
+    capsys.readouterr()
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err

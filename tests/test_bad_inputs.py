@@ -21,14 +21,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import tree_hashes
+from builders import run_cli, tree_hashes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lorasurgeon.checkpoint import Checkpoint
-from lorasurgeon.cli import main
 from lorasurgeon.errors import LorasurgeonError
 from lorasurgeon.header import read_header
 
@@ -332,18 +331,6 @@ CASES: list[Case] = [
 
 
 # --- running them -----------------------------------------------------------------------------------------
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """`lorasurgeon ARGS` in this process through the real entry point: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def command_line(command: str, base: Path, adapter: Path, out: Path) -> list[str]:

@@ -11,23 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import read_tensors, tree_hashes
+from builders import read_tensors, run_cli, tree_hashes
 from safetensors.torch import load_file, save_file
 
-from lorasurgeon.cli import cli, main
+from lorasurgeon.cli import cli
 
 ROOT = Path(__file__).parent.parent
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
-    """Run the real entry point (with its error funnel); returns (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli([str(a) for a in args], capsys)
 
 
 def test_every_command_has_help_and_a_readme_example(capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,29 +19,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import read_tensors, tree_hashes
+from builders import read_tensors, run_cli, tree_hashes
 from safetensors.torch import load_file, save_file
 
 import lorasurgeon
-from lorasurgeon.cli import main
 from lorasurgeon.errors import LorasurgeonError
 from lorasurgeon.writer import TMP_MARK
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 Q_PROJ_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 Q_PROJ_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """`lorasurgeon ARGS` in this process through the real entry point: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_error(stderr: str) -> str:
