@@ -7,7 +7,6 @@ must tile the data region exactly (no gaps, no overlap), as the safetensors refe
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -60,14 +59,11 @@ class TensorInfo:
     path: Path
     start: int
     end: int
+    numel: int  # math.prod(shape), kept because reports sum it over every tensor several times
 
     @property
     def nbytes(self) -> int:
         return self.end - self.start
-
-    @functools.cached_property  # reports sum it over every tensor several times
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
     @property
     def is_float(self) -> bool:
@@ -187,13 +183,14 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int) -> TensorIn
         raise InputError(f"{path}: tensor {name!r}: data_offsets {offsets!r} is not a pair of non-negative integers")
     begin, end = offsets
     dims = tuple(shape)
-    expected = DTYPES[dtype][1] * math.prod(dims)
+    numel = math.prod(dims)
+    expected = DTYPES[dtype][1] * numel
     if end - begin != expected:
         raise InputError(
             f"{path}: tensor {name!r}: {dtype}{shape} needs {expected} bytes but data_offsets [{begin}, {end}] "
             f"hold {end - begin}"
         )
-    return TensorInfo(name, dtype, dims, path, data_start + begin, data_start + end)
+    return TensorInfo(name, dtype, dims, path, data_start + begin, data_start + end, numel)
 
 
 def _valid_dims(shape: list[Any]) -> bool:

@@ -27,13 +27,13 @@ def add_delta(weight: torch.Tensor, delta: torch.Tensor, sign: int) -> torch.Ten
 def add_lora_(exact: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, transpose: bool) -> None:
     """exact += scale · (B @ A) (transposed for (in, out) weights), in place on an fp32 tensor.
 
-    One fused gemm: no ΔW-sized temporaries, and gemm applies `scale` to the finished product, the same
-    order as lora_delta and PEFT's get_delta_weight, so the result equals add_delta(exact, lora_delta(...)).
+    Bit for bit add_delta(exact, lora_delta(a, b, scale, transpose), 1), with one ΔW-sized temporary instead
+    of three. Not a fused addmm_: BLAS may accumulate the rank-r products into `exact` one by one (its gemv
+    path does), rounding r times at the magnitude of W instead of once, which PEFT does not.
     """
-    if transpose:
-        exact.addmm_(a.float().T, b.float().T, alpha=scale)  # (in, r) @ (r, out) -> (in, out)
-    else:
-        exact.addmm_(b.float(), a.float(), alpha=scale)  # (out, r) @ (r, in) -> (out, in)
+    delta = b.float() @ a.float()  # (out, r) @ (r, in) -> (out, in)
+    delta.mul_(scale)
+    exact.add_(delta.T if transpose else delta)
 
 
 def fits(exact: torch.Tensor, dtype: torch.dtype) -> bool:
