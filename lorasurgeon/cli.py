@@ -47,7 +47,7 @@ EXISTING = click.Path(exists=False, path_type=Path)
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
-    """LoRA surgery on safetensors checkpoints: check, merge, unmerge."""
+    """LoRA surgery on safetensors checkpoints: check, merge, unmerge, extract, report."""
     ctx.obj = {"debug": debug}
 
 
