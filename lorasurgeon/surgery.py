@@ -87,8 +87,11 @@ def compute(plan: Plan, step: Step, device: torch.device) -> torch.Tensor:
     rescaled per output feature when the term is DoRA, rounded once to the output dtype."""
     weight = _start(plan, step).to(device)
     out_dtype = DTYPES[step.out_dtype][0]
-    if not step.terms:
-        return weight.to(out_dtype)
+    if not step.terms:  # copied in a new dtype, or replaced: values from the adapter are checked too
+        result = weight.to(out_dtype)
+        if not linalg.fits(weight.float(), out_dtype):
+            _check_finite(plan, step, weight, weight.float(), result)
+        return result
     # The terms are added in place: `weight` is a buffer of our own (read fresh), so an fp32 base is reused
     # as it is, and a bf16/fp16 one is up-cast once and then dropped.
     exact = weight.float()
@@ -136,8 +139,8 @@ def _add_term(plan: Plan, term: Term, exact: torch.Tensor, sign: int, device: to
 
 
 def _check_finite(plan: Plan, step: Step, weight: torch.Tensor, exact: torch.Tensor, result: torch.Tensor) -> None:
-    """The slow path, taken only when linalg.fits found a problem: refuse NaN/Inf carried from the base
-    (`weight`, read again) or produced by the sum (`plan.allow_nonfinite`: warn, by name, through
+    """The slow path, taken only when linalg.fits found a problem: refuse NaN/Inf carried from the base or
+    its replacement (`weight`, read again) or produced by the sum (`plan.allow_nonfinite`: warn, by name, through
     NonfiniteWarning); overflow of the output dtype is always an error."""
     name = f"{step.tensor.path.name}: {step.tensor.name}"
     overflow = linalg.overflow_count(exact, result)
@@ -148,7 +151,11 @@ def _check_finite(plan: Plan, step: Step, weight: torch.Tensor, exact: torch.Ten
         )
     bad_in, bad_out = linalg.nonfinite_count(weight), linalg.nonfinite_count(result)
     if bad_in:
-        problem = f"the base tensor holds {bad_in} NaN/Inf values, which the {step.out_dtype} result would carry"
+        origin = (
+            "the base tensor" if step.replacement is None else f"{step.replacement.tensor.name}, which replaces it,"
+        )
+        origin += " (with its trainable-token rows)" if step.rows else ""
+        problem = f"{origin} holds {bad_in} NaN/Inf values, which the {step.out_dtype} result would carry"
     elif bad_out:
         problem = f"the result holds {bad_out} NaN/Inf values"
     else:

@@ -472,3 +472,44 @@ def test_every_failure_is_one_error_line_and_exit_2(
     code, _, stderr = run_cli(["--debug", "check", "base", "adapter"], capsys)
     assert code == 2
     assert "Traceback" in stderr
+
+
+def test_nonfinite_replacement_tensor_is_refused_or_warned(
+    tmp_path: Path, llama_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A modules_to_save tensor replaces the base's: its NaN would be written as is, so it is checked too."""
+    from builders import save_adapter
+    from safetensors.torch import load_file, save_file
+
+    adapter = save_adapter(llama_dir, tmp_path / "head", r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    (head,) = [k for k in tensors if k.endswith("lm_head.weight")]
+    tensors[head][3, 5] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    code, _, stderr = run_cli(["merge", str(llama_dir), str(adapter), "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and head in stderr and "1 NaN/Inf" in stderr and "lm_head.weight" in stderr
+    assert not (tmp_path / "out").exists()
+    args = ["merge", str(llama_dir), str(adapter), "-o", str(tmp_path / "out"), "--allow-nonfinite"]
+    code, _, stderr = run_cli(args, capsys)
+    assert code == 0 and "warning:" in stderr and head in stderr
+    assert torch.isnan(read_tensors(tmp_path / "out")["lm_head.weight"]).sum() == 1
+
+
+def test_dtype_conversion_overflow_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--dtype fp16 of an untouched bf16 tensor holding 1e5 would write Inf: refused, naming the tensor."""
+    from builders import save_adapter, save_model
+    from safetensors.torch import load_file, save_file
+
+    base = save_model(tmp_path / "base", dtype=torch.bfloat16)
+    adapter = save_adapter(base, tmp_path / "lora", r=2, target_modules=["q_proj"])
+    tensors = load_file(base / "model.safetensors")
+    tensors["model.norm.weight"][0] = 1e5
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    code, _, stderr = run_cli(
+        ["merge", str(base), str(adapter), "-o", str(tmp_path / "out"), "--dtype", "fp16"], capsys
+    )
+    assert code == 2 and "model.norm.weight" in stderr and "overflow F16" in stderr
+    assert not (tmp_path / "out").exists()
+    code, _, _ = run_cli(["merge", str(base), str(adapter), "-o", str(tmp_path / "out"), "--dtype", "fp32"], capsys)
+    assert code == 0
