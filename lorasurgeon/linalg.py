@@ -9,31 +9,23 @@ import torch
 
 
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, transpose: bool) -> torch.Tensor:
-    """ΔW = scale · (B @ A), transposed first for weights stored (in, out) (transformers Conv1D), in fp32.
+    """ΔW = scale · (B @ A), transposed for weights stored (in, out) (transformers Conv1D), in fp32.
 
     The product is formed before scaling, as PEFT's get_delta_weight does, so results agree to rounding.
-    """
-    delta = b.float() @ a.float()  # (out, r) @ (r, in) -> (out, in)
-    if transpose:
-        delta = delta.T
-    return delta * scale
-
-
-def add_delta(weight: torch.Tensor, delta: torch.Tensor, sign: int) -> torch.Tensor:
-    """fp32(W) + sign · ΔW in fp32; the caller rounds it once to the stored dtype."""
-    return weight.float() + sign * delta
-
-
-def add_lora_(exact: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, transpose: bool) -> None:
-    """exact += scale · (B @ A) (transposed for (in, out) weights), in place on an fp32 tensor.
-
-    Bit for bit add_delta(exact, lora_delta(a, b, scale, transpose), 1), with one ΔW-sized temporary instead
-    of three. Not a fused addmm_: BLAS may accumulate the rank-r products into `exact` one by one (its gemv
-    path does), rounding r times at the magnitude of W instead of once, which PEFT does not.
+    (Not a fused addmm into W: BLAS may accumulate the rank-r products into W one by one, rounding r times
+    at the magnitude of W, which PEFT does not.)
     """
     delta = b.float() @ a.float()  # (out, r) @ (r, in) -> (out, in)
     delta.mul_(scale)
-    exact.add_(delta.T if transpose else delta)
+    return delta.T if transpose else delta
+
+
+def add_delta_(exact: torch.Tensor, delta: torch.Tensor, sign: int) -> None:
+    """exact += sign · ΔW, in place on an fp32 tensor; the caller rounds it once to the stored dtype.
+
+    `sign` is ±1, so this is bit for bit PEFT's fp32(W) ± ΔW, without W- or ΔW-sized temporaries.
+    """
+    exact.add_(delta, alpha=sign)
 
 
 def fits(exact: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -56,7 +48,7 @@ def conv_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """
     rank = a.shape[0]
     delta = b.float().reshape(b.shape[0], rank) @ a.float().reshape(rank, -1)  # (out, r) @ (r, in·∏k)
-    return delta.reshape(b.shape[0], *a.shape[1:]) * scale
+    return delta.reshape(b.shape[0], *a.shape[1:]).mul_(scale)
 
 
 def dora_rescale(merged: torch.Tensor, magnitude: torch.Tensor, out_dim: int) -> torch.Tensor:

@@ -96,8 +96,12 @@ def compute(plan: Plan, step: Step, device: torch.device) -> torch.Tensor:
     # as it is, and a bf16/fp16 one is up-cast once and then dropped.
     exact = weight.float()
     del weight
-    for term in step.terms:
-        _add_term(plan, term, exact, SIGNS[plan.operation], device)
+    # The weighted deltas are summed first and added once, so several adapters add no rounding between them.
+    delta = _delta(plan, step.terms[0], device)
+    for term in step.terms[1:]:
+        delta += _delta(plan, term, device)
+    linalg.add_delta_(exact, delta, SIGNS[plan.operation])
+    del delta
     dora = next((t for t in step.terms if t.dora), None)
     if dora is not None and dora.module.magnitude is not None:
         magnitude = plan.adapters[dora.adapter].source.read(dora.module.magnitude).to(device)
@@ -124,18 +128,16 @@ def _start(plan: Plan, step: Step) -> torch.Tensor:
     return weight
 
 
-def _add_term(plan: Plan, term: Term, exact: torch.Tensor, sign: int, device: torch.device) -> None:
-    """exact += sign · (one term's ΔW, laid out like the tensor it changes; a lora_B bias: factor · b)."""
+def _delta(plan: Plan, term: Term, device: torch.device) -> torch.Tensor:
+    """One term's ΔW in fp32, laid out like the tensor it changes (a lora_B bias: factor · b)."""
     source = plan.adapters[term.adapter].source
     module = term.module
     if term.bias and module.bias is not None:
-        exact.add_(source.read(module.bias).to(device).float(), alpha=sign * term.factor)
-        return
+        return source.read(module.bias).to(device).float().mul_(term.factor)
     a, b = source.read(module.a).to(device), source.read(module.b).to(device)
     if module.kind == "conv":
-        exact.add_(linalg.conv_delta(a, b, term.factor), alpha=sign)
-    else:
-        linalg.add_lora_(exact, a, b, sign * term.factor, term.transpose)
+        return linalg.conv_delta(a, b, term.factor)
+    return linalg.lora_delta(a, b, term.factor, term.transpose)
 
 
 def _check_finite(plan: Plan, step: Step, weight: torch.Tensor, exact: torch.Tensor, result: torch.Tensor) -> None:

@@ -154,3 +154,13 @@ def test_cuda_merge_matches_peft(tmp_path: Path, dtype: torch.dtype) -> None:
     summary = lorasurgeon.merge(base, [adapter], tmp_path / "out", device="cuda")
     assert summary.device.startswith("cuda")
     projections(assert_matches_peft(tmp_path / "out", base, peft_merged(base, adapter)), 14)
+
+
+def test_two_halves_merge_bit_for_bit_like_one_whole(tmp_path: Path, llama_dir: Path, llama_adapter: Path) -> None:
+    """The same adapter twice at weight 0.5 gives exactly the merge at weight 1: deltas are summed before the
+    one add (halving is exact in binary floating point, so the sum of the halves is the whole)."""
+    lorasurgeon.merge(llama_dir, [llama_adapter, llama_adapter], tmp_path / "halves", weights=[0.5, 0.5])
+    lorasurgeon.merge(llama_dir, [llama_adapter], tmp_path / "whole")
+    halves, whole, base = (read_tensors(p) for p in (tmp_path / "halves", tmp_path / "whole", llama_dir))
+    assert all(torch.equal(halves[n], whole[n]) for n in whole)
+    assert not torch.equal(whole["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
