@@ -32,7 +32,6 @@ KOHYA_ROLES: dict[str, str] = {
     ".alpha": "alpha",
     ".dora_scale": "lora_magnitude_vector",
 }
-DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")
 # A name's category, first match wins: norms (with their biases), embeddings, other biases.
 CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("norm", re.compile(r"norm|(^|\.)ln_?\w*\.")),
@@ -342,12 +341,11 @@ def _kohya_alpha(ckpt: Checkpoint, info: TensorInfo) -> float:
 
 
 def _format(ckpt: Checkpoint) -> str:
-    names = list(ckpt.tensors)
-    if any(_split(n)[1] == "alpha" or ".lora_down." in n for n in names):
+    """The adapter format by the same rules load_adapter uses, so report and merge never disagree."""
+    if keys.is_kohya(ckpt.tensors):
         return "kohya"
-    if names and all(n.startswith(DIFFUSERS_PREFIXES) for n in names):
-        return "diffusers"
-    return "peft"
+    metadata = {k: v for s in ckpt.shards for k, v in s.header.metadata.items()}
+    return "diffusers" if keys.is_diffusers(ckpt.tensors, metadata) else "peft"
 
 
 @dataclass(frozen=True)

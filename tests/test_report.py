@@ -476,3 +476,16 @@ def test_markdown_and_rich_show_the_same_numbers(capsys: pytest.CaptureFixture[s
     code, out, err = run(capsys, SAMPLES_BASE)
     assert (code, out) == (0, "")
     assert "model.layers.* ×2 [0-1]" in err and "106,816" in err
+
+
+def test_format_is_detected_by_the_rules_merge_uses(tmp_path: Path) -> None:
+    """Bare `transformer.` keys without diffusers metadata are a PEFT export (as load_adapter reads them), not a
+    diffusers file; with `lora_adapter_metadata` they are diffusers."""
+    factors = {
+        "transformer.h.0.attn.c_attn.lora_A.weight": torch.ones(2, 8),
+        "transformer.h.0.attn.c_attn.lora_B.weight": torch.ones(24, 2),
+    }
+    save_file(factors, tmp_path / "bare.safetensors", metadata={"format": "pt"})
+    save_file(factors, tmp_path / "pipe.safetensors", metadata={"format": "pt", "lora_adapter_metadata": "{}"})
+    assert lorasurgeon.report(tmp_path / "bare.safetensors").format == "peft"
+    assert lorasurgeon.report(tmp_path / "pipe.safetensors").format == "diffusers"
