@@ -168,17 +168,6 @@ def pattern_value(patterns: Mapping[str, float], module: str) -> float | None:
     return None
 
 
-def shortest_unique_suffix(module: str, all_modules: Iterable[str]) -> str:
-    """The shortest dotted suffix of `module` that is no other module's suffix (for pattern keys)."""
-    others = [m for m in all_modules if m != module]
-    parts = module.split(".")
-    for i in range(len(parts) - 1, -1, -1):
-        suffix = ".".join(parts[i:])
-        if not any(o == suffix or o.endswith("." + suffix) for o in others):
-            return suffix
-    return module
-
-
 def input_embedding(names: Iterable[str]) -> str | None:
     """The checkpoint name of the input embedding among `names` (`model.embed_tokens.weight`, ...), if any."""
     for name in names:
