@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -45,13 +46,17 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 METADATA_KEY = "__metadata__"
 # No real dimension comes near this; larger ones (possible with zero-size tensors) overflow torch.
 MAX_DIM = 2**53
+BY_OFFSETS = operator.attrgetter("start", "end")
 # First bytes of PyTorch's formats: a zip archive (torch.save since 1.6) or a bare pickle (protocol 2-5).
 PICKLE_MAGICS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: file, absolute byte range [start, end), dtype name and shape."""
+class TensorInfo(NamedTuple):
+    """Where one tensor lives: file, absolute byte range [start, end), dtype name and shape.
+
+    A NamedTuple, not a dataclass: opening a 70B checkpoint builds ~20,000 of these, and a tuple is built
+    in a third of the time of a frozen dataclass.
+    """
 
     name: str
     dtype: str
@@ -78,6 +83,7 @@ class Header:
     tensors: tuple[TensorInfo, ...]
     metadata: dict[str, str]
     data_start: int
+    file_size: int
 
 
 def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
@@ -131,11 +137,9 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
     if raw.count(b'"data_offsets"') != len(doc):
         _load_json(path, raw, object_pairs_hook=_no_duplicates)
     data_start = 8 + len(raw)
-    tensors = sorted(
-        (_parse_entry(path, name, entry, data_start) for name, entry in doc.items()), key=lambda t: (t.start, t.end)
-    )
+    tensors = sorted((_parse_entry(path, name, entry, data_start) for name, entry in doc.items()), key=BY_OFFSETS)
     _check_tiling(path, tensors, data_start, file_size)
-    return Header(path=path, tensors=tuple(tensors), metadata=metadata, data_start=data_start)
+    return Header(path=path, tensors=tuple(tensors), metadata=metadata, data_start=data_start, file_size=file_size)
 
 
 def _load_json(path: Path, raw: bytes, object_pairs_hook: Any) -> Any:

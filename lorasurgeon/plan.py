@@ -15,7 +15,7 @@ kohya modules are found by applying sd-scripts' naming rule to the base's tensor
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -327,7 +327,7 @@ def _tied_alias(base: Checkpoint) -> TensorInfo | None:
     embed = keys.input_embedding(base.tensors)
     if embed is None or keys.OUTPUT_EMBEDDING in base.tensors:
         return None
-    return replace(base.tensors[embed], name=keys.OUTPUT_EMBEDDING)
+    return base.tensors[embed]._replace(name=keys.OUTPUT_EMBEDDING)
 
 
 def _untie(
