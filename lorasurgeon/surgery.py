@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +24,8 @@ from lorasurgeon.plan import Plan, Step, Term
 from lorasurgeon.writer import TMP_MARK, CheckpointWriter
 
 SIGNS = {"merge": 1, "unmerge": -1}
+READ_AHEAD_BYTES = 256 << 20
+FACTOR_KINDS = ("linear", "conv", "embedding")  # ΔW = B @ A, up to a reshape or a transpose
 CONFIG_NAME = "config.json"
 
 
@@ -55,24 +58,29 @@ class SurgerySummary:
 def execute(
     plan: Plan, writer: CheckpointWriter, device: torch.device, on_progress: Callable[[Progress], None] | None = None
 ) -> tuple[list[str], list[str]]:
-    """Write every step of `plan` through `writer`; returns (files copied, weight files skipped)."""
+    """Write every step of `plan` through `writer`; returns (files copied, weight files skipped).
+
+    Three things overlap: a reader thread reads the next computed tensor, this thread computes the current one,
+    and the shard stream's worker writes the previous one (file I/O and torch ops release the GIL).
+    """
     base = plan.base
     total_bytes = sum(s.tensor.nbytes for s in plan.steps)
     done_tensors = done_bytes = 0
     writer.reserve(_output_bytes(plan))
-    for shard in base.shards:
-        steps = [s for s in plan.steps if s.shard == shard.name]
-        entries = [(s.tensor.name, s.out_dtype, s.tensor.shape) for s in steps]
-        with writer.shard(shard.name, entries, output_metadata(shard.header.metadata, plan)) as stream:
-            for step in steps:
-                if step.touched or step.out_dtype != step.tensor.dtype:
-                    stream.write(compute(plan, step, device))
-                else:
-                    stream.copy_from(base, step.tensor)
-                done_tensors += 1
-                done_bytes += step.tensor.nbytes
-                if on_progress:
-                    on_progress(Progress(done_tensors, len(plan.steps), done_bytes, total_bytes))
+    with ReadAhead(plan) as ahead:
+        for shard in base.shards:
+            steps = [s for s in plan.steps if s.shard == shard.name]
+            entries = [(s.tensor.name, s.out_dtype, s.tensor.shape) for s in steps]
+            with writer.shard(shard.name, entries, output_metadata(shard.header.metadata, plan)) as stream:
+                for step in steps:
+                    if computed(step):
+                        stream.write(compute(plan, step, device, ahead.take(step)))
+                    else:
+                        stream.copy_from(base, step.tensor)
+                    done_tensors += 1
+                    done_bytes += step.tensor.nbytes
+                    if on_progress:
+                        on_progress(Progress(done_tensors, len(plan.steps), done_bytes, total_bytes))
     if base.index_name:
         writer.write_json(base.index_name, output_index(plan))
     if plan.config is not None:
@@ -82,16 +90,69 @@ def execute(
     return copy_companions(base.root, plan, writer)
 
 
-def compute(plan: Plan, step: Step, device: torch.device) -> torch.Tensor:
+def computed(step: Step) -> bool:
+    """Whether the step's tensor is computed (and rounded), rather than copied byte for byte."""
+    return step.touched or step.out_dtype != step.tensor.dtype
+
+
+class ReadAhead:
+    """Reads the base tensor of the next computed step on a worker thread while the current one is computed.
+
+    Only tensors of up to READ_AHEAD_BYTES are read ahead, so a huge one (an embedding) never sits in memory
+    beside another; they, and steps that start from an adapter's tensor, are read when their turn comes.
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        self._plan = plan
+        self._pending: tuple[Step, Future[torch.Tensor]] | None = None
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorasurgeon-reader")
+        # id(step) -> the first later step to read ahead, or None
+        self._following: dict[int, Step | None] = {}
+        upcoming = None
+        for step in reversed(plan.steps):
+            self._following[id(step)] = upcoming
+            if computed(step) and _base_start(step) and step.tensor.nbytes <= READ_AHEAD_BYTES:
+                upcoming = step
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._reader.shutdown(wait=True, cancel_futures=True)
+
+    def take(self, step: Step) -> torch.Tensor | None:
+        """`step`'s base tensor if it was read ahead (else None); starts reading the next one."""
+        weight = None
+        if self._pending is not None and self._pending[0] is step:
+            weight = self._pending[1].result()
+            self._pending = None
+        upcoming = self._following[id(step)]
+        if self._pending is None and upcoming is not None:
+            self._pending = (upcoming, self._reader.submit(self._plan.base.read, upcoming.tensor))
+        return weight
+
+
+def _base_start(step: Step) -> bool:
+    return step.replacement is None and not step.rows
+
+
+def compute(plan: Plan, step: Step, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
     """The step's output tensor: W (or its replacement, with token rows set) ± Σ term deltas in fp32,
-    rescaled per output feature when the term is DoRA, rounded once to the output dtype."""
-    weight = _start(plan, step).to(device)
+    rescaled per output feature when the term is DoRA, rounded once to the output dtype. `weight` is the
+    base tensor when it has been read already."""
+    weight = (_start(plan, step) if weight is None else weight).to(device)
     out_dtype = DTYPES[step.out_dtype][0]
     if not step.terms:  # copied in a new dtype, or replaced: values from the adapter are checked too
         result = weight.to(out_dtype)
         if not linalg.fits(weight.float(), out_dtype):
             _check_finite(plan, step, weight, weight.float(), result)
         return result
+    if all(t.module.kind in FACTOR_KINDS and not (t.bias or t.dora) for t in step.terms):
+        factors = [_factors(plan, term, device) for term in step.terms]
+        result, fit = linalg.merge_blockwise(weight, factors, SIGNS[plan.operation], out_dtype)
+        if fit:
+            return result
+        # Something is NaN, Inf or out of range: the whole-tensor route below finds and names it.
     # The terms are added in place: `weight` is a buffer of our own (read fresh), so an fp32 base is reused
     # as it is, and a bf16/fp16 one is up-cast once and then dropped.
     exact = weight.float()
@@ -138,6 +199,13 @@ def _delta(plan: Plan, term: Term, device: torch.device) -> torch.Tensor:
     if module.kind == "conv":
         return linalg.conv_delta(a, b, term.factor)
     return linalg.lora_delta(a, b, term.factor, term.transpose)
+
+
+def _factors(plan: Plan, term: Term, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
+    """(A, B, factor, transpose) of a LoRA term as fp32 matrices: (r, in·∏k) and (out, r)."""
+    source = plan.adapters[term.adapter].source
+    a, b = source.read(term.module.a).to(device).float(), source.read(term.module.b).to(device).float()
+    return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), term.factor, term.transpose
 
 
 def _check_finite(plan: Plan, step: Step, weight: torch.Tensor, exact: torch.Tensor, result: torch.Tensor) -> None:

@@ -1,4 +1,8 @@
-"""Session-cached fixtures: tiny real models and PEFT adapters (see builders.py)."""
+"""Session-cached fixtures: tiny real models and PEFT adapters (see builders.py).
+
+Every test merges in blocks of a few rows (`small_blocks`): with the production block size a tiny model's
+tensor is one block, and the oracle tests would never see the block boundaries of a real model's merge.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,14 @@ def llama_adapter(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> 
     from builders import save_adapter
 
     return save_adapter(llama_dir, tmp_path_factory.mktemp("adapter") / "lora", r=4, lora_alpha=8)
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorasurgeon import linalg
+
+    monkeypatch.setattr(linalg, "BLOCK_ELEMENTS", 40)
+    monkeypatch.setattr(linalg, "MIN_BLOCK_ROWS", 3)
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ roundoff is u (2⁻²⁴ fp32, 2⁻⁸ bf16, 2⁻¹¹ fp16), so |unmerge(merge(W
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import numpy as np
 import torch
 from hypothesis import given, settings
@@ -116,3 +118,45 @@ def test_fits_is_false_exactly_for_nonfinite_or_out_of_range() -> None:
     assert not linalg.fits(torch.tensor([float("-inf"), 0.0]), torch.bfloat16)
     assert linalg.fits(torch.tensor([3e38]), torch.float32)
     assert linalg.fits(torch.empty(0), torch.float16)
+
+
+@st.composite
+def blockwise_case(draw: st.DrawFn) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, float, bool]]]:
+    """A weight and one to three LoRA terms (A, B, scale, transpose) that all fit it."""
+    out_f, in_f, transpose = draw(st.integers(1, 24)), draw(st.integers(1, 24)), draw(st.booleans())
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    weight = torch.randn((in_f, out_f) if transpose else (out_f, in_f), generator=generator)
+    terms = []
+    for _ in range(draw(st.integers(1, 3))):
+        rank = draw(st.integers(1, 6))
+        a, b = torch.randn(rank, in_f, generator=generator), torch.randn(out_f, rank, generator=generator)
+        terms.append((a, b * draw(st.sampled_from([1e-2, 1.0])), draw(st.floats(0.01, 8.0)), transpose))
+    return weight, terms
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    case=blockwise_case(),
+    sign=st.sampled_from([1, -1]),
+    dtype=st.sampled_from(list(UNIT_ROUNDOFF)),
+    block=st.integers(1, 7),
+)
+def test_blockwise_merge_equals_the_whole_tensor_route_within_delta_rounding(
+    case: tuple, sign: int, dtype: torch.dtype, block: int
+) -> None:
+    """merge_blockwise, in blocks of `block` rows, equals the whole-tensor route (each term's lora_delta,
+    summed in order, added once with add_delta_, rounded once) up to how BLAS sums the r products of ΔW,
+    which may differ with the block's shape: |difference| <= 1 ulp of the output + 2r·u32·Σ s·|B||A|."""
+    weight, terms = case
+    weight = weight.to(dtype)
+    delta = linalg.lora_delta(*terms[0])
+    for term in terms[1:]:
+        delta += linalg.lora_delta(*term)
+    expected = merged(weight, delta, sign, dtype)
+    with patch.object(linalg, "BLOCK_ELEMENTS", 0), patch.object(linalg, "MIN_BLOCK_ROWS", block):
+        result, fit = linalg.merge_blockwise(weight, terms, sign, dtype)
+    assert fit
+    assert result.dtype == dtype and result.shape == weight.shape
+    magnitude = sum(linalg.lora_delta(a.abs(), b.abs(), s, t) * 2 * a.shape[0] * 2.0**-24 for a, b, s, t in terms)
+    ulp = (expected.float().abs() * UNIT_ROUNDOFF[dtype] * 2).clamp(min=torch.finfo(dtype).tiny)
+    assert ((result.float() - expected.float()).abs() <= ulp + magnitude).all()
