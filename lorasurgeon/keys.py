@@ -10,6 +10,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from lorasurgeon import sd_names
+
 PEFT_PREFIX = "base_model.model."
 
 # The suffix of a PEFT adapter key -> (the role of the tensor, the parameter of the module it changes).
@@ -79,8 +81,8 @@ QUANTIZED_PARTS = frozenset(
 KOHYA_ROLES = {".lora_down.weight": "lora_down", ".lora_up.weight": "lora_up", ".alpha": "alpha"}
 # Checkpoint name prefix -> the kohya prefixes its modules may carry (FORMATS.md §5.2). "" stands for a
 # diffusers component file (unet/, text_encoder/, text_encoder_2/), whose names are sd-scripts' module paths.
-# SD1/2 LDM-layout U-Nets, SDXL kohya names on a diffusers U-Net, and OpenCLIP fused q/k/v need conversion
-# tables that are not here: their modules find no tensor and are refused by name.
+# Layouts whose stored names are not sd-scripts' module paths (SD1/2 LDM-layout U-Nets, SDXL kohya names on a
+# diffusers U-Net, OpenCLIP text encoders with fused q/k/v) are converted by sd_names.
 KOHYA_PREFIXES: dict[str, tuple[str, ...]] = {
     "model.diffusion_model.": ("lora_unet",),  # SDXL single file: SAI U-Net names verbatim
     "conditioner.embedders.0.transformer.": ("lora_te1",),  # SDXL text encoder 1 (HF CLIP names)
@@ -203,7 +205,12 @@ def split_kohya_key(key: str) -> tuple[str, str | None]:
 
 def kohya_names(tensor_names: Iterable[str]) -> dict[str, list[str]]:
     """sd-scripts' forward naming rule applied to every `.weight` of a checkpoint: kohya module name -> the
-    checkpoint tensors it may denote (more than one: ambiguous). Never inverts `_` -> `.` (FORMATS.md §5.2)."""
+    checkpoint tensors it may denote (more than one: ambiguous). Never inverts `_` -> `.` (FORMATS.md §5.2).
+
+    A tensor stored in another layout than sd-scripts trains (sd_names) is named by its path there too; the three
+    q/k/v modules of a fused OpenCLIP `in_proj_weight` all denote that one tensor (sd_names.fused_rows says which rows).
+    """
+    tensor_names = list(tensor_names)
     names: dict[str, list[str]] = {}
     for name in tensor_names:
         if not name.endswith(".weight"):
@@ -213,6 +220,10 @@ def kohya_names(tensor_names: Iterable[str]) -> dict[str, list[str]]:
                 path = name[len(prefix) : -len(".weight")].replace(".", "_")
                 for component in components:
                     names.setdefault(f"{component}_{path}", []).append(name)
+    for name, component, module in sd_names.kohya_paths(tensor_names):
+        found = names.setdefault(f"{component}_{module.replace('.', '_')}", [])
+        if name not in found:
+            found.append(name)
     return names
 
 

@@ -14,13 +14,14 @@ kohya modules are found by applying sd-scripts' naming rule to the base's tensor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lorasurgeon import keys, linalg
+from lorasurgeon import keys, linalg, sd_names
 from lorasurgeon.adapter import Adapter, LoraModule
 from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.header import TensorInfo
@@ -30,8 +31,8 @@ DORA_UNMERGE = (
     "per-row norms of the original W are gone and W cannot be recovered from the merged checkpoint"
 )
 KOHYA_UNMATCHED = (
-    "no base tensor has this kohya name under sd-scripts' naming rule (SD1/2 LDM-layout U-Nets, SDXL kohya "
-    "names on a diffusers-layout U-Net and OpenCLIP fused q/k/v need conversion tables lorasurgeon lacks yet)"
+    "no base tensor has this kohya name under sd-scripts' naming rule (applied to the base's own tensor names, to "
+    "the diffusers and SAI names of its U-Net, and to the Hugging Face CLIP names of its text encoders)"
 )
 
 
@@ -50,7 +51,8 @@ class Term:
     """One adapter module's contribution to a step: factor · (B @ A), transposed for (in, out) weights.
 
     With `bias`, the step is the module's bias vector and the term adds factor · lora_B.bias to it. A module
-    with a DoRA magnitude rescales the step's sum (the plan lets no other term share such a step).
+    with a DoRA magnitude rescales the step's sum (the plan lets no other term share such a step). With `rows`
+    (start, stop), ΔW changes only those rows of the step's tensor (q, k or v of a fused OpenCLIP in_proj_weight).
     """
 
     adapter: int
@@ -58,6 +60,7 @@ class Term:
     factor: float
     transpose: bool
     bias: bool = False
+    rows: tuple[int, int] | None = None
 
     @property
     def dora(self) -> bool:
@@ -189,17 +192,22 @@ def _add_module(
     found.findings += problems
     if target is None or any(p.severity == "error" for p in problems):
         return
-    info, transpose = target
-    if any(t.adapter == index for t in found.terms.get(info.name, [])):
+    info, transpose, module, rows = target
+    if any(t.adapter == index and _overlap(t.rows, rows) for t in found.terms.get(info.name, [])):
         found.findings.append(_error(module.a.name, info.name, "a second module of the adapter changes it too"))
         return
-    found.terms.setdefault(info.name, []).append(Term(index, module, weight * module.scale, transpose))
+    found.terms.setdefault(info.name, []).append(Term(index, module, weight * module.scale, transpose, rows=rows))
     if module.bias is not None:
         bias, problem = _bias_target(found.tensors, module.module, module.bias)
         if bias is None:
             found.findings.append(_error(module.bias.name, info.name, problem))
         else:
             found.terms.setdefault(bias.name, []).append(Term(index, module, weight * module.scale, False, True))
+
+
+def _overlap(rows: tuple[int, int] | None, other: tuple[int, int] | None) -> bool:
+    """Whether two terms change common rows of one tensor (None: all of them)."""
+    return rows is None or other is None or (rows[0] < other[1] and other[0] < rows[1])
 
 
 def _bias_target(tensors: Mapping[str, TensorInfo], module: str, bias: TensorInfo) -> tuple[TensorInfo | None, str]:
@@ -424,8 +432,9 @@ def _resolve(
     module: LoraModule,
     model_type: str | None,
     allow_nonfinite: bool,
-) -> tuple[tuple[TensorInfo, bool] | None, list[Finding]]:
-    """The base tensor `module` changes and whether its delta is transposed, or the findings against it."""
+) -> tuple[tuple[TensorInfo, bool, LoraModule, tuple[int, int] | None] | None, list[Finding]]:
+    """The base tensor `module` changes, whether its delta is transposed, the module as it applies there (see
+    `_kohya_view`) and the rows it changes (None: all), or the findings against it."""
     candidates = found.candidates(adapter, module)
     if not candidates and adapter.format == "kohya":
         return None, [_error(module.a.name, None, KOHYA_UNMATCHED)]
@@ -434,13 +443,33 @@ def _resolve(
     if len(candidates) > 1:
         return None, [_error(module.a.name, None, f"target is ambiguous: {' and '.join(candidates)} both exist")]
     info = found.tensors[candidates[0]]
-    problems = _factor_findings(adapter, module, info)
+    module, rows, unsplit = _kohya_view(adapter, module, info)
+    problems = [_error(module.a.name, info.name, unsplit)] if unsplit else _factor_findings(adapter, module, info)
     if problems:
         return None, problems
-    transpose, problem = _fit(module, info, model_type)
+    shape = (rows[1] - rows[0], *info.shape[1:]) if rows else info.shape  # the factors must fit the rows they change
+    transpose, problem = _fit(module, replace(info, shape=shape, numel=math.prod(shape)) if rows else info, model_type)
     if problem:
-        return None, [_error(module.a.name, info.name, problem)]
-    return (info, transpose), _nonfinite_findings(adapter, module, info, allow_nonfinite)
+        where = "" if rows is None else f" (rows {rows[0]}:{rows[1]} of the fused q/k/v tensor)"
+        return None, [_error(module.a.name, info.name, problem + where)]
+    return (info, transpose, module, rows), _nonfinite_findings(adapter, module, info, allow_nonfinite)
+
+
+def _kohya_view(
+    adapter: Adapter, module: LoraModule, info: TensorInfo
+) -> tuple[LoraModule, tuple[int, int] | None, str]:
+    """How a kohya module meets its tensor (FORMATS.md §5.2, §5.3): 1×1 conv factors on a Linear base are used as
+    matrices (sd-scripts merges an SD1 conv proj_in LoRA into SD2/SDXL's Linear proj_in so), and a q/k/v module on a
+    fused OpenCLIP in_proj_weight changes its third of the rows; the problem, when the tensor does not split."""
+    if adapter.format != "kohya" or not info.shape:
+        return module, None, ""
+    pointwise = all(k == 1 for k in (*module.a.shape[2:], *module.b.shape[2:]))
+    if module.kind == "conv" and len(info.shape) == 2 and pointwise:
+        module = replace(module, kind="linear")
+    rows = sd_names.fused_rows(module.module, info.name, info.shape[0])
+    if rows is not None and info.shape[0] % 3:
+        return module, None, f"a fused q/k/v tensor of {info.shape[0]} rows does not split into three equal parts"
+    return module, rows, ""
 
 
 def _factor_findings(adapter: Adapter, module: LoraModule, info: TensorInfo) -> list[Finding]:

@@ -158,9 +158,7 @@ def compute(plan: Plan, step: Step, device: torch.device, weight: torch.Tensor |
     exact = weight.float()
     del weight
     # The weighted deltas are summed first and added once, so several adapters add no rounding between them.
-    delta = _delta(plan, step.terms[0], device)
-    for term in step.terms[1:]:
-        delta += _delta(plan, term, device)
+    delta = _summed_delta(plan, step, device)
     linalg.add_delta_(exact, delta, SIGNS[plan.operation])
     del delta
     dora = next((t for t in step.terms if t.dora), None)
@@ -189,6 +187,19 @@ def _start(plan: Plan, step: Step) -> torch.Tensor:
     return weight
 
 
+def _summed_delta(plan: Plan, step: Step, device: torch.device) -> torch.Tensor:
+    """Σ of the step's term deltas in fp32; a term with `rows` (q, k or v of a fused in_proj_weight) fills only
+    those rows, so the three projections' deltas still meet in one tensor that is added once."""
+    whole = [t for t in step.terms if t.rows is None]
+    delta = _delta(plan, whole[0], device) if whole else torch.zeros(step.tensor.shape, device=device)
+    for term in whole[1:]:
+        delta += _delta(plan, term, device)
+    for term in step.terms:
+        if term.rows is not None:
+            delta[term.rows[0] : term.rows[1]] += _delta(plan, term, device)
+    return delta
+
+
 def _delta(plan: Plan, term: Term, device: torch.device) -> torch.Tensor:
     """One term's ΔW in fp32, laid out like the tensor it changes (a lora_B bias: factor · b)."""
     source = plan.adapters[term.adapter].source
@@ -198,7 +209,8 @@ def _delta(plan: Plan, term: Term, device: torch.device) -> torch.Tensor:
     a, b = source.read(module.a).to(device), source.read(module.b).to(device)
     if module.kind == "conv":
         return linalg.conv_delta(a, b, term.factor)
-    return linalg.lora_delta(a, b, term.factor, term.transpose)
+    # flatten(1) squeezes 1×1 conv factors that the plan applies to a Linear base; matrices stay as they are.
+    return linalg.lora_delta(a.flatten(1), b.flatten(1), term.factor, term.transpose)
 
 
 def _factors(plan: Plan, term: Term, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float, bool]:

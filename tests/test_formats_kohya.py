@@ -117,18 +117,20 @@ def refused(base: Path, lora: Path, out: Path, match: str) -> str:
     return str(error.value)
 
 
-def test_refuses_fused_qkv_and_ldm_unet_by_name(tmp_path: Path) -> None:
+def test_refuses_kohya_names_no_layout_has(tmp_path: Path) -> None:
     save_base(tmp_path / "sdxl.safetensors", SDXL)
-    fused = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
-    save_lora(tmp_path / "te2.safetensors", {fused: ((32, 32), 4.0)})
+    # OneTrainer adapts text encoder 2's text projection; sd-scripts never does, and it has no mapped name here.
+    projection = "lora_te2_text_projection"
+    save_lora(tmp_path / "te2.safetensors", {projection: ((32, 32), 4.0)})
     message = refused(tmp_path / "sdxl.safetensors", tmp_path / "te2.safetensors", tmp_path / "o", "no base tensor")
-    assert f"{fused}.lora_down.weight" in message and "fused q/k/v" in message
-    # SD1 kohya names are diffusers names; an LDM single file stores input_blocks: refused, not guessed.
+    assert f"{projection}.lora_down.weight" in message and "Hugging Face CLIP names" in message
+    # An SD1 LoRA for a block the LDM single file does not have: refused, not guessed.
     ldm = {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight": (32, 32)}
     save_base(tmp_path / "sd1.safetensors", ldm)
-    save_lora(tmp_path / "sd1-lora.safetensors", {kohya_name("lora_unet", next(iter(UNET))): ((32, 32), 4.0)})
-    message = refused(tmp_path / "sd1.safetensors", tmp_path / "sd1-lora.safetensors", tmp_path / "o", "LDM-layout")
-    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in message
+    missing = "lora_unet_down_blocks_3_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_lora(tmp_path / "sd1-lora.safetensors", {missing: ((32, 32), 4.0)})
+    message = refused(tmp_path / "sd1.safetensors", tmp_path / "sd1-lora.safetensors", tmp_path / "o", "SAI names")
+    assert f"{missing}.lora_down.weight" in message
 
 
 @pytest.mark.parametrize(

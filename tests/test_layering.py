@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).parent.parent / "lorasurgeon"
 ORDER = [
     "errors",
     "header",
+    "sd_names",
     "keys",
     "lora_config",
     "linalg",
