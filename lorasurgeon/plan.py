@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -448,7 +448,7 @@ def _resolve(
     if problems:
         return None, problems
     shape = (rows[1] - rows[0], *info.shape[1:]) if rows else info.shape  # the factors must fit the rows they change
-    transpose, problem = _fit(module, replace(info, shape=shape, numel=math.prod(shape)) if rows else info, model_type)
+    transpose, problem = _fit(module, info._replace(shape=shape, numel=math.prod(shape)) if rows else info, model_type)
     if problem:
         where = "" if rows is None else f" (rows {rows[0]}:{rows[1]} of the fused q/k/v tensor)"
         return None, [_error(module.a.name, info.name, problem + where)]

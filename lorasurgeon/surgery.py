@@ -147,7 +147,7 @@ def compute(plan: Plan, step: Step, device: torch.device, weight: torch.Tensor |
         if not linalg.fits(weight.float(), out_dtype):
             _check_finite(plan, step, weight, weight.float(), result)
         return result
-    if all(t.module.kind in FACTOR_KINDS and not (t.bias or t.dora) for t in step.terms):
+    if all(t.module.kind in FACTOR_KINDS and not (t.bias or t.dora) and t.rows is None for t in step.terms):
         factors = [_factors(plan, term, device) for term in step.terms]
         result, fit = linalg.merge_blockwise(weight, factors, SIGNS[plan.operation], out_dtype)
         if fit:
