@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lorasurgeon import keys, linalg
+from lorasurgeon import keys, linalg, lycoris
 from lorasurgeon.adapter import Adapter, LoraModule
 from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.header import TensorInfo
@@ -50,7 +50,8 @@ class Term:
     """One adapter module's contribution to a step: factor · (B @ A), transposed for (in, out) weights.
 
     With `bias`, the step is the module's bias vector and the term adds factor · lora_B.bias to it. A module
-    with a DoRA magnitude rescales the step's sum (the plan lets no other term share such a step).
+    with a DoRA magnitude rescales the step's sum (the plan lets no other term share such a step). `shape` is
+    the changed tensor's, in which a LyCORIS ΔW (rebuilt from flattened factors) is laid out.
     """
 
     adapter: int
@@ -58,6 +59,7 @@ class Term:
     factor: float
     transpose: bool
     bias: bool = False
+    shape: tuple[int, ...] = ()
 
     @property
     def dora(self) -> bool:
@@ -193,7 +195,8 @@ def _add_module(
     if any(t.adapter == index for t in found.terms.get(info.name, [])):
         found.findings.append(_error(module.a.name, info.name, "a second module of the adapter changes it too"))
         return
-    found.terms.setdefault(info.name, []).append(Term(index, module, weight * module.scale, transpose))
+    term = Term(index, module, weight * module.scale, transpose, shape=info.shape)
+    found.terms.setdefault(info.name, []).append(term)
     if module.bias is not None:
         bias, problem = _bias_target(found.tensors, module.module, module.bias)
         if bias is None:
@@ -444,6 +447,8 @@ def _resolve(
 
 
 def _factor_findings(adapter: Adapter, module: LoraModule, info: TensorInfo) -> list[Finding]:
+    if module.factors:
+        return _lycoris_findings(module, info)
     a, b = module.a, module.b
     groups = _conv_groups(module, info)
     if groups > 1:
@@ -468,8 +473,29 @@ def _factor_findings(adapter: Adapter, module: LoraModule, info: TensorInfo) -> 
     return problems
 
 
+def _lycoris_findings(module: LoraModule, info: TensorInfo) -> list[Finding]:
+    """A LoHa / LoKr module's factors: floating point, consistent with each other, and a ΔW of W's shape."""
+    problems = [
+        _error(f.name, info.name, f"dtype {f.dtype} is not floating point")
+        for f in module.factors.values()
+        if not f.is_float
+    ]
+    if not info.is_float:
+        problems.append(_error(module.a.name, info.name, f"base tensor has dtype {info.dtype}, not floating point"))
+    fit = lycoris.layout(module.kind, {role: f.shape for role, f in module.factors.items()})
+    name = {"loha": "LoHa", "lokr": "LoKr"}[module.kind]
+    if fit.problem:
+        problems.append(_error(module.a.name, info.name, f"the {name} module {fit.problem}"))
+    elif not lycoris.fits(fit.shape, info.shape):
+        problem = f"the {name} ΔW is {list(fit.shape)}, which does not fit the base shape {list(info.shape)}"
+        problems.append(_error(module.a.name, info.name, problem))
+    return problems
+
+
 def _fit(module: LoraModule, info: TensorInfo, model_type: str | None) -> tuple[bool, str | None]:
     """(transpose, problem): whether ΔW is laid out transposed to fit W, or why it does not fit at all."""
+    if module.factors:  # LoHa / LoKr: checked in full by _lycoris_findings
+        return False, None
     if module.kind == "conv":
         transpose, problem = False, _conv_problem(module, info)
     elif len(info.shape) != 2:
@@ -529,7 +555,7 @@ def _orientation(module: LoraModule, info: TensorInfo, model_type: str | None) -
 def _nonfinite_findings(adapter: Adapter, module: LoraModule, info: TensorInfo, allow: bool) -> list[Finding]:
     """NaN/Inf in a factor spreads over whole rows or columns of ΔW: an error, or with `allow` a warning."""
     problems = []
-    for factor in (module.a, module.b):
+    for factor in tuple(module.factors.values()) or (module.a, module.b):
         values = adapter.source.read(factor).float()
         bad = 0 if linalg.fits(values, torch.float32) else linalg.nonfinite_count(values)  # count only on failure
         if bad and allow:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lorasurgeon import linalg
+from lorasurgeon import linalg, lycoris
 from lorasurgeon.checkpoint import PICKLE_SUFFIXES
 from lorasurgeon.errors import NonfiniteWarning, NumericError
 from lorasurgeon.header import DTYPES
@@ -134,6 +134,10 @@ def _delta(plan: Plan, term: Term, device: torch.device) -> torch.Tensor:
     module = term.module
     if term.bias and module.bias is not None:
         return source.read(module.bias).to(device).float().mul_(term.factor)
+    if module.factors:
+        factors = {role: source.read(info).to(device) for role, info in module.factors.items()}
+        delta = lycoris.loha_delta if module.kind == "loha" else lycoris.lokr_delta
+        return delta(factors, term.factor, term.shape)
     a, b = source.read(module.a).to(device), source.read(module.b).to(device)
     if module.kind == "conv":
         return linalg.conv_delta(a, b, term.factor)

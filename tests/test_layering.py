@@ -15,6 +15,7 @@ ORDER = [
     "keys",
     "lora_config",
     "linalg",
+    "lycoris",
     "checkpoint",
     "writer",
     "adapter",
