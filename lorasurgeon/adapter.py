@@ -30,7 +30,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 FACTOR_ROLES = (("lora_A", "lora_B", "linear"), ("lora_embedding_A", "lora_embedding_B", "embedding"))
 # LyCORIS algorithms of kohya-named modules (keys.LYCORIS_ROLES) that lorasurgeon refuses, and why.
 LYCORIS_REFUSED = {
-    "dora": "kohya / LyCORIS DoRA (dora_scale), which lorasurgeon does not merge yet",
     "locon-tucker": "a LoCon Tucker core (lora_mid), which lorasurgeon does not merge yet",
     "ia3": "LyCORIS (IA)³, which multiplies the base weight by a learned vector instead of adding a ΔW",
     "glora": "LyCORIS GLoRA, whose update depends on the base weight (W·A + B), not on the adapter alone",
@@ -147,7 +146,8 @@ def load_adapter(path: Path, alpha: float | None = None) -> Adapter:
 
 def _kohya_adapter(path: Path, source: Checkpoint, alpha: float | None) -> Adapter:
     """A kohya / sd-scripts file (FORMATS.md §5.1, §5.3): `N.lora_down.weight`, `N.lora_up.weight`, `N.alpha`,
-    or LyCORIS LoHa (`N.hada_*`) and LoKr (`N.lokr_*`) factors with the same `N.alpha`.
+    or LyCORIS LoHa (`N.hada_*`) and LoKr (`N.lokr_*`) factors with the same `N.alpha`; a LyCORIS DoRA
+    `N.dora_scale` (on any of them) is the module's magnitude.
 
     Module names stay kohya names (`lora_unet_..._to_q`); the plan resolves them against the base.
     """
@@ -171,7 +171,7 @@ def _kohya_adapter(path: Path, source: Checkpoint, alpha: float | None) -> Adapt
 def _kohya_module(source: Checkpoint, module: str, found: dict[str, TensorInfo], alpha: float | None) -> LoraModule:
     algorithms: dict[str, TensorInfo] = {}  # algorithm -> its first tensor, which names it
     for role, info in found.items():
-        if role != "alpha":
+        if role not in ("alpha", "dora_scale"):
             algorithms.setdefault(keys.LYCORIS_ROLES.get(role, "lora"), info)
     refused = next((name for name in algorithms if name in LYCORIS_REFUSED), None)
     if refused is not None:
@@ -193,7 +193,7 @@ def _kohya_module(source: Checkpoint, module: str, found: dict[str, TensorInfo],
     if rank <= 0 or not math.isfinite(value):
         raise InputError(f"{source.path}: {down.name} has rank {rank} and alpha {value}, which give no scale")
     kind = "conv" if len(down.shape) > 2 else "linear"
-    return LoraModule(module, down, up, rank, value, value / rank, False, kind)
+    return LoraModule(module, down, up, rank, value, value / rank, False, kind, found.get("dora_scale"))
 
 
 def _lycoris_module(
@@ -201,7 +201,7 @@ def _lycoris_module(
 ) -> LoraModule:
     """A LoHa or LoKr module: scale = alpha / rank as LyCORIS computes it (a missing or 0 alpha means alpha = rank;
     a LoKr of two full matrices has rank 1 and scale 1). Shapes are checked against the base by the plan."""
-    factors = {role: found[role] for role in keys.LYCORIS_ROLES if role in found}
+    factors = {role: found[role] for role in keys.LYCORIS_ROLES if role in found and role != "dora_scale"}
     rank = lycoris.layout(kind, {role: info.shape for role, info in factors.items()}).rank
     stored = found.get("alpha")
     value = alpha if alpha is not None or stored is None else _scalar(source, stored)
@@ -211,7 +211,8 @@ def _lycoris_module(
     first = next(iter(factors.values()))
     if not math.isfinite(value):
         raise InputError(f"{source.path}: {first.name} has alpha {value}, which gives no scale")
-    return LoraModule(module, first, first, rank, value, value / rank, False, kind, factors=factors)
+    magnitude = found.get("dora_scale")
+    return LoraModule(module, first, first, rank, value, value / rank, False, kind, magnitude, factors=factors)
 
 
 def _scalar(source: Checkpoint, info: TensorInfo) -> float:

@@ -10,6 +10,9 @@ The roles are LyCORIS' tensor names (`lycoris/modules/loha.py`, `lokr.py`), and 
   scale is 1 whatever the alpha (LyCORIS `LokrModule`: "use scale = 1").
 Conv factors come flattened, (r, in·∏k), or not, (r, in, *k); ΔW takes the base weight's layout by a
 row-major reshape, as LyCORIS' `weight.view(shape)` does.
+
+DoRA in kohya / LyCORIS files (`dora_scale`, on LoRA, LoHa and LoKr alike; FORMATS.md §5.3) rescales the
+merged weight by `weight_decompose`.
 """
 
 from __future__ import annotations
@@ -142,6 +145,28 @@ def _half_layout(shapes: Mapping[str, Shape], up_role: str, down_role: str, core
 
 def _flat(shape: Shape) -> Shape:
     return (shape[0], math.prod(shape[1:])) if shape else shape
+
+
+def dora_axis(scale: Shape, weight: Shape) -> int | None:
+    """The axis of W whose norms a kohya / LyCORIS `dora_scale` replaces: 0 for (out, 1, …) (LyCORIS' default,
+    wd_on_out), 1 for (1, in, 1, …); None when it has neither shape."""
+    ones = (1,) * (len(weight) - 1)
+    if scale == (weight[0], *ones):
+        return 0
+    if len(weight) >= 2 and scale == (1, weight[1], *ones[1:]):
+        return 1
+    return None
+
+
+def weight_decompose(merged: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
+    """LyCORIS' DoRA at multiplier 1, in fp32: W' = dora_scale · V / (‖V‖ + ε) for V = W + scale·ΔW, the norm
+    over every axis but the one `dora_scale` keeps (see dora_axis), ε fp32's machine epsilon, as LyCORIS adds."""
+    v = merged.float()
+    keep = dora_axis(tuple(dora_scale.shape), tuple(v.shape))
+    others = [d for d in range(v.dim()) if d != keep]
+    norm = torch.linalg.vector_norm(v, dim=others, keepdim=True) + torch.finfo(torch.float32).eps
+    scale: torch.Tensor = dora_scale.float() / norm
+    return v * scale
 
 
 def delta_norms(delta: torch.Tensor) -> tuple[float, float, float]:

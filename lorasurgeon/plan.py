@@ -440,13 +440,20 @@ def _resolve(
     problems = _factor_findings(adapter, module, info)
     if problems:
         return None, problems
-    transpose, problem = _fit(module, info, model_type)
+    transpose, problem = _fit(module, info, model_type, kohya=adapter.format == "kohya")
     if problem:
         return None, [_error(module.a.name, info.name, problem)]
     return (info, transpose), _nonfinite_findings(adapter, module, info, allow_nonfinite)
 
 
 def _factor_findings(adapter: Adapter, module: LoraModule, info: TensorInfo) -> list[Finding]:
+    magnitude = module.magnitude
+    if adapter.format == "kohya" and magnitude is not None and lycoris.dora_axis(magnitude.shape, info.shape) is None:
+        problem = (
+            f"dora_scale has shape {list(magnitude.shape)}, which is neither per output nor per input of the base "
+            f"shape {list(info.shape)}"
+        )
+        return [_error(magnitude.name, info.name, problem)]
     if module.factors:
         return _lycoris_findings(module, info)
     a, b = module.a, module.b
@@ -492,8 +499,9 @@ def _lycoris_findings(module: LoraModule, info: TensorInfo) -> list[Finding]:
     return problems
 
 
-def _fit(module: LoraModule, info: TensorInfo, model_type: str | None) -> tuple[bool, str | None]:
-    """(transpose, problem): whether ΔW is laid out transposed to fit W, or why it does not fit at all."""
+def _fit(module: LoraModule, info: TensorInfo, model_type: str | None, kohya: bool) -> tuple[bool, str | None]:
+    """(transpose, problem): whether ΔW is laid out transposed to fit W, or why it does not fit at all (a kohya
+    dora_scale is checked by _factor_findings)."""
     if module.factors:  # LoHa / LoKr: checked in full by _lycoris_findings
         return False, None
     if module.kind == "conv":
@@ -507,7 +515,7 @@ def _fit(module: LoraModule, info: TensorInfo, model_type: str | None) -> tuple[
     else:
         transpose, problem = _orientation(module, info, model_type)
     magnitude = module.magnitude
-    if problem is None and magnitude is not None and magnitude.numel != info.shape[1 if transpose else 0]:
+    if problem is None and magnitude is not None and not kohya and magnitude.numel != info.shape[1 if transpose else 0]:
         problem = f"DoRA magnitude {magnitude.name} has {magnitude.numel} values for {info.shape} outputs"
     return transpose, problem
 

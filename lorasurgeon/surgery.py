@@ -104,8 +104,12 @@ def compute(plan: Plan, step: Step, device: torch.device) -> torch.Tensor:
     del delta
     dora = next((t for t in step.terms if t.dora), None)
     if dora is not None and dora.module.magnitude is not None:
-        magnitude = plan.adapters[dora.adapter].source.read(dora.module.magnitude).to(device)
-        exact = linalg.dora_rescale(exact, magnitude, 1 if dora.transpose else 0)
+        adapter = plan.adapters[dora.adapter]
+        magnitude = adapter.source.read(dora.module.magnitude).to(device)
+        if adapter.format == "kohya":  # LyCORIS' dora_scale: its own axis and an epsilon (FORMATS.md §5.3)
+            exact = lycoris.weight_decompose(exact, magnitude)
+        else:
+            exact = linalg.dora_rescale(exact, magnitude, 1 if dora.transpose else 0)
     result = exact.to(out_dtype)
     if not linalg.fits(exact, out_dtype):
         _check_finite(plan, step, _start(plan, step), exact, result)

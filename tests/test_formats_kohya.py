@@ -133,9 +133,9 @@ def test_refuses_fused_qkv_and_ldm_unet_by_name(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("key", "what"),
-    [("hada_w1_a", "different algorithms"), ("lokr_w1", "different algorithms"), ("dora_scale", "DoRA")],
+    [("hada_w1_a", "different algorithms"), ("lokr_w1", "different algorithms")],
 )
-def test_refuses_lycoris_in_a_lora_module_and_kohya_dora_by_name(tmp_path: Path, key: str, what: str) -> None:
+def test_refuses_lycoris_factors_in_a_lora_module_by_name(tmp_path: Path, key: str, what: str) -> None:
     (tmp_path / "unet").mkdir()
     save_base(tmp_path / "unet" / "diffusion_pytorch_model.safetensors", UNET)
     name = kohya_name("lora_unet", next(iter(UNET)))

@@ -1,11 +1,12 @@
-"""LyCORIS LoHa and LoKr files (kohya module names, FORMATS.md §5.1) merged into tiny SD-shaped state dicts, and
-every LyCORIS variant lorasurgeon refuses, by name.
+"""LyCORIS LoHa and LoKr files (kohya module names, FORMATS.md §5.1), and LyCORIS DoRA (`dora_scale`, §5.3) on
+them and on kohya LoRA, merged into tiny SD-shaped state dicts; every LyCORIS variant lorasurgeon refuses, by name.
 
 Two oracles, neither of them our code. (1) ΔW computed here in fp64 from LyCORIS' definitions, written out
 with matmul, einsum and torch.kron on the unflattened conv layout (LoHa: (w1a @ w1b) ⊙ (w2a @ w2b); LoKr:
 kron(w1, w2) with w1 unsqueezed over the kernel, as LyCORIS' make_kron does), times alpha / rank (LoKr of two
-full matrices: 1). (2) Files written by the real LyCORIS modules (lycoris-lora, a test dependency), whose ΔW
-is LyCORIS' own `get_weight`, the update its forward pass applies. (LyCORIS 4.1.3's `merge_to` multiplies
+full matrices: 1); DoRA: dora_scale · V / (‖V‖ + fp32 ε), V = W + ΔW. (2) Files written by the real LyCORIS
+modules (lycoris-lora, a test dependency), whose merged weight is LyCORIS' own: `get_weight`, the update its
+forward pass applies, then `apply_weight_decompose` for DoRA. (LyCORIS 4.1.3's `merge_to` multiplies
 the scale in twice, alpha²/r², disagreeing with its own forward; lorasurgeon follows the forward, as ComfyUI
 and A1111 do.) Tolerance as in test_formats_kohya.py: fp32 within 1e-6 of the tensor's max magnitude; bf16
 within 1 ulp of the fp64 result, i.e. rounded once.
@@ -27,7 +28,7 @@ from test_formats_kohya import UNET, kohya_name, refused, save_base
 
 import lorasurgeon
 from lorasurgeon import keys, lycoris
-from lorasurgeon.errors import UnsupportedError
+from lorasurgeon.errors import LorasurgeonError, UnsupportedError
 
 Factors = dict[str, torch.Tensor]
 TO_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"  # (32, 32)
@@ -208,7 +209,7 @@ def lycoris_module(kind: str, weight: torch.Tensor, **options: object) -> torch.
         layer: torch.nn.Module = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     else:
         layer = torch.nn.Conv2d(weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), bias=False)
-    cls = modules.LohaModule if kind == "loha" else modules.LokrModule
+    cls = {"loha": modules.LohaModule, "lokr": modules.LokrModule, "locon": modules.LoConModule}[kind]
     with torch.no_grad():
         layer.weight.copy_(weight)
         module = cls("lora", layer, 1.0, **options)
@@ -227,7 +228,24 @@ LYCORIS_MODULES: dict[str, tuple[str, str, dict[str, object]]] = {
     "lokr-conv": (CONV, "lokr", {"lora_dim": 1, "alpha": 2.0}),
     "lokr-conv-tucker": (CONV, "lokr", {"lora_dim": 1, "alpha": 2.0, "use_tucker": True, "decompose_both": True}),
     "lokr-1x1": (PROJ_IN, "lokr", {"lora_dim": 2, "alpha": 1.0, "factor": 4}),
+    "dora-locon-linear": (FF, "locon", {"lora_dim": 4, "alpha": 2.0, "weight_decompose": True}),
+    "dora-locon-conv-per-input": (CONV, "locon", {"lora_dim": 2, "weight_decompose": True, "wd_on_out": False}),
+    "dora-loha-conv": (CONV, "loha", {"lora_dim": 2, "alpha": 1.0, "weight_decompose": True}),
+    "dora-loha-linear-per-input": (FF, "loha", {"lora_dim": 2, "weight_decompose": True, "wd_on_out": False}),
+    "dora-lokr-linear": (TO_Q, "lokr", {"lora_dim": 2, "alpha": 1.0, "weight_decompose": True}),
 }
+
+
+def lycoris_merged(module: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """W + ΔW as LyCORIS' forward pass builds it (LoCon's get_diff_weight agrees; LoHa/LoKr ones square the
+    scale), then its DoRA rescale when the module has one; in fp64."""
+    module = module.double()
+    with torch.no_grad():
+        if hasattr(module, "get_weight"):
+            merged = weight.double() + module.get_weight(weight.shape)
+        else:
+            merged = weight.double() + module.get_diff_weight(1.0)[0].reshape(weight.shape)
+        return module.apply_weight_decompose(merged, 1.0) if getattr(module, "wd", False) else merged
 
 
 @pytest.mark.parametrize("case", LYCORIS_MODULES)
@@ -243,9 +261,63 @@ def test_files_written_by_lycoris_merge_to_its_own_delta(tmp_path: Path, case: s
         file[f"{name}.alpha"] = torch.tensor(8.0)
     save_file(file, tmp_path / "lyco.safetensors")
     lorasurgeon.merge(base_dir, [tmp_path / "lyco.safetensors"], tmp_path / "out")
-    with torch.no_grad():
-        want = base[target].double() + module.double().get_weight(base[target].shape)
+    assert ("dora_scale" in module.state_dict()) == case.startswith("dora")
+    assert_merged(read_tensors(tmp_path / "out"), base, {target: lycoris_merged(module, base[target])})
+
+
+# --- DoRA (dora_scale): W' = dora_scale · V / (‖V‖ + ε) with V = W + scale·ΔW --------------------------------
+
+
+def expected_dora(merged: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
+    """LyCORIS' weight decomposition in fp64: norms per output row for (out, 1, …), per input for (1, in, …)."""
+    v = merged.double()
+    if dora_scale.shape[0] == v.shape[0]:
+        norm = v.reshape(v.shape[0], -1).norm(dim=1).reshape(dora_scale.shape)
+    else:
+        norm = v.transpose(0, 1).reshape(v.shape[1], -1).norm(dim=1).reshape(dora_scale.shape)
+    return v * (dora_scale.double() / (norm + torch.finfo(torch.float32).eps))
+
+
+@pytest.mark.parametrize("per_output", [True, False], ids=["per-output", "per-input"])
+@pytest.mark.parametrize("case", ["loha-conv3x3", "lokr-w2-lowrank", "lora-conv3x3"])
+def test_dora_scale_is_merged_exactly(tmp_path: Path, case: str, per_output: bool) -> None:
+    base_dir, base = unet(tmp_path)
+    torch.manual_seed(7)
+    if case == "lora-conv3x3":  # plain kohya LoRA with LyCORIS DoRA
+        target, alpha = CONV, 1.0
+        factors = random({"lora_down.weight": (2, 8, 3, 3), "lora_up.weight": (16, 2, 1, 1)})
+        up, down = factors["lora_up.weight"].double(), factors["lora_down.weight"].double()
+        delta = 0.5 * (up.reshape(16, 2) @ down.reshape(2, -1))  # alpha / r = 1 / 2
+    else:
+        target, shapes, alpha, scale = CASES[case]
+        factors = random(shapes)
+        delta = scale * expected_delta("loha" if "hada_w1_a" in shapes else "lokr", factors, base[target].shape)
+    shape = base[target].shape
+    ones = [1] * (len(shape) - 1)
+    dora_scale = torch.rand(shape[0], *ones) + 0.5 if per_output else torch.rand(1, shape[1], *ones[1:]) + 0.5
+    save_lycoris(
+        tmp_path / "lyco.safetensors", {kohya_name("lora_unet", target): (factors | {"dora_scale": dora_scale}, alpha)}
+    )
+    lorasurgeon.merge(base_dir, [tmp_path / "lyco.safetensors"], tmp_path / "out")
+    want = expected_dora(base[target].double() + delta.reshape(shape), dora_scale)
     assert_merged(read_tensors(tmp_path / "out"), base, {target: want})
+    plain = base[target].double() + delta.reshape(shape)
+    assert not torch.allclose(want, plain, atol=1e-3)  # guard: the rescale matters
+
+
+def test_dora_scale_refusals_name_the_tensor(tmp_path: Path) -> None:
+    base_dir, _ = unet(tmp_path)
+    name = kohya_name("lora_unet", TO_Q)
+    factors = random(CASES["loha-linear"][1])
+    save_lycoris(tmp_path / "dora.safetensors", {name: (factors | {"dora_scale": torch.rand(32, 1) + 0.5}, 2.0)})
+    with pytest.raises(LorasurgeonError, match="DoRA cannot be unmerged") as error:
+        lorasurgeon.unmerge(base_dir, tmp_path / "dora.safetensors", tmp_path / "out")
+    assert f"{name}.hada_w1_a -> {TO_Q}" in str(error.value) and not (tmp_path / "out").exists()
+    with pytest.raises(LorasurgeonError, match="weight 1 and scale 1"):
+        lorasurgeon.merge(base_dir, [tmp_path / "dora.safetensors"], tmp_path / "out", weights=[0.5])
+    save_lycoris(tmp_path / "bad.safetensors", {name: (factors | {"dora_scale": torch.ones(32, 2)}, 2.0)})
+    message = refused(base_dir, tmp_path / "bad.safetensors", tmp_path / "out", "neither per output nor per input")
+    assert f"{name}.dora_scale -> {TO_Q}" in message
 
 
 # --- check and report -------------------------------------------------------------------------------------------
@@ -298,10 +370,9 @@ def test_cli_check_and_report_json(tmp_path: Path, capsys: pytest.CaptureFixture
         ({"w_norm": torch.ones(32)}, "normalization-layer"),
         ({"lora_down.weight": torch.ones(2, 32), "lora_mid.weight": torch.ones(2, 2, 3, 3),
           "lora_up.weight": torch.ones(32, 2)}, "LoCon Tucker core (lora_mid)"),
-        ({**random(CASES["loha-linear"][1]), "dora_scale": torch.ones(32, 1)}, "DoRA (dora_scale)"),
         ({"lokr_t1": torch.ones(2, 2)}, "not a LoRA, LoHa or LoKr tensor"),
     ],
-    ids=["ia3", "glora", "oft", "full", "norm", "lora_mid", "dora_scale", "unknown"],
+    ids=["ia3", "glora", "oft", "full", "norm", "lora_mid", "unknown"],
 )  # fmt: skip
 def test_refuses_lycoris_variants_by_name(tmp_path: Path, extra: Factors, reason: str) -> None:
     base_dir, _ = unet(tmp_path)
