@@ -5,7 +5,8 @@ them. Everything the adapter holds that lorasurgeon cannot apply exactly is refu
 
 Besides LoRA factors (Linear, Conv1D, ConvNd and Embedding, with DoRA magnitudes and lora_B biases), a PEFT
 file holds full tensors that replace base tensors when PEFT loads it (modules_to_save, saved embeddings,
-bias="all"/"lora_only") and trainable-token rows (FORMATS.md §4.3-§4.5); both are kept here by name.
+bias="all"/"lora_only") and trainable-token rows (FORMATS.md §4.3-§4.5); both are kept here by name. A kohya
+file may hold LyCORIS LoHa and LoKr factors instead of LoRA ones, kept by role.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorasurgeon import keys
+from lorasurgeon import keys, lycoris
 from lorasurgeon.checkpoint import Checkpoint, read_json, refuse_pickle
 from lorasurgeon.errors import InputError, MismatchError, UnsupportedError
 from lorasurgeon.header import TensorInfo
@@ -26,6 +28,15 @@ from lorasurgeon.lora_config import CONFIG_NAME, LoraConfig
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 FACTOR_ROLES = (("lora_A", "lora_B", "linear"), ("lora_embedding_A", "lora_embedding_B", "embedding"))
+# LyCORIS algorithms of kohya-named modules (keys.LYCORIS_ROLES) that lorasurgeon refuses, and why.
+LYCORIS_REFUSED = {
+    "locon-tucker": "a LoCon Tucker core (lora_mid), which lorasurgeon does not merge yet",
+    "ia3": "LyCORIS (IA)³, which multiplies the base weight by a learned vector instead of adding a ΔW",
+    "glora": "LyCORIS GLoRA, whose update depends on the base weight (W·A + B), not on the adapter alone",
+    "oft": "LyCORIS OFT / BOFT, which rotates the base weight (an orthogonal transform) instead of adding a ΔW",
+    "full": "a LyCORIS full-weight difference (diff), which lorasurgeon does not merge yet",
+    "norm": "a LyCORIS normalization-layer module (w_norm / b_norm), which lorasurgeon does not merge yet",
+}
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,8 @@ class LoraModule:
 
     `kind` is "linear" (also transformers Conv1D), "conv" (A is (r, in, *k)) or "embedding" (A is (r, V),
     B is (d, r)); `magnitude` is the DoRA magnitude vector and `bias` the lora_B bias, when the adapter has them.
+    `kind` "loha" and "lokr" are LyCORIS modules (see lycoris.py): `factors` holds their tensors by role
+    (hada_w1_a, lokr_w2, ...), and `a` and `b` are both the first of them, which names the module in messages.
     """
 
     module: str
@@ -46,6 +59,7 @@ class LoraModule:
     kind: str = "linear"
     magnitude: TensorInfo | None = None
     bias: TensorInfo | None = None
+    factors: Mapping[str, TensorInfo] = field(default_factory=dict)
 
     @property
     def target(self) -> str:
@@ -131,7 +145,9 @@ def load_adapter(path: Path, alpha: float | None = None) -> Adapter:
 
 
 def _kohya_adapter(path: Path, source: Checkpoint, alpha: float | None) -> Adapter:
-    """A kohya / sd-scripts file (FORMATS.md §5.1, §5.3): `N.lora_down.weight`, `N.lora_up.weight`, `N.alpha`.
+    """A kohya / sd-scripts file (FORMATS.md §5.1, §5.3): `N.lora_down.weight`, `N.lora_up.weight`, `N.alpha`,
+    or LyCORIS LoHa (`N.hada_*`) and LoKr (`N.lokr_*`) factors with the same `N.alpha`; a LyCORIS DoRA
+    `N.dora_scale` (on any of them) is the module's magnitude.
 
     Module names stay kohya names (`lora_unet_..._to_q`); the plan resolves them against the base.
     """
@@ -141,8 +157,8 @@ def _kohya_adapter(path: Path, source: Checkpoint, alpha: float | None) -> Adapt
             module, role = keys.split_kohya_key(info.name)
             if role is None:
                 raise UnsupportedError(
-                    f"{source.path}: {info.name} is not a plain LoRA tensor (LyCORIS LoHa/LoKr/Tucker or kohya DoRA "
-                    "dora_scale), which lorasurgeon cannot merge yet"
+                    f"{source.path}: {info.name} is not a LoRA, LoHa or LoKr tensor of a kohya / LyCORIS file, "
+                    "so lorasurgeon cannot merge it"
                 )
             parts.setdefault(module, {})[role] = info
         modules = tuple(_kohya_module(source, module, found, alpha) for module, found in parts.items())
@@ -153,6 +169,19 @@ def _kohya_adapter(path: Path, source: Checkpoint, alpha: float | None) -> Adapt
 
 
 def _kohya_module(source: Checkpoint, module: str, found: dict[str, TensorInfo], alpha: float | None) -> LoraModule:
+    algorithms: dict[str, TensorInfo] = {}  # algorithm -> its first tensor, which names it
+    for role, info in found.items():
+        if role not in ("alpha", "dora_scale"):
+            algorithms.setdefault(keys.LYCORIS_ROLES.get(role, "lora"), info)
+    refused = next((name for name in algorithms if name in LYCORIS_REFUSED), None)
+    if refused is not None:
+        raise UnsupportedError(f"{source.path}: {algorithms[refused].name} is {LYCORIS_REFUSED[refused]}")
+    if len(algorithms) > 1:
+        first, second = list(algorithms.values())[:2]
+        raise MismatchError(f"{source.path}: {first.name} and {second.name} are of different algorithms in one module")
+    kind = next(iter(algorithms), "lora")
+    if kind != "lora":
+        return _lycoris_module(source, module, kind, found, alpha)
     if "lora_down" not in found or "lora_up" not in found:
         missing = "lora_up" if "lora_down" in found else "lora_down"
         raise MismatchError(f"{source.path}: {next(iter(found.values())).name} has no matching {missing} tensor")
@@ -164,7 +193,26 @@ def _kohya_module(source: Checkpoint, module: str, found: dict[str, TensorInfo],
     if rank <= 0 or not math.isfinite(value):
         raise InputError(f"{source.path}: {down.name} has rank {rank} and alpha {value}, which give no scale")
     kind = "conv" if len(down.shape) > 2 else "linear"
-    return LoraModule(module, down, up, rank, value, value / rank, False, kind)
+    return LoraModule(module, down, up, rank, value, value / rank, False, kind, found.get("dora_scale"))
+
+
+def _lycoris_module(
+    source: Checkpoint, module: str, kind: str, found: dict[str, TensorInfo], alpha: float | None
+) -> LoraModule:
+    """A LoHa or LoKr module: scale = alpha / rank as LyCORIS computes it (a missing or 0 alpha means alpha = rank;
+    a LoKr of two full matrices has rank 1 and scale 1). Shapes are checked against the base by the plan."""
+    factors = {role: found[role] for role in keys.LYCORIS_ROLES if role in found and role != "dora_scale"}
+    rank = lycoris.layout(kind, {role: info.shape for role, info in factors.items()}).rank
+    stored = found.get("alpha")
+    value = alpha if alpha is not None or stored is None else _scalar(source, stored)
+    if rank is None:  # a LoKr of two full matrices ("use scale = 1", whatever the alpha), or a misfit the plan names
+        rank, value = 1, 1.0
+    value = value or float(rank)
+    first = next(iter(factors.values()))
+    if not math.isfinite(value):
+        raise InputError(f"{source.path}: {first.name} has alpha {value}, which gives no scale")
+    magnitude = found.get("dora_scale")
+    return LoraModule(module, first, first, rank, value, value / rank, False, kind, magnitude, factors=factors)
 
 
 def _scalar(source: Checkpoint, info: TensorInfo) -> float:

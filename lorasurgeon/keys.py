@@ -79,6 +79,20 @@ QUANTIZED_PARTS = frozenset(
 
 # kohya / sd-scripts key suffixes -> role (FORMATS.md §5.1); any other suffix is not plain LoRA.
 KOHYA_ROLES = {".lora_down.weight": "lora_down", ".lora_up.weight": "lora_up", ".alpha": "alpha"}
+# LyCORIS tensors of kohya-named modules (the `weight_list` of LyCORIS modules/*.py): suffix -> algorithm.
+# A kohya module name holds no ".", so the suffix is everything after the first one.
+LYCORIS_ROLES: dict[str, str] = {
+    **dict.fromkeys(("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"), "loha"),
+    **dict.fromkeys(("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"), "lokr"),
+    "dora_scale": "dora",
+    "lora_mid.weight": "locon-tucker",
+    "weight": "ia3",
+    "on_input": "ia3",
+    **dict.fromkeys(("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight"), "glora"),
+    **dict.fromkeys(("oft_blocks", "rescale"), "oft"),
+    **dict.fromkeys(("diff", "diff_b"), "full"),
+    **dict.fromkeys(("w_norm", "b_norm"), "norm"),
+}
 # Checkpoint name prefix -> the kohya prefixes its modules may carry (FORMATS.md §5.2). "" stands for a
 # diffusers component file (unet/, text_encoder/, text_encoder_2/), whose names are sd-scripts' module paths.
 # Layouts whose stored names are not sd-scripts' module paths (SD1/2 LDM-layout U-Nets, SDXL kohya names on a
@@ -190,17 +204,20 @@ def under_module(names: Sequence[str] | None, module: str) -> bool:
 
 
 def is_kohya(names: Iterable[str]) -> bool:
-    """True when a file's keys are kohya / sd-scripts LoRA keys (`lora_down` / `lora_up`)."""
-    return any(n.endswith((".lora_down.weight", ".lora_up.weight")) for n in names)
+    """True when a file's keys are kohya / sd-scripts keys: `lora_down` / `lora_up`, or any key of a module
+    named under a kohya component (`lora_unet_...`), as LyCORIS LoHa, LoKr, (IA)³, OFT, ... files are."""
+    prefixes = tuple(f"{c}_" for c in KOHYA_COMPONENTS)
+    return any(n.endswith((".lora_down.weight", ".lora_up.weight")) or n.startswith(prefixes) for n in names)
 
 
 def split_kohya_key(key: str) -> tuple[str, str | None]:
-    """`lora_unet_mid_block_attentions_0_proj_in.lora_down.weight` -> (module name, "lora_down"); role None
-    for anything that is not a plain LoRA tensor (LyCORIS hada_/lokr_/lora_mid, dora_scale, ...)."""
+    """`lora_unet_mid_block_attentions_0_proj_in.lora_down.weight` -> (module name, "lora_down"); a LyCORIS
+    tensor's role is its suffix (`hada_w1_a`, `lokr_w2`, `dora_scale`, ...); role None for an unknown suffix."""
     for suffix, role in KOHYA_ROLES.items():
         if key.endswith(suffix):
             return key[: -len(suffix)], role
-    return key.partition(".")[0], None
+    module, _, suffix = key.partition(".")
+    return module, suffix if suffix in LYCORIS_ROLES else None
 
 
 def kohya_names(tensor_names: Iterable[str]) -> dict[str, list[str]]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lorasurgeon import keys, linalg, sd_names
+from lorasurgeon import keys, linalg, lycoris, sd_names
 from lorasurgeon.adapter import Adapter, LoraModule
 from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.header import TensorInfo
@@ -53,6 +53,7 @@ class Term:
     With `bias`, the step is the module's bias vector and the term adds factor · lora_B.bias to it. A module
     with a DoRA magnitude rescales the step's sum (the plan lets no other term share such a step). With `rows`
     (start, stop), ΔW changes only those rows of the step's tensor (q, k or v of a fused OpenCLIP in_proj_weight).
+    `shape` is the changed tensor's (or rows'), in which a LyCORIS ΔW (rebuilt from flattened factors) is laid out.
     """
 
     adapter: int
@@ -61,6 +62,7 @@ class Term:
     transpose: bool
     bias: bool = False
     rows: tuple[int, int] | None = None
+    shape: tuple[int, ...] = ()
 
     @property
     def dora(self) -> bool:
@@ -196,7 +198,9 @@ def _add_module(
     if any(t.adapter == index and _overlap(t.rows, rows) for t in found.terms.get(info.name, [])):
         found.findings.append(_error(module.a.name, info.name, "a second module of the adapter changes it too"))
         return
-    found.terms.setdefault(info.name, []).append(Term(index, module, weight * module.scale, transpose, rows=rows))
+    shape = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
+    term = Term(index, module, weight * module.scale, transpose, rows=rows, shape=shape)
+    found.terms.setdefault(info.name, []).append(term)
     if module.bias is not None:
         bias, problem = _bias_target(found.tensors, module.module, module.bias)
         if bias is None:
@@ -448,7 +452,8 @@ def _resolve(
     if problems:
         return None, problems
     shape = (rows[1] - rows[0], *info.shape[1:]) if rows else info.shape  # the factors must fit the rows they change
-    transpose, problem = _fit(module, info._replace(shape=shape, numel=math.prod(shape)) if rows else info, model_type)
+    fitted = info._replace(shape=shape, numel=math.prod(shape)) if rows else info
+    transpose, problem = _fit(module, fitted, model_type, kohya=adapter.format == "kohya")
     if problem:
         where = "" if rows is None else f" (rows {rows[0]}:{rows[1]} of the fused q/k/v tensor)"
         return None, [_error(module.a.name, info.name, problem + where)]
@@ -473,6 +478,15 @@ def _kohya_view(
 
 
 def _factor_findings(adapter: Adapter, module: LoraModule, info: TensorInfo) -> list[Finding]:
+    magnitude = module.magnitude
+    if adapter.format == "kohya" and magnitude is not None and lycoris.dora_axis(magnitude.shape, info.shape) is None:
+        problem = (
+            f"dora_scale has shape {list(magnitude.shape)}, which is neither per output nor per input of the base "
+            f"shape {list(info.shape)}"
+        )
+        return [_error(magnitude.name, info.name, problem)]
+    if module.factors:
+        return _lycoris_findings(module, info)
     a, b = module.a, module.b
     groups = _conv_groups(module, info)
     if groups > 1:
@@ -497,8 +511,30 @@ def _factor_findings(adapter: Adapter, module: LoraModule, info: TensorInfo) -> 
     return problems
 
 
-def _fit(module: LoraModule, info: TensorInfo, model_type: str | None) -> tuple[bool, str | None]:
-    """(transpose, problem): whether ΔW is laid out transposed to fit W, or why it does not fit at all."""
+def _lycoris_findings(module: LoraModule, info: TensorInfo) -> list[Finding]:
+    """A LoHa / LoKr module's factors: floating point, consistent with each other, and a ΔW of W's shape."""
+    problems = [
+        _error(f.name, info.name, f"dtype {f.dtype} is not floating point")
+        for f in module.factors.values()
+        if not f.is_float
+    ]
+    if not info.is_float:
+        problems.append(_error(module.a.name, info.name, f"base tensor has dtype {info.dtype}, not floating point"))
+    fit = lycoris.layout(module.kind, {role: f.shape for role, f in module.factors.items()})
+    name = {"loha": "LoHa", "lokr": "LoKr"}[module.kind]
+    if fit.problem:
+        problems.append(_error(module.a.name, info.name, f"the {name} module {fit.problem}"))
+    elif not lycoris.fits(fit.shape, info.shape):
+        problem = f"the {name} ΔW is {list(fit.shape)}, which does not fit the base shape {list(info.shape)}"
+        problems.append(_error(module.a.name, info.name, problem))
+    return problems
+
+
+def _fit(module: LoraModule, info: TensorInfo, model_type: str | None, kohya: bool) -> tuple[bool, str | None]:
+    """(transpose, problem): whether ΔW is laid out transposed to fit W, or why it does not fit at all (a kohya
+    dora_scale is checked by _factor_findings)."""
+    if module.factors:  # LoHa / LoKr: checked in full by _lycoris_findings
+        return False, None
     if module.kind == "conv":
         transpose, problem = False, _conv_problem(module, info)
     elif len(info.shape) != 2:
@@ -510,7 +546,7 @@ def _fit(module: LoraModule, info: TensorInfo, model_type: str | None) -> tuple[
     else:
         transpose, problem = _orientation(module, info, model_type)
     magnitude = module.magnitude
-    if problem is None and magnitude is not None and magnitude.numel != info.shape[1 if transpose else 0]:
+    if problem is None and magnitude is not None and not kohya and magnitude.numel != info.shape[1 if transpose else 0]:
         problem = f"DoRA magnitude {magnitude.name} has {magnitude.numel} values for {info.shape} outputs"
     return transpose, problem
 
@@ -558,7 +594,7 @@ def _orientation(module: LoraModule, info: TensorInfo, model_type: str | None) -
 def _nonfinite_findings(adapter: Adapter, module: LoraModule, info: TensorInfo, allow: bool) -> list[Finding]:
     """NaN/Inf in a factor spreads over whole rows or columns of ΔW: an error, or with `allow` a warning."""
     problems = []
-    for factor in (module.a, module.b):
+    for factor in tuple(module.factors.values()) or (module.a, module.b):
         values = adapter.source.read(factor).float()
         bad = 0 if linalg.fits(values, torch.float32) else linalg.nonfinite_count(values)  # count only on failure
         if bad and allow:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lorasurgeon import keys, linalg
+from lorasurgeon import keys, linalg, lycoris
 from lorasurgeon.adapter import WEIGHTS_NAME, load_adapter
 from lorasurgeon.checkpoint import Checkpoint, read_json
 from lorasurgeon.errors import InputError, LorasurgeonError, MismatchError, UnsupportedError
@@ -78,7 +78,7 @@ class ModuleReport:
     """One adapted module: its tensors' roles, rank/alpha/scale, parameters and the base matrix it changes."""
 
     module: str
-    kind: str  # "linear" | "conv" | "embedding" | "replacement" | "tokens" | "unpaired"
+    kind: str  # "linear" | "conv" | "embedding" | "replacement" | "tokens" | "unpaired" | a LyCORIS algorithm
     tensors: dict[str, str]  # role (lora_A, lora_B, lora_magnitude_vector, replacement:weight, ...) -> key
     dtype: str
     parameters: int
@@ -214,10 +214,13 @@ def _locate(path: Path) -> tuple[Path, Path | None]:
 
 
 def _split(name: str) -> tuple[str, str]:
-    """(module, role) of an adapter key in PEFT, diffusers or kohya naming."""
+    """(module, role) of an adapter key in PEFT, diffusers or kohya naming (LyCORIS roles: their suffix)."""
     for suffix, role in KOHYA_ROLES.items():
         if name.endswith(suffix):
             return name[: -len(suffix)], role
+    module, lycoris_role = keys.split_kohya_key(name)
+    if lycoris_role is not None and keys.kohya_component(module):
+        return module, lycoris_role
     key = keys.split_peft_key(name)
     return key.module, key.role if key.role != "replacement" else f"replacement:{key.param}"
 
@@ -394,6 +397,9 @@ class _Settings:
         b = counted.get("lora_B") or counted.get("lora_embedding_B")
         if "trainable_tokens_delta" in counted:
             return replace(described, kind="tokens")
+        algorithm = next((keys.LYCORIS_ROLES[r] for r in counted if r in keys.LYCORIS_ROLES), None)
+        if algorithm is not None:
+            return _lycoris_module(described, algorithm, counted, kohya_alpha)
         if a is None or b is None or len(a.shape) < 2 or len(b.shape) < 2:
             return replace(described, kind="unpaired") if a or b else described
         rank, alpha = self.rank_alpha(name, a.shape[0], kohya_alpha)
@@ -416,6 +422,19 @@ class _Settings:
             if said != m.rank:
                 found.append(Finding("error", f"{where}: {m.module} has rank {m.rank} but {CONFIG_NAME} says {said}"))
         return found
+
+
+def _lycoris_module(
+    described: ModuleReport, algorithm: str, roles: dict[str, TensorInfo], kohya_alpha: float | None
+) -> ModuleReport:
+    """A LyCORIS module of a kohya file: LoHa and LoKr with the rank, alpha, scale and ΔW shape the merge uses
+    (lycoris.py; a LoKr of two full matrices has scale 1); other algorithms, which the merge refuses, by name."""
+    shapes = {r: t.shape for r, t in roles.items() if keys.LYCORIS_ROLES.get(r) == algorithm}
+    fit = lycoris.layout(algorithm, shapes) if algorithm in ("loha", "lokr") else None
+    if fit is None or fit.problem:  # the merge and `check` name the problem
+        return replace(described, kind=algorithm)
+    rank, alpha = (fit.rank, kohya_alpha or float(fit.rank)) if fit.rank else (1, 1.0)
+    return replace(described, kind=algorithm, rank=rank, alpha=alpha, scale=alpha / rank, base_shape=fit.shape)
 
 
 def _check(path: Path, base_path: Path, modules: tuple[ModuleReport, ...]) -> CheckResult:
@@ -458,12 +477,19 @@ def _with_stats(report: Report, ckpt: Checkpoint, on_progress: Callable[[Progres
 def _delta_norms(ckpt: Checkpoint, m: ModuleReport) -> ModuleReport:
     if m.rank is None:
         return m
-    prefix = "lora_embedding_" if m.kind == "embedding" else "lora_"
-    a = ckpt.read(ckpt.tensors[m.tensors[prefix + "A"]])
-    b = ckpt.read(ckpt.tensors[m.tensors[prefix + "B"]])
-    if linalg.nonfinite_count(a) or linalg.nonfinite_count(b):
-        return m  # the NaN/Inf are counted in the tensor statistics; a norm of them means nothing
-    fro, spectral, stable = linalg.lora_delta_norms(a, b)
+    if m.kind in ("loha", "lokr"):
+        factors = {r: ckpt.read(ckpt.tensors[k]) for r, k in m.tensors.items() if r in keys.LYCORIS_ROLES}
+        if any(linalg.nonfinite_count(f) for f in factors.values()):
+            return m
+        delta = lycoris.loha_delta if m.kind == "loha" else lycoris.lokr_delta
+        fro, spectral, stable = lycoris.delta_norms(delta(factors, 1.0, m.base_shape or ()))
+    else:
+        prefix = "lora_embedding_" if m.kind == "embedding" else "lora_"
+        a = ckpt.read(ckpt.tensors[m.tensors[prefix + "A"]])
+        b = ckpt.read(ckpt.tensors[m.tensors[prefix + "B"]])
+        if linalg.nonfinite_count(a) or linalg.nonfinite_count(b):
+            return m  # the NaN/Inf are counted in the tensor statistics; a norm of them means nothing
+        fro, spectral, stable = linalg.lora_delta_norms(a, b)
     scale = abs(m.scale) if m.scale is not None else None
     return replace(
         m,

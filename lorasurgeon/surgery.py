@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lorasurgeon import linalg
+from lorasurgeon import linalg, lycoris
 from lorasurgeon.checkpoint import PICKLE_SUFFIXES
 from lorasurgeon.errors import NonfiniteWarning, NumericError
 from lorasurgeon.header import DTYPES
@@ -163,8 +163,12 @@ def compute(plan: Plan, step: Step, device: torch.device, weight: torch.Tensor |
     del delta
     dora = next((t for t in step.terms if t.dora), None)
     if dora is not None and dora.module.magnitude is not None:
-        magnitude = plan.adapters[dora.adapter].source.read(dora.module.magnitude).to(device)
-        exact = linalg.dora_rescale(exact, magnitude, 1 if dora.transpose else 0)
+        adapter = plan.adapters[dora.adapter]
+        magnitude = adapter.source.read(dora.module.magnitude).to(device)
+        if adapter.format == "kohya":  # LyCORIS' dora_scale: its own axis and an epsilon (FORMATS.md §5.3)
+            exact = lycoris.weight_decompose(exact, magnitude)
+        else:
+            exact = linalg.dora_rescale(exact, magnitude, 1 if dora.transpose else 0)
     result = exact.to(out_dtype)
     if not linalg.fits(exact, out_dtype):
         _check_finite(plan, step, _start(plan, step), exact, result)
@@ -206,6 +210,10 @@ def _delta(plan: Plan, term: Term, device: torch.device) -> torch.Tensor:
     module = term.module
     if term.bias and module.bias is not None:
         return source.read(module.bias).to(device).float().mul_(term.factor)
+    if module.factors:
+        factors = {role: source.read(info).to(device) for role, info in module.factors.items()}
+        delta = lycoris.loha_delta if module.kind == "loha" else lycoris.lokr_delta
+        return delta(factors, term.factor, term.shape)
     a, b = source.read(module.a).to(device), source.read(module.b).to(device)
     if module.kind == "conv":
         return linalg.conv_delta(a, b, term.factor)

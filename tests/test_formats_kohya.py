@@ -135,9 +135,9 @@ def test_refuses_kohya_names_no_layout_has(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("key", "what"),
-    [("hada_w1_a", "LoHa"), ("lokr_w1", "LoKr"), ("dora_scale", "dora_scale")],
+    [("hada_w1_a", "different algorithms"), ("lokr_w1", "different algorithms")],
 )
-def test_refuses_lycoris_and_kohya_dora_by_name(tmp_path: Path, key: str, what: str) -> None:
+def test_refuses_lycoris_factors_in_a_lora_module_by_name(tmp_path: Path, key: str, what: str) -> None:
     (tmp_path / "unet").mkdir()
     save_base(tmp_path / "unet" / "diffusion_pytorch_model.safetensors", UNET)
     name = kohya_name("lora_unet", next(iter(UNET)))
@@ -145,8 +145,8 @@ def test_refuses_lycoris_and_kohya_dora_by_name(tmp_path: Path, key: str, what: 
     tensors = read_tensors(tmp_path / "lora.safetensors")
     tensors[f"{name}.{key}"] = torch.ones(32, 1)
     save_file(tensors, tmp_path / "lora.safetensors")
-    message = refused(tmp_path / "unet", tmp_path / "lora.safetensors", tmp_path / "o", "not a plain LoRA tensor")
-    assert f"{name}.{key}" in message and what in message
+    message = refused(tmp_path / "unet", tmp_path / "lora.safetensors", tmp_path / "o", what)
+    assert f"{name}.{key}" in message
 
 
 def save_diffusers_lora(

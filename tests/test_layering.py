@@ -16,6 +16,7 @@ ORDER = [
     "keys",
     "lora_config",
     "linalg",
+    "lycoris",
     "checkpoint",
     "writer",
     "adapter",
