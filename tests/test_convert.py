@@ -179,7 +179,9 @@ def test_kohya_peft_kohya_on_an_sdxl_file_keeps_names_bytes_and_alphas(tmp_path:
     before, after = read_tensors(tmp_path / "k.safetensors"), read_tensors(tmp_path / "k2.safetensors")
     alphas = {k: (3.0 if "fc1" in k else 2.0) for k in after if k.endswith(".alpha")}  # missing alpha = rank
     assert {k: v.item() for k, v in after.items() if k.endswith(".alpha")} == alphas
-    assert all(bits(before[k]) == bits(t) for k, t in after.items() if not k.endswith(".alpha"))
+    factors = sorted(k for k in after if not k.endswith(".alpha"))
+    assert factors == sorted(k for k in before if not k.endswith(".alpha")) and len(factors) == 10
+    assert all(bits(before[k]) == bits(after[k]) for k in factors)
     message = refused(
         tmp_path / "peft",
         "kohya",
