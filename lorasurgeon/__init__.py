@@ -19,6 +19,8 @@ import torch
 
 from lorasurgeon.adapter import Adapter, load_adapter
 from lorasurgeon.checkpoint import Checkpoint
+from lorasurgeon.convert import ConvertSummary
+from lorasurgeon.convert import run as run_convert
 from lorasurgeon.errors import LorasurgeonError, MismatchError
 from lorasurgeon.extract import ExtractOptions, ExtractSummary
 from lorasurgeon.extract import run as run_extract
@@ -28,12 +30,14 @@ from lorasurgeon.surgery import Progress, SurgerySummary, execute
 from lorasurgeon.writer import CheckpointWriter
 
 __all__ = [
+    "ConvertSummary",
     "ExtractSummary",
     "LorasurgeonError",
     "Progress",
     "Report",
     "SurgerySummary",
     "check",
+    "convert",
     "extract",
     "merge",
     "report",
@@ -233,6 +237,42 @@ def extract(
     torch_device = resolve_device(device)
     out_path = Path(out) if out is not None else None
     return run_extract(Path(base), Path(tuned), out_path, options, torch_device, force, dry_run, on_progress)
+
+
+def convert(
+    adapter: PathLike,
+    out: PathLike | None = None,
+    *,
+    to: str,
+    base: PathLike | None = None,
+    component: str | None = None,
+    alpha: float | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+) -> ConvertSummary:
+    """Write `adapter` (PEFT, kohya or diffusers) in the format `to` (peft, kohya, diffusers) with the same ΔW.
+
+    A and B are copied byte for byte; names and the scale convention are rewritten (see lorasurgeon.convert).
+    OUT is a PEFT directory or one .safetensors file (default `<adapter>-<to>` in the current directory).
+    `base` resolves kohya names (required from kohya) and can name kohya modules; `component` (unet,
+    text_encoder, ..., or a kohya prefix lora_unet, lora_te, lora_te1, lora_te2) names the component of a PEFT
+    adapter, or selects one component of a kohya or diffusers file. Raises UnsupportedError naming a tensor the
+    target cannot hold, MismatchError when a module does not resolve against `base`, OutputError when `out`
+    cannot be written.
+
+    >>> convert("adapter/", "lora.safetensors", to="kohya", component="lora_unet").modules[0].name  # doctest: +SKIP
+    'lora_unet_down_blocks_0_attentions_0_proj_in'
+    """
+    return run_convert(
+        Path(adapter),
+        Path(out) if out is not None else None,
+        to,
+        Path(base) if base is not None else None,
+        component,
+        alpha,
+        force,
+        dry_run,
+    )
 
 
 @contextlib.contextmanager

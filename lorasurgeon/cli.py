@@ -17,7 +17,9 @@ import click
 
 import lorasurgeon
 from lorasurgeon import render
+from lorasurgeon.convert import TARGETS
 from lorasurgeon.errors import LorasurgeonError, NonfiniteWarning
+from lorasurgeon.renaming import COMPONENTS
 from lorasurgeon.report import RULE_HELP
 
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
@@ -47,7 +49,7 @@ EXISTING = click.Path(exists=False, path_type=Path)
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
-    """LoRA surgery on safetensors checkpoints: check, merge, unmerge, extract, report."""
+    """LoRA surgery on safetensors checkpoints: check, merge, unmerge, extract, report, convert."""
     ctx.obj = {"debug": debug}
 
 
@@ -198,6 +200,39 @@ def extract(base: Path, tuned: Path, out: Path | None, plot: Path | None, **opti
     if plot is not None:
         render.plot_extract(summary, plot)
     render.emit_json(render.extract_doc(summary)) if as_json else render.show_extract(summary)
+
+
+@cli.command()
+@click.argument("adapter", type=EXISTING)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    help="PEFT: a directory; else a .safetensors file (default: <adapter>-<to>).",
+)
+@click.option("--to", "to", type=click.Choice(TARGETS), required=True, help="The format to write.")
+@click.option(
+    "--base",
+    type=EXISTING,
+    help="Checkpoint whose tensor names resolve kohya names (needed from kohya); it can also name kohya modules.",
+)
+@click.option(
+    "--component",
+    type=click.Choice(list(COMPONENTS)),
+    help="The pipeline component (or kohya prefix) of a PEFT adapter; for kohya and diffusers files, convert only it.",
+)
+@ALPHA
+@FORCE
+@DRY_RUN
+@JSON
+def convert(adapter: Path, out: Path | None, **options: Any) -> None:
+    """Rewrite ADAPTER as a PEFT, kohya or diffusers LoRA: same A and B bytes, same ΔW.
+
+    Example: lorasurgeon convert adapter/ --to kohya --component lora_unet -o lora.safetensors
+    """
+    as_json = options.pop("as_json")
+    summary = lorasurgeon.convert(adapter, out, **options)
+    render.emit_json(render.convert_doc(summary)) if as_json else render.show_convert(summary)
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from lorasurgeon.convert import ConvertSummary
 from lorasurgeon.errors import UnsupportedError
 from lorasurgeon.extract import ExtractSummary
 from lorasurgeon.plan import Finding, Plan
@@ -462,6 +463,54 @@ def show_extract(summary: ExtractSummary) -> None:
             f"{summary.bytes_written / 1e6:.1f} MB, {summary.seconds:.1f} s on {summary.device})",
             soft_wrap=True,
         )
+
+
+def convert_doc(summary: ConvertSummary) -> dict[str, Any]:
+    """The `convert --json` document: each module's old and new name, rank, alpha and (unchanged) scale."""
+    return {
+        "adapter": summary.adapter,
+        "from": summary.source_format,
+        "to": summary.target_format,
+        "output": summary.output,
+        "dry_run": summary.dry_run,
+        "seconds": round(summary.seconds, 3),
+        "bytes_written": summary.bytes_written,
+        "modules": [
+            {
+                "source": c.module.module,
+                "target": c.name,
+                "kind": c.module.kind,
+                "rank": c.module.rank,
+                "alpha": c.alpha,
+                "scale": c.module.scale,
+            }
+            for c in summary.modules
+        ],
+        "carried": list(summary.carried),
+        "left_out": list(summary.left_out),
+        "warnings": [finding_doc(f) for f in summary.warnings],
+        "config": summary.config,
+        "metadata": summary.metadata,
+    }
+
+
+def show_convert(summary: ConvertSummary) -> None:
+    """One line saying what was written; with --dry-run, the table of old and new names first."""
+    show_findings(summary.warnings)
+    if summary.dry_run:
+        table = Table(title=f"dry run: convert to {summary.target_format} into {summary.output}", title_justify="left")
+        for column in ("module", summary.target_format, "rank", "alpha", "scale"):
+            table.add_column(column, justify="right" if column in ("rank", "alpha", "scale") else "left")
+        for c in summary.modules:
+            table.add_row(c.module.module, c.name, str(c.module.rank), f"{c.alpha:.6g}", f"{c.module.scale:.6g}")
+        stderr.print(table)
+    verb = "would write" if summary.dry_run else "wrote"
+    size = "" if summary.dry_run else f", {summary.bytes_written / 1e6:.1f} MB, {summary.seconds:.1f} s"
+    stderr.print(
+        f"convert: {verb} {summary.output} ({summary.target_format} from {summary.source_format}, "
+        f"{len(summary.modules)} modules, A and B bytes unchanged{size})",
+        soft_wrap=True,
+    )
 
 
 def require_matplotlib() -> None:
