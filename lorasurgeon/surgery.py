@@ -5,6 +5,7 @@ Only the tensor in hand (and its factors) is resident. Untouched tensors are cop
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from collections.abc import Callable, Iterator
@@ -67,7 +68,7 @@ def execute(
     total_bytes = sum(s.tensor.nbytes for s in plan.steps)
     done_tensors = done_bytes = 0
     writer.reserve(_output_bytes(plan))
-    with ReadAhead(plan) as ahead:
+    with ReadAhead(plan) as ahead, _torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
         for shard in base.shards:
             steps = [s for s in plan.steps if s.shard == shard.name]
             entries = [(s.tensor.name, s.out_dtype, s.tensor.shape) for s in steps]
@@ -88,6 +89,18 @@ def execute(
     if base.layout == "file":
         return [], []
     return copy_companions(base.root, plan, writer)
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """Run with `count` torch threads. A CPU merge uses one: its cache-sized blocks are too small to share out
+    (two threads took longer on a 2-core machine), and the reader and writer threads need the other cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def computed(step: Step) -> bool:
