@@ -11,23 +11,32 @@ The public API is plain functions over paths; each returns a summary dataclass a
 from __future__ import annotations
 
 import contextlib
+import importlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lorasurgeon.adapter import Adapter, load_adapter
 from lorasurgeon.checkpoint import Checkpoint
-from lorasurgeon.convert import ConvertSummary
-from lorasurgeon.convert import run as run_convert
 from lorasurgeon.errors import LorasurgeonError, MismatchError
-from lorasurgeon.extract import ExtractOptions, ExtractSummary
-from lorasurgeon.extract import run as run_extract
-from lorasurgeon.plan import Plan, plan_surgery
 from lorasurgeon.report import Report, make_report, parse_rule
-from lorasurgeon.surgery import Progress, SurgerySummary, execute
-from lorasurgeon.writer import CheckpointWriter
+
+# The modules that compute load torch, whose import takes seconds; a header-only `report` needs none of them,
+# so they are imported inside the functions that use them, and the types below on first use (__getattr__).
+if TYPE_CHECKING:
+    import torch
+
+    from lorasurgeon.conversion import ConvertSummary
+    from lorasurgeon.extraction import ExtractSummary
+    from lorasurgeon.plan import Plan
+    from lorasurgeon.surgery import Progress, SurgerySummary
+LAZY_TYPES = {
+    "ConvertSummary": "lorasurgeon.conversion",
+    "ExtractSummary": "lorasurgeon.extraction",
+    "Progress": "lorasurgeon.surgery",
+    "SurgerySummary": "lorasurgeon.surgery",
+}
 
 __all__ = [
     "ConvertSummary",
@@ -48,11 +57,19 @@ DTYPE_CHOICES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 PathLike = str | Path
 
 
+def __getattr__(name: str) -> Any:
+    if name in LAZY_TYPES:
+        return getattr(importlib.import_module(LAZY_TYPES[name]), name)
+    raise AttributeError(f"module 'lorasurgeon' has no attribute {name!r}")
+
+
 def check(base: PathLike, adapters: Sequence[PathLike], *, alpha: float | None = None) -> Plan:
     """Check that the adapters fit the base checkpoint; returns the Plan, whose `findings` say what is wrong.
 
     Raises LorasurgeonError only for input that cannot be read at all.
     """
+    from lorasurgeon.plan import plan_surgery
+
     with _opened(base, adapters, alpha) as (ckpt, loaded):
         return plan_surgery("merge", ckpt, loaded, [1.0] * len(loaded))
 
@@ -153,6 +170,10 @@ def _surgery(
     allow_nonfinite: bool,
     on_progress: Callable[[Progress], None] | None,
 ) -> SurgerySummary:
+    from lorasurgeon.plan import plan_surgery
+    from lorasurgeon.surgery import SurgerySummary, execute
+    from lorasurgeon.writer import CheckpointWriter
+
     started = time.perf_counter()
     weights = _weights(weights, len(adapters))
     torch_device = resolve_device(device)
@@ -213,7 +234,7 @@ def extract(
 
     Per target matrix (2-D weights, linear projections unless `targets` globs or `re:` regexes say otherwise)
     ΔW is factorised by truncated SVD at `rank`, or at the smallest rank keeping `energy` of ‖ΔW‖²_F (at most
-    `max_rank`); `method` is auto, exact or randomized (see lorasurgeon.extract). `curve` adds the relative
+    `max_rank`); `method` is auto, exact or randomized (see lorasurgeon.extraction). `curve` adds the relative
     error at those ranks. `save_changed_vectors` stores the modules whose 1-D tensors (norms) changed as PEFT
     modules_to_save. Raises MismatchError when names or shapes differ (unless `skip_mismatched`),
     NothingChangedError (exit code 1) when no target differs, OutputError when `out` cannot be written.
@@ -221,6 +242,9 @@ def extract(
     >>> extract("base/", "tuned/", "lora/", rank=16).total_error  # doctest: +SKIP
     0.41
     """
+    from lorasurgeon.extraction import ExtractOptions
+    from lorasurgeon.extraction import run as run_extract
+
     options = ExtractOptions(
         rank,
         energy,
@@ -252,7 +276,7 @@ def convert(
 ) -> ConvertSummary:
     """Write `adapter` (PEFT, kohya or diffusers) in the format `to` (peft, kohya, diffusers) with the same ΔW.
 
-    A and B are copied byte for byte; names and the scale convention are rewritten (see lorasurgeon.convert).
+    A and B are copied byte for byte; names and the scale convention are rewritten (see lorasurgeon.conversion).
     OUT is a PEFT directory or one .safetensors file (default `<adapter>-<to>` in the current directory).
     `base` resolves kohya names (required from kohya) and can name kohya modules; `component` (unet,
     text_encoder, ..., or a kohya prefix lora_unet, lora_te, lora_te1, lora_te2) names the component of a PEFT
@@ -263,6 +287,8 @@ def convert(
     >>> convert("adapter/", "lora.safetensors", to="kohya", component="lora_unet").modules[0].name  # doctest: +SKIP
     'lora_unet_down_blocks_0_attentions_0_proj_in'
     """
+    from lorasurgeon.conversion import run as run_convert
+
     return run_convert(
         Path(adapter),
         Path(out) if out is not None else None,
@@ -299,6 +325,8 @@ def default_output(ckpt: Checkpoint, operation: str) -> Path:
 
 
 def resolve_device(device: str) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -14,12 +14,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from lorasurgeon.errors import InputError
-from lorasurgeon.header import DTYPES, Header, TensorInfo, pickle_refusal, read_header
+from lorasurgeon.header import Header, TensorInfo, pickle_refusal, read_header, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 # Files holding Python pickles: never opened, whatever their extension claims.
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
@@ -86,12 +87,14 @@ class Checkpoint:
 
     def read(self, info: TensorInfo) -> torch.Tensor:
         """The tensor's data in a fresh CPU buffer (only this tensor is resident)."""
-        torch_dtype = DTYPES[info.dtype][0]
+        import torch  # here, not at the top: reading headers (report) needs no torch, whose import takes seconds
+
+        dtype = torch_dtype(info.dtype)
         if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=torch_dtype)
+            return torch.empty(info.shape, dtype=dtype)
         buffer = torch.empty(info.nbytes, dtype=torch.uint8)  # uninitialised: the read fills every byte
         self._read_into(info.path, info.start, buffer.numpy().data)
-        return buffer.view(torch_dtype).reshape(info.shape)
+        return buffer.view(dtype).reshape(info.shape)
 
     def copy_to(self, info: TensorInfo, out: BinaryIO) -> None:
         """Append the tensor's raw bytes to `out` without decoding them (in-kernel copy where possible)."""

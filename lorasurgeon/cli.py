@@ -16,10 +16,8 @@ from typing import Any
 import click
 
 import lorasurgeon
-from lorasurgeon import render
-from lorasurgeon.convert import TARGETS
+from lorasurgeon import keys, render
 from lorasurgeon.errors import LorasurgeonError, NonfiniteWarning
-from lorasurgeon.renaming import COMPONENTS
 from lorasurgeon.report import RULE_HELP
 
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
@@ -210,7 +208,7 @@ def extract(base: Path, tuned: Path, out: Path | None, plot: Path | None, **opti
     type=click.Path(path_type=Path),
     help="PEFT: a directory; else a .safetensors file (default: <adapter>-<to>).",
 )
-@click.option("--to", "to", type=click.Choice(TARGETS), required=True, help="The format to write.")
+@click.option("--to", "to", type=click.Choice(keys.ADAPTER_FORMATS), required=True, help="The format to write.")
 @click.option(
     "--base",
     type=EXISTING,
@@ -218,7 +216,7 @@ def extract(base: Path, tuned: Path, out: Path | None, plot: Path | None, **opti
 )
 @click.option(
     "--component",
-    type=click.Choice(list(COMPONENTS)),
+    type=click.Choice(list(keys.COMPONENTS)),
     help="The pipeline component (or kohya prefix) of a PEFT adapter; for kohya and diffusers files, convert only it.",
 )
 @ALPHA

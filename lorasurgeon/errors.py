@@ -5,6 +5,18 @@ Anything else that escapes the library is a bug, and the CLI shows it as one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something `check` found, not raised but reported: an error stops merge/unmerge, a warning does not."""
+
+    severity: str  # "error" | "warning"
+    message: str
+    adapter_key: str | None = None
+    base_key: str | None = None
+
 
 class LorasurgeonError(Exception):
     """Base class: a sentence a person can act on, naming the file and the tensor or key involved."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from lorasurgeon import sd_names
 
 PEFT_PREFIX = "base_model.model."
+ADAPTER_FORMATS = ("peft", "kohya", "diffusers")  # what load_adapter reads and convert writes
 
 # The suffix of a PEFT adapter key -> (the role of the tensor, the parameter of the module it changes).
 PEFT_ROLES: dict[str, tuple[str, str]] = {
@@ -104,6 +105,18 @@ KOHYA_PREFIXES: dict[str, tuple[str, ...]] = {
     "": ("lora_unet", "lora_te", "lora_te1", "lora_te2"),
 }
 KOHYA_COMPONENTS = ("lora_unet", "lora_te1", "lora_te2", "lora_te3", "lora_te")
+# --component: a diffusers pipeline component or a kohya prefix -> the diffusers component (FORMATS.md §5.1, §5.7).
+COMPONENTS = {
+    "unet": "unet",
+    "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder_2",
+    "transformer": "transformer",
+    "prior": "prior",
+    "lora_unet": "unet",
+    "lora_te": "text_encoder",
+    "lora_te1": "text_encoder",
+    "lora_te2": "text_encoder_2",
+}
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 Shape = tuple[int, ...]
 
@@ -51,6 +53,8 @@ def lokr_delta(factors: Mapping[str, torch.Tensor], scale: float, shape: Shape) 
     else:
         w2 = _half(factors["lokr_w2_a"], factors["lokr_w2_b"], factors.get("lokr_t2"))
     # kron((a, c), (b, d·∏k)) is (a·b, c·d·∏k), whose rows are row-major (out, in, *k) with in = c·d.
+    import torch  # here, not at the top: the adapter reader and header-only reports use the layouts only
+
     return torch.kron(w1, w2.reshape(w2.shape[0], -1)).mul_(scale).reshape(shape)
 
 
@@ -59,6 +63,8 @@ def _half(up: torch.Tensor, down: torch.Tensor, core: torch.Tensor | None = None
     (r, r, *k), up is (r, out) and down (r, in) -> (out, in, *k)."""
     if core is None:
         return up.float() @ down.float().reshape(down.shape[0], -1)  # (out, r) @ (r, in·∏k)
+    import torch
+
     return torch.einsum("ij...,ip,jq->pq...", core.float(), up.float(), down.float())
 
 
@@ -164,6 +170,8 @@ def weight_decompose(merged: torch.Tensor, dora_scale: torch.Tensor) -> torch.Te
     v = merged.float()
     keep = dora_axis(tuple(dora_scale.shape), tuple(v.shape))
     others = [d for d in range(v.dim()) if d != keep]
+    import torch
+
     norm = torch.linalg.vector_norm(v, dim=others, keepdim=True) + torch.finfo(torch.float32).eps
     scale: torch.Tensor = dora_scale.float() / norm
     return v * scale
@@ -174,6 +182,8 @@ def delta_norms(delta: torch.Tensor) -> tuple[float, float, float]:
 
     LoHa and LoKr have no low-rank product to take Gram matrices of (a LoHa of rank r has rank up to r²).
     """
+    import torch
+
     sigma = torch.linalg.svdvals(delta.reshape(delta.shape[0], -1).double())
     fro2, top = float(sigma.square().sum().item()), float(sigma.max().item()) if sigma.numel() else 0.0
     return fro2**0.5, top, fro2 / top**2 if top > 0 else 0.0

@@ -24,6 +24,7 @@ import torch
 from lorasurgeon import keys, linalg, lycoris, sd_names
 from lorasurgeon.adapter import Adapter, LoraModule
 from lorasurgeon.checkpoint import Checkpoint
+from lorasurgeon.errors import Finding
 from lorasurgeon.header import TensorInfo
 
 DORA_UNMERGE = (
@@ -34,16 +35,6 @@ KOHYA_UNMATCHED = (
     "no base tensor has this kohya name under sd-scripts' naming rule (applied to the base's own tensor names, to "
     "the diffusers and SAI names of its U-Net, and to the Hugging Face CLIP names of its text encoders)"
 )
-
-
-@dataclass(frozen=True)
-class Finding:
-    """Something `check` found: an error stops merge/unmerge, a warning is reported."""
-
-    severity: str  # "error" | "warning"
-    message: str
-    adapter_key: str | None = None
-    base_key: str | None = None
 
 
 @dataclass(frozen=True)

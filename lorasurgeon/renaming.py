@@ -20,18 +20,6 @@ from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import LorasurgeonError, MismatchError, UnsupportedError
 from lorasurgeon.plan import plan_surgery
 
-# --component: a diffusers pipeline component or a kohya prefix -> the diffusers component (FORMATS.md §5.1, §5.7).
-COMPONENTS = {
-    "unet": "unet",
-    "text_encoder": "text_encoder",
-    "text_encoder_2": "text_encoder_2",
-    "transformer": "transformer",
-    "prior": "prior",
-    "lora_unet": "unet",
-    "lora_te": "text_encoder",
-    "lora_te1": "text_encoder",
-    "lora_te2": "text_encoder_2",
-}
 # diffusers component -> kohya prefix; SDXL's first text encoder is lora_te1 (taken when text_encoder_2 is there).
 KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
 SAI_UNET = "model.diffusion_model."  # its module names (input_blocks, ...) are not diffusers module paths
@@ -48,7 +36,7 @@ class BaseNames:
 def component_of(adapter: Adapter, module: LoraModule) -> str:
     """The diffusers component a kohya or diffusers module belongs to ("" when unknown, and for PEFT)."""
     if adapter.format == "kohya":
-        return COMPONENTS.get(keys.kohya_component(module.module), "")
+        return keys.COMPONENTS.get(keys.kohya_component(module.module), "")
     return module.module.partition(".")[0] if adapter.format == "diffusers" else ""
 
 
@@ -140,10 +128,10 @@ def _diffusers_name(adapter: Adapter, module: LoraModule, base: BaseNames | None
     if adapter.format == "kohya":
         prefix = keys.kohya_component(module.module)
         tensor = _base_tensor(adapter, module, base)
-        if prefix not in COMPONENTS:
+        if prefix not in keys.COMPONENTS:
             raise UnsupportedError(
                 f"{module.a.name}: its kohya prefix {prefix or '(none)'} names no diffusers component "
-                f"(known: {', '.join(c for c in COMPONENTS if c.startswith('lora_'))})"
+                f"(known: {', '.join(c for c in keys.COMPONENTS if c.startswith('lora_'))})"
             )
         if tensor.startswith(SAI_UNET):
             raise UnsupportedError(
@@ -151,13 +139,13 @@ def _diffusers_name(adapter: Adapter, module: LoraModule, base: BaseNames | None
                 "are not diffusers module paths; convert against the diffusers-layout unet/ checkpoint instead"
             )
         inner = next((tensor[len(p) :] for p in keys.KOHYA_PREFIXES if p and tensor.startswith(p)), tensor)
-        return f"{COMPONENTS[prefix]}.{inner.removesuffix('.weight')}"
+        return f"{keys.COMPONENTS[prefix]}.{inner.removesuffix('.weight')}"
     if component is None:
         raise LorasurgeonError(
             f"{adapter.path}: a diffusers file names every module under its pipeline component; pass --component "
-            f"({', '.join(c for c in COMPONENTS if not c.startswith('lora_'))}) to say which this adapter is for"
+            f"({', '.join(c for c in keys.COMPONENTS if not c.startswith('lora_'))}) to say which this adapter is for"
         )
-    return f"{COMPONENTS[component]}.{module.module}"
+    return f"{keys.COMPONENTS[component]}.{module.module}"
 
 
 def _kohya_prefix(adapter: Adapter, module: LoraModule, component: str | None) -> str | None:
@@ -167,7 +155,7 @@ def _kohya_prefix(adapter: Adapter, module: LoraModule, component: str | None) -
     if adapter.format == "diffusers":
         diffusers = component_of(adapter, module)
     elif adapter.format == "peft" and component is not None:
-        diffusers = COMPONENTS[component]
+        diffusers = keys.COMPONENTS[component]
     else:
         return None
     if diffusers not in KOHYA_PREFIXES:

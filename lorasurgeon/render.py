@@ -10,19 +10,21 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from lorasurgeon.convert import ConvertSummary
-from lorasurgeon.errors import UnsupportedError
-from lorasurgeon.extract import ExtractSummary
-from lorasurgeon.plan import Finding, Plan
+from lorasurgeon.errors import Finding, UnsupportedError
 from lorasurgeon.report import SCHEMA_VERSION, CheckResult, Count, ModuleReport, Report
-from lorasurgeon.surgery import Progress as SurgeryProgress
-from lorasurgeon.surgery import SurgerySummary
+
+if TYPE_CHECKING:  # not imported at run time: they load torch, which `report` does not need
+    from lorasurgeon.conversion import ConvertSummary
+    from lorasurgeon.extraction import ExtractSummary
+    from lorasurgeon.plan import Plan
+    from lorasurgeon.surgery import Progress as SurgeryProgress
+    from lorasurgeon.surgery import SurgerySummary
 
 # Wide when piped (CI logs, README examples), so tensor names are not cut.
 stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)

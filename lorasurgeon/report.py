@@ -14,16 +14,17 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lorasurgeon import keys, linalg, lycoris
+from lorasurgeon import keys, lycoris
 from lorasurgeon.adapter import WEIGHTS_NAME, load_adapter
 from lorasurgeon.checkpoint import Checkpoint, read_json
-from lorasurgeon.errors import InputError, LorasurgeonError, MismatchError, UnsupportedError
+from lorasurgeon.errors import Finding, InputError, LorasurgeonError, MismatchError, UnsupportedError
 from lorasurgeon.header import DTYPES, FLOAT_DTYPES, TensorInfo
 from lorasurgeon.lora_config import CONFIG_NAME, LoraConfig
-from lorasurgeon.plan import Finding, plan_surgery
-from lorasurgeon.surgery import Progress
+
+if TYPE_CHECKING:
+    from lorasurgeon.surgery import Progress
 
 SCHEMA_VERSION = "1"
 # kohya / sd-scripts suffixes -> the PEFT role they play (FORMATS.md §5.1); `.alpha` is a scalar, not a parameter.
@@ -439,6 +440,10 @@ def _lycoris_module(
 
 def _check(path: Path, base_path: Path, modules: tuple[ModuleReport, ...]) -> CheckResult:
     """What `check` finds, and how many base parameters the adapter's modules resolve to."""
+    # Imported here, like linalg below: the plan and the tensor maths load torch, which a header-only report
+    # does without (its import takes seconds; the report itself milliseconds).
+    from lorasurgeon.plan import plan_surgery
+
     with Checkpoint.open(base_path) as base:
         touched = {name for m in modules for name in _resolve(base, m)}
         try:
@@ -462,6 +467,9 @@ def _resolve(base: Checkpoint, m: ModuleReport) -> list[str]:
 
 def _with_stats(report: Report, ckpt: Checkpoint, on_progress: Callable[[Progress], None] | None) -> Report:
     """One pass over the tensor data, one tensor at a time: per-tensor statistics, then per-module ΔW norms."""
+    from lorasurgeon import linalg
+    from lorasurgeon.surgery import Progress
+
     infos = list(ckpt)
     total = sum(t.nbytes for t in infos)
     stats, done = [], 0
@@ -475,6 +483,8 @@ def _with_stats(report: Report, ckpt: Checkpoint, on_progress: Callable[[Progres
 
 
 def _delta_norms(ckpt: Checkpoint, m: ModuleReport) -> ModuleReport:
+    from lorasurgeon import linalg
+
     if m.rank is None:
         return m
     if m.kind in ("loha", "lokr"):

@@ -20,7 +20,7 @@ import torch
 from lorasurgeon import linalg, lycoris
 from lorasurgeon.checkpoint import PICKLE_SUFFIXES
 from lorasurgeon.errors import NonfiniteWarning, NumericError
-from lorasurgeon.header import DTYPES
+from lorasurgeon.header import DTYPES, torch_dtype
 from lorasurgeon.plan import Plan, Step, Term
 from lorasurgeon.writer import TMP_MARK, CheckpointWriter
 
@@ -154,7 +154,7 @@ def compute(plan: Plan, step: Step, device: torch.device, weight: torch.Tensor |
     rescaled per output feature when the term is DoRA, rounded once to the output dtype. `weight` is the
     base tensor when it has been read already."""
     weight = (_start(plan, step) if weight is None else weight).to(device)
-    out_dtype = DTYPES[step.out_dtype][0]
+    out_dtype = torch_dtype(step.out_dtype)
     if not step.terms:  # copied in a new dtype, or replaced: values from the adapter are checked too
         result = weight.to(out_dtype)
         if not linalg.fits(weight.float(), out_dtype):

@@ -34,7 +34,7 @@ from test_formats_peft import hf_adapter, perturbed_adapter
 import lorasurgeon
 from lorasurgeon import keys
 from lorasurgeon.adapter import load_adapter
-from lorasurgeon.convert import lora_config
+from lorasurgeon.conversion import lora_config
 from lorasurgeon.errors import LorasurgeonError, MismatchError, UnsupportedError
 
 pytestmark = pytest.mark.oracle

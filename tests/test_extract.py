@@ -25,11 +25,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import lorasurgeon
-from lorasurgeon import linalg
+from lorasurgeon import extraction, linalg
 from lorasurgeon.cli import main
 
-# The package function lorasurgeon.extract shadows the submodule of the same name.
-extract_module = importlib.import_module("lorasurgeon.extract")
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
 
 
@@ -158,8 +156,8 @@ def decaying(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def error_of(delta: torch.Tensor, method: str, rank: int) -> float:
-    options = extract_module.ExtractOptions(rank=rank, method=method)
-    u, s, vh, _ = extract_module.svd(delta, options, rank, torch.Generator().manual_seed(0))
+    options = extraction.ExtractOptions(rank=rank, method=method)
+    u, s, vh, _ = extraction.svd(delta, options, rank, torch.Generator().manual_seed(0))
     b, a = linalg.split_factors(u, s, vh, rank, 1.0)
     return float(torch.linalg.matrix_norm((delta - b @ a).double()).item())
 
@@ -174,7 +172,7 @@ def test_eckart_young_exact_equals_and_randomized_stays_within_one_percent(
     slack = 1e-5 * float(sigma.square().sum().sqrt())
     assert error_of(delta, "exact", rank) == pytest.approx(optimum, rel=1e-5, abs=slack)
     assert error_of(delta, "randomized", rank) <= 1.01 * optimum + slack
-    with mock.patch.object(extract_module, "EXACT_BELOW", 0):  # auto's choice at these sizes is randomized
+    with mock.patch.object(extraction, "EXACT_BELOW", 0):  # auto's choice at these sizes is randomized
         assert error_of(delta, "auto", rank) <= 1.01 * optimum + slack
     assert error_of(delta, "exact", len(sigma)) <= slack  # full rank reproduces ΔW
 

@@ -4,6 +4,8 @@ torch; only render and cli import rich or click; nothing below cli prints."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,9 +25,9 @@ ORDER = [
     "plan",
     "scales",
     "renaming",
-    "convert",
+    "conversion",
     "surgery",
-    "extract",
+    "extraction",
     "report",
     "__init__",
     "render",
@@ -76,3 +78,17 @@ def test_only_render_and_cli_touch_the_terminal(module: str) -> None:
         tree = ast.parse((PACKAGE / f"{module}.py").read_text())
         calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "print"]
         assert not calls, f"{module} prints"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["report", "samples/base", "--json"], ["report", "samples/adapter-lora"]])
+def test_header_only_commands_never_import_torch(args: list[str]) -> None:
+    """`import torch` takes seconds; a header-only report (and --help) must not pay for it (issue: a 100-shard
+    checkpoint reports in well under a second). Checked in a fresh interpreter, where nothing imported it yet."""
+    code = (
+        "import sys\nfrom lorasurgeon.cli import main\n"
+        f"try:\n    main({args!r})\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    root = PACKAGE.parent
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]

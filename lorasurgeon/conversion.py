@@ -25,15 +25,15 @@ import torch
 
 from lorasurgeon import keys
 from lorasurgeon.adapter import WEIGHTS_NAME, Adapter, LoraModule, load_adapter
-from lorasurgeon.errors import LorasurgeonError, UnsupportedError
-from lorasurgeon.header import DTYPE_NAMES, TensorInfo
+from lorasurgeon.errors import Finding, LorasurgeonError, UnsupportedError
+from lorasurgeon.header import TensorInfo, dtype_name
+from lorasurgeon.keys import COMPONENTS
 from lorasurgeon.lora_config import CONFIG_NAME
-from lorasurgeon.plan import Finding
-from lorasurgeon.renaming import COMPONENTS, BaseNames, component_of, resolve, target_names
+from lorasurgeon.renaming import BaseNames, component_of, resolve, target_names
 from lorasurgeon.scales import diffusers_config, float32_drift, kohya_alpha, kohya_metadata, lora_config, peft_alphas
 from lorasurgeon.writer import CheckpointWriter
 
-TARGETS = ("peft", "kohya", "diffusers")
+TARGETS = keys.ADAPTER_FORMATS
 FACTOR_KEYS = {
     "kohya": ("lora_down.weight", "lora_up.weight"),
     "linear": ("lora_A.weight", "lora_B.weight"),
@@ -276,7 +276,7 @@ def _write(
     config: dict[str, Any] | None,
 ) -> None:
     entries = [
-        (key, t.dtype, t.shape) if isinstance(t, TensorInfo) else (key, DTYPE_NAMES[t.dtype], tuple(t.shape))
+        (key, t.dtype, t.shape) if isinstance(t, TensorInfo) else (key, dtype_name(t.dtype), tuple(t.shape))
         for key, t in tensors
     ]
     with writer.shard(WEIGHTS_NAME, entries, metadata) as stream:

@@ -33,9 +33,15 @@ import torch
 
 from lorasurgeon import keys, linalg
 from lorasurgeon.checkpoint import Checkpoint
-from lorasurgeon.errors import LorasurgeonError, MismatchError, NothingChangedError, NumericError, UnsupportedError
-from lorasurgeon.header import DTYPE_NAMES, TensorInfo
-from lorasurgeon.plan import Finding
+from lorasurgeon.errors import (
+    Finding,
+    LorasurgeonError,
+    MismatchError,
+    NothingChangedError,
+    NumericError,
+    UnsupportedError,
+)
+from lorasurgeon.header import TensorInfo, dtype_name
 from lorasurgeon.surgery import Progress
 from lorasurgeon.writer import CheckpointWriter
 
@@ -443,7 +449,7 @@ def write_adapter(
     the scale PEFT multiplies back (one scale for every module: alpha_pattern follows rank_pattern). `full`
     tensors (modules_to_save) are written as they are."""
     entries = [(key, "F32", tuple(t.shape)) for key, t in factors.items()]
-    entries += [(key, DTYPE_NAMES[t.dtype], tuple(t.shape)) for key, t in full.items()]
+    entries += [(key, dtype_name(t.dtype), tuple(t.shape)) for key, t in full.items()]
     metadata = {"format": "pt", "lorasurgeon": json.dumps(record)}
     root = (config["lora_alpha"] / config["r"]) ** 0.5
     with writer.shard(WEIGHTS_NAME, entries, metadata) as stream:
