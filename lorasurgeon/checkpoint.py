@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -213,12 +214,16 @@ def _shard_path(root: Path, name: str, index: Path | None) -> Path:
     if not name or "\x00" in name:
         raise InputError(f"{where}: shard name {name!r} is not a file name")
     candidate = root / name
+    try:
+        mode = os.lstat(candidate).st_mode  # one call answers "symlink?" and "regular file?" (the common case)
+    except OSError:
+        mode = 0
     # A plain file name that is no symlink cannot leave the directory; anything else is resolved and checked.
-    plain = "/" not in name and name not in (".", "..") and not candidate.is_symlink()
+    plain = "/" not in name and name not in (".", "..") and not stat.S_ISLNK(mode)
     if not plain and (Path(name).is_absolute() or not candidate.resolve().is_relative_to(root.resolve())):
         raise InputError(f"{where}: shard name {name!r} points outside the checkpoint directory {root}")
     refuse_pickle(candidate)
-    if not candidate.is_file():
+    if not (stat.S_ISREG(mode) or candidate.is_file()):  # is_file follows a symlink that stays inside
         raise InputError(f"{candidate}: shard listed in {where.name} is missing")
     return candidate
 

@@ -114,15 +114,16 @@ def pickle_refusal(path: Path) -> InputError:
 def read_header(path: Path) -> Header:
     """Read and validate the header of `path`; raise InputError naming the file and the tensor at fault."""
     try:
-        with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            if prefix.startswith(PICKLE_MAGICS) and f.read(1) != b"{":  # safetensors JSON opens with "{"
+        # Plain descriptor calls, not a Python file object: a 100-shard checkpoint opens 100 of these.
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            file_size = os.fstat(fd).st_size
+            prefix = os.pread(fd, 9, 0)
+            if prefix.startswith(PICKLE_MAGICS) and prefix[8:9] != b"{":  # safetensors JSON opens with "{"
                 raise pickle_refusal(path)
-            f.seek(8)
             if len(prefix) < 8:
                 raise InputError(f"{path}: not a safetensors file (only {len(prefix)} bytes long)")
-            (length,) = struct.unpack("<Q", prefix)
+            (length,) = struct.unpack("<Q", prefix[:8])
             if length > MAX_HEADER_BYTES:
                 raise InputError(
                     f"{path}: not a safetensors file (header length {length} is past the {MAX_HEADER_BYTES} "
@@ -133,10 +134,25 @@ def read_header(path: Path) -> Header:
                     f"{path}: not a safetensors file or truncated (header length {length} "
                     f"does not fit a file of {file_size} bytes)"
                 )
-            raw = f.read(length)
+            raw = _pread_all(fd, length, 8)
+        finally:
+            os.close(fd)
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
     return parse_header(path, raw, file_size)
+
+
+def _pread_all(fd: int, length: int, position: int) -> bytes:
+    """`length` bytes at `position` (one pread may return fewer, e.g. on network file systems)."""
+    parts = []
+    while length:
+        part = os.pread(fd, length, position)
+        if not part:
+            raise OSError(0, "file ended inside the header")
+        parts.append(part)
+        length -= len(part)
+        position += len(part)
+    return b"".join(parts)
 
 
 def parse_header(path: Path, raw: bytes, file_size: int) -> Header:

@@ -7,6 +7,7 @@ import math
 import os
 import re
 import shutil
+import struct
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -273,14 +274,21 @@ def test_header_only_reads_no_tensor_data(tmp_path: Path) -> None:
 
 def test_header_only_never_touches_the_data_region(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = sparse_checkpoint(tmp_path / "big.safetensors", layers=2, dim=64)
+    with path.open("rb") as f:
+        data_start = 8 + struct.unpack("<Q", f.read(8))[0]
     calls: list[str] = []
 
     def refuse(*args: Any) -> Any:
         calls.append("read")
         raise OSError("tensor data must not be read")
 
-    for name in ("pread", "preadv"):
-        monkeypatch.setattr(os, name, refuse)
+    def header_only(fd: int, length: int, offset: int) -> bytes:
+        """The header reader's preads, refused past the header: where the tensor data starts."""
+        return real_pread(fd, length, offset) if offset + length <= data_start else refuse()
+
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", header_only)
+    monkeypatch.setattr(os, "preadv", refuse)
     monkeypatch.setattr(Checkpoint, "read", refuse)
     assert lorasurgeon.report(path).totals.tensors == 4
     assert calls == []
