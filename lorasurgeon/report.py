@@ -191,7 +191,7 @@ def make_report(
         if _has_lora_keys(ckpt) or (config_path is not None and target.name == WEIGHTS_NAME):
             report = _adapter_report(path, ckpt, read_json(config_path) if config_path else None)
             if base is not None:
-                report = replace(report, check=_check(path, base, report.modules))
+                report = replace(report, check=_check(path, base))
         elif base is not None:
             raise LorasurgeonError(f"{path}: is a checkpoint, not an adapter; --base is only for adapters")
         else:
@@ -333,6 +333,8 @@ def _adapter_report(path: Path, ckpt: Checkpoint, config: dict[str, Any] | None)
     fmt = _format(ckpt)
     alphas = {m: _kohya_alpha(ckpt, r["alpha"]) for m, r in grouped.items() if "alpha" in r}
     settings = _Settings.parse(ckpt.path, config, fmt)
+    if fmt == "diffusers":
+        settings = replace(settings, known=_diffusers_scales(path))
     modules = tuple(settings.module(name, roles, alphas.get(name)) for name, roles in sorted(grouped.items()))
     findings = [
         Finding("error", f"{ckpt.path}: {key} has no matching LoRA factor of matrix shape")
@@ -343,6 +345,18 @@ def _adapter_report(path: Path, ckpt: Checkpoint, config: dict[str, Any] | None)
     findings += settings.findings(ckpt.path, modules)
     report = _common(path, ckpt, "adapter", fmt, infos)
     return replace(report, config=settings.summary(), modules=modules, findings=tuple(findings))
+
+
+def _diffusers_scales(path: Path) -> dict[str, tuple[int, float, float]]:
+    """(rank, alpha, scale) per module of a diffusers file as the merge reads it: its lora_adapter_metadata, else
+    its `.alpha` tensors, else alpha = rank (FORMATS.md §5.6); nothing for a file the merge refuses (the check
+    and the findings say why)."""
+    try:
+        adapter = load_adapter(path)
+    except LorasurgeonError:
+        return {}
+    with adapter.source:
+        return {m.module: (m.rank, m.alpha, m.scale) for m in adapter.modules}
 
 
 def _kohya_alpha(ckpt: Checkpoint, info: TensorInfo) -> float:
@@ -368,6 +382,7 @@ class _Settings:
     config: Mapping[str, Any] | None
     fmt: str
     lora: LoraConfig | None
+    known: Mapping[str, tuple[int, float, float]] = field(default_factory=dict)  # module -> (rank, alpha, scale)
 
     @classmethod
     def parse(cls, where: Path, config: Mapping[str, Any] | None, fmt: str) -> _Settings:
@@ -406,6 +421,8 @@ class _Settings:
         rank, alpha = self.rank_alpha(name, a.shape[0], kohya_alpha)
         rsl = self.lora is not None and self.lora.use_rslora
         scale = None if alpha is None else alpha / (math.sqrt(rank) if rsl else rank)
+        if name in self.known:
+            rank, alpha, scale = self.known[name]
         shape: tuple[int, ...]
         if "lora_embedding_A" in counted:  # A (r, V), B (d, r): the embedding is (V, d)
             kind, shape = "embedding", (a.shape[1], b.shape[0])
@@ -438,31 +455,26 @@ def _lycoris_module(
     return replace(described, kind=algorithm, rank=rank, alpha=alpha, scale=alpha / rank, base_shape=fit.shape)
 
 
-def _check(path: Path, base_path: Path, modules: tuple[ModuleReport, ...]) -> CheckResult:
-    """What `check` finds, and how many base parameters the adapter's modules resolve to."""
+def _check(path: Path, base_path: Path) -> CheckResult:
+    """What `check` finds, and how many base parameters the adapter changes or replaces: the base tensors the
+    merge would write anew, found by the merge's own name resolution (PEFT, kohya, diffusers alike)."""
     # Imported here, like linalg below: the plan and the tensor maths load torch, which a header-only report
     # does without (its import takes seconds; the report itself milliseconds).
     from lorasurgeon.plan import plan_surgery
 
     with Checkpoint.open(base_path) as base:
-        touched = {name for m in modules for name in _resolve(base, m)}
+        touched: set[str] = set()
         try:
             adapter = load_adapter(path)
         except (InputError, UnsupportedError, MismatchError) as e:  # described above; the merge refuses it
             findings: tuple[Finding, ...] = (Finding("error", str(e)),)
         else:
             with adapter.source:
-                findings = plan_surgery("merge", base, [adapter], [1.0]).findings
+                plan = plan_surgery("merge", base, [adapter], [1.0])
+            findings = plan.findings
+            touched = {s.tensor.name for s in plan.changed if s.tensor.name in base.tensors}
         total = sum(t.numel for t in base.tensors.values())
         return CheckResult(str(base_path), findings, sum(base.tensors[n].numel for n in touched), total)
-
-
-def _resolve(base: Checkpoint, m: ModuleReport) -> list[str]:
-    """The base tensors a module changes or replaces, as far as their names resolve."""
-    params = {role.partition(":")[2] or "weight" for role in m.tensors}
-    params |= {"bias"} if "lora_B_bias" in m.tensors else set()
-    found = [next((c for c in keys.tensor_candidates(m.module, p) if c in base.tensors), None) for p in params]
-    return [name for name in found if name]
 
 
 def _with_stats(report: Report, ckpt: Checkpoint, on_progress: Callable[[Progress], None] | None) -> Report:

@@ -11,6 +11,7 @@ tensor's max magnitude.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,9 @@ def test_diffusers_lora_on_a_unet_component(tmp_path: Path, scale: str) -> None:
     assert_merged(read_tensors(tmp_path / "out"), base, {n: (*factors[m], alpha(m)) for n, m in paths.items()})
     (skipped,) = summary.plan.warnings
     assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in skipped.message
+    # report gives the scales the merge used (it once called every diffusers file's scale unknown)
+    described = {m.module: m.scale for m in lorasurgeon.report(tmp_path / "lora.safetensors").modules}
+    assert all(described[m] == pytest.approx(alpha(m) / 4) for m in paths.values())
 
 
 def test_transformer_keys_without_metadata_need_alpha(tmp_path: Path) -> None:
@@ -194,3 +198,17 @@ def test_transformer_keys_without_metadata_need_alpha(tmp_path: Path) -> None:
         tmp_path / "lora.safetensors", {"transformer.transformer_blocks.0.attn.to_q": (32, 32)}, {}, None
     )
     refused(tmp_path / "base", tmp_path / "lora.safetensors", tmp_path / "o", "the LoRA scale is unknown; pass --alpha")
+
+
+def test_report_counts_the_base_parameters_a_kohya_lora_changes(tmp_path: Path) -> None:
+    """report --base resolves kohya names as the merge does (it used to count PEFT names only: 0 for kohya)."""
+    save_base(tmp_path / "unet.safetensors", UNET)
+    chosen = [
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+        "down_blocks.0.resnets.0.conv1.weight",
+    ]
+    save_lora(tmp_path / "lora.safetensors", {kohya_name("lora_unet", n): (UNET[n], 4.0) for n in chosen})
+    check = lorasurgeon.report(tmp_path / "lora.safetensors", base=tmp_path / "unet.safetensors").check
+    assert check is not None and not check.findings
+    assert check.touched_parameters == sum(math.prod(UNET[n]) for n in chosen) > 0
+    assert check.base_parameters == sum(math.prod(shape) for shape in UNET.values())
