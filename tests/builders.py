@@ -14,6 +14,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import lorasurgeon
+from lorasurgeon.errors import LorasurgeonError
+
 LLAMA = dict(
     hidden_size=32,
     intermediate_size=64,
@@ -132,3 +135,12 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         code = int(e.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def refused(base: Path, adapter: Path, out: Path, match: str, operation: str = "merge", **kwargs: Any) -> str:
+    """Run a refused `operation`; assert it wrote nothing and left the inputs' bytes alone; return the message."""
+    before = tree_hashes(base, adapter)
+    with pytest.raises(LorasurgeonError, match=match) as error:
+        getattr(lorasurgeon, operation)(base, [adapter] if operation == "merge" else adapter, out, **kwargs)
+    assert not out.exists() and tree_hashes(base, adapter) == before
+    return str(error.value)

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import read_tensors, tree_hashes
+from builders import read_tensors, refused
 from safetensors.torch import save_file
 
 import lorasurgeon
-from lorasurgeon.errors import LorasurgeonError
 
 # SD1-style U-Net in diffusers naming (a `unet/` component file): Linear, 1x1 conv proj_in, 3x3 resnet conv.
 UNET = {
@@ -108,14 +107,6 @@ def test_kohya_on_an_sdxl_single_file(tmp_path: Path) -> None:
     factors = save_lora(tmp_path / "lora.safetensors", {k: (SDXL[n], 2.0) for n, k in names.items()}, rank=2)
     lorasurgeon.merge(tmp_path / "sdxl.safetensors", [tmp_path / "lora.safetensors"], tmp_path / "out.safetensors")
     assert_merged(read_tensors(tmp_path / "out.safetensors"), base, {n: factors[k] for n, k in names.items()})
-
-
-def refused(base: Path, lora: Path, out: Path, match: str) -> str:
-    before = tree_hashes(base, lora)
-    with pytest.raises(LorasurgeonError, match=match) as error:
-        lorasurgeon.merge(base, [lora], out)
-    assert not out.exists() and tree_hashes(base, lora) == before
-    return str(error.value)
 
 
 def test_refuses_kohya_names_no_layout_has(tmp_path: Path) -> None:

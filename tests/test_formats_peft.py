@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from builders import logits, model_class, peft_merged, read_tensors, save_model, tree_hashes
+from builders import logits, model_class, peft_merged, read_tensors, refused, save_model, tree_hashes
 from safetensors.torch import save_file
 from test_oracle_peft import assert_matches_peft
 
@@ -279,14 +279,6 @@ def test_gpt2_tied_untouched_stays_tied(tmp_path: Path) -> None:
 
 
 # --- refusals: each names the tensor (or file) and the reason ---------------------------------------------
-
-
-def refused(base: Path, adapter: Path, out: Path, match: str, operation: str = "merge", **kwargs: Any) -> str:
-    before = tree_hashes(base, adapter)
-    with pytest.raises(LorasurgeonError, match=match) as error:
-        getattr(lorasurgeon, operation)(base, [adapter] if operation == "merge" else adapter, out, **kwargs)
-    assert not out.exists() and tree_hashes(base, adapter) == before
-    return str(error.value)
 
 
 def test_refuses_grouped_conv(tmp_path: Path) -> None:

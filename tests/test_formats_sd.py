@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from builders import metadata_of, read_tensors, tree_hashes
+from builders import metadata_of, read_tensors, refused
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.lora_conversion_utils import (
     _convert_non_diffusers_lora_to_diffusers,
@@ -36,7 +36,6 @@ from safetensors.torch import save_file
 
 import lorasurgeon
 from lorasurgeon import keys
-from lorasurgeon.errors import LorasurgeonError
 
 pytestmark = pytest.mark.oracle
 
@@ -362,14 +361,6 @@ def test_fused_qkv_merge_adds_each_third_and_unmerge_restores(
         lorasurgeon.unmerge(tmp / "m.safetensors", tmp / "lora.safetensors", tmp / "u.safetensors", scale=weight)
         restored = read_tensors(tmp / "u.safetensors")[fused]
         assert_close(restored, base[fused].double(), "unmerged")
-
-
-def refused(base: Path, lora: Path, out: Path, match: str) -> str:
-    before = tree_hashes(base, lora)
-    with pytest.raises(LorasurgeonError, match=match) as error:
-        lorasurgeon.merge(base, [lora], out)
-    assert not out.exists() and tree_hashes(base, lora) == before
-    return str(error.value)
 
 
 def test_refuses_ambiguous_names_and_misfit_thirds(tmp_path: Path) -> None:
