@@ -61,6 +61,16 @@ CANNOT: dict[tuple[str, str], str] = {
     ("peft", "replacement"): "replaces a base tensor in full, and without the source's adapter_config.json "
     "nothing says which modules_to_save entry or saved embedding it is, so PEFT would ignore it",
     ("kohya", "tokens"): f"holds trainable token rows; {ONLY_FACTORS.format('kohya')}",
+    **{
+        (target, "lycoris"): "is a LyCORIS LoHa / LoKr factor, whose ΔW is no product B·A: convert writes LoRA "
+        "factors only (merge it instead)"
+        for target in keys.ADAPTER_FORMATS
+    },
+    **{
+        (target, "dora_scale"): "is a kohya / LyCORIS dora_scale, which convert does not carry: its convention "
+        "(per output or per input, normed with an epsilon) is not PEFT's lora_magnitude_vector"
+        for target in keys.ADAPTER_FORMATS
+    },
     ("diffusers", "tokens"): f"holds trainable token rows; {NO_LORA_KEY}",
 }
 
@@ -176,15 +186,21 @@ def _refuse(adapter: Adapter, modules: list[LoraModule], to: str) -> None:
         problems = problems if not adapter.config else []
     else:
         problems += [(t.tensor.name, "tokens") for t in adapter.token_rows]
-        problems = [problem for m in modules for problem in _unheld(m, to)] + problems
+    problems = [problem for m in modules for problem in _unheld(adapter, m, to)] + problems
     if problems:
         name, what = problems[0]
         more = f" (and {len(problems) - 1} more tensors {to} cannot hold)" if len(problems) > 1 else ""
         raise UnsupportedError(f"{adapter.path}: {name} {CANNOT[to, what]}; nothing was converted{more}")
 
 
-def _unheld(m: LoraModule, to: str) -> list[tuple[str, str]]:
-    """(tensor, what it is) for the parts of one module a kohya or diffusers file cannot hold."""
+def _unheld(adapter: Adapter, m: LoraModule, to: str) -> list[tuple[str, str]]:
+    """(tensor, what it is) for the parts of one module the target cannot hold."""
+    if m.factors:
+        return [(m.a.name, "lycoris")]
+    if adapter.format == "kohya" and m.magnitude is not None:  # a kohya module's magnitude is LyCORIS' dora_scale
+        return [(m.magnitude.name, "dora_scale")]
+    if to == "peft":
+        return []
     parts = [(m.a.name, "conv1d")] if m.fan_in_fan_out else []
     parts += [(m.a.name, "embedding")] if m.kind == "embedding" else []
     if to == "kohya":

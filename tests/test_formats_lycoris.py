@@ -446,3 +446,21 @@ def test_lycoris_only_file_is_never_read_as_peft() -> None:
     assert keys.is_kohya(["lora_te_text_model_encoder_layers_0_mlp_fc1.hada_w1_a"])
     assert keys.is_kohya(["lora_unet_mid_block_attentions_0_proj_in.on_input"])
     assert not keys.is_kohya(["base_model.model.model.layers.0.q_proj.lora_A.weight", "unet.x.lora_A.weight"])
+
+
+@pytest.mark.parametrize("to", ["peft", "kohya", "diffusers"])
+def test_convert_refuses_lycoris_factors_and_dora_scale_by_name(tmp_path: Path, to: str) -> None:
+    """convert writes LoRA factors only: a LoHa / LoKr module, or a kohya dora_scale (not PEFT's magnitude
+    convention), is refused by tensor name, for every target, before anything is written."""
+    base_dir, _ = unet(tmp_path)
+    target, shapes, alpha, _ = CASES["loha-linear"]
+    save_lycoris(tmp_path / "loha.safetensors", {kohya_name("lora_unet", target): (random(shapes), alpha)})
+    lora = random({"lora_down.weight": (2, 8, 3, 3), "lora_up.weight": (16, 2, 1, 1)})
+    dora = {kohya_name("lora_unet", CONV): (lora | {"dora_scale": torch.rand(16, 1, 1, 1) + 0.5}, 1.0)}
+    save_lycoris(tmp_path / "dora.safetensors", dora)
+    out = tmp_path / ("out" if to == "peft" else "out.safetensors")
+    for name, reason in (("loha", "LyCORIS LoHa / LoKr factor"), ("dora", "dora_scale, which convert does not carry")):
+        with pytest.raises(UnsupportedError, match=reason) as error:
+            lorasurgeon.convert(tmp_path / f"{name}.safetensors", out, to=to, base=base_dir, component="lora_unet")
+        assert kohya_name("lora_unet", target if name == "loha" else CONV) in str(error.value)
+        assert not out.exists()
