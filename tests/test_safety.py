@@ -43,7 +43,7 @@ def temporaries(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if TMP_MARK in p.name)
 
 
-# --- a checkpoint big enough that a merge takes seconds ---------------------------------------------------
+# --- a checkpoint big enough to be caught mid-merge ---------------------------------------------------
 
 LAYERS, WIDTH, RANK = 4, 2048, 4
 
@@ -69,8 +69,20 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return base, adapter
 
 
+# The merge in a real process, with every computed tensor held back 0.5 s: a merge of `big` takes well under a
+# second now, and a signal sent once its temporary exists must still find it mid-merge, on any machine.
+SLOW_MERGE = """
+import sys, time
+from lorasurgeon import surgery
+from lorasurgeon.cli import main
+compute = surgery.compute
+surgery.compute = lambda *args: (time.sleep(0.5), compute(*args))[1]
+main(sys.argv[1:])
+"""
+
+
 def start_merge(base: Path, adapter: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "lorasurgeon", "merge", str(base), str(adapter), "-o", str(out), *extra]
+    command = [sys.executable, "-c", SLOW_MERGE, "merge", str(base), str(adapter), "-o", str(out), *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
