@@ -83,7 +83,15 @@ main(sys.argv[1:])
 
 def start_merge(base: Path, adapter: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
     command = [sys.executable, "-c", SLOW_MERGE, "merge", str(base), str(adapter), "-o", str(out), *extra]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default: a job started with `&` by a script inherits it ignored, and Python then
+    # never turns it into KeyboardInterrupt (the merge would rightly go on, as the shell asked).
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def wait_for_temporary(process: subprocess.Popen[str], folder: Path) -> Path:
