@@ -30,7 +30,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 FACTOR_ROLES = (("lora_A", "lora_B", "linear"), ("lora_embedding_A", "lora_embedding_B", "embedding"))
 # LyCORIS algorithms of kohya-named modules (keys.LYCORIS_ROLES) that lorasurgeon refuses, and why.
 LYCORIS_REFUSED = {
-    "locon-tucker": "a LoCon Tucker core (lora_mid), which lorasurgeon does not merge yet",
     "ia3": "LyCORIS (IA)³, which multiplies the base weight by a learned vector instead of adding a ΔW",
     "glora": "LyCORIS GLoRA, whose update depends on the base weight (W·A + B), not on the adapter alone",
     "oft": "LyCORIS OFT / BOFT, which rotates the base weight (an orthogonal transform) instead of adding a ΔW",
@@ -170,9 +169,11 @@ def _kohya_adapter(path: Path, source: Checkpoint, alpha: float | None) -> Adapt
 
 def _kohya_module(source: Checkpoint, module: str, found: dict[str, TensorInfo], alpha: float | None) -> LoraModule:
     algorithms: dict[str, TensorInfo] = {}  # algorithm -> its first tensor, which names it
+    tucker = "lora_mid.weight" in found  # a LoCon whose down and up factors meet through a k×k core
     for role, info in found.items():
         if role not in ("alpha", "dora_scale"):
-            algorithms.setdefault(keys.LYCORIS_ROLES.get(role, "lora"), info)
+            lora = "locon-tucker" if tucker else "lora"
+            algorithms.setdefault(keys.LYCORIS_ROLES.get(role, lora), info)
     refused = next((name for name in algorithms if name in LYCORIS_REFUSED), None)
     if refused is not None:
         raise UnsupportedError(f"{source.path}: {algorithms[refused].name} is {LYCORIS_REFUSED[refused]}")
@@ -199,9 +200,11 @@ def _kohya_module(source: Checkpoint, module: str, found: dict[str, TensorInfo],
 def _lycoris_module(
     source: Checkpoint, module: str, kind: str, found: dict[str, TensorInfo], alpha: float | None
 ) -> LoraModule:
-    """A LoHa or LoKr module: scale = alpha / rank as LyCORIS computes it (a missing or 0 alpha means alpha = rank;
-    a LoKr of two full matrices has rank 1 and scale 1). Shapes are checked against the base by the plan."""
-    factors = {role: found[role] for role in keys.LYCORIS_ROLES if role in found and role != "dora_scale"}
+    """A LoHa, LoKr or Tucker LoCon module: scale = alpha / rank as LyCORIS computes it (a missing or 0 alpha means
+    alpha = rank; a LoKr of two full matrices has rank 1 and scale 1). Shapes are checked against the base by the
+    plan."""
+    roles = (*keys.LYCORIS_ROLES, "lora_down", "lora_up")  # in this order: the first names the module
+    factors = {role: found[role] for role in roles if role in found and role != "dora_scale"}
     rank = lycoris.layout(kind, {role: info.shape for role, info in factors.items()}).rank
     stored = found.get("alpha")
     value = alpha if alpha is not None or stored is None else _scalar(source, stored)

@@ -62,8 +62,8 @@ CANNOT: dict[tuple[str, str], str] = {
     "nothing says which modules_to_save entry or saved embedding it is, so PEFT would ignore it",
     ("kohya", "tokens"): f"holds trainable token rows; {ONLY_FACTORS.format('kohya')}",
     **{
-        (target, "lycoris"): "is a LyCORIS LoHa / LoKr factor, whose ΔW is no product B·A: convert writes LoRA "
-        "factors only (merge it instead)"
+        (target, "lycoris"): "is a LyCORIS LoHa / LoKr / Tucker LoCon factor, whose ΔW is no product B·A: convert "
+        "writes LoRA factors only (merge it instead)"
         for target in keys.ADAPTER_FORMATS
     },
     **{

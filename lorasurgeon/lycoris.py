@@ -38,6 +38,23 @@ class Layout:
     problem: str | None = None
 
 
+ALGORITHMS = ("loha", "lokr", "locon-tucker")  # the module kinds this module computes
+
+
+def delta(kind: str, factors: Mapping[str, torch.Tensor], scale: float, shape: Shape) -> torch.Tensor:
+    """scale · ΔW of a module of `kind` (one of ALGORITHMS) in fp32, laid out as `shape` (the base weight's)."""
+    return {"loha": loha_delta, "lokr": lokr_delta, "locon-tucker": locon_tucker_delta}[kind](factors, scale, shape)
+
+
+def locon_tucker_delta(factors: Mapping[str, torch.Tensor], scale: float, shape: Shape) -> torch.Tensor:
+    """scale · ΔW of a LoCon module with a Tucker core: lora_down (r, in, 1, 1) then the k×k conv lora_mid
+    (r, r, *k) then lora_up (out, r, 1, 1), composed into one (out, in, *k) kernel (LyCORIS `rebuild_tucker`)."""
+    up, down = factors["lora_up"], factors["lora_down"]
+    rank = down.shape[0]
+    composed = _half(up.reshape(up.shape[0], rank).T, down.reshape(rank, -1), factors["lora_mid.weight"])
+    return composed.mul_(scale).reshape(shape)
+
+
 def loha_delta(factors: Mapping[str, torch.Tensor], scale: float, shape: Shape) -> torch.Tensor:
     """scale · ΔW of a LoHa module in fp32, laid out as `shape` (the base weight's)."""
     w1 = _half(factors["hada_w1_a"], factors["hada_w1_b"], factors.get("hada_t1"))
@@ -69,10 +86,26 @@ def _half(up: torch.Tensor, down: torch.Tensor, core: torch.Tensor | None = None
 
 
 def layout(kind: str, shapes: Mapping[str, Shape]) -> Layout:
-    """The Layout of a "loha" or "lokr" module from its factors' shapes (role -> shape)."""
+    """The Layout of a module of `kind` (one of ALGORITHMS) from its factors' shapes (role -> shape)."""
     if kind == "loha":
         return _loha_layout(shapes)
+    if kind == "locon-tucker":
+        return _locon_tucker_layout(shapes)
     return _lokr_layout(shapes)
+
+
+def _locon_tucker_layout(shapes: Mapping[str, Shape]) -> Layout:
+    down, mid, up = shapes.get("lora_down"), shapes.get("lora_mid.weight"), shapes.get("lora_up")
+    if down is None or up is None or mid is None:
+        return Layout(problem="lacks lora_down or lora_up beside its lora_mid")
+    rank = down[0] if down else 0
+    if len(mid) < 3 or mid[:2] != (rank, rank) or len(up) < 2 or up[1] != rank or any(k != 1 for k in up[2:]):
+        return Layout(
+            problem=f"has lora_down {list(down)}, lora_mid {list(mid)} and lora_up {list(up)}, which do not compose"
+        )
+    if len(down) < 2 or any(k != 1 for k in down[2:]):
+        return Layout(problem=f"has a lora_down {list(down)} that is no 1×1 kernel")
+    return Layout((up[0], down[1], *mid[2:]), rank)
 
 
 def fits(dense: Shape, base: Shape) -> bool:

@@ -512,7 +512,7 @@ def _lycoris_findings(module: LoraModule, info: TensorInfo) -> list[Finding]:
     if not info.is_float:
         problems.append(_error(module.a.name, info.name, f"base tensor has dtype {info.dtype}, not floating point"))
     fit = lycoris.layout(module.kind, {role: f.shape for role, f in module.factors.items()})
-    name = {"loha": "LoHa", "lokr": "LoKr"}[module.kind]
+    name = {"loha": "LoHa", "lokr": "LoKr", "locon-tucker": "Tucker LoCon"}[module.kind]
     if fit.problem:
         problems.append(_error(module.a.name, info.name, f"the {name} module {fit.problem}"))
     elif not lycoris.fits(fit.shape, info.shape):

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lorasurgeon import keys, lycoris
 from lorasurgeon.adapter import WEIGHTS_NAME, load_adapter
@@ -26,6 +26,7 @@ from lorasurgeon.lora_config import CONFIG_NAME, LoraConfig
 if TYPE_CHECKING:
     from lorasurgeon.surgery import Progress
 
+T = TypeVar("T")
 SCHEMA_VERSION = "1"
 # kohya / sd-scripts suffixes -> the PEFT role they play (FORMATS.md §5.1); `.alpha` is a scalar, not a parameter.
 KOHYA_ROLES: dict[str, str] = {
@@ -447,12 +448,21 @@ def _lycoris_module(
 ) -> ModuleReport:
     """A LyCORIS module of a kohya file: LoHa and LoKr with the rank, alpha, scale and ΔW shape the merge uses
     (lycoris.py; a LoKr of two full matrices has scale 1); other algorithms, which the merge refuses, by name."""
-    shapes = {r: t.shape for r, t in roles.items() if keys.LYCORIS_ROLES.get(r) == algorithm}
-    fit = lycoris.layout(algorithm, shapes) if algorithm in ("loha", "lokr") else None
+    shapes = {r: t.shape for r, t in _lycoris_factors(roles).items()}
+    fit = lycoris.layout(algorithm, shapes) if algorithm in lycoris.ALGORITHMS else None
     if fit is None or fit.problem:  # the merge and `check` name the problem
         return replace(described, kind=algorithm)
     rank, alpha = (fit.rank, kohya_alpha or float(fit.rank)) if fit.rank else (1, 1.0)
     return replace(described, kind=algorithm, rank=rank, alpha=alpha, scale=alpha / rank, base_shape=fit.shape)
+
+
+def _lycoris_factors(roles: Mapping[str, T]) -> dict[str, T]:
+    """A LyCORIS module's factors under lycoris.py's role names (the report calls kohya's lora_down / lora_up
+    lora_A / lora_B, as PEFT does); its alpha and dora_scale are no factors."""
+    renamed = {"lora_A": "lora_down", "lora_B": "lora_up"}
+    return {
+        renamed.get(r, r): v for r, v in roles.items() if r in renamed or keys.LYCORIS_ROLES.get(r, "dora") != "dora"
+    }
 
 
 def _check(path: Path, base_path: Path) -> CheckResult:
@@ -499,12 +509,11 @@ def _delta_norms(ckpt: Checkpoint, m: ModuleReport) -> ModuleReport:
 
     if m.rank is None:
         return m
-    if m.kind in ("loha", "lokr"):
-        factors = {r: ckpt.read(ckpt.tensors[k]) for r, k in m.tensors.items() if r in keys.LYCORIS_ROLES}
+    if m.kind in lycoris.ALGORITHMS:
+        factors = {r: ckpt.read(ckpt.tensors[k]) for r, k in _lycoris_factors(m.tensors).items()}
         if any(linalg.nonfinite_count(f) for f in factors.values()):
             return m
-        delta = lycoris.loha_delta if m.kind == "loha" else lycoris.lokr_delta
-        fro, spectral, stable = lycoris.delta_norms(delta(factors, 1.0, m.base_shape or ()))
+        fro, spectral, stable = lycoris.delta_norms(lycoris.delta(m.kind, factors, 1.0, m.base_shape or ()))
     else:
         prefix = "lora_embedding_" if m.kind == "embedding" else "lora_"
         a = ckpt.read(ckpt.tensors[m.tensors[prefix + "A"]])

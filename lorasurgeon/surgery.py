@@ -225,8 +225,7 @@ def _delta(plan: Plan, term: Term, device: torch.device) -> torch.Tensor:
         return source.read(module.bias).to(device).float().mul_(term.factor)
     if module.factors:
         factors = {role: source.read(info).to(device) for role, info in module.factors.items()}
-        delta = lycoris.loha_delta if module.kind == "loha" else lycoris.lokr_delta
-        return delta(factors, term.factor, term.shape)
+        return lycoris.delta(module.kind, factors, term.factor, term.shape)
     a, b = source.read(module.a).to(device), source.read(module.b).to(device)
     if module.kind == "conv":
         return linalg.conv_delta(a, b, term.factor)

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import read_tensors, run_cli
+from builders import read_tensors, refused, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
-from test_formats_kohya import UNET, kohya_name, refused, save_base
+from test_formats_kohya import UNET, kohya_name, save_base
 
 import lorasurgeon
 from lorasurgeon import keys, lycoris
@@ -228,6 +228,8 @@ LYCORIS_MODULES: dict[str, tuple[str, str, dict[str, object]]] = {
     "lokr-conv": (CONV, "lokr", {"lora_dim": 1, "alpha": 2.0}),
     "lokr-conv-tucker": (CONV, "lokr", {"lora_dim": 1, "alpha": 2.0, "use_tucker": True, "decompose_both": True}),
     "lokr-1x1": (PROJ_IN, "lokr", {"lora_dim": 2, "alpha": 1.0, "factor": 4}),
+    "locon-tucker": (CONV, "locon", {"lora_dim": 2, "alpha": 1.0, "use_tucker": True}),
+    "dora-locon-tucker": (CONV, "locon", {"lora_dim": 3, "alpha": 2.0, "use_tucker": True, "weight_decompose": True}),
     "dora-locon-linear": (FF, "locon", {"lora_dim": 4, "alpha": 2.0, "weight_decompose": True}),
     "dora-locon-conv-per-input": (CONV, "locon", {"lora_dim": 2, "weight_decompose": True, "wd_on_out": False}),
     "dora-loha-conv": (CONV, "loha", {"lora_dim": 2, "alpha": 1.0, "weight_decompose": True}),
@@ -368,11 +370,9 @@ def test_cli_check_and_report_json(tmp_path: Path, capsys: pytest.CaptureFixture
         ({"oft_blocks": torch.ones(4, 8, 8), "rescale": torch.ones(32, 1)}, "OFT / BOFT"),
         ({"diff": torch.ones(32, 32)}, "full-weight difference"),
         ({"w_norm": torch.ones(32)}, "normalization-layer"),
-        ({"lora_down.weight": torch.ones(2, 32), "lora_mid.weight": torch.ones(2, 2, 3, 3),
-          "lora_up.weight": torch.ones(32, 2)}, "LoCon Tucker core (lora_mid)"),
         ({"lokr_t1": torch.ones(2, 2)}, "not a LoRA, LoHa or LoKr tensor"),
     ],
-    ids=["ia3", "glora", "oft", "full", "norm", "lora_mid", "unknown"],
+    ids=["ia3", "glora", "oft", "full", "norm", "unknown"],
 )  # fmt: skip
 def test_refuses_lycoris_variants_by_name(tmp_path: Path, extra: Factors, reason: str) -> None:
     base_dir, _ = unet(tmp_path)
@@ -459,8 +459,19 @@ def test_convert_refuses_lycoris_factors_and_dora_scale_by_name(tmp_path: Path, 
     dora = {kohya_name("lora_unet", CONV): (lora | {"dora_scale": torch.rand(16, 1, 1, 1) + 0.5}, 1.0)}
     save_lycoris(tmp_path / "dora.safetensors", dora)
     out = tmp_path / ("out" if to == "peft" else "out.safetensors")
-    for name, reason in (("loha", "LyCORIS LoHa / LoKr factor"), ("dora", "dora_scale, which convert does not carry")):
+    reasons = {"loha": "LyCORIS LoHa / LoKr / Tucker LoCon factor", "dora": "dora_scale, which convert does not carry"}
+    for name, reason in reasons.items():
         with pytest.raises(UnsupportedError, match=reason) as error:
             lorasurgeon.convert(tmp_path / f"{name}.safetensors", out, to=to, base=base_dir, component="lora_unet")
         assert kohya_name("lora_unet", target if name == "loha" else CONV) in str(error.value)
         assert not out.exists()
+
+
+def test_a_tucker_locon_must_fit_its_base(tmp_path: Path) -> None:
+    """A 3×3 Tucker LoCon (lora_mid) names a conv kernel: on a Linear weight it is a misfit, named, not merged."""
+    base_dir, _ = unet(tmp_path)
+    name = kohya_name("lora_unet", TO_Q)
+    factors = {"lora_down.weight": torch.ones(2, 32, 1, 1), "lora_mid.weight": torch.ones(2, 2, 3, 3)}
+    save_lycoris(tmp_path / "lyco.safetensors", {name: (factors | {"lora_up.weight": torch.ones(32, 2, 1, 1)}, 1.0)})
+    message = refused(base_dir, tmp_path / "lyco.safetensors", tmp_path / "out", "Tucker LoCon ΔW is")
+    assert name in message and "[32, 32, 3, 3]" in message, message
