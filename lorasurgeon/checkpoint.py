@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from lorasurgeon.errors import InputError
-from lorasurgeon.header import Header, TensorInfo, pickle_refusal, read_header, torch_dtype
+from lorasurgeon.header import Header, TensorInfo, pickle_refusal, read_header, read_into, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -94,7 +94,7 @@ class Checkpoint:
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
         buffer = torch.empty(info.nbytes, dtype=torch.uint8)  # uninitialised: the read fills every byte
-        self._read_into(info.path, info.start, buffer.numpy().data)
+        read_into(info.path, self._file(info.path).fileno(), buffer.numpy().data, info.start)
         return buffer.view(dtype).reshape(info.shape)
 
     def copy_to(self, info: TensorInfo, out: BinaryIO) -> None:
@@ -126,15 +126,6 @@ class Checkpoint:
             except OSError as e:
                 raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
         return self._files[path]
-
-    def _read_into(self, path: Path, position: int, view: memoryview) -> None:
-        fd = self._file(path).fileno()
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], position + done)
-            if n == 0:
-                raise InputError(f"{path}: file ended at byte {position + done} (truncated?)")
-            done += n
 
 
 def write_all(f: BinaryIO, data: memoryview) -> None:

@@ -33,7 +33,6 @@ from lorasurgeon.renaming import BaseNames, component_of, resolve, target_names
 from lorasurgeon.scales import diffusers_config, float32_drift, kohya_alpha, kohya_metadata, lora_config, peft_alphas
 from lorasurgeon.writer import CheckpointWriter
 
-TARGETS = keys.ADAPTER_FORMATS
 FACTOR_KEYS = {
     "kohya": ("lora_down.weight", "lora_up.weight"),
     "linear": ("lora_A.weight", "lora_B.weight"),
@@ -117,8 +116,8 @@ def run(
     """Load, select, refuse, name, then write atomically; for lorasurgeon.convert(). Nothing is written
     unless every module converts."""
     started = time.perf_counter()
-    if to not in TARGETS:
-        raise LorasurgeonError(f"--to {to}: expected one of {', '.join(TARGETS)}")
+    if to not in keys.ADAPTER_FORMATS:
+        raise LorasurgeonError(f"--to {to}: expected one of {', '.join(keys.ADAPTER_FORMATS)}")
     if component is not None and component not in COMPONENTS:
         raise LorasurgeonError(f"--component {component}: expected one of {', '.join(COMPONENTS)}")
     adapter = load_adapter(adapter_path, alpha)

@@ -134,7 +134,8 @@ def read_header(path: Path) -> Header:
                     f"{path}: not a safetensors file or truncated (header length {length} "
                     f"does not fit a file of {file_size} bytes)"
                 )
-            raw = _pread_all(fd, length, 8)
+            raw = bytearray(length)
+            read_into(path, fd, memoryview(raw), 8)
         finally:
             os.close(fd)
     except OSError as e:
@@ -142,20 +143,18 @@ def read_header(path: Path) -> Header:
     return parse_header(path, raw, file_size)
 
 
-def _pread_all(fd: int, length: int, position: int) -> bytes:
-    """`length` bytes at `position` (one pread may return fewer, e.g. on network file systems)."""
-    parts = []
-    while length:
-        part = os.pread(fd, length, position)
-        if not part:
-            raise OSError(0, "file ended inside the header")
-        parts.append(part)
-        length -= len(part)
-        position += len(part)
-    return b"".join(parts)
+def read_into(path: Path, fd: int, view: memoryview, position: int) -> None:
+    """Fill `view` with the bytes of `fd` at `position`: one read may return fewer (Linux caps it near 2 GB;
+    network file systems return less); InputError naming `path` when the file ends first."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], position + done)
+        if n == 0:
+            raise InputError(f"{path}: file ended at byte {position + done} (truncated?)")
+        done += n
 
 
-def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
+def parse_header(path: Path, raw: bytes | bytearray, file_size: int) -> Header:
     """Validate the JSON header `raw` of a file of `file_size` bytes (see module docstring)."""
     doc = _load_json(path, raw, object_pairs_hook=None)
     if not isinstance(doc, dict):
@@ -171,7 +170,7 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
     return Header(path=path, tensors=tuple(tensors), metadata=metadata, data_start=data_start, file_size=file_size)
 
 
-def _load_json(path: Path, raw: bytes, object_pairs_hook: Any) -> Any:
+def _load_json(path: Path, raw: bytes | bytearray, object_pairs_hook: Any) -> Any:
     try:
         return json.loads(raw.decode("utf-8"), object_pairs_hook=object_pairs_hook)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

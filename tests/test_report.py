@@ -286,9 +286,13 @@ def test_header_only_never_touches_the_data_region(tmp_path: Path, monkeypatch: 
         """The header reader's preads, refused past the header: where the tensor data starts."""
         return real_pread(fd, length, offset) if offset + length <= data_start else refuse()
 
-    real_pread = os.pread
+    def header_only_v(fd: int, buffers: list[memoryview], offset: int) -> int:
+        length = sum(len(b) for b in buffers)
+        return real_preadv(fd, buffers, offset) if offset + length <= data_start else refuse()
+
+    real_pread, real_preadv = os.pread, os.preadv
     monkeypatch.setattr(os, "pread", header_only)
-    monkeypatch.setattr(os, "preadv", refuse)
+    monkeypatch.setattr(os, "preadv", header_only_v)
     monkeypatch.setattr(Checkpoint, "read", refuse)
     assert lorasurgeon.report(path).totals.tensors == 4
     assert calls == []
