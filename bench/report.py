@@ -35,8 +35,8 @@ from safetensors import safe_open
 
 import lorasurgeon
 from lorasurgeon.checkpoint import Checkpoint
+from lorasurgeon.documents import report_doc
 from lorasurgeon.header import build_header, nbytes_of
-from lorasurgeon.render import report_doc
 
 HIDDEN, INTERMEDIATE, KV, VOCAB = 8192, 28672, 1024, 128256
 BLOCK = {

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorasurgeon.adapter import Adapter, load_adapter
+from lorasurgeon.adapter import ADAPTER_FORMATS, Adapter
 from lorasurgeon.checkpoint import Checkpoint
-from lorasurgeon.errors import LorasurgeonError, MismatchError
-from lorasurgeon.report import Report, make_report, parse_rule
+from lorasurgeon.errors import LorasurgeonError, Option
+from lorasurgeon.formats import load_adapter
+from lorasurgeon.formats.naming import COMPONENTS
+from lorasurgeon.report import Report, make_report
+from lorasurgeon.rules import RULE_HELP, judge, parse_rule
 
 # The modules that compute load torch, whose import takes seconds; a header-only `report` needs none of them,
 # so they are imported inside the functions that use them, and the types below on first use (__getattr__).
@@ -29,7 +33,7 @@ if TYPE_CHECKING:
 
     from lorasurgeon.conversion import ConvertSummary
     from lorasurgeon.extraction import ExtractSummary
-    from lorasurgeon.plan import Plan
+    from lorasurgeon.plan import Operation, Plan
     from lorasurgeon.surgery import Progress, SurgerySummary
 LAZY_TYPES = {
     "ConvertSummary": "lorasurgeon.conversion",
@@ -39,6 +43,10 @@ LAZY_TYPES = {
 }
 
 __all__ = [
+    "ADAPTER_FORMATS",
+    "COMPONENTS",
+    "DTYPE_CHOICES",
+    "RULE_HELP",
     "ConvertSummary",
     "ExtractSummary",
     "LorasurgeonError",
@@ -55,6 +63,10 @@ __all__ = [
 
 DTYPE_CHOICES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 PathLike = str | Path
+try:
+    __version__ = metadata.version("lorasurgeon")
+except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "unknown"
 
 
 def __getattr__(name: str) -> Any:
@@ -93,7 +105,9 @@ def report(
     'rank>4'
     """
     rules = [parse_rule(text) for text in fail_on]
-    return make_report(Path(path), Path(base) if base is not None else None, stats, rules, on_progress)
+    stats = stats or any(rule.name in ("nan", "inf") for rule in rules)
+    described = make_report(Path(path), Path(base) if base is not None else None, stats, on_progress)
+    return replace(described, fired=tuple(judge(described, rules)))
 
 
 def merge(
@@ -117,9 +131,21 @@ def merge(
     fp16, bf16). Raises MismatchError when the adapters do not fit, OutputError when `out` cannot be
     written, NumericError when a result would not be finite.
     """
-    return _surgery(
-        "merge", base, adapters, out, weights, scale, alpha, device, dtype, force, dry_run, allow_nonfinite, on_progress
-    )
+    from lorasurgeon.surgery import SurgeryOptions, run
+
+    options = SurgeryOptions(scale, alpha, resolve_device(device), _dtype(dtype), force, dry_run, allow_nonfinite)
+    with _opened(base, adapters, alpha) as (ckpt, loaded):
+        inputs = [Path(base), *(Path(a) for a in adapters)]
+        return run(
+            "merge",
+            ckpt,
+            loaded,
+            _output(ckpt, out, "merge"),
+            inputs,
+            _weights(weights, len(adapters)),
+            options,
+            on_progress,
+        )
 
 
 def unmerge(
@@ -138,76 +164,12 @@ def unmerge(
 ) -> SurgerySummary:
     """Write merged − scale · ΔW to `out` (default: `<merged>-unmerged`). Exact only up to rounding:
     in bf16 a merge followed by an unmerge leaves about one ulp of difference on some elements."""
-    return _surgery(
-        "unmerge",
-        merged,
-        [adapter],
-        out,
-        None,
-        scale,
-        alpha,
-        device,
-        dtype,
-        force,
-        dry_run,
-        allow_nonfinite,
-        on_progress,
-    )
+    from lorasurgeon.surgery import SurgeryOptions, run
 
-
-def _surgery(
-    operation: str,
-    base: PathLike,
-    adapters: Sequence[PathLike],
-    out: PathLike | None,
-    weights: Sequence[float] | None,
-    scale: float,
-    alpha: float | None,
-    device: str,
-    dtype: str,
-    force: bool,
-    dry_run: bool,
-    allow_nonfinite: bool,
-    on_progress: Callable[[Progress], None] | None,
-) -> SurgerySummary:
-    from lorasurgeon.plan import plan_surgery
-    from lorasurgeon.surgery import SurgerySummary, execute
-    from lorasurgeon.writer import CheckpointWriter
-
-    started = time.perf_counter()
-    weights = _weights(weights, len(adapters))
-    torch_device = resolve_device(device)
-    with _opened(base, adapters, alpha) as (ckpt, loaded):
-        plan = plan_surgery(operation, ckpt, loaded, weights, scale, _dtype(dtype), allow_nonfinite)
-        if plan.errors:
-            more = (
-                f" (and {len(plan.errors) - 1} more problems; run `lorasurgeon check`)" if len(plan.errors) > 1 else ""
-            )
-            raise MismatchError(plan.errors[0].message + more)
-        target = Path(out) if out is not None else default_output(ckpt, operation)
-        copied: list[str] = []
-        skipped: list[str] = []
-        written = 0
-        stale: list[Path] = []
-        if not dry_run:
-            inputs = [Path(base), *(Path(a) for a in adapters)]
-            with CheckpointWriter(target, is_dir=ckpt.layout != "file", inputs=inputs, force=force) as writer:
-                copied, skipped = execute(plan, writer, torch_device, on_progress)
-            written, stale = writer.bytes_written, writer.removed_stale
-        return SurgerySummary(
-            operation=operation,
-            output=str(target),
-            device=str(torch_device),
-            dry_run=dry_run,
-            tensors=len(plan.steps),
-            changed=len(plan.changed),
-            bytes_written=written,
-            seconds=time.perf_counter() - started,
-            plan=plan,
-            copied_files=tuple(copied),
-            skipped_files=tuple(skipped),
-            removed_temporaries=tuple(str(p) for p in stale),
-        )
+    options = SurgeryOptions(scale, alpha, resolve_device(device), _dtype(dtype), force, dry_run, allow_nonfinite)
+    with _opened(merged, [adapter], alpha) as (ckpt, loaded):
+        inputs = [Path(merged), Path(adapter)]
+        return run("unmerge", ckpt, loaded, _output(ckpt, out, "unmerge"), inputs, [1.0], options, on_progress)
 
 
 def extract(
@@ -242,20 +204,18 @@ def extract(
     >>> extract("base/", "tuned/", "lora/", rank=16).total_error  # doctest: +SKIP
     0.41
     """
-    from lorasurgeon.extraction import ExtractOptions
+    from lorasurgeon.decomposition import RankRule
     from lorasurgeon.extraction import run as run_extract
+    from lorasurgeon.pairing import ExtractOptions
 
+    rule = RankRule(rank=rank, energy=energy, max_rank=max_rank, method=method, curve=tuple(curve))
     options = ExtractOptions(
-        rank,
-        energy,
-        max_rank,
-        alpha,
-        method,
-        tuple(targets),
-        include_embeddings,
-        skip_mismatched,
-        tuple(curve),
-        save_changed_vectors,
+        rule=rule,
+        alpha=alpha,
+        targets=tuple(targets),
+        include_embeddings=include_embeddings,
+        skip_mismatched=skip_mismatched,
+        save_changed_vectors=save_changed_vectors,
     )
     options.validate(dry_run)
     torch_device = resolve_device(device)
@@ -287,18 +247,11 @@ def convert(
     >>> convert("adapter/", "lora.safetensors", to="kohya", component="lora_unet").modules[0].name  # doctest: +SKIP
     'lora_unet_down_blocks_0_attentions_0_proj_in'
     """
+    from lorasurgeon.conversion import ConvertOptions
     from lorasurgeon.conversion import run as run_convert
 
-    return run_convert(
-        Path(adapter),
-        Path(out) if out is not None else None,
-        to,
-        Path(base) if base is not None else None,
-        component,
-        alpha,
-        force,
-        dry_run,
-    )
+    options = ConvertOptions(to, Path(base) if base is not None else None, component, alpha)
+    return run_convert(Path(adapter), Path(out) if out is not None else None, options, force=force, dry_run=dry_run)
 
 
 @contextlib.contextmanager
@@ -309,14 +262,18 @@ def _opened(
     with Checkpoint.open(Path(base)) as ckpt:
         try:
             for path in adapters:
-                loaded.append(load_adapter(Path(path), alpha))
+                loaded.append(load_adapter(Path(path), alpha, scan_values=True))
             yield ckpt, loaded
         finally:
             for adapter in loaded:
                 adapter.source.close()
 
 
-def default_output(ckpt: Checkpoint, operation: str) -> Path:
+def _output(ckpt: Checkpoint, out: PathLike | None, operation: Operation) -> Path:
+    return Path(out) if out is not None else default_output(ckpt, operation)
+
+
+def default_output(ckpt: Checkpoint, operation: Operation) -> Path:
     """`<base name>-merged[.safetensors]` in the current directory, mirroring the base's layout."""
     suffix = f"-{operation}d"
     if ckpt.layout == "file":
@@ -330,9 +287,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LorasurgeonError(f"--device {device}: CUDA is not available on this machine")
+        raise LorasurgeonError(Option("device", device), ": CUDA is not available on this machine")
     if device != "cpu" and not device.startswith("cuda"):
-        raise LorasurgeonError(f"--device {device}: expected auto, cpu or cuda")
+        raise LorasurgeonError(Option("device", device), ": expected auto, cpu or cuda")
     return torch.device(device)
 
 
@@ -341,12 +298,13 @@ def _weights(weights: Sequence[float] | None, count: int) -> list[float]:
         return [1.0] * count
     if len(weights) != count:
         raise LorasurgeonError(
-            f"--weight was given {len(weights)} times for {count} adapters; give it once per adapter"
+            Option("weights", cli="weight"),
+            f" was given {len(weights)} weights for {count} adapters; give one per adapter",
         )
     return [float(w) for w in weights]
 
 
 def _dtype(dtype: str) -> str | None:
     if dtype not in DTYPE_CHOICES:
-        raise LorasurgeonError(f"--dtype {dtype}: expected one of {', '.join(DTYPE_CHOICES)}")
+        raise LorasurgeonError(Option("dtype", dtype), f": expected one of {', '.join(DTYPE_CHOICES)}")
     return DTYPE_CHOICES[dtype]

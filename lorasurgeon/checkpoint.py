@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 # Files holding Python pickles: never opened, whatever their extension claims.
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
 WEIGHT_STEMS = ("model", "diffusion_pytorch_model")
+MODEL_CONFIG = "config.json"
 COPY_CHUNK = 64 * 1024 * 1024
 
 
@@ -96,6 +97,12 @@ class Checkpoint:
         buffer = torch.empty(info.nbytes, dtype=torch.uint8)  # uninitialised: the read fills every byte
         read_into(info.path, self._file(info.path).fileno(), buffer.numpy().data, info.start)
         return buffer.view(dtype).reshape(info.shape)
+
+    def read_bytes(self, info: TensorInfo) -> bytes:
+        """The tensor's raw bytes, without torch: for the few scalars a format stores as tensors (kohya `.alpha`)."""
+        raw = bytearray(info.nbytes)
+        read_into(info.path, self._file(info.path).fileno(), memoryview(raw), info.start)
+        return bytes(raw)
 
     def copy_to(self, info: TensorInfo, out: BinaryIO) -> None:
         """Append the tensor's raw bytes to `out` without decoding them (in-kernel copy where possible)."""
@@ -194,7 +201,7 @@ def _from_shards(path: Path, layout: str, root: Path, names: list[str], index: P
                     f"{path}: tensor {info.name!r} is stored twice ({tensors[info.name].path.name}, {shard.name})"
                 )
             tensors[info.name] = info
-    config_path = root / "config.json"
+    config_path = root / MODEL_CONFIG
     config = read_config(config_path) if layout != "file" and config_path.is_file() else None
     return Checkpoint(path=path, layout=layout, root=root, shards=shards, config=config, tensors=tensors)
 

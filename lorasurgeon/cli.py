@@ -16,9 +16,8 @@ from typing import Any
 import click
 
 import lorasurgeon
-from lorasurgeon import keys, render
+from lorasurgeon import documents, render
 from lorasurgeon.errors import LorasurgeonError, NonfiniteWarning
-from lorasurgeon.report import RULE_HELP
 
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 DTYPE = click.option(
@@ -62,7 +61,7 @@ def check(base: Path, adapters: tuple[Path, ...], alpha: float | None, as_json: 
     Example: lorasurgeon check base/ adapter/
     """
     plan = lorasurgeon.check(base, adapters, alpha=alpha)
-    render.emit_json(render.plan_doc(plan)) if as_json else render.show_check(plan)
+    documents.emit_json(documents.plan_doc(plan)) if as_json else render.show_check(plan)
     sys.exit(1 if plan.errors else 0)
 
 
@@ -87,7 +86,7 @@ def merge(base: Path, adapters: tuple[Path, ...], out: Path | None, weights: tup
     as_json = options.pop("as_json")
     with render.progress_bar("merge") as on_progress:
         summary = lorasurgeon.merge(base, adapters, out, weights=weights, on_progress=on_progress, **options)
-    render.emit_json(render.summary_doc(summary)) if as_json else render.show_summary(summary)
+    documents.emit_json(documents.summary_doc(summary)) if as_json else render.show_summary(summary)
 
 
 @cli.command()
@@ -110,7 +109,7 @@ def unmerge(merged: Path, adapter: Path, out: Path | None, **options: Any) -> No
     as_json = options.pop("as_json")
     with render.progress_bar("unmerge") as on_progress:
         summary = lorasurgeon.unmerge(merged, adapter, out, on_progress=on_progress, **options)
-    render.emit_json(render.summary_doc(summary)) if as_json else render.show_summary(summary)
+    documents.emit_json(documents.summary_doc(summary)) if as_json else render.show_summary(summary)
 
 
 @cli.command()
@@ -119,7 +118,9 @@ def unmerge(merged: Path, adapter: Path, out: Path | None, **options: Any) -> No
 @click.option("--stats", is_flag=True, help="Read every tensor once: NaN/Inf, min/max/mean/std, ΔW norms.")
 @JSON
 @click.option("--markdown", is_flag=True, help="Print Markdown on stdout (for a CI job summary).")
-@click.option("--fail-on", "fail_on", multiple=True, metavar="RULE", help=f"Exit 1 if RULE holds: {RULE_HELP}.")
+@click.option(
+    "--fail-on", "fail_on", multiple=True, metavar="RULE", help=f"Exit 1 if RULE holds: {lorasurgeon.RULE_HELP}."
+)
 def report(path: Path, base: Path | None, stats: bool, as_json: bool, markdown: bool, fail_on: tuple[str, ...]) -> None:
     """Describe the checkpoint or adapter at PATH from its headers. Exit 1 if a --fail-on rule holds.
 
@@ -130,7 +131,7 @@ def report(path: Path, base: Path | None, stats: bool, as_json: bool, markdown: 
     with render.progress_bar("report") as on_progress:
         result = lorasurgeon.report(path, base=base, stats=stats, fail_on=fail_on, on_progress=on_progress)
     if as_json:
-        render.emit_json(render.report_doc(result))
+        documents.emit_json(documents.report_doc(result))
     elif markdown:
         sys.stdout.write(render.report_markdown(result))
     else:
@@ -197,7 +198,7 @@ def extract(base: Path, tuned: Path, out: Path | None, plot: Path | None, **opti
         summary = lorasurgeon.extract(base, tuned, out, on_progress=on_progress, **options)
     if plot is not None:
         render.plot_extract(summary, plot)
-    render.emit_json(render.extract_doc(summary)) if as_json else render.show_extract(summary)
+    documents.emit_json(documents.extract_doc(summary)) if as_json else render.show_extract(summary)
 
 
 @cli.command()
@@ -208,7 +209,7 @@ def extract(base: Path, tuned: Path, out: Path | None, plot: Path | None, **opti
     type=click.Path(path_type=Path),
     help="PEFT: a directory; else a .safetensors file (default: <adapter>-<to>).",
 )
-@click.option("--to", "to", type=click.Choice(keys.ADAPTER_FORMATS), required=True, help="The format to write.")
+@click.option("--to", "to", type=click.Choice(lorasurgeon.ADAPTER_FORMATS), required=True, help="The format to write.")
 @click.option(
     "--base",
     type=EXISTING,
@@ -216,7 +217,7 @@ def extract(base: Path, tuned: Path, out: Path | None, plot: Path | None, **opti
 )
 @click.option(
     "--component",
-    type=click.Choice(list(keys.COMPONENTS)),
+    type=click.Choice(list(lorasurgeon.COMPONENTS)),
     help="The pipeline component (or kohya prefix) of a PEFT adapter; for kohya and diffusers files, convert only it.",
 )
 @ALPHA
@@ -230,7 +231,7 @@ def convert(adapter: Path, out: Path | None, **options: Any) -> None:
     """
     as_json = options.pop("as_json")
     summary = lorasurgeon.convert(adapter, out, **options)
-    render.emit_json(render.convert_doc(summary)) if as_json else render.show_convert(summary)
+    documents.emit_json(documents.convert_doc(summary)) if as_json else render.show_convert(summary)
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
 def _describe(error: Exception) -> tuple[str, int]:
     """The message and exit code for an exception that reached `main`."""
     if isinstance(error, LorasurgeonError):
-        return str(error), error.exit_code
+        return error.words("cli"), error.exit_code
     if isinstance(error, OSError):
         return f"{error.filename or 'lorasurgeon'}: {error.strerror or error}", 2
     bug = f"{type(error).__name__}: {error}"
@@ -273,7 +274,8 @@ def _describe(error: Exception) -> tuple[str, int]:
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-    click.echo(f"warning: {message}", err=True)
+    text = message.words("cli") if isinstance(message, NonfiniteWarning) else message
+    click.echo(f"warning: {text}", err=True)
 
 
 def _fail(message: str, code: int) -> int:

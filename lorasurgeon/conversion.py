@@ -2,86 +2,42 @@
 
 The three formats hold the same factors in the same shapes (A = lora_A = lora_down (r, in, *k), B = lora_B =
 lora_up (out, r, *1); shared FORMATS.md §1.4, §5.1, §5.6), so A and B are copied byte for byte. Only the names
-change (lorasurgeon.renaming) and the way the scale is written (lorasurgeon.scales; never folded into B):
+change (lorasurgeon.formats.naming) and the way each format states the scale (never folded into B):
 
-- peft: a directory, adapter_config.json + adapter_model.safetensors (§6.4); a PEFT source keeps its config.
-- kohya: one file of `N.lora_down.weight`, `N.lora_up.weight` and float32 `N.alpha`, with ss_* metadata.
+- peft: a directory, adapter_config.json + adapter_model.safetensors (§6.4); a PEFT source keeps its config. r
+  and lora_alpha are the most common ones, the others `^<module path>` pattern entries; use_rslora is kept when
+  every module is rsLoRA, else alpha = scale·r.
+- kohya: one file of `N.lora_down.weight`, `N.lora_up.weight` and float32 `N.alpha` = scale·r (kohya files have
+  no rsLoRA flag, §5.3), with ss_* metadata. A float32 alpha loses nothing unless it changes the float32 scale
+  every merge multiplies by; a warning names the modules where it does.
 - diffusers: one `pytorch_lora_weights.safetensors`-style file of `<component>.<module path>.lora_A.weight`
-  keys with the components' LoraConfigs in its `lora_adapter_metadata`.
+  keys with the components' LoraConfigs in its `lora_adapter_metadata`, as diffusers' own save_lora_weights
+  writes it; no `.alpha` tensors (diffusers' SD/SDXL loaders reject every key without "lora" in it).
 
-What the target cannot hold (table CANNOT) is refused by tensor name before anything is written.
+What the target cannot hold (formats.writing.CANNOT) is refused by tensor name before anything is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lorasurgeon import keys
-from lorasurgeon.adapter import WEIGHTS_NAME, Adapter, LoraModule, load_adapter
-from lorasurgeon.errors import Finding, LorasurgeonError, UnsupportedError
-from lorasurgeon.header import TensorInfo, dtype_name
-from lorasurgeon.keys import COMPONENTS
-from lorasurgeon.lora_config import CONFIG_NAME
-from lorasurgeon.renaming import BaseNames, component_of, resolve, target_names
-from lorasurgeon.scales import diffusers_config, float32_drift, kohya_alpha, kohya_metadata, lora_config, peft_alphas
+from lorasurgeon.adapter import ADAPTER_FORMATS, Adapter, AdapterFormat, LoraModule
+from lorasurgeon.checkpoint import Checkpoint
+from lorasurgeon.errors import Finding, LorasurgeonError, MismatchError, Option
+from lorasurgeon.formats import load_adapter, writing
+from lorasurgeon.formats.kohya import prefix_of
+from lorasurgeon.formats.naming import COMPONENTS, Targets, target_names
+from lorasurgeon.formats.peft import ADAPTER_WEIGHTS
+from lorasurgeon.formats.peft_config import ADAPTER_CONFIG
+from lorasurgeon.formats.resolution import kohya_names_of
+from lorasurgeon.formats.writing import Converted
+from lorasurgeon.header import TensorInfo
+from lorasurgeon.plan import plan_surgery
 from lorasurgeon.writer import CheckpointWriter
-
-FACTOR_KEYS = {
-    "kohya": ("lora_down.weight", "lora_up.weight"),
-    "linear": ("lora_A.weight", "lora_B.weight"),
-    "embedding": ("lora_embedding_A", "lora_embedding_B"),
-}
-ONLY_FACTORS = "{} files hold LoRA factors only"
-NO_LORA_KEY = "diffusers' loaders reject every key without 'lora' in it ('Invalid LoRA checkpoint')"
-# What a target cannot hold: (target, what the tensor is) -> why.
-CANNOT: dict[tuple[str, str], str] = {
-    ("kohya", "dora"): "is a DoRA magnitude; kohya files keep DoRA as dora_scale in LyCORIS' convention (per "
-    "output or per input, normed with an epsilon), which is not PEFT's",
-    ("kohya", "bias"): "is a lora_B bias (lora_bias); kohya files have no LoRA bias",
-    ("kohya", "embedding"): "is an embedding LoRA, whose ΔW is (B·A)ᵀ; kohya files have no embedding LoRA, "
-    "and their readers would add lora_up @ lora_down untransposed",
-    ("diffusers", "embedding"): "is an embedding LoRA; diffusers pipeline components adapt no embeddings, and "
-    "lorasurgeon does not write them to diffusers files",
-    ("kohya", "conv1d"): "is a transformers Conv1D LoRA (fan_in_fan_out: the weight is stored (in, out)); kohya "
-    "files have no transpose flag, so their readers would add ΔW transposed",
-    ("diffusers", "conv1d"): "is a transformers Conv1D LoRA (fan_in_fan_out: the weight is stored (in, out)); "
-    "diffusers files are for pipeline components, which have no Conv1D layers",
-    ("kohya", "replacement"): "replaces a base tensor in full (modules_to_save, a saved embedding or bias); "
-    + ONLY_FACTORS.format("kohya"),
-    ("diffusers", "replacement"): f"replaces a base tensor in full (modules_to_save, a saved embedding or "
-    f"bias); {NO_LORA_KEY}",
-    ("peft", "replacement"): "replaces a base tensor in full, and without the source's adapter_config.json "
-    "nothing says which modules_to_save entry or saved embedding it is, so PEFT would ignore it",
-    ("kohya", "tokens"): f"holds trainable token rows; {ONLY_FACTORS.format('kohya')}",
-    **{
-        (target, "lycoris"): "is a LyCORIS LoHa / LoKr / Tucker LoCon factor, whose ΔW is no product B·A: convert "
-        "writes LoRA factors only (merge it instead)"
-        for target in keys.ADAPTER_FORMATS
-    },
-    **{
-        (target, "dora_scale"): "is a kohya / LyCORIS dora_scale, which convert does not carry: its convention "
-        "(per output or per input, normed with an epsilon) is not PEFT's lora_magnitude_vector"
-        for target in keys.ADAPTER_FORMATS
-    },
-    ("diffusers", "tokens"): f"holds trainable token rows; {NO_LORA_KEY}",
-}
-
-
-@dataclass(frozen=True)
-class ConvertedModule:
-    """One module of the output: the source module, its name in OUT, and the alpha OUT gives it (the
-    config's after patterns, or kohya's float32 `.alpha`); its scale is the source module's."""
-
-    module: LoraModule
-    name: str
-    alpha: float
 
 
 @dataclass(frozen=True)
@@ -89,11 +45,11 @@ class ConvertSummary:
     """What a conversion wrote (or, with dry_run, would write)."""
 
     adapter: str
-    source_format: str
-    target_format: str
+    source: Adapter = field(repr=False)  # the source in normal form (its tensors closed)
+    target_format: AdapterFormat
     output: str
     dry_run: bool
-    modules: tuple[ConvertedModule, ...]
+    modules: tuple[Converted, ...]
     carried: tuple[str, ...]  # replacement and trainable-token tensors, copied as they are (PEFT to PEFT)
     left_out: tuple[str, ...]  # tensors not converted: other components, keys the PEFT config does not select
     warnings: tuple[Finding, ...]
@@ -103,52 +59,62 @@ class ConvertSummary:
     seconds: float
 
 
-def run(
-    adapter_path: Path,
-    out: Path | None,
-    to: str,
-    base: Path | None,
-    component: str | None,
-    alpha: float | None,
-    force: bool,
-    dry_run: bool,
-) -> ConvertSummary:
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What to convert to: the format `to`, BASE to resolve names against, the pipeline `component`, an `alpha`
+    for files without one."""
+
+    to: str
+    base: Path | None = None
+    component: str | None = None
+    alpha: float | None = None
+
+    def validate(self) -> AdapterFormat:
+        if self.to not in ADAPTER_FORMATS:
+            raise LorasurgeonError(Option("to", self.to), f": expected one of {', '.join(ADAPTER_FORMATS)}")
+        if self.component is not None and self.component not in COMPONENTS:
+            raise LorasurgeonError(Option("component", self.component), f": expected one of {', '.join(COMPONENTS)}")
+        return next(f for f in ADAPTER_FORMATS if f == self.to)
+
+
+def run(adapter_path: Path, out: Path | None, options: ConvertOptions, *, force: bool, dry_run: bool) -> ConvertSummary:
     """Load, select, refuse, name, then write atomically; for lorasurgeon.convert(). Nothing is written
     unless every module converts."""
     started = time.perf_counter()
-    if to not in keys.ADAPTER_FORMATS:
-        raise LorasurgeonError(f"--to {to}: expected one of {', '.join(keys.ADAPTER_FORMATS)}")
-    if component is not None and component not in COMPONENTS:
-        raise LorasurgeonError(f"--component {component}: expected one of {', '.join(COMPONENTS)}")
-    adapter = load_adapter(adapter_path, alpha)
+    to, base = options.validate(), options.base
+    adapter = load_adapter(adapter_path, options.alpha)
     try:
-        modules, left_out = _select(adapter, component)
-        _refuse(adapter, modules, to)
-        found = resolve(adapter, modules, base) if base is not None else None
-        converted = _convert(adapter, modules, to, component, found)
-        tensors = _tensors(adapter, converted, to)
-        config = _config(adapter, converted, to, alpha)
-        metadata = _metadata(adapter, converted, to, config, base)
+        modules, left_out = _select(adapter, options.component)
+        refused = writing.refusal(adapter, modules, to)
+        if refused is not None:
+            raise refused
+        found = _targets(adapter, modules, base) if base is not None else None
+        names = target_names(adapter, modules, to, options.component, found)
+        converted = writing.converted(modules, names, to)
+        config = writing.config(adapter, converted, to, options.alpha)
+        metadata = writing.metadata(adapter, converted, to, config, base.name if base else None)
         target = _output(adapter, out, to)
         written = 0
         if not dry_run:
             inputs = [adapter_path, *([base] if base is not None else [])]
             with CheckpointWriter(target, is_dir=to == "peft", inputs=inputs, force=force) as writer:
-                _write(writer, adapter, tensors, metadata, config if to == "peft" else None)
+                _write(writer, adapter, writing.entries(adapter, converted, to), metadata)
+                if to == "peft" and config is not None:
+                    writer.write_json(ADAPTER_CONFIG, config)
             written = writer.bytes_written
     finally:
         adapter.source.close()
     carried = [r.tensor.name for r in adapter.replacements] + [t.tensor.name for t in adapter.token_rows]
     return ConvertSummary(
         adapter=str(adapter_path),
-        source_format=adapter.format,
+        source=adapter,
         target_format=to,
         output=str(target),
         dry_run=dry_run,
         modules=tuple(converted),
         carried=tuple(carried),
         left_out=tuple(name for _, names in left_out for name in names),
-        warnings=tuple(_left_out_warnings(left_out) + _alpha_warnings(converted, to)),
+        warnings=tuple(_left_out_warnings(left_out) + writing.alpha_warnings(converted, to)),
         config=config,
         metadata=metadata,
         bytes_written=written,
@@ -158,184 +124,82 @@ def run(
 
 def _select(adapter: Adapter, component: str | None) -> tuple[list[LoraModule], list[tuple[str, list[str]]]]:
     """The modules to convert (of kohya and diffusers files, those of `component` when given), and what is left
-    out, as (why, tensor names)."""
+    out, as (why, tensor names). A PEFT adapter is for one model: `component` names it, selecting nothing."""
     left_out = [("its module is not selected by adapter_config.json, so PEFT ignores it", list(adapter.ignored))]
-    if component is None or adapter.format == "peft":
+    grouped = any(m.component or m.naming == "kohya" for m in adapter.modules)
+    if component is None or not grouped:
         return list(adapter.modules), left_out
     wanted = COMPONENTS[component]
-    modules = [m for m in adapter.modules if component_of(adapter, m) == wanted]
+    modules = [m for m in adapter.modules if m.component == wanted]
     if not modules:
-        present = sorted({component_of(adapter, m) or keys.kohya_component(m.module) for m in adapter.modules})
+        present = sorted({m.component or prefix_of(m.module) for m in adapter.modules})
         raise LorasurgeonError(
-            f"{adapter.path}: --component {component} selects no module; the adapter has {', '.join(present)}"
+            f"{adapter.path}: ",
+            Option("component", component),
+            f" selects no module; the adapter has {', '.join(present)}",
         )
     chosen = {m.module for m in modules}
-    others = [t.name for m in adapter.modules if m.module not in chosen for t in _factors(m)]
-    return modules, [*left_out, (f"it is not of --component {component}", others)]
+    others = [t.name for m in adapter.modules if m.module not in chosen for t in m.tensors]
+    return modules, [*left_out, (f"it is not of component {component}", others)]
 
 
-def _factors(module: LoraModule) -> list[TensorInfo]:
-    return [t for t in (module.a, module.b, module.magnitude, module.bias) if t is not None]
-
-
-def _refuse(adapter: Adapter, modules: list[LoraModule], to: str) -> None:
-    """UnsupportedError naming the first tensor the target format cannot hold, and why."""
-    problems = [(r.tensor.name, "replacement") for r in adapter.replacements]
-    if to == "peft":  # PEFT holds them all, given the source's config to say what the full tensors are
-        problems = problems if not adapter.config else []
-    else:
-        problems += [(t.tensor.name, "tokens") for t in adapter.token_rows]
-    problems = [problem for m in modules for problem in _unheld(adapter, m, to)] + problems
-    if problems:
-        name, what = problems[0]
-        more = f" (and {len(problems) - 1} more tensors {to} cannot hold)" if len(problems) > 1 else ""
-        raise UnsupportedError(f"{adapter.path}: {name} {CANNOT[to, what]}; nothing was converted{more}")
-
-
-def _unheld(adapter: Adapter, m: LoraModule, to: str) -> list[tuple[str, str]]:
-    """(tensor, what it is) for the parts of one module the target cannot hold."""
-    if m.factors:
-        return [(m.a.name, "lycoris")]
-    if adapter.format == "kohya" and m.magnitude is not None:  # a kohya module's magnitude is LyCORIS' dora_scale
-        return [(m.magnitude.name, "dora_scale")]
-    if to == "peft":
-        return []
-    parts = [(m.a.name, "conv1d")] if m.fan_in_fan_out else []
-    parts += [(m.a.name, "embedding")] if m.kind == "embedding" else []
-    if to == "kohya":
-        parts += [(m.magnitude.name, "dora")] if m.magnitude is not None else []
-        parts += [(m.bias.name, "bias")] if m.bias is not None else []
-    return parts
-
-
-def _convert(
-    adapter: Adapter, modules: list[LoraModule], to: str, component: str | None, base: BaseNames | None
-) -> list[ConvertedModule]:
-    """Each module's name in the target format and the alpha written for it."""
-    names = target_names(adapter, modules, to, component, base)
-    if to == "kohya":
-        return [ConvertedModule(m, n, kohya_alpha(m)) for n, m in zip(names, modules, strict=True)]
-    converted = [ConvertedModule(m, n, m.alpha) for n, m in zip(names, modules, strict=True)]
-    alphas: dict[str, float] = {}
-    for group in _configs(converted, to).values():  # the alphas each config gives its modules
-        _, values = peft_alphas([c.module for c in group])
-        alphas.update(zip((c.name for c in group), values, strict=True))
-    return [dataclasses.replace(c, alpha=alphas[c.name]) for c in converted]
-
-
-def _configs(converted: list[ConvertedModule], to: str) -> dict[str, list[ConvertedModule]]:
-    """The modules that share one config: all of them (peft), or those of each component (diffusers)."""
-    if to == "peft":
-        return {"": converted}
-    groups: dict[str, list[ConvertedModule]] = {}
-    for c in converted:
-        groups.setdefault(c.name.partition(".")[0], []).append(c)
-    return groups
-
-
-def _config(adapter: Adapter, converted: list[ConvertedModule], to: str, alpha: float | None) -> dict[str, Any] | None:
-    """adapter_config.json (a PEFT source's own, with --alpha applied) or the diffusers metadata, unpacked."""
-    if to == "kohya":
-        return None
-    if to == "peft" and adapter.format == "peft" and adapter.config:
-        if alpha is None:
-            return dict(adapter.config)
-        patterns = {k: alpha for k in adapter.config.get("alpha_pattern") or {}}
-        return {**adapter.config, "lora_alpha": alpha, "alpha_pattern": patterns}
-    if to == "peft":
-        return lora_config([c.name for c in converted], [c.module for c in converted])
-    groups = _configs(converted, to).items()
-    return diffusers_config({k: ([c.name.partition(".")[2] for c in g], [c.module for c in g]) for k, g in groups})
-
-
-def _metadata(
-    adapter: Adapter, converted: list[ConvertedModule], to: str, config: dict[str, Any] | None, base: Path | None
-) -> dict[str, str]:
-    """safetensors metadata: {"format": "pt"}, our record, and the target's own (kohya ss_*, diffusers config)."""
-    record = {"operation": "convert", "adapter": adapter.path.name, "from": adapter.format, "to": to}
-    metadata = {"format": "pt", "lorasurgeon": json.dumps(record | {"base": base.name if base else None})}
-    if to == "diffusers":
-        metadata[keys.DIFFUSERS_METADATA] = json.dumps(config, indent=2, sort_keys=True)
-    if to != "kohya":
-        return metadata
-    source = adapter.source.shards[0].header.metadata if adapter.format == "kohya" else {}
-    return kohya_metadata([c.module for c in converted], [c.alpha for c in converted], source) | metadata
-
-
-def _tensors(
-    adapter: Adapter, converted: list[ConvertedModule], to: str
-) -> list[tuple[str, TensorInfo | torch.Tensor]]:
-    """The output's tensors in order: source tensors copied byte for byte, and kohya's float32 alphas."""
-    out: list[tuple[str, TensorInfo | torch.Tensor]] = []
-    for c in converted:
-        m = c.module
-        prefix = keys.PEFT_PREFIX + c.name if to == "peft" else c.name
-        a_key, b_key = FACTOR_KEYS["kohya" if to == "kohya" else "embedding" if m.kind == "embedding" else "linear"]
-        out += [(f"{prefix}.{a_key}", m.a), (f"{prefix}.{b_key}", m.b)]
-        if to == "kohya":
-            out.append((f"{prefix}.alpha", torch.tensor(c.alpha, dtype=torch.float32)))
-        if m.magnitude is not None:
-            out.append((f"{prefix}.lora_magnitude_vector", m.magnitude))
-        if m.bias is not None:
-            out.append((f"{prefix}.lora_B.bias", m.bias))
-    for info in [r.tensor for r in adapter.replacements] + [t.tensor for t in adapter.token_rows]:
-        out.append((keys.PEFT_PREFIX + info.name.removeprefix(keys.PEFT_PREFIX), info))
-    return out
+def _targets(adapter: Adapter, modules: list[LoraModule], base_path: Path) -> Targets:
+    """Every module's tensor in BASE, found as a merge finds it; MismatchError when one does not resolve or fit."""
+    selected = dataclasses.replace(adapter, modules=tuple(modules), unselected=())
+    with Checkpoint.open(base_path) as base:
+        plan = plan_surgery("merge", base, [selected], [1.0], allow_nonfinite=True)  # NaNs are copied, not merged
+        kohya = kohya_names_of(list(base.tensors))
+    if plan.errors:
+        more = f" (and {len(plan.errors) - 1} more problems)" if len(plan.errors) > 1 else ""
+        raise MismatchError(*plan.errors[0].parts, f" (BASE {base_path}){more}")
+    targets = {t.module.module: s.tensor.name for s in plan.steps for t in s.terms if not t.bias}
+    missing = [m for m in modules if m.module not in targets]
+    if missing:
+        more = f" (and {len(missing) - 1} more modules)" if len(missing) > 1 else ""
+        raise MismatchError(
+            f"{missing[0].a.name}: BASE {base_path} holds no tensor for it{more}; pass ",
+            Option("component"),
+            " to convert only the modules of one component",
+        )
+    return Targets(targets, kohya)
 
 
 def _write(
-    writer: CheckpointWriter,
-    adapter: Adapter,
-    tensors: list[tuple[str, TensorInfo | torch.Tensor]],
-    metadata: dict[str, str],
-    config: dict[str, Any] | None,
+    writer: CheckpointWriter, adapter: Adapter, tensors: list[tuple[str, TensorInfo | float]], metadata: dict[str, str]
 ) -> None:
+    import torch  # kohya's alphas become float32 scalar tensors
+
+    from lorasurgeon.header import dtype_name
+
+    values = [t if isinstance(t, TensorInfo) else torch.tensor(t, dtype=torch.float32) for _, t in tensors]
     entries = [
         (key, t.dtype, t.shape) if isinstance(t, TensorInfo) else (key, dtype_name(t.dtype), tuple(t.shape))
-        for key, t in tensors
+        for (key, _), t in zip(tensors, values, strict=True)
     ]
-    with writer.shard(WEIGHTS_NAME, entries, metadata) as stream:
-        for _, tensor in tensors:
-            if isinstance(tensor, TensorInfo):
-                stream.copy_from(adapter.source, tensor)
+    with writer.shard(ADAPTER_WEIGHTS, entries, metadata) as stream:
+        for value in values:
+            if isinstance(value, TensorInfo):
+                stream.copy_from(adapter.source, value)
             else:
-                stream.write(tensor)
-    if config is not None:
-        writer.write_json(CONFIG_NAME, config)
+                stream.write(value)
 
 
-def _output(adapter: Adapter, out: Path | None, to: str) -> Path:
+def _output(adapter: Adapter, out: Path | None, to: AdapterFormat) -> Path:
     """OUT, or `<adapter name>-<format>` in the current directory: a directory for peft, a file otherwise."""
     if out is None:
         stem = adapter.path.name.removesuffix(".safetensors")
         return Path(f"{stem}-{to}" if to == "peft" else f"{stem}-{to}.safetensors")
     if (to == "peft") == (out.suffix == ".safetensors"):
         shape = "an adapter directory" if to == "peft" else "one .safetensors file"
-        raise LorasurgeonError(f"{out}: --to {to} writes {shape}; name OUT accordingly")
+        raise LorasurgeonError(f"{out}: ", Option("to", to), f" writes {shape}; name OUT accordingly")
     return out
 
 
 def _left_out_warnings(left_out: list[tuple[str, list[str]]]) -> list[Finding]:
     return [
-        Finding(
+        Finding.of(
             "warning", f"{names[0]}: left out, {why}" + (f" ({len(names)} tensors in all)" if len(names) > 1 else "")
         )
         for why, names in left_out
         if names
-    ]
-
-
-def _alpha_warnings(converted: list[ConvertedModule], to: str) -> list[Finding]:
-    """kohya modules whose float32 `.alpha` changes the float32 scale every merge multiplies by."""
-    drifts = [(c, float32_drift(c.module, c.alpha)) for c in converted] if to == "kohya" else []
-    changed = [(c, drift) for c, drift in drifts if drift is not None]
-    if not changed:
-        return []
-    first, drift = changed[0]
-    return [
-        Finding(
-            "warning",
-            f"{first.name}.alpha: scale·r = {first.module.scale * first.module.rank!r} is not a float32 number; the "
-            f"float32 alpha {first.alpha!r} changes the scale by {drift:.1e} relative ({len(changed)} modules in all)",
-        )
     ]

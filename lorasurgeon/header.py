@@ -270,3 +270,18 @@ def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict
     raw = json.dumps(doc, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
+
+
+# struct formats of the dtypes whose one-element tensors hold a config number (kohya `.alpha`); BF16 is the top
+# half of an F32.
+SCALAR_FORMATS = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
+
+
+def scalar_value(dtype: str, raw: bytes) -> float | None:
+    """The number one element of `dtype` holds (`raw` its bytes), or None for a dtype that holds no number."""
+    if dtype == "BF16" and len(raw) == 2:
+        return float(struct.unpack("<f", b"\x00\x00" + raw)[0])
+    fmt = SCALAR_FORMATS.get(dtype)
+    if fmt is None or struct.calcsize(fmt) != len(raw):
+        return None
+    return float(struct.unpack(fmt, raw)[0])

@@ -1,14 +1,13 @@
-"""Everything people and machines read: rich tables and progress on stderr, one JSON document on stdout."""
+"""Everything people read: rich tables, findings and progress on stderr (the `--json` documents are in
+documents.py), in the command line's words."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import itertools
-import json
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,8 +15,10 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from lorasurgeon.census import Count
+from lorasurgeon.documents import extract_doc, plan_doc, summary_doc
 from lorasurgeon.errors import Finding, UnsupportedError
-from lorasurgeon.report import SCHEMA_VERSION, CheckResult, Count, ModuleReport, Report
+from lorasurgeon.report import ModuleReport, Report
 
 if TYPE_CHECKING:  # not imported at run time: they load torch, which `report` does not need
     from lorasurgeon.conversion import ConvertSummary
@@ -28,11 +29,6 @@ if TYPE_CHECKING:  # not imported at run time: they load torch, which `report` d
 
 # Wide when piped (CI logs, README examples), so tensor names are not cut.
 stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
-
-
-def emit_json(doc: dict[str, Any]) -> None:
-    """The one JSON document a `--json` command prints on stdout."""
-    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
 
 
 @contextlib.contextmanager
@@ -49,85 +45,6 @@ def progress_bar(label: str) -> Iterator[Callable[[SurgeryProgress], None] | Non
             bar.update(task, total=p.bytes_total, completed=p.bytes_done, description=f"{label} {p.tensors_done}")
 
         yield update
-
-
-def plan_doc(plan: Plan) -> dict[str, Any]:
-    modules = [
-        {
-            "adapter": str(plan.adapters[term.adapter].path),
-            "adapter_name": plan.adapters[term.adapter].path.name,
-            "module": term.module.module,
-            "adapter_key": term.module.a.name.removesuffix(".lora_A.weight"),
-            "base_key": step.tensor.name,
-            "shape": list(step.tensor.shape),
-            "rank": term.module.rank,
-            "alpha": term.module.alpha,
-            "scale": term.module.scale,
-            "transposed": term.transpose,
-            "kind": term.module.kind,
-            "dora": term.dora,
-            "bias": term.bias,
-        }
-        for step in plan.steps
-        for term in step.terms
-    ]
-    replaced = [  # tensors the adapter sets outright: modules_to_save, saved embeddings, biases, token rows
-        {
-            "adapter": str(plan.adapters[source.adapter].path),
-            "adapter_key": source.tensor.name,
-            "base_key": step.tensor.name,
-            "rows": list(source.indices) if source.indices is not None else None,
-        }
-        for step in plan.steps
-        for source in ((step.replacement,) if step.replacement else ()) + step.rows
-    ]
-    return {
-        "ok": not plan.errors,
-        "base": str(plan.base.path),
-        "adapters": [
-            {"path": str(a.path), "format": a.format, "modules": len(a.modules), "ignored_keys": list(a.ignored)}
-            for a in plan.adapters
-        ],
-        "modules": modules,
-        "replaced": replaced,
-        "findings": [finding_doc(f) for f in plan.findings],
-    }
-
-
-def finding_doc(finding: Finding) -> dict[str, Any]:
-    return {
-        "severity": finding.severity,
-        "message": finding.message,
-        "adapter_key": finding.adapter_key,
-        "base_key": finding.base_key,
-    }
-
-
-def summary_doc(summary: SurgerySummary) -> dict[str, Any]:
-    plan = summary.plan
-    return {
-        "operation": summary.operation,
-        "output": summary.output,
-        "dry_run": summary.dry_run,
-        "device": summary.device,
-        "tensors": summary.tensors,
-        "changed": summary.changed,
-        "bytes_written": summary.bytes_written,
-        "seconds": round(summary.seconds, 3),
-        "copied_files": list(summary.copied_files),
-        "skipped_files": list(summary.skipped_files),
-        "removed_temporaries": list(summary.removed_temporaries),
-        "warnings": [finding_doc(f) for f in plan.warnings],
-        "steps": [
-            {
-                "tensor": s.tensor.name,
-                "shard": s.shard,
-                "dtype": s.out_dtype,
-                "adapters": [str(plan.adapters[t.adapter].path) for t in s.terms],
-            }
-            for s in plan.changed
-        ],
-    }
 
 
 def show_check(plan: Plan) -> None:
@@ -151,7 +68,7 @@ def show_check(plan: Plan) -> None:
 def show_findings(findings: tuple[Finding, ...] | list[Finding]) -> None:
     for f in findings:
         colour = "red" if f.severity == "error" else "yellow"
-        stderr.print(f"[{colour}]{f.severity}:[/] {f.message}", soft_wrap=True)
+        stderr.print(f"[{colour}]{f.severity}:[/] {f.words('cli')}", soft_wrap=True)
 
 
 def show_summary(summary: SurgerySummary) -> None:
@@ -178,70 +95,6 @@ def show_plan(summary: SurgerySummary) -> None:
         table.add_row(row["shard"], row["tensor"], row["dtype"], ", ".join(row["adapters"]))
     stderr.print(table)
     stderr.print(f"{summary.changed} of {summary.tensors} tensors would change; the rest are copied byte for byte")
-
-
-def report_doc(report: Report) -> dict[str, Any]:
-    """The `report --json` document; every field is described in report.schema.json."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": report.kind,
-        "path": report.path,
-        "format": report.format,
-        "ok": not report.fired,
-        "totals": _count_doc(report.totals),
-        "by_dtype": [{"dtype": c.name} | _count_doc(c) for c in report.by_dtype],
-        "categories": [{"category": c.name} | _count_doc(c) for c in report.categories],
-        "groups": [{"name": c.name, "repeat": c.repeat, "indices": c.indices} | _count_doc(c) for c in report.groups],
-        "shards": [
-            {
-                "name": c.name,
-                "file_bytes": c.bytes,
-                "tensors": c.tensors,
-                "parameters": c.parameters,
-                "metadata": c.metadata,
-            }
-            for c in report.shards
-        ],
-        "metadata": report.metadata,
-        "config": report.config,
-        "adapter": _adapter_doc(report) if report.kind == "adapter" else None,
-        "findings": [finding_doc(f) for f in report.findings],
-        "check": _check_doc(report.check) if report.check else None,
-        "stats": None if report.stats is None else [asdict(s) for s in report.stats],
-        "fired": [{"rule": h.rule, "reason": h.reason} for h in report.fired],
-    }
-
-
-def _adapter_doc(report: Report) -> dict[str, Any]:
-    lora, base = report.lora_parameters
-    return {
-        "lora_parameters": lora,
-        "base_parameters": base,
-        "reduction": 1 - lora / base if base else None,
-        "targets": report.targets,
-        "modules": [_module_doc(m) for m in report.modules],
-    }
-
-
-def _check_doc(check: CheckResult) -> dict[str, Any]:
-    return {
-        "base": check.base,
-        "ok": not any(f.severity == "error" for f in check.findings),
-        "findings": [finding_doc(f) for f in check.findings],
-        "touched_parameters": check.touched_parameters,
-        "base_parameters": check.base_parameters,
-        "touched_fraction": check.touched_parameters / check.base_parameters if check.base_parameters else 0.0,
-    }
-
-
-def _count_doc(c: Count) -> dict[str, int]:
-    return {"tensors": c.tensors, "parameters": c.parameters, "bytes": c.bytes}
-
-
-def _module_doc(m: ModuleReport) -> dict[str, Any]:
-    doc = asdict(m)
-    doc["base_shape"] = list(m.base_shape) if m.base_shape else None
-    return doc | {"base_parameters": m.base_parameters, "reduction": m.reduction}
 
 
 def report_tables(report: Report) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -374,58 +227,13 @@ def report_markdown(report: Report) -> str:
         lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
         lines.append("")
     findings = [*report.findings, *(report.check.findings if report.check else ())]
-    lines += [f"- **{f.severity}**: {f.message}" for f in findings]
+    lines += [f"- **{f.severity}**: {f.words('cli')}" for f in findings]
     lines += [f"- **fail-on `{h.rule}`**: {h.reason}" for h in report.fired]
     if report.check:
         c = report.check
         lines.append(f"- touches {c.touched_parameters:,} of {c.base_parameters:,} base parameters of `{c.base}`")
     lines.append(f"\n**{'passed' if not report.fired else 'failed: ' + ', '.join(h.rule for h in report.fired)}**")
     return "\n".join(lines) + "\n"
-
-
-def extract_doc(summary: ExtractSummary) -> dict[str, Any]:
-    """The `extract --json` document: per matrix and in total, plus what was left out and why."""
-    return {
-        "base": summary.base,
-        "tuned": summary.tuned,
-        "output": summary.output,
-        "dry_run": summary.dry_run,
-        "device": summary.device,
-        "seconds": round(summary.seconds, 3),
-        "bytes_written": summary.bytes_written,
-        "curve_ranks": list(summary.curve),
-        "total": {
-            "matrices": len(summary.matrices),
-            "relative_error": summary.total_error,
-            "captured_energy": 1.0 - summary.total_error**2,
-            "adapter_params": summary.adapter_params,
-            "replaced_params": summary.replaced_params,
-            "curve": list(summary.curve_errors),
-        },
-        "matrices": [
-            {
-                "tensor": m.tensor,
-                "module": m.module,
-                "kind": m.kind,
-                "shape": list(m.shape),
-                "rank": m.rank,
-                "method": m.method,
-                "captured_energy": m.energy,
-                "relative_error": m.error,
-                "delta_norm": m.norm,
-                "adapter_params": m.adapter_params,
-                "curve": list(m.curve),
-            }
-            for m in summary.matrices
-        ],
-        "unchanged_targets": list(summary.unchanged),
-        "saved_modules": list(summary.saved_modules),
-        "changed_not_extracted": [
-            {"tensor": c.name, "shape": list(c.shape), "max_abs_change": c.max_change} for c in summary.changed_other
-        ],
-        "warnings": [finding_doc(f) for f in summary.warnings],
-        "adapter_config": summary.config,
-    }
 
 
 def show_extract(summary: ExtractSummary) -> None:
@@ -467,35 +275,6 @@ def show_extract(summary: ExtractSummary) -> None:
         )
 
 
-def convert_doc(summary: ConvertSummary) -> dict[str, Any]:
-    """The `convert --json` document: each module's old and new name, rank, alpha and (unchanged) scale."""
-    return {
-        "adapter": summary.adapter,
-        "from": summary.source_format,
-        "to": summary.target_format,
-        "output": summary.output,
-        "dry_run": summary.dry_run,
-        "seconds": round(summary.seconds, 3),
-        "bytes_written": summary.bytes_written,
-        "modules": [
-            {
-                "source": c.module.module,
-                "target": c.name,
-                "kind": c.module.kind,
-                "rank": c.module.rank,
-                "alpha": c.alpha,
-                "scale": c.module.scale,
-            }
-            for c in summary.modules
-        ],
-        "carried": list(summary.carried),
-        "left_out": list(summary.left_out),
-        "warnings": [finding_doc(f) for f in summary.warnings],
-        "config": summary.config,
-        "metadata": summary.metadata,
-    }
-
-
 def show_convert(summary: ConvertSummary) -> None:
     """One line saying what was written; with --dry-run, the table of old and new names first."""
     show_findings(summary.warnings)
@@ -509,7 +288,7 @@ def show_convert(summary: ConvertSummary) -> None:
     verb = "would write" if summary.dry_run else "wrote"
     size = "" if summary.dry_run else f", {summary.bytes_written / 1e6:.1f} MB, {summary.seconds:.1f} s"
     stderr.print(
-        f"convert: {verb} {summary.output} ({summary.target_format} from {summary.source_format}, "
+        f"convert: {verb} {summary.output} ({summary.target_format} from {summary.source.format}, "
         f"{len(summary.modules)} modules, A and B bytes unchanged{size})",
         soft_wrap=True,
     )

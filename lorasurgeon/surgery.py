@@ -6,28 +6,27 @@ Only the tensor in hand (and its factors) is resident. Untouched tensors are cop
 from __future__ import annotations
 
 import contextlib
-import json
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from lorasurgeon import linalg, lycoris
-from lorasurgeon.checkpoint import PICKLE_SUFFIXES
-from lorasurgeon.errors import NonfiniteWarning, NumericError
-from lorasurgeon.header import DTYPES, torch_dtype
-from lorasurgeon.plan import Plan, Step, Term
-from lorasurgeon.writer import TMP_MARK, CheckpointWriter
+from lorasurgeon.adapter import Adapter
+from lorasurgeon.checkpoint import MODEL_CONFIG, Checkpoint
+from lorasurgeon.errors import MismatchError, NonfiniteWarning, NumericError, Option, Part
+from lorasurgeon.header import torch_dtype
+from lorasurgeon.mirror import copy_companions, output_bytes, output_index, output_metadata
+from lorasurgeon.plan import Operation, Plan, Step, Term, plan_surgery
+from lorasurgeon.writer import CheckpointWriter
 
 SIGNS = {"merge": 1, "unmerge": -1}
 READ_AHEAD_BYTES = 256 << 20
 FACTOR_KINDS = ("linear", "conv", "embedding")  # ΔW = B @ A, up to a reshape or a transpose
-CONFIG_NAME = "config.json"
 
 
 @dataclass(frozen=True)
@@ -39,10 +38,24 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class SurgeryOptions:
+    """How merge and unmerge run: `scale` on every adapter's own scale, `alpha` for files without one, the torch
+    `device`, the output `dtype` (a safetensors dtype name; None keeps each tensor's), and the safety switches."""
+
+    scale: float = 1.0
+    alpha: float | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: str | None = None
+    force: bool = False
+    dry_run: bool = False
+    allow_nonfinite: bool = False
+
+
+@dataclass(frozen=True)
 class SurgerySummary:
     """What a merge or unmerge did (or, with dry_run, would do)."""
 
-    operation: str
+    operation: Operation
     output: str
     device: str
     dry_run: bool
@@ -56,6 +69,49 @@ class SurgerySummary:
     removed_temporaries: tuple[str, ...] = ()
 
 
+def run(
+    operation: Operation,
+    base: Checkpoint,
+    adapters: list[Adapter],
+    out: Path,
+    inputs: list[Path],
+    weights: list[float],
+    options: SurgeryOptions,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> SurgerySummary:
+    """Plan, refuse on any error finding, then (unless a dry run) write OUT atomically; for lorasurgeon.merge()."""
+    started = time.perf_counter()
+    plan = plan_surgery(operation, base, adapters, weights, options.scale, options.dtype, options.allow_nonfinite)
+    if plan.errors:
+        more = (
+            (f" (and {len(plan.errors) - 1} more problems; run `lorasurgeon check`)",) if len(plan.errors) > 1 else ()
+        )
+        raise MismatchError(*plan.errors[0].parts, *more)
+    copied: list[str] = []
+    skipped: list[str] = []
+    written = 0
+    stale: list[Path] = []
+    if not options.dry_run:
+        is_dir = base.layout != "file"
+        with CheckpointWriter(out, is_dir=is_dir, inputs=inputs, force=options.force) as writer:
+            copied, skipped = execute(plan, writer, options.device, on_progress)
+        written, stale = writer.bytes_written, writer.removed_stale
+    return SurgerySummary(
+        operation=operation,
+        output=str(out),
+        device=str(options.device),
+        dry_run=options.dry_run,
+        tensors=len(plan.steps),
+        changed=len(plan.changed),
+        bytes_written=written,
+        seconds=time.perf_counter() - started,
+        plan=plan,
+        copied_files=tuple(copied),
+        skipped_files=tuple(skipped),
+        removed_temporaries=tuple(str(p) for p in stale),
+    )
+
+
 def execute(
     plan: Plan, writer: CheckpointWriter, device: torch.device, on_progress: Callable[[Progress], None] | None = None
 ) -> tuple[list[str], list[str]]:
@@ -67,7 +123,7 @@ def execute(
     base = plan.base
     total_bytes = sum(s.tensor.nbytes for s in plan.steps)
     done_tensors = done_bytes = 0
-    writer.reserve(_output_bytes(plan))
+    writer.reserve(output_bytes(plan))
     with ReadAhead(plan) as ahead, _torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
         for shard in base.shards:
             steps = [s for s in plan.steps if s.shard == shard.name]
@@ -85,7 +141,7 @@ def execute(
     if base.index_name:
         writer.write_json(base.index_name, output_index(plan))
     if plan.config is not None:
-        writer.write_json(CONFIG_NAME, plan.config)
+        writer.write_json(MODEL_CONFIG, plan.config)
     if base.layout == "file":
         return [], []
     return copy_companions(base.root, plan, writer)
@@ -176,9 +232,8 @@ def compute(plan: Plan, step: Step, device: torch.device, weight: torch.Tensor |
     del delta
     dora = next((t for t in step.terms if t.dora), None)
     if dora is not None and dora.module.magnitude is not None:
-        adapter = plan.adapters[dora.adapter]
-        magnitude = adapter.source.read(dora.module.magnitude).to(device)
-        if adapter.format == "kohya":  # LyCORIS' dora_scale: its own axis and an epsilon (FORMATS.md §5.3)
+        magnitude = plan.adapters[dora.adapter].source.read(dora.module.magnitude).to(device)
+        if dora.module.dora == "lycoris":  # LyCORIS' dora_scale: its own axis and an epsilon (FORMATS.md §5.3)
             exact = lycoris.weight_decompose(exact, magnitude)
         else:
             exact = linalg.dora_rescale(exact, magnitude, 1 if dora.transpose else 0)
@@ -262,62 +317,7 @@ def _check_finite(plan: Plan, step: Step, weight: torch.Tensor, exact: torch.Ten
         problem = f"the result holds {bad_out} NaN/Inf values"
     else:
         return
+    allow: Part = Option("allow_nonfinite", flag=True)
     if not plan.allow_nonfinite:
-        raise NumericError(f"{name}: {problem}; fix the input or pass --allow-nonfinite")
-    warnings.warn(f"{name}: {problem}; written anyway (--allow-nonfinite)", NonfiniteWarning, stacklevel=2)
-
-
-def output_metadata(metadata: dict[str, str], plan: Plan) -> dict[str, str]:
-    """The base shard's metadata, with format=pt (transformers requires it) and our record of the operation."""
-    record = {
-        "operation": plan.operation,
-        "base": plan.base.path.name,
-        "adapters": [a.path.name for a in plan.adapters],
-        "weights": list(plan.weights),
-        "version": _version(),
-    }
-    return {**metadata, "format": metadata.get("format", "pt"), "lorasurgeon": json.dumps(record)}
-
-
-def output_index(plan: Plan) -> dict[str, Any]:
-    meta = dict(plan.base.index_metadata)
-    meta["total_size"] = _output_bytes(plan)
-    weight_map = {s.tensor.name: s.shard for s in plan.steps}
-    return {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
-
-
-def copy_companions(root: Path, plan: Plan, writer: CheckpointWriter) -> tuple[list[str], list[str]]:
-    """Copy every non-weight file of a checkpoint directory (config, tokenizer, ...) into OUT."""
-    written = {s.name for s in plan.base.shards} | {plan.base.index_name}
-    if plan.config is not None:
-        written.add(CONFIG_NAME)
-    copied, skipped = [], []
-    for path in _walk(root):
-        rel = path.relative_to(root).as_posix()
-        if rel in written:
-            continue
-        # Stale weights in another format would shadow or contradict the merged ones when loaded.
-        if path.suffix in PICKLE_SUFFIXES or path.suffix in (".safetensors", ".gguf", ".h5", ".msgpack"):
-            skipped.append(rel)
-            continue
-        writer.copy_file(path, rel)
-        copied.append(rel)
-    return copied, skipped
-
-
-def _walk(root: Path) -> Iterator[Path]:
-    for path in sorted(root.rglob("*")):
-        inner = path.parts[len(root.parts) :]
-        if path.is_file() and not any(TMP_MARK in part or part.startswith(".") for part in inner):
-            yield path
-
-
-def _output_bytes(plan: Plan) -> int:
-    return sum(DTYPES[s.out_dtype][1] * s.tensor.numel for s in plan.steps)
-
-
-def _version() -> str:
-    try:
-        return metadata.version("lorasurgeon")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+        raise NumericError(f"{name}: {problem}; fix the input or pass ", allow)
+    warnings.warn(NonfiniteWarning(f"{name}: {problem}; written anyway (", allow, ")"), stacklevel=2)

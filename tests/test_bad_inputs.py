@@ -80,10 +80,16 @@ def _overlap(header: dict[str, dict[str, object]]) -> None:
     header[second]["data_offsets"] = [begin - 4, end - 4]
 
 
-def _gap(header: dict[str, dict[str, object]]) -> None:
-    for name in tensors_by_offset(header)[1:]:
+def _gap(raw: bytes) -> bytes:
+    """Four bytes between the first and the second tensor, the file grown by them: every tensor stays inside the
+    file and the byte counts add up, so only the gap itself is wrong."""
+    header, data = split(raw)
+    first, *rest = tensors_by_offset(header)
+    cut = header[first]["data_offsets"][1]  # type: ignore[index]
+    for name in rest:
         begin, end = header[name]["data_offsets"]  # type: ignore[misc]
         header[name]["data_offsets"] = [begin + 4, end + 4]
+    return join(header, data[:cut] + b"\0" * 4 + data[cut:])
 
 
 def _past_end(header: dict[str, dict[str, object]]) -> None:
@@ -135,7 +141,7 @@ FILE_MUTATIONS: dict[str, Callable[[bytes], bytes]] = {
     "entry not an object": rewrite(lambda h: h.__setitem__(tensors_by_offset(h)[0], [1, 2])),
     "offsets out of range": rewrite(_past_end),
     "overlapping tensors": rewrite(_overlap),
-    "gap between tensors": rewrite(_gap),
+    "gap between tensors": _gap,
     "unknown dtype": rewrite(_set("dtype", "F12")),
     "dtype not a string": rewrite(_set("dtype", ["F32"])),
     "shape not a list": rewrite(_set("shape", "4x4")),
@@ -151,16 +157,49 @@ FILE_MUTATIONS: dict[str, Callable[[bytes], bytes]] = {
 }
 
 
+# mutation -> the words of the problem its Error line must say
+FILE_WORDS = {
+    "empty file": "only 0 bytes long",
+    "five bytes": "only 5 bytes long",
+    "truncated data": "lie past the end of the file",
+    "truncated header": "does not fit a file of",
+    "random bytes": "any real checkpoint needs",
+    "header length past EOF": "does not fit a file of",
+    "header length past bound": "any real checkpoint needs",
+    "header not JSON": "header is not JSON",
+    "header not UTF-8": "header is not JSON",
+    "header a JSON list": "header is not a JSON object",
+    "header nested 100000 deep": "nested too deeply",
+    "entry not an object": "header entry is not an object",
+    "offsets out of range": "lie past the end of the file",
+    "overlapping tensors": "overlaps the tensor before it",
+    "gap between tensors": "leaves a gap before it",
+    "unknown dtype": "unknown dtype 'F12'",
+    "dtype not a string": "unknown dtype ['F32']",
+    "shape not a list": "is not a list of non-negative integers",
+    "negative dimension": "shape [-1, 4] is not a list of non-negative integers",
+    "huge dimension": "below 2**53",
+    "offsets not a pair": "is not a pair of non-negative integers",
+    "byte size disagrees with offsets": "bytes but data_offsets",
+    "duplicate tensor name": "twice",
+    "metadata value not a string": "__metadata__ must map strings to strings",
+    "metadata not an object": "__metadata__ must map strings to strings",
+    "torch.save zip pickle renamed .safetensors": "is a PyTorch pickle file",
+    "legacy pickle renamed .safetensors": "is a PyTorch pickle file",
+}
+
+
 # --- cases: a base and an adapter, one of them bad --------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Case:
     """One bad input: `build(tmp, base, adapter)` copies the valid inputs into `tmp`, spoils one, and returns
-    (base, adapter, the name the error must mention)."""
+    (base, adapter, the name the error must mention); `words` are the problem the error must say."""
 
     name: str
     build: Callable[[Path, Path, Path], tuple[Path, Path, str]]
+    words: str
     misfit: bool = False  # readable, but the adapter does not fit: `check` answers 1, the others 2
 
 
@@ -175,7 +214,7 @@ def file_case(role: str, mutation: str) -> Case:
         target.write_bytes(FILE_MUTATIONS[mutation](target.read_bytes()))
         return base, adapter, f"{target.name}: is a PyTorch pickle" if "pickle" in mutation else target.name
 
-    return Case(f"{role}: {mutation}", build)
+    return Case(f"{role}: {mutation}", build, FILE_WORDS[mutation])
 
 
 def sharded(tmp: Path, base: Path, adapter: Path) -> tuple[Path, Path, dict[str, object]]:
@@ -196,7 +235,7 @@ def index_case(name: str, edit: Callable[[Path, dict[str, object]], object]) -> 
         index_path.write_bytes(doc if isinstance(doc, bytes) else json.dumps(doc).encode())
         return base, adapter, INDEX_CULPRITS.get(name, "model.safetensors.index.json")
 
-    return Case(f"index: {name}", build)
+    return Case(f"index: {name}", build, INDEX_WORDS[name])
 
 
 def _point_first_at(target: Callable[[Path], str]) -> Callable[[Path, dict[str, object]], object]:
@@ -224,6 +263,24 @@ def _wrong_shard(base: Path, index: dict[str, object]) -> object:
     return index
 
 
+# index edit -> the words of the problem its Error line must say
+INDEX_WORDS = {
+    "not JSON": "is not valid JSON",
+    "not UTF-8": "is not valid JSON",
+    "a JSON list": "must hold a JSON object",
+    "weight_map missing": "field 'weight_map' must map tensor names to shard file names",
+    "weight_map a list": "field 'weight_map' must map tensor names to shard file names",
+    "shard name not a string": "field 'weight_map' must map tensor names to shard file names",
+    "metadata not an object": "field 'metadata' must be an object",
+    "shard escapes with ../": "points outside the checkpoint directory",
+    "shard is an absolute path": "points outside the checkpoint directory",
+    "shard is a symlink out": "points outside the checkpoint directory",
+    "shard name with NUL": "is not a file name",
+    "shard name empty": "is not a file name",
+    "shard missing": "is missing",
+    "tensor not in its shard": "whose header lacks it",
+    "shard is a pickle": "is a PyTorch pickle file",
+}
 # What the error names when it is not the index itself.
 INDEX_CULPRITS = {"shard missing": "missing.safetensors", "shard is a pickle": "model.bin"}
 INDEX_EDITS: dict[str, Callable[[Path, dict[str, object]], object]] = {
@@ -245,7 +302,7 @@ INDEX_EDITS: dict[str, Callable[[Path, dict[str, object]], object]] = {
 }
 
 
-def json_case(role: str, name: str, text: bytes, field: str) -> Case:
+def json_case(role: str, name: str, text: bytes, field: str, words: str) -> Case:
     def build(tmp: Path, base: Path, adapter: Path) -> tuple[Path, Path, str]:
         base, adapter = copies(tmp, base, adapter)
         target = base / "config.json" if role == "base" else adapter / "adapter_config.json"
@@ -257,7 +314,7 @@ def json_case(role: str, name: str, text: bytes, field: str) -> Case:
             target.write_bytes(text)
         return base, adapter, f"{target.name}: field {field!r}" if text.startswith(b"+") else target.name
 
-    return Case(f"{role} config: {name}", build)
+    return Case(f"{role} config: {name}", build, words)
 
 
 def pickle_case(role: str) -> Case:
@@ -273,7 +330,7 @@ def pickle_case(role: str) -> Case:
             (adapter / "adapter_model.bin").write_bytes(_torch_zip(b""))
         return base, adapter, "safetensors"
 
-    return Case(f"{role}: only a .bin pickle", build)
+    return Case(f"{role}: only a .bin pickle", build, "is a PyTorch pickle file")
 
 
 def pickle_file_case() -> Case:
@@ -283,10 +340,10 @@ def pickle_file_case() -> Case:
         weights.write_bytes(_torch_zip(b""))
         return weights, adapter, "safetensors"
 
-    return Case("base: a .pt file", build)
+    return Case("base: a .pt file", build, "is a PyTorch pickle file")
 
 
-def shape_case(name: str, edit: Callable[[dict[str, torch.Tensor]], None]) -> Case:
+def shape_case(name: str, edit: Callable[[dict[str, torch.Tensor]], None], words: str) -> Case:
     """A valid adapter file whose factor shapes do not fit the base."""
 
     def build(tmp: Path, base: Path, adapter: Path) -> tuple[Path, Path, str]:
@@ -296,7 +353,7 @@ def shape_case(name: str, edit: Callable[[dict[str, torch.Tensor]], None]) -> Ca
         save_file(tensors, adapter / ADAPTER_WEIGHTS)
         return base, adapter, "q_proj"
 
-    return Case(f"adapter shapes: {name}", build, misfit=True)
+    return Case(f"adapter shapes: {name}", build, words, misfit=True)
 
 
 def _reshape(key: str, rows: int, cols: int) -> Callable[[dict[str, torch.Tensor]], None]:
@@ -307,26 +364,39 @@ Q_PROJ_B = Q_PROJ_A.replace("lora_A", "lora_B")
 CASES: list[Case] = [
     *(file_case(role, mutation) for role in ("base", "adapter") for mutation in FILE_MUTATIONS),
     *(index_case(name, edit) for name, edit in INDEX_EDITS.items()),
-    json_case("base", "not JSON", b'{"model_type": llama', "config.json"),
-    json_case("base", "a JSON list", b"[]", "config.json"),
-    json_case("base", "model_type a number", b"+5", "model_type"),
-    json_case("base", "model_type a list", b'+["llama"]', "model_type"),
-    json_case("adapter", "not JSON", b'{"r": 4,', "adapter_config.json"),
-    json_case("adapter", "not UTF-8", b'{"r": "\xff"}', "adapter_config.json"),
-    json_case("adapter", "r a string", b'+"4"', "r"),
-    json_case("adapter", "r zero", b"+0", "r"),
-    json_case("adapter", "lora_alpha a list", b"+[8]", "lora_alpha"),
-    json_case("adapter", "target_modules a number", b"+3", "target_modules"),
-    json_case("adapter", "use_rslora a string", b'+"yes"', "use_rslora"),
-    json_case("adapter", "rank_pattern a list", b"+[1]", "rank_pattern"),
-    json_case("adapter", "layers_to_transform a string", b'+"0"', "layers_to_transform"),
+    json_case("base", "not JSON", b'{"model_type": llama', "config.json", "is not valid JSON"),
+    json_case("base", "a JSON list", b"[]", "config.json", "must hold a JSON object"),
+    json_case("base", "model_type a number", b"+5", "model_type", "must be a string, not 5"),
+    json_case("base", "model_type a list", b'+["llama"]', "model_type", "must be a string"),
+    json_case("adapter", "not JSON", b'{"r": 4,', "adapter_config.json", "is not valid JSON"),
+    json_case("adapter", "not UTF-8", b'{"r": "\xff"}', "adapter_config.json", "is not valid JSON"),
+    json_case("adapter", "r a string", b'+"4"', "r", "must be a positive integer, not '4'"),
+    json_case("adapter", "r zero", b"+0", "r", "must be a positive integer, not 0"),
+    json_case("adapter", "lora_alpha a list", b"+[8]", "lora_alpha", "must be a finite number"),
+    json_case("adapter", "lora_alpha 2**1100", b"+" + str(2**1100).encode(), "lora_alpha", "must be a finite number"),
+    json_case("adapter", "target_modules a number", b"+3", "target_modules", "must be a string, a list of strings"),
+    json_case(
+        "adapter", "target_modules not a regex", b'+"(q_proj"', "target_modules", "not a valid regular expression"
+    ),
+    json_case("adapter", "exclude_modules not a regex", b'+"[x"', "exclude_modules", "not a valid regular expression"),
+    json_case("adapter", "use_rslora a string", b'+"yes"', "use_rslora", "must be true or false"),
+    json_case(
+        "adapter", "rank_pattern a list", b"+[1]", "rank_pattern", "mapping module patterns to positive integers"
+    ),
+    json_case("adapter", "rank_pattern of 0", b'+{"q_proj": 0}', "rank_pattern", "to positive integers"),
+    json_case("adapter", "rank_pattern key not a regex", b'+{"q_(proj": 4}', "rank_pattern", "not a valid regular"),
+    json_case("adapter", "alpha_pattern key not a regex", b'+{"q_(proj": 4}', "alpha_pattern", "not a valid regular"),
+    json_case(
+        "adapter", "layers_to_transform a string", b'+"0"', "layers_to_transform", "an integer, a list of integers"
+    ),
     pickle_case("base"),
     pickle_case("adapter"),
     pickle_file_case(),
-    shape_case("lora_A in-features too wide", _reshape(Q_PROJ_A, 4, 33)),
-    shape_case("lora_B out-features too tall", _reshape(Q_PROJ_B, 33, 4)),
-    shape_case("lora_A rank differs from lora_B", _reshape(Q_PROJ_A, 3, 32)),
-    shape_case("lora_A a vector", lambda t: t.__setitem__(Q_PROJ_A, torch.ones(32))),
+    shape_case("lora_A in-features too wide", _reshape(Q_PROJ_A, 4, 33), "does not fit the base shape [32, 32]"),
+    shape_case("lora_B out-features too tall", _reshape(Q_PROJ_B, 33, 4), "does not fit the base shape [32, 32]"),
+    shape_case("lora_A rank differs from lora_B", _reshape(Q_PROJ_A, 3, 32), "lora_B has rank 4 but lora_A has rank 3"),
+    shape_case("lora_A a vector", lambda t: t.__setitem__(Q_PROJ_A, torch.ones(32)), "not a matrix of LoRA factors"),
+    shape_case("lora_B a vector", lambda t: t.__setitem__(Q_PROJ_B, torch.ones(32)), "not a matrix of LoRA factors"),
 ]
 
 
@@ -355,12 +425,12 @@ def test_bad_input_is_refused_cleanly(
     code, stdout, stderr = run_cli(command_line(command, base, adapter, out_dir / "result"), capsys)
 
     if case.misfit and command == "check" and code == 1:  # found, not unreadable: check's own answer
-        assert culprit in stderr
+        assert culprit in stderr and case.words in stderr, stderr
     else:
         assert code == 2, stderr
         errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
         assert len(errors) == 1, stderr
-        assert culprit in errors[0], errors[0]
+        assert culprit in errors[0] and case.words in errors[0], errors[0]
         assert "internal error" not in errors[0]
     assert "Traceback" not in stdout + stderr
     assert list(out_dir.iterdir()) == []  # no OUT, no temporary

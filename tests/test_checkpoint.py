@@ -105,3 +105,25 @@ def test_untouched_tensors_are_copied_byte_for_byte(tmp_path: Path, llama_dir: P
     base, out = read_tensors(llama_dir), read_tensors(tmp_path / "out")
     untouched = [n for n in base if "proj" not in n]
     assert untouched and all(torch.equal(base[n], out[n]) for n in untouched)
+
+
+def test_companions_are_copied_and_weights_of_other_formats_skipped(
+    tmp_path: Path, llama_dir: Path, llama_adapter: Path
+) -> None:
+    """Every non-weight file of BASE reaches OUT, nested ones included; weights in another file format (pickles,
+    GGUF, TF, Flax, a stray safetensors) are left out and listed, since they would contradict the merged ones;
+    hidden files and our own temporaries are neither."""
+    import shutil
+
+    base = Path(shutil.copytree(llama_dir, tmp_path / "base"))
+    companions = {"tokenizer.json": b"{}", "sub/dir/notes.txt": b"hello", "generation_config.json": b"{}"}
+    others = ["pytorch_model.bin", "model.gguf", "tf_model.h5", "flax_model.msgpack", "sub/old.safetensors"]
+    for rel in [*companions, *others, ".cache/x", ".out.lorasurgeon-tmp-1/y"]:
+        (base / rel).parent.mkdir(parents=True, exist_ok=True)
+        (base / rel).write_bytes(companions.get(rel, b"\x80\x04junk"))
+    summary = lorasurgeon.merge(base, [llama_adapter], tmp_path / "out")
+    out = tmp_path / "out"
+    assert all((out / rel).read_bytes() == data for rel, data in companions.items())
+    assert sorted(summary.skipped_files) == sorted(others)
+    assert not any((out / rel).exists() for rel in [*others, ".cache/x", ".out.lorasurgeon-tmp-1/y"])
+    assert set(summary.copied_files) == {*companions, "config.json"}

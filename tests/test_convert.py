@@ -32,10 +32,9 @@ from test_formats_kohya import SDXL, UNET, kohya_name, save_base, save_lora
 from test_formats_peft import hf_adapter, perturbed_adapter
 
 import lorasurgeon
-from lorasurgeon import keys
-from lorasurgeon.adapter import load_adapter
-from lorasurgeon.conversion import lora_config
 from lorasurgeon.errors import LorasurgeonError, MismatchError, UnsupportedError
+from lorasurgeon.formats import kohya_names, load_adapter
+from lorasurgeon.formats.writing import peft_config_for
 
 pytestmark = pytest.mark.oracle
 
@@ -337,7 +336,7 @@ def test_config_gives_every_module_its_rank_and_scale(modules: list[tuple[str, i
     adapter.source.close()
     info = adapter.modules[0].a  # any tensor: the config reads no factor
     loras = [LoraModule(path, info, info, r, a, a / math.sqrt(r) if rslora else a / r, False) for path, r, a in modules]
-    config = lora_config([m.module for m in loras], loras)
+    config = peft_config_for([m.module for m in loras], loras)
     for m in loras:
         rank = config["rank_pattern"].get(get_pattern_key(config["rank_pattern"].keys(), m.module), config["r"])
         alpha = config["alpha_pattern"].get(
@@ -395,7 +394,7 @@ def test_refuses_conv1d_modules_outside_peft(tmp_path: Path, to: str) -> None:
 def test_kohya_needs_base_to_become_module_paths(tmp_path: Path) -> None:
     convert(SAMPLES / "adapter-lora", tmp_path / "k.safetensors", "kohya", component="lora_unet")
     message = refused(tmp_path / "k.safetensors", "peft", "cannot be turned back", LorasurgeonError)
-    assert "lora_unet_model_layers_0_mlp_down_proj.lora_down.weight" in message and "pass --base" in message
+    assert "lora_unet_model_layers_0_mlp_down_proj.lora_down.weight" in message and "pass base=…" in message
 
 
 @pytest.mark.parametrize(
@@ -403,14 +402,14 @@ def test_kohya_needs_base_to_become_module_paths(tmp_path: Path) -> None:
 )
 def test_peft_needs_a_component_outside_peft(tmp_path: Path, to: str, words: str) -> None:
     shutil.copytree(SAMPLES / "adapter-lora", tmp_path / "lora")
-    assert "pass --component" in refused(tmp_path / "lora", to, words, LorasurgeonError)
+    assert "pass component=…" in refused(tmp_path / "lora", to, words, LorasurgeonError)
 
 
 def test_kohya_prefix_from_base_can_be_ambiguous(tmp_path: Path) -> None:
     """A diffusers-layout component file allows every prefix (lora_unet, lora_te, ...): --component decides."""
     shutil.copytree(SAMPLES / "adapter-lora", tmp_path / "lora")
     message = refused(tmp_path / "lora", "kohya", "BASE's layout allows", LorasurgeonError, base=SAMPLES / "base")
-    assert "lora_unet_model_layers_0_mlp_down_proj" in message and "pass --component" in message
+    assert "lora_unet_model_layers_0_mlp_down_proj" in message and "pass component=…" in message
     summary = convert(
         tmp_path / "lora", tmp_path / "k.safetensors", "kohya", base=SAMPLES / "base", component="lora_te1"
     )
@@ -423,7 +422,7 @@ def test_diffusers_components_one_at_a_time_to_peft(tmp_path: Path) -> None:
     tensors |= {"text_encoder." + k.partition(".")[2]: t.clone() for k, t in tensors.items()}  # a second component
     save_file(tensors, tmp_path / "two.safetensors", metadata=metadata_of(tmp_path / "d.safetensors"))
     message = refused(tmp_path / "two.safetensors", "peft", "a PEFT adapter is for one model", LorasurgeonError)
-    assert "text_encoder and unet" in message and "pass --component" in message
+    assert "text_encoder and unet" in message and "pass component=…" in message
     summary = convert(tmp_path / "two.safetensors", tmp_path / "unet-only", "peft", component="unet")
     (left_out,) = summary.warnings
     assert len(summary.modules) == 14 and len(summary.left_out) == 28
@@ -439,7 +438,7 @@ def test_kohya_components_the_base_lacks_need_component(tmp_path: Path) -> None:
     message = refused(
         tmp_path / "k.safetensors", "diffusers", "holds no tensor for it", MismatchError, base=tmp_path / "unet"
     )
-    assert f"{te_module}.lora_down.weight" in message and "pass --component" in message
+    assert f"{te_module}.lora_down.weight" in message and "pass component=…" in message
     summary = convert(
         tmp_path / "k.safetensors",
         tmp_path / "d.safetensors",
@@ -472,7 +471,7 @@ def test_kohya_sai_unet_names_are_no_diffusers_paths(tmp_path: Path) -> None:
 def test_kohya_prefix_without_a_diffusers_component(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """sd-scripts' Flux T5 prefix lora_te3 has no diffusers component; no table here resolves it yet, so the test
     lets a component file's names carry it."""
-    monkeypatch.setitem(keys.KOHYA_PREFIXES, "", ("lora_te3",))
+    monkeypatch.setitem(kohya_names.LAYOUT_PREFIXES, "", ("lora_te3",))
     name = "lora_te3_model_layers_0_self_attn_q_proj"
     save_lora(tmp_path / "k.safetensors", {name: ((64, 64), 8.0)})
     message = refused(tmp_path / "k.safetensors", "diffusers", "names no diffusers component", base=SAMPLES / "base")
@@ -481,11 +480,11 @@ def test_kohya_prefix_without_a_diffusers_component(tmp_path: Path, monkeypatch:
 
 def test_unknown_format_component_and_empty_selection(tmp_path: Path) -> None:
     shutil.copytree(SAMPLES / "adapter-lora", tmp_path / "lora")
-    refused(tmp_path / "lora", "lycoris", "--to lycoris: expected one of peft, kohya, diffusers", LorasurgeonError)
-    refused(tmp_path / "lora", "kohya", "--component vae: expected one of", LorasurgeonError, component="vae")
+    refused(tmp_path / "lora", "lycoris", "to='lycoris': expected one of peft, kohya, diffusers", LorasurgeonError)
+    refused(tmp_path / "lora", "kohya", "component='vae': expected one of", LorasurgeonError, component="vae")
     convert(tmp_path / "lora", tmp_path / "d.safetensors", "diffusers", component="unet")
     message = refused(tmp_path / "d.safetensors", "peft", "selects no module", LorasurgeonError, component="lora_te2")
-    assert "--component lora_te2" in message and "the adapter has unet" in message
+    assert "component='lora_te2'" in message and "the adapter has unet" in message
 
 
 def test_transformer_components_have_no_kohya_prefix(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import lorasurgeon
-from lorasurgeon import extraction, linalg
+from lorasurgeon import decomposition, linalg
 from lorasurgeon.cli import main
 
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -156,8 +156,8 @@ def decaying(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def error_of(delta: torch.Tensor, method: str, rank: int) -> float:
-    options = extraction.ExtractOptions(rank=rank, method=method)
-    u, s, vh, _ = extraction.svd(delta, options, rank, torch.Generator().manual_seed(0))
+    rule = decomposition.RankRule(rank=rank, method=method)
+    u, s, vh, _ = decomposition.svd(delta, rule, rank, torch.Generator().manual_seed(0))
     b, a = linalg.split_factors(u, s, vh, rank, 1.0)
     return float(torch.linalg.matrix_norm((delta - b @ a).double()).item())
 
@@ -172,7 +172,7 @@ def test_eckart_young_exact_equals_and_randomized_stays_within_one_percent(
     slack = 1e-5 * float(sigma.square().sum().sqrt())
     assert error_of(delta, "exact", rank) == pytest.approx(optimum, rel=1e-5, abs=slack)
     assert error_of(delta, "randomized", rank) <= 1.01 * optimum + slack
-    with mock.patch.object(extraction, "EXACT_BELOW", 0):  # auto's choice at these sizes is randomized
+    with mock.patch.object(decomposition, "EXACT_BELOW", 0):  # auto's choice at these sizes is randomized
         assert error_of(delta, "auto", rank) <= 1.01 * optimum + slack
     assert error_of(delta, "exact", len(sigma)) <= slack  # full rank reproduces ΔW
 
@@ -245,8 +245,8 @@ def test_energy_ranks_alpha_and_embeddings_load_in_peft(work: Path, llama_dir: P
     assert ranks["model.layers.0.self_attn.q_proj"] == 8 and ranks["model.embed_tokens"] == 2
     config = json.loads((work / "lora" / "adapter_config.json").read_text())
     assert "embed_tokens" in config["target_modules"] and config["lora_alpha"] == 16 and config["r"] == 2
-    assert config["rank_pattern"] == {"model.layers.0.self_attn.q_proj": 8}
-    assert config["alpha_pattern"] == {"model.layers.0.self_attn.q_proj": 64}  # scale 16/2 everywhere
+    assert config["rank_pattern"] == {"^model.layers.0.self_attn.q_proj": 8}  # anchored, as convert writes them
+    assert config["alpha_pattern"] == {"^model.layers.0.self_attn.q_proj": 64}  # scale 16/2 everywhere
     keys = read_tensors(work / "lora" / "adapter_model.safetensors")
     assert keys["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (2, 128)
     assert keys["base_model.model.model.embed_tokens.lora_embedding_B"].shape == (32, 2)

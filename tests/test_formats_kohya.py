@@ -188,7 +188,7 @@ def test_transformer_keys_without_metadata_need_alpha(tmp_path: Path) -> None:
     save_diffusers_lora(
         tmp_path / "lora.safetensors", {"transformer.transformer_blocks.0.attn.to_q": (32, 32)}, {}, None
     )
-    refused(tmp_path / "base", tmp_path / "lora.safetensors", tmp_path / "o", "the LoRA scale is unknown; pass --alpha")
+    refused(tmp_path / "base", tmp_path / "lora.safetensors", tmp_path / "o", "the LoRA scale is unknown; pass alpha=…")
 
 
 def test_report_counts_the_base_parameters_a_kohya_lora_changes(tmp_path: Path) -> None:

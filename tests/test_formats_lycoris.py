@@ -27,8 +27,9 @@ from safetensors.torch import save_file
 from test_formats_kohya import UNET, kohya_name, save_base
 
 import lorasurgeon
-from lorasurgeon import keys, lycoris
+from lorasurgeon import lycoris
 from lorasurgeon.errors import LorasurgeonError, UnsupportedError
+from lorasurgeon.formats import kohya
 
 Factors = dict[str, torch.Tensor]
 TO_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"  # (32, 32)
@@ -443,9 +444,9 @@ def test_nan_in_a_factor_is_refused_naming_it(tmp_path: Path) -> None:
 def test_lycoris_only_file_is_never_read_as_peft() -> None:
     """A LoHa file has no lora_down key; its kohya module names alone make it kohya, so it is never taken for a
     PEFT export of "replacement" tensors (test_refuses_lycoris_variants_by_name shows the same for (IA)³ etc.)."""
-    assert keys.is_kohya(["lora_te_text_model_encoder_layers_0_mlp_fc1.hada_w1_a"])
-    assert keys.is_kohya(["lora_unet_mid_block_attentions_0_proj_in.on_input"])
-    assert not keys.is_kohya(["base_model.model.model.layers.0.q_proj.lora_A.weight", "unet.x.lora_A.weight"])
+    assert kohya.is_kohya(["lora_te_text_model_encoder_layers_0_mlp_fc1.hada_w1_a"])
+    assert kohya.is_kohya(["lora_unet_mid_block_attentions_0_proj_in.on_input"])
+    assert not kohya.is_kohya(["base_model.model.model.layers.0.q_proj.lora_A.weight", "unet.x.lora_A.weight"])
 
 
 @pytest.mark.parametrize("to", ["peft", "kohya", "diffusers"])

@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import lorasurgeon
-from lorasurgeon import keys
+from lorasurgeon.formats.kohya_names import kohya_names
 
 pytestmark = pytest.mark.oracle
 
@@ -170,8 +170,8 @@ def kohya(component: str, path: str) -> str:
 @pytest.mark.parametrize("kind", list(UNETS))
 def test_kohya_names_of_ldm_and_diffusers_unets_follow_diffusers(kind: str) -> None:
     u = unet(kind)
-    from_ldm = keys.kohya_names([LDM + x for x in u.ldm])
-    from_diffusers = keys.kohya_names(list(u.shapes))
+    from_ldm = kohya_names([LDM + x for x in u.ldm])
+    from_diffusers = kohya_names(list(u.shapes))
     for x, d in u.weights().items():
         assert from_ldm[kohya("lora_unet", d)] == [LDM + x], x  # SD1/2: sd-scripts trains a diffusers U-Net
         assert from_ldm[kohya("lora_unet", x)] == [LDM + x], x  # SDXL: its own U-Net has the SAI names

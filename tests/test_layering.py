@@ -1,9 +1,12 @@
-"""The architecture rule of DESIGN.md: each module imports only modules listed before it; linalg imports only
-torch; only render and cli import rich or click; nothing below cli prints."""
+"""The architecture rule of ARCHITECTURE.md, per module: each module imports only the lorasurgeon modules its entry
+allows (the I/O wing knows no adapters, formats know no plan, maths does no I/O); the maths imports only torch;
+only render and cli import rich or click; nothing below cli prints; formats, the plan and the header reader never
+import torch at module level (header-only commands start without it)."""
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,76 +14,148 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).parent.parent / "lorasurgeon"
-ORDER = [
-    "errors",
-    "header",
-    "sd_names",
-    "keys",
-    "lora_config",
-    "linalg",
-    "lycoris",
-    "checkpoint",
-    "writer",
-    "adapter",
-    "plan",
-    "scales",
-    "renaming",
-    "conversion",
-    "surgery",
-    "extraction",
-    "report",
-    "__init__",
-    "render",
-    "cli",
-    "__main__",
-]
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
+IO = {"errors", "header", "checkpoint"}
+NORMAL_FORM = {"adapter", *IO}
+FORMATS_CORE = {"formats.peft", "formats.peft_config", "formats.config_fields", "formats.kohya", "formats.diffusers"}
+# module -> the lorasurgeon modules it may import ("formats" is the package's __init__).
+ALLOWED: dict[str, set[str]] = {
+    "errors": set(),
+    "header": {"errors"},
+    "checkpoint": {"errors", "header"},
+    "writer": IO,
+    "linalg": set(),
+    "lycoris": set(),
+    "adapter": IO,
+    "formats.config_fields": {"errors"},
+    "formats.architectures": {"errors", "header"},
+    "formats.sd_layouts": set(),
+    "formats.peft_config": {"errors", "header", "formats.config_fields"},
+    "formats.peft": NORMAL_FORM | {"formats.peft_config", "writer"},
+    "formats.kohya": NORMAL_FORM | {"formats.peft_config", "lycoris"},
+    "formats.kohya_names": NORMAL_FORM | {"formats.kohya", "formats.sd_layouts"},
+    "formats.diffusers": NORMAL_FORM | {"formats.kohya", "formats.peft", "formats.peft_config"},
+    "formats.resolution": NORMAL_FORM | {"formats.architectures", "formats.kohya", "formats.kohya_names"},
+    "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names"},
+    "formats.writing": NORMAL_FORM | FORMATS_CORE,
+    "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "linalg"},
+    "ties": IO | {"formats.architectures"},
+    "fit": NORMAL_FORM | {"formats.architectures", "formats.resolution", "lycoris"},
+    "plan": NORMAL_FORM | {"fit", "ties", "formats.architectures", "formats.resolution"},
+    "mirror": IO | {"plan", "writer"},
+    "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "writer"},
+    "decomposition": {"errors", "linalg"},
+    "pairing": IO | {"decomposition", "formats.architectures"},
+    "extraction": IO
+    | {"decomposition", "pairing", "surgery", "writer", "formats.architectures", "formats.peft"}
+    | {"formats.peft_config"},
+    "conversion": NORMAL_FORM
+    | {"plan", "writer", "formats", "formats.kohya", "formats.naming", "formats.peft"}
+    | {"formats.peft_config", "formats.resolution", "formats.writing"},
+    "census": IO,
+    "rules": {"errors", "header", "report"},
+    "report": NORMAL_FORM
+    | {"census", "rules", "formats", "formats.peft_config", "linalg", "lycoris", "plan"}
+    | {"surgery"},
+    "__init__": NORMAL_FORM
+    | {"formats", "formats.naming", "report", "rules", "plan", "surgery", "pairing"}
+    | {"decomposition", "extraction", "conversion"},
+    "documents": {"errors", "census", "report", "plan", "surgery", "extraction", "conversion"},
+    "render": {"errors", "census", "documents", "report", "plan", "surgery", "extraction", "conversion"},
+    "cli": {"__init__", "documents", "errors", "render"},
+    "__main__": {"cli"},
+}
+NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", *(m for m in ALLOWED if m.startswith("formats"))]
 
 
-def imports(module: str) -> set[str]:
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module == "lorasurgeon":
-            # `from lorasurgeon import keys` imports a module; `from lorasurgeon import merge` the package API.
-            names |= {f"lorasurgeon.{a.name}" if a.name in ORDER else "lorasurgeon" for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
+def module_names() -> list[str]:
+    names = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        name = ".".join(parts).removesuffix(".__init__")
+        names.append("__init__" if name == "__init__" else name)
     return names
 
 
-def test_every_module_is_in_the_order() -> None:
-    assert set(MODULES) <= set(ORDER), set(MODULES) - set(ORDER)
+def path_of(module: str) -> Path:
+    if module == "__init__":
+        return PACKAGE / "__init__.py"
+    path = PACKAGE.joinpath(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
-@pytest.mark.parametrize("module", MODULES)
-def test_imports_only_modules_above(module: str) -> None:
-    ours = {
-        "__init__" if n == "lorasurgeon" else n.removeprefix("lorasurgeon.")
-        for n in imports(module)
-        if n == "lorasurgeon" or n.startswith("lorasurgeon.")
-    }
-    allowed = set(ORDER[: ORDER.index(module)])
-    assert ours <= allowed, f"{module} imports {sorted(ours - allowed)}, which come after it"
+def ours(node: ast.ImportFrom | ast.Import) -> set[str]:
+    """The lorasurgeon modules one import statement names (`from lorasurgeon import merge` is the package API)."""
+    if isinstance(node, ast.Import):
+        return {a.name.removeprefix("lorasurgeon.") for a in node.names if a.name.startswith("lorasurgeon.")}
+    if not node.module or not node.module.startswith("lorasurgeon"):
+        return set()
+    inner = node.module.removeprefix("lorasurgeon").lstrip(".")
+    if inner not in ("", "formats"):
+        return {inner}
+    found = set()
+    for alias in node.names:
+        name = f"{inner}.{alias.name}".lstrip(".")
+        found.add(name if path_of(name).is_file() else inner or "__init__")
+    return found
 
 
-def test_linalg_imports_only_torch() -> None:
-    assert {n.split(".")[0] for n in imports("linalg")} <= {"torch", "__future__"}
+def imports(module: str) -> tuple[set[str], set[str]]:
+    """(lorasurgeon modules, other top-level packages) the module imports anywhere in its body."""
+    tree = ast.parse(path_of(module).read_text())
+    mine: set[str] = set()
+    others: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            mine |= ours(node)
+            if isinstance(node, ast.Import):
+                others |= {a.name.split(".")[0] for a in node.names}
+            elif node.module and node.level == 0:
+                others.add(node.module.split(".")[0])
+    return mine, others - {"lorasurgeon"}
 
 
-@pytest.mark.parametrize("module", MODULES)
+def test_every_module_has_an_entry() -> None:
+    assert set(module_names()) == set(ALLOWED), set(module_names()) ^ set(ALLOWED)
+
+
+@pytest.mark.parametrize("module", sorted(ALLOWED))
+def test_imports_only_what_its_entry_allows(module: str) -> None:
+    mine, _ = imports(module)
+    assert mine <= ALLOWED[module], f"{module} imports {sorted(mine - ALLOWED[module])}, which its entry does not allow"
+
+
+@pytest.mark.parametrize("module", ["linalg", "lycoris"])
+def test_maths_imports_only_torch(module: str) -> None:
+    assert imports(module)[1] <= {"torch", "__future__", "math", "collections", "dataclasses", "typing"}
+
+
+@pytest.mark.parametrize("module", sorted(ALLOWED))
 def test_only_render_and_cli_touch_the_terminal(module: str) -> None:
-    top = {n.split(".")[0] for n in imports(module)}
-    if module not in ("render", "cli"):
-        assert not top & {"rich", "click"}, module
-        tree = ast.parse((PACKAGE / f"{module}.py").read_text())
-        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "print"]
-        assert not calls, f"{module} prints"
+    if module in ("render", "cli"):
+        return
+    assert not imports(module)[1] & {"rich", "click"}, module
+    tree = ast.parse(path_of(module).read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "print"]
+    assert not calls, f"{module} prints"
 
 
-@pytest.mark.parametrize("args", [["--help"], ["report", "samples/base", "--json"], ["report", "samples/adapter-lora"]])
+@pytest.mark.parametrize("module", NO_TORCH_AT_IMPORT)
+def test_never_imports_torch_at_module_level(module: str) -> None:
+    """Only statements that run on import count: imports inside functions and under TYPE_CHECKING do not."""
+    tree = ast.parse(path_of(module).read_text())
+    top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+    names = {a.name for n in top if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module or "" for n in top if isinstance(n, ast.ImportFrom)}
+    assert not {n for n in names if n.split(".")[0] == "torch"}, module
+    heavy = {"linalg", "surgery", "writer", "extraction", "decomposition", "conversion"}
+    mine = set().union(*(ours(n) for n in top))
+    assert not mine & heavy, f"{module} imports {sorted(mine & heavy)} (which import torch) at module level"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["report", "samples/base", "--json"], ["report", "samples/adapter-lora"], ["check", "--help"]],
+)
 def test_header_only_commands_never_import_torch(args: list[str]) -> None:
     """`import torch` takes seconds; a header-only report (and --help) must not pay for it (issue: a 100-shard
     checkpoint reports in well under a second). Checked in a fresh interpreter, where nothing imported it yet."""
@@ -92,3 +167,12 @@ def test_header_only_commands_never_import_torch(args: list[str]) -> None:
     root = PACKAGE.parent
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_architecture_names_exactly_the_modules() -> None:
+    """ARCHITECTURE.md's module map has one row per file of lorasurgeon/ and lorasurgeon/formats/, no more."""
+    text = (PACKAGE.parent / "ARCHITECTURE.md").read_text()
+    named = set(re.findall(r"^\| `([^`]+)` \|", text, flags=re.MULTILINE))
+    files = {p.name for p in PACKAGE.iterdir() if p.is_file()}
+    files |= {f"formats/{p.name}" for p in (PACKAGE / "formats").iterdir() if p.is_file()}
+    assert named == files, named ^ files

@@ -8,6 +8,7 @@ accumulation order).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,17 @@ def test_llama_target_subset_and_layers(tmp_path: Path, llama_dir: Path) -> None
     lorasurgeon.merge(llama_dir, [adapter], tmp_path / "out")
     changed = assert_matches_peft(tmp_path / "out", llama_dir, peft_merged(llama_dir, adapter))
     assert sorted(changed) == ["model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
+
+
+def test_empty_layers_to_transform_selects_every_layer(tmp_path: Path, llama_dir: Path) -> None:
+    """PEFT reads `layers_to_transform: []` as no restriction (tuners_utils.check_target_module_exists), not as
+    "no layer"; lorasurgeon must too, or it would merge nothing."""
+    adapter = save_adapter(llama_dir, tmp_path / "all", r=4, target_modules=["q_proj", "v_proj"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "layers_to_transform": []}))
+    lorasurgeon.merge(llama_dir, [adapter], tmp_path / "out")
+    changed = assert_matches_peft(tmp_path / "out", llama_dir, peft_merged(llama_dir, adapter))
+    assert len(changed) == 4  # q and v of both layers
 
 
 @pytest.mark.parametrize("layout", ["dir", "single-file"])

@@ -22,8 +22,9 @@ import lorasurgeon
 from lorasurgeon import linalg
 from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.cli import main
+from lorasurgeon.documents import report_doc
 from lorasurgeon.header import build_header
-from lorasurgeon.render import report_doc, report_markdown
+from lorasurgeon.render import report_markdown
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"
@@ -156,7 +157,7 @@ def test_adapter_file_without_config_has_unknown_scale(
     assert (report.kind, report.config) == ("adapter", {"has_config": False})
     assert {(m.rank, m.alpha, m.scale) for m in report.modules} == {(4, None, None)}
     assert [f.severity for f in report.findings] == ["warning"] and "scale is unknown" in report.findings[0].message
-    assert report.check is not None and "--alpha" in report.check.findings[0].message
+    assert report.check is not None and "alpha=…" in report.check.findings[0].message
     code, _, err = run(capsys, str(llama_dir), "--base", str(llama_dir))
     assert code == 2 and "--base is only for adapters" in err
 

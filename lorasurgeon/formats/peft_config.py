@@ -1,0 +1,262 @@
+"""adapter_config.json: typed reading of the fields PEFT's maths and module selection depend on, PEFT's selection
+rules (target_modules, exclude_modules, layers_to_transform, modules_to_save, rank/alpha patterns), and the one
+writer of adapter_config.json lorasurgeon has (shared FORMATS.md §1.3, §6.4).
+
+A field of the wrong type is an InputError naming the file and the field; a feature lorasurgeon cannot apply
+exactly is an UnsupportedError naming it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorasurgeon.errors import MismatchError, UnsupportedError
+from lorasurgeon.formats.config_fields import FieldReader
+from lorasurgeon.header import TensorInfo
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+# Config fields whose non-default value means the adapter is not plain LoRA; each is refused by name.
+UNSUPPORTED_FIELDS: dict[str, str] = {
+    "layer_replication": "layer replication (layer_replication), which PEFT cannot merge either",
+    "target_parameters": "LoRA on raw parameters (target_parameters)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens), which cannot be merged",
+    "velora_config": "VeLoRA (velora_config)",
+    "kasa_config": "KaSA (kasa_config)",
+    "use_bdlora": "BD-LoRA (use_bdlora)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+}
+# init_lora_weights values whose adapter only reproduces the fine-tune on top of a base that training rewrote
+# (PiSSA/OLoRA/CorDA/LoRA-GA subtract s·B₀A₀ from W; LoftQ quantizes it).
+MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """The adapter_config.json fields that decide which modules are adapted and how (FORMATS.md §1.3)."""
+
+    rank: int
+    alpha: float
+    use_rslora: bool
+    fan_in_fan_out: bool
+    use_dora: bool
+    lora_bias: bool
+    rank_pattern: dict[str, float]
+    alpha_pattern: dict[str, float]
+    target_modules: str | list[str] | None
+    exclude_modules: str | list[str] | None
+    layers_to_transform: int | list[int] | None
+    layers_pattern: str | list[str] | None
+    modules_to_save: list[str]
+    token_indices: list[int] | dict[str, list[int]] | None
+
+    @classmethod
+    def parse(cls, where: Path, config: Mapping[str, Any], alpha: float | None) -> LoraConfig:
+        """Read `config` (from the file `where`); `alpha` replaces lora_alpha and every alpha_pattern value.
+        Fields are checked for type only: what lorasurgeon cannot merge is `refusal`'s to say."""
+        field = FieldReader(where, config)
+        alpha_pattern = field.patterns("alpha_pattern", positive_integers=False)
+        saved = field.names("modules_to_save")
+        return cls(
+            rank=field.integer("r", 8),
+            alpha=alpha if alpha is not None else field.number("lora_alpha", 8),
+            use_rslora=field.boolean("use_rslora"),
+            fan_in_fan_out=field.boolean("fan_in_fan_out"),
+            use_dora=field.boolean("use_dora"),
+            lora_bias=field.boolean("lora_bias"),
+            rank_pattern=field.patterns("rank_pattern", positive_integers=True),
+            alpha_pattern={k: alpha for k in alpha_pattern} if alpha is not None else alpha_pattern,
+            target_modules=field.regex_or_names("target_modules"),
+            exclude_modules=field.regex_or_names("exclude_modules"),
+            layers_to_transform=field.layers("layers_to_transform"),
+            layers_pattern=field.names("layers_pattern"),
+            modules_to_save=[saved] if isinstance(saved, str) else list(saved or ()),
+            token_indices=field.token_indices("trainable_token_indices"),
+        )
+
+    def selects(self, module: str) -> bool:
+        """PEFT's check_target_module_exists, for adapters that have a config."""
+        if module_selected(self.exclude_modules, module) or under_module(self.modules_to_save, module):
+            return False
+        if isinstance(self.target_modules, str) or self.target_modules is None:
+            return module_selected(self.target_modules, module)
+        if module in self.target_modules:
+            return True
+        if not module_selected(self.target_modules, module):
+            return False
+        wanted = self.layers_to_transform
+        if wanted is None or wanted == []:
+            return True
+        index = layer_index(module, self.layers_pattern)
+        return index is not None and (index == wanted if isinstance(wanted, int) else index in wanted)
+
+    def rank_alpha(self, module: str) -> tuple[int, float]:
+        rank = pattern_value(self.rank_pattern, module)
+        alpha = pattern_value(self.alpha_pattern, module)
+        return int(rank if rank is not None else self.rank), float(alpha if alpha is not None else self.alpha)
+
+    def rows_for(self, where: Path, module: str, info: TensorInfo) -> tuple[int, ...]:
+        """The token indices of `module`'s trainable_tokens_delta, as the config lists them (FORMATS.md §4.5)."""
+        spec = self.token_indices
+        if isinstance(spec, dict):
+            found = [v for k, v in spec.items() if module == k or module.endswith("." + k)]
+        else:
+            found = [spec] if spec else []
+        if not found:
+            raise MismatchError(
+                f"{where}: {info.name} holds trainable token rows but no {ADAPTER_CONFIG} "
+                f"trainable_token_indices entry names {module}"
+            )
+        if len(found[0]) != info.shape[0]:
+            raise MismatchError(
+                f"{where}: {info.name} holds {info.shape[0]} rows but trainable_token_indices lists {len(found[0])}"
+            )
+        return tuple(found[0])
+
+
+def refusal(where: Path, config: Mapping[str, Any]) -> UnsupportedError | None:
+    """The UnsupportedError naming every config field that makes the adapter more than LoRA we can merge."""
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        return UnsupportedError(f"{where}: peft_type {peft_type!r} is not LoRA")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(MUTATING_INITS):
+        return UnsupportedError(
+            f"{where}: init_lora_weights={init!r} trains the adapter against a modified base (the residual "
+            "W - s·B₀A₀, or a quantized W), which this checkpoint is not; merging it here would be wrong. "
+            "Save it with PEFT's path_initial_model_for_weight_conversion to get a plain LoRA of the original base"
+        )
+    found = [label for name, label in UNSUPPORTED_FIELDS.items() if config.get(name) not in (None, False, [], {})]
+    if isinstance(init, str) and init.lower().startswith("mica"):
+        found.append(f"the MiCA variant (init_lora_weights={init!r})")
+    if found:
+        return UnsupportedError(f"{where}: the adapter uses {', '.join(found)}, which lorasurgeon cannot merge yet")
+    return None
+
+
+def module_selected(target: str | Sequence[str] | None, module: str) -> bool:
+    """PEFT's target_modules / exclude_modules rule: list -> equal or dotted suffix; str -> fullmatch."""
+    if target is None:
+        return False
+    if isinstance(target, str):
+        return re.fullmatch(target, module) is not None
+    return any(module == t or module.endswith("." + t) for t in target)
+
+
+def layer_index(module: str, layers_pattern: str | Sequence[str] | None) -> int | None:
+    """The transformer layer index in `module`, found the way PEFT >= 0.20 finds it (the first match)."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(\d+)\.", module)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", module)
+            if match:
+                break
+    return int(match.group(1)) if match else None
+
+
+def pattern_value(patterns: Mapping[str, float], module: str) -> float | None:
+    """The value of the first pattern key (in the file's order) that matches a dotted suffix of `module`."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return None
+
+
+def under_module(names: Sequence[str], module: str) -> bool:
+    """PEFT's rule that a module at or below a `modules_to_save` entry is never LoRA-targeted."""
+    return any(re.fullmatch(rf"(^|.*\.){re.escape(n)}($|\..*)", module) for n in names)
+
+
+@dataclass(frozen=True)
+class WrittenModule:
+    """One module of an adapter lorasurgeon writes: its path in the model, its rank and the alpha that gives
+    it its scale (alpha / rank, or alpha / √rank under use_rslora)."""
+
+    path: str
+    rank: int
+    alpha: float
+
+
+def plain_alpha(rank: int, alpha: float, scale: float) -> float:
+    """The alpha with which alpha / r is a module's scale: its own alpha unless it is rsLoRA (r > 1)."""
+    return alpha if scale == alpha / rank else scale * rank
+
+
+def written(paths: Sequence[str], modules: Sequence[tuple[int, float, float]]) -> tuple[bool, list[WrittenModule]]:
+    """(use_rslora, modules) under which PEFT gives every module (rank, alpha, scale) its scale: the modules' own
+    alphas when they agree on rsLoRA (exactly the scale they were read with), otherwise alpha = scale·r."""
+    if all(scale == alpha / rank for rank, alpha, scale in modules):
+        return False, [WrittenModule(p, r, a) for p, (r, a, _) in zip(paths, modules, strict=True)]
+    if all(scale == alpha / math.sqrt(rank) for rank, alpha, scale in modules):
+        return True, [WrittenModule(p, r, a) for p, (r, a, _) in zip(paths, modules, strict=True)]
+    return False, [WrittenModule(p, r, plain_alpha(r, a, s)) for p, (r, a, s) in zip(paths, modules, strict=True)]
+
+
+def adapter_config(
+    modules: Sequence[WrittenModule],
+    *,
+    target_modules: list[str],
+    use_rslora: bool = False,
+    use_dora: bool = False,
+    lora_bias: bool = False,
+    fan_in_fan_out: bool = False,
+    modules_to_save: list[str] | None = None,
+    base_model: str | None = None,
+    task_type: str | None = None,
+) -> dict[str, Any]:
+    """adapter_config.json with long-standing keys only (FORMATS.md §6.4) that gives every module its rank and
+    alpha: r and lora_alpha are the most common ones, the others `rank_pattern` / `alpha_pattern` entries keyed
+    `^<module path>`, anchored so that a key never also matches a longer path ending in it (PEFT ≥ 0.15 and
+    diffusers match keys this way; an unanchored full path fails on PEFT ≤ 0.14 just the same)."""
+    rank = Counter(m.rank for m in modules).most_common(1)[0][0]
+    alpha = Counter(m.alpha for m in modules).most_common(1)[0][0]
+    config: dict[str, Any] = {
+        "alpha_pattern": {f"^{m.path}": _number(m.alpha) for m in modules if m.alpha != alpha},
+        "base_model_name_or_path": base_model,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "lora_alpha": _number(alpha),
+        "lora_dropout": 0.0,
+        "modules_to_save": modules_to_save or None,
+        "peft_type": "LORA",
+        "r": rank,
+        "rank_pattern": {f"^{m.path}": m.rank for m in modules if m.rank != rank},
+        "target_modules": target_modules,
+        "task_type": task_type,
+        "use_dora": use_dora,
+        "use_rslora": use_rslora,
+    }
+    if lora_bias:
+        config["lora_bias"] = True  # a newer key (PEFT 0.14), written only when needed
+    return config
+
+
+def target_modules_for(extracted: Sequence[str], paths: Sequence[str]) -> list[str]:
+    """target_modules selecting exactly `extracted` among the model's module `paths`: short names (`q_proj`) where
+    every module of that name was extracted, full paths otherwise (a targeted module without keys would warn at
+    load)."""
+    done = set(extracted)
+    by_leaf: dict[str, set[str]] = {}
+    for module in paths:
+        by_leaf.setdefault(module.rpartition(".")[2], set()).add(module)
+    out: list[str] = []
+    for leaf in sorted({m.rpartition(".")[2] for m in done}):
+        out.extend([leaf] if by_leaf.get(leaf, set()) <= done else sorted(by_leaf[leaf] & done))
+    return out
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else value
