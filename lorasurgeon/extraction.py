@@ -21,7 +21,7 @@ from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.decomposition import MatrixResult, decompose
 from lorasurgeon.errors import Finding, NothingChangedError, NumericError
 from lorasurgeon.formats import peft
-from lorasurgeon.formats.architectures import task_type
+from lorasurgeon.formats.model_classes import task_type
 from lorasurgeon.formats.peft_config import WrittenModule, adapter_config, target_modules_for
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.pairing import ExtractOptions, ExtractPlan, plan_extract

@@ -38,7 +38,8 @@ ALLOWED: dict[str, set[str]] = {
     "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names"},
     "formats.writing": NORMAL_FORM | FORMATS_CORE,
     "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "linalg"},
-    "ties": IO | {"formats.architectures"},
+    "formats.model_classes": set(),
+    "ties": NORMAL_FORM | {"formats.architectures", "formats.model_classes"},
     "fit": NORMAL_FORM | {"formats.architectures", "formats.resolution", "lycoris"},
     "plan": NORMAL_FORM | {"fit", "ties", "formats.architectures", "formats.resolution"},
     "mirror": IO | {"plan", "writer"},
@@ -47,6 +48,7 @@ ALLOWED: dict[str, set[str]] = {
     "pairing": IO | {"decomposition", "formats.architectures"},
     "extraction": IO
     | {"decomposition", "pairing", "surgery", "writer", "formats.architectures", "formats.peft"}
+    | {"formats.model_classes"}
     | {"formats.peft_config"},
     "conversion": NORMAL_FORM
     | {"plan", "writer", "formats", "formats.kohya", "formats.naming", "formats.peft"}

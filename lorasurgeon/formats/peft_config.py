@@ -57,6 +57,7 @@ class LoraConfig:
     layers_pattern: str | list[str] | None
     modules_to_save: list[str]
     token_indices: list[int] | dict[str, list[int]] | None
+    ensure_weight_tying: bool = False
 
     @classmethod
     def parse(cls, where: Path, config: Mapping[str, Any], alpha: float | None) -> LoraConfig:
@@ -80,6 +81,7 @@ class LoraConfig:
             layers_pattern=field.names("layers_pattern"),
             modules_to_save=[saved] if isinstance(saved, str) else list(saved or ()),
             token_indices=field.token_indices("trainable_token_indices"),
+            ensure_weight_tying=field.boolean("ensure_weight_tying"),
         )
 
     def selects(self, module: str) -> bool:
