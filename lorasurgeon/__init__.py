@@ -270,7 +270,15 @@ def _opened(
 
 
 def _output(ckpt: Checkpoint, out: PathLike | None, operation: Operation) -> Path:
-    return Path(out) if out is not None else default_output(ckpt, operation)
+    """OUT, which mirrors the base's layout: a directory for a directory or index, one file for one file."""
+    if out is None:
+        return default_output(ckpt, operation)
+    if ckpt.layout != "file" and Path(out).suffix == ".safetensors":
+        raise LorasurgeonError(
+            f"{out}: names one .safetensors file, but the base {ckpt.path} is a checkpoint directory or index, which "
+            "OUT mirrors as a directory; name OUT as a directory, or give the base's .safetensors file to write one"
+        )
+    return Path(out)
 
 
 def default_output(ckpt: Checkpoint, operation: Operation) -> Path:

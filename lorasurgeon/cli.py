@@ -37,7 +37,13 @@ ALLOW_NONFINITE = click.option(
     "--allow-nonfinite", is_flag=True, help="Write NaN/Inf from the inputs through, warning by tensor name."
 )
 JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
-OUT = click.option("-o", "--out", type=click.Path(path_type=Path), help="Output path (default: <base>-merged).")
+
+
+def output_option(default: str) -> Any:
+    return click.option("-o", "--out", type=click.Path(path_type=Path), help=f"Output path (default: {default}).")
+
+
+OUT = output_option("<base>-merged")
 EXISTING = click.Path(exists=False, path_type=Path)
 
 
@@ -92,7 +98,7 @@ def merge(base: Path, adapters: tuple[Path, ...], out: Path | None, weights: tup
 @cli.command()
 @click.argument("merged", type=EXISTING)
 @click.argument("adapter", type=EXISTING)
-@OUT
+@output_option("<merged>-unmerged")
 @SCALE
 @ALPHA
 @DEVICE

@@ -27,6 +27,7 @@ from lorasurgeon.fit import place
 from lorasurgeon.formats.architectures import quantized_findings, tensor_candidates
 from lorasurgeon.formats.resolution import BaseNames
 from lorasurgeon.header import TensorInfo
+from lorasurgeon.model_config import output_config
 from lorasurgeon.ties import Ties, Untie, followers, share, tied_weights, untie
 
 Operation = Literal["merge", "unmerge"]
@@ -165,7 +166,8 @@ def plan_surgery(
     tie = _untie(base, ties, found, adapters)
     steps = _steps(base, found, dtype, tie.aliases, expected)
     findings = (*found.findings, *((tie.finding,) if tie.finding else ()))
-    return Plan(operation, base, tuple(adapters), tuple(weights), steps, findings, allow_nonfinite, tie.config)
+    config = output_config(base.config, tie.config, dtype)
+    return Plan(operation, base, tuple(adapters), tuple(weights), steps, findings, allow_nonfinite, config)
 
 
 def _untie(base: Checkpoint, ties: Ties, found: _Targets, adapters: Sequence[Adapter]) -> Untie:

@@ -41,7 +41,8 @@ ALLOWED: dict[str, set[str]] = {
     "formats.model_classes": set(),
     "ties": NORMAL_FORM | {"formats.architectures", "formats.model_classes"},
     "fit": NORMAL_FORM | {"formats.architectures", "formats.resolution", "lycoris"},
-    "plan": NORMAL_FORM | {"fit", "ties", "formats.architectures", "formats.resolution"},
+    "model_config": set(),
+    "plan": NORMAL_FORM | {"fit", "ties", "model_config", "formats.architectures", "formats.resolution"},
     "mirror": IO | {"plan", "writer"},
     "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "writer"},
     "decomposition": {"errors", "linalg"},
@@ -66,7 +67,7 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"__init__", "documents", "errors", "render"},
     "__main__": {"cli"},
 }
-NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", *(m for m in ALLOWED if m.startswith("formats"))]
+NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", "model_config", *(m for m in ALLOWED if m.startswith("formats"))]
 
 
 def module_names() -> list[str]:

@@ -22,17 +22,19 @@ from lorasurgeon.header import TensorInfo
 
 ADAPTER_CONFIG = "adapter_config.json"
 
-# Config fields whose non-default value means the adapter is not plain LoRA; each is refused by name.
-UNSUPPORTED_FIELDS: dict[str, str] = {
-    "layer_replication": "layer replication (layer_replication), which PEFT cannot merge either",
-    "target_parameters": "LoRA on raw parameters (target_parameters)",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens), which cannot be merged",
-    "velora_config": "VeLoRA (velora_config)",
-    "kasa_config": "KaSA (kasa_config)",
-    "use_bdlora": "BD-LoRA (use_bdlora)",
-    "arrow_config": "Arrow routing (arrow_config)",
-    "monteclora_config": "MonteCLoRA (monteclora_config)",
-    "use_qalora": "QA-LoRA (use_qalora)",
+# Config fields whose non-default value means the adapter is not plain LoRA; each is refused by name, with what
+# keeps it from being merged (by default: lorasurgeon does not merge it yet).
+YET = "which lorasurgeon cannot merge yet"
+UNSUPPORTED_FIELDS: dict[str, tuple[str, str]] = {
+    "layer_replication": ("layer replication (layer_replication)", "which PEFT cannot merge either"),
+    "target_parameters": ("LoRA on raw parameters (target_parameters)", YET),
+    "alora_invocation_tokens": ("activated LoRA (alora_invocation_tokens)", "which cannot be merged at all"),
+    "velora_config": ("VeLoRA (velora_config)", YET),
+    "kasa_config": ("KaSA (kasa_config)", YET),
+    "use_bdlora": ("BD-LoRA (use_bdlora)", YET),
+    "arrow_config": ("Arrow routing (arrow_config)", YET),
+    "monteclora_config": ("MonteCLoRA (monteclora_config)", YET),
+    "use_qalora": ("QA-LoRA (use_qalora)", YET),
 }
 # init_lora_weights values whose adapter only reproduces the fine-tune on top of a base that training rewrote
 # (PiSSA/OLoRA/CorDA/LoRA-GA subtract s·B₀A₀ from W; LoftQ quantizes it).
@@ -138,10 +140,14 @@ def refusal(where: Path, config: Mapping[str, Any]) -> UnsupportedError | None:
         )
     found = [label for name, label in UNSUPPORTED_FIELDS.items() if config.get(name) not in (None, False, [], {})]
     if isinstance(init, str) and init.lower().startswith("mica"):
-        found.append(f"the MiCA variant (init_lora_weights={init!r})")
-    if found:
-        return UnsupportedError(f"{where}: the adapter uses {', '.join(found)}, which lorasurgeon cannot merge yet")
-    return None
+        found.append((f"the MiCA variant (init_lora_weights={init!r})", YET))
+    if not found:
+        return None
+    reasons: dict[str, list[str]] = {}  # each reason once, after everything it is the reason for
+    for label, reason in found:
+        reasons.setdefault(reason, []).append(label)
+    said = "; and ".join(f"{' and '.join(labels)}, {reason}" for reason, labels in reasons.items())
+    return UnsupportedError(f"{where}: the adapter uses {said}")
 
 
 def module_selected(target: str | Sequence[str] | None, module: str) -> bool:
