@@ -9,9 +9,10 @@ import signal
 import sys
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -37,9 +38,10 @@ ALLOW_NONFINITE = click.option(
     "--allow-nonfinite", is_flag=True, help="Write NaN/Inf from the inputs through, warning by tensor name."
 )
 JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+FC = TypeVar("FC", bound=Callable[..., Any])
 
 
-def output_option(default: str) -> Any:
+def output_option(default: str) -> Callable[[FC], FC]:
     return click.option("-o", "--out", type=click.Path(path_type=Path), help=f"Output path (default: {default}).")
 
 
