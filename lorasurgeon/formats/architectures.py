@@ -45,10 +45,19 @@ MODEL_PREFIXES = frozenset(
 INPUT_EMBEDDINGS = frozenset(
     {"embed_tokens", "wte", "word_embeddings", "embed_in", "shared", "tok_embeddings", "token_embedding"}
 )
-# Module names that are nn.Embedding in transformers models (extract decomposes them only when asked).
-EMBEDDINGS = frozenset(
-    {"embed_tokens", "wte", "wpe", "word_embeddings", "embed_in", "shared", "position_embeddings", "embed_positions"}
-)
+# Module names that are nn.Embedding in transformers models (extract decomposes them only when asked, and as PEFT's
+# Embedding LoRA: a Linear LoRA's keys would not load onto them). CLIP and SigLIP name theirs token_embedding and
+# position_embedding, BERT has token_type_embeddings, T5 relative_attention_bias, ModernBERT tok_embeddings.
+EMBEDDINGS = INPUT_EMBEDDINGS | {
+    "wpe",
+    "position_embeddings",
+    "position_embedding",
+    "embed_positions",
+    "token_type_embeddings",
+    "relative_attention_bias",
+    "word_embedding",
+    "entity_embeddings",
+}
 # Output heads and classifiers: Linear, but left out by default, as PEFT's "all-linear" leaves them out.
 HEADS = frozenset({"lm_head", "embed_out", "score", "classifier", "qa_outputs"})
 

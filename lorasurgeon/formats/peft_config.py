@@ -222,11 +222,13 @@ def adapter_config(
     modules_to_save: list[str] | None = None,
     base_model: str | None = None,
     task_type: str | None = None,
+    auto_mapping: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """adapter_config.json with long-standing keys only (FORMATS.md §6.4) that gives every module its rank and
     alpha: r and lora_alpha are the most common ones, the others `rank_pattern` / `alpha_pattern` entries keyed
     `^<module path>`, anchored so that a key never also matches a longer path ending in it (PEFT ≥ 0.15 and
-    diffusers match keys this way; an unanchored full path fails on PEFT ≤ 0.14 just the same)."""
+    diffusers match keys this way; an unanchored full path fails on PEFT ≤ 0.14 just the same). `base_model` and
+    `task_type` (or, without one, `auto_mapping`: the base's class and library) let AutoPeftModel build the base."""
     rank = Counter(m.rank for m in modules).most_common(1)[0][0]
     alpha = Counter(m.alpha for m in modules).most_common(1)[0][0]
     config: dict[str, Any] = {
@@ -249,6 +251,8 @@ def adapter_config(
     }
     if lora_bias:
         config["lora_bias"] = True  # a newer key (PEFT 0.14), written only when needed
+    if task_type is None and auto_mapping is not None:
+        config["auto_mapping"] = auto_mapping  # PEFT writes it for adapters without a task type
     return config
 
 
