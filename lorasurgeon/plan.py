@@ -184,15 +184,15 @@ def _untie(base: Checkpoint, ties: Ties, found: _Targets, adapters: Sequence[Ada
 
 
 def _expected(operation: Operation, found: _Targets) -> dict[str, Source]:
-    """Unmerge: PEFT's saved copies of base weights are what merged − ΔW must give back, not a start value."""
+    """Unmerge: PEFT's saved copies of base weights are no start value but what merged − ΔW must give back."""
     if operation != "unmerge":
         return {}
     expected = {}
     for name, sources in found.sources.items():
-        saved = [s for s in sources if s.saved_base and name in found.terms]
-        if saved:
+        saved = [s for s in sources if s.saved_base]
+        if saved and name in found.terms:
             expected[name] = saved[0]
-            found.sources[name] = [s for s in sources if s not in saved]
+        found.sources[name] = [s for s in sources if not s.saved_base]
     return expected
 
 
@@ -325,10 +325,6 @@ def _disjoint_rows(sources: list[Source]) -> bool:
         return False
     rows = [i for s in sources for i in s.indices or ()]
     return len(rows) == len(set(rows))
-
-
-def _replaced(found: _Targets, name: str) -> bool:
-    return any(s.indices is None for s in found.sources.get(name, []))
 
 
 def _steps(

@@ -36,7 +36,7 @@ ALLOWED: dict[str, set[str]] = {
     "formats.diffusers": NORMAL_FORM | {"formats.kohya", "formats.peft", "formats.peft_config"},
     "formats.resolution": NORMAL_FORM | {"formats.architectures", "formats.kohya", "formats.kohya_names"},
     "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names"},
-    "formats.writing": NORMAL_FORM | FORMATS_CORE,
+    "formats.writing": NORMAL_FORM | FORMATS_CORE | {"formats.model_classes"},
     "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "linalg"},
     "formats.model_classes": set(),
     "ties": NORMAL_FORM | {"formats.architectures", "formats.model_classes"},

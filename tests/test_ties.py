@@ -127,6 +127,23 @@ def test_ensure_weight_tying_keeps_the_tie(tmp_path: Path, arch_id: str, targets
     assert not torch.allclose(forward(peft_merged, arch), forward(load(arch, tmp_path / "out"), arch), atol=1e-3)
 
 
+def test_ensure_weight_tying_unmerges(tmp_path: Path) -> None:
+    """The tied merge taken out again: merged − ΔE, once, is the base's embedding up to rounding; the head's saved
+    copy of the base weight is no replacement to refuse."""
+    arch = ARCHS["gemma"]
+    base = save_base(arch, tmp_path / "base")
+    adapter = save_lora(
+        arch, base, tmp_path / "lora", target_modules=["embed_tokens", "lm_head"], ensure_weight_tying=True
+    )
+    lorasurgeon.merge(base, [adapter], tmp_path / "merged")
+    lorasurgeon.unmerge(tmp_path / "merged", adapter, tmp_path / "unmerged")
+    original, merged = (read_tensors(p)["model.embed_tokens.weight"] for p in (base, tmp_path / "merged"))
+    restored = read_tensors(tmp_path / "unmerged")["model.embed_tokens.weight"]
+    assert not torch.equal(merged, original)
+    torch.testing.assert_close(restored, original, rtol=0, atol=1e-6)
+    assert "lm_head.weight" not in read_tensors(tmp_path / "unmerged")
+
+
 def test_unknown_architecture_is_refused_only_when_it_matters(tmp_path: Path) -> None:
     """A tied base of an architecture the table does not know: untying could write the head under a wrong name, so
     a change to the embedding is refused by name; other LoRAs merge, and so does the embedding once config.json
