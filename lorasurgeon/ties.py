@@ -31,11 +31,13 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class Ties:
     """The tied weights of a base that its checkpoint does not store: each an `alias` (a TensorInfo of its source's
-    bytes under the target's name), `sources` mapping each alias name to its source's name. `unknown` says why the
-    ties cannot be known (None: they are known); `forced`: the config ties whatever tie_word_embeddings says."""
+    bytes under the target's name), `sources` mapping each alias name to its source's name; `stored`: the tied
+    pairs (target -> source) a checkpoint stores both of. `unknown` says why the ties cannot be known (None: they
+    are known); `forced`: the config ties whatever tie_word_embeddings says."""
 
     aliases: tuple[TensorInfo, ...] = ()
     sources: Mapping[str, str] = field(default_factory=dict)
+    stored: Mapping[str, str] = field(default_factory=dict)
     unknown: str | None = None
     forced: bool = False
 
@@ -63,7 +65,7 @@ def tied_weights(base: Checkpoint) -> Ties:
         return Ties(unknown=f"its architecture ({named}, model type {base.config.get('model_type')})")
     if base.config.get("tie_word_embeddings", True) is False and not found.forced_tie:
         return Ties(forced=found.forced_tie)
-    aliases, sources = [], {}
+    aliases, sources, both = [], {}, {}
     for target, source in found.tied.items():
         stored = next((c for c in tensor_candidates(*source.rsplit(".", 1)) if c in base.tensors), None)
         if stored is None:
@@ -71,10 +73,13 @@ def tied_weights(base: Checkpoint) -> Ties:
         # a checkpoint without the base-model prefix (`wte.weight`) names the targets under it without it too
         prefix = source[: len(source) - len(stored)]
         name = target.removeprefix(prefix) if prefix and target.startswith(prefix) else target
-        if name not in base.tensors and all(c not in base.tensors for c in tensor_candidates(*target.rsplit(".", 1))):
+        kept = next((c for c in (name, *tensor_candidates(*target.rsplit(".", 1))) if c in base.tensors), None)
+        if kept is None:
             aliases.append(base.tensors[stored]._replace(name=name))
             sources[name] = stored
-    return Ties(tuple(aliases), sources, forced=found.forced_tie)
+        else:  # stored twice (mergekit writes both): equal until the merge changes one
+            both[kept] = stored
+    return Ties(tuple(aliases), sources, both, forced=found.forced_tie)
 
 
 def followers(adapter: Adapter, ties: Ties) -> set[str]:
@@ -100,18 +105,19 @@ def untie(base: Checkpoint, ties: Ties, gets: Callable[[str], object], changed: 
     result), `changed(name)` whether it does anything."""
     if ties.unknown is not None:
         return _unknown(base, ties.unknown, changed)
-    diverging = [a for a in ties.aliases if gets(a.name) != gets(ties.sources[a.name])]
-    if not diverging:
-        return Untie()
-    written = tuple(diverging) if ties.forced else ties.aliases
-    touched = sorted({n for a in diverging for n in (a.name, ties.sources[a.name]) if changed(n)})
-    group = sorted({ties.sources[a.name] for a in diverging})
+    pairs = {**ties.sources, **ties.stored}
+    diverging = sorted(t for t, source in pairs.items() if gets(t) != gets(source))
+    written = tuple(a for a in ties.aliases if a.name in diverging) if ties.forced else ties.aliases
     config = None if ties.forced or base.config is None else {**base.config, "tie_word_embeddings": False}
-    how = "" if config is None else ", and sets tie_word_embeddings to false in config.json"
+    if not diverging or (config is None and not written):
+        return Untie()
+    touched = sorted({n for t in diverging for n in (t, pairs[t]) if changed(n)})
+    stores = f"the output stores {', '.join(a.name for a in written)} as tensors of their own" if written else ""
+    sets = "sets tie_word_embeddings to false in config.json" if config is not None else ""
     message = (
-        f"{', '.join(group)}: the base ties {', '.join(a.name for a in diverging)} to it and the adapter changes "
-        f"{' and '.join(touched)}; the output stores {', '.join(a.name for a in written)} as tensors of their own"
-        f"{how}, so each keeps the value PEFT's forward gives it (PEFT's merge_and_unload would change all of them)"
+        f"{', '.join(sorted({pairs[t] for t in diverging}))}: the base ties {', '.join(diverging)} to it and the "
+        f"adapter changes {' and '.join(touched)}; {' and '.join(filter(None, (stores, sets)))}, so each keeps the "
+        "value PEFT's forward gives it (PEFT's merge_and_unload would change all of them)"
     )
     return Untie(config, written, Finding.of("warning", message, base_key=touched[0] if touched else None))
 

@@ -144,6 +144,22 @@ def test_ensure_weight_tying_unmerges(tmp_path: Path) -> None:
     assert "lm_head.weight" not in read_tensors(tmp_path / "unmerged")
 
 
+def test_a_tie_stored_twice_is_undone_in_config(tmp_path: Path) -> None:
+    """A tied base that stores the head too (mergekit writes both): nothing to add, but tie_word_embeddings must go
+    false, or a loader that re-ties would throw one of the two values away."""
+    from safetensors.torch import save_file
+
+    arch = ARCHS["llama"]
+    base = save_base(arch, tmp_path / "base")
+    tensors = read_tensors(base)
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}, base / "model.safetensors")
+    adapter = save_lora(arch, base, tmp_path / "lora", target_modules=["embed_tokens"])
+    summary = lorasurgeon.merge(base, [adapter], tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert any("sets tie_word_embeddings to false" in w.message for w in summary.plan.warnings)
+    assert_loads_like_peft(arch, base, adapter, tmp_path / "out")
+
+
 def test_unknown_architecture_is_refused_only_when_it_matters(tmp_path: Path) -> None:
     """A tied base of an architecture the table does not know: untying could write the head under a wrong name, so
     a change to the embedding is refused by name; other LoRAs merge, and so does the embedding once config.json
