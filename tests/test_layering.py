@@ -36,17 +36,20 @@ ALLOWED: dict[str, set[str]] = {
     "formats.diffusers": NORMAL_FORM | {"formats.kohya", "formats.peft", "formats.peft_config"},
     "formats.resolution": NORMAL_FORM | {"formats.architectures", "formats.kohya", "formats.kohya_names"},
     "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names"},
-    "formats.writing": NORMAL_FORM | FORMATS_CORE,
+    "formats.writing": NORMAL_FORM | FORMATS_CORE | {"formats.model_classes"},
     "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "linalg"},
-    "ties": IO | {"formats.architectures"},
+    "formats.model_classes": set(),
+    "ties": NORMAL_FORM | {"formats.architectures", "formats.model_classes"},
     "fit": NORMAL_FORM | {"formats.architectures", "formats.resolution", "lycoris"},
-    "plan": NORMAL_FORM | {"fit", "ties", "formats.architectures", "formats.resolution"},
+    "model_config": set(),
+    "plan": NORMAL_FORM | {"fit", "ties", "model_config", "formats.architectures", "formats.resolution"},
     "mirror": IO | {"plan", "writer"},
     "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "writer"},
     "decomposition": {"errors", "linalg"},
     "pairing": IO | {"decomposition", "formats.architectures"},
     "extraction": IO
     | {"decomposition", "pairing", "surgery", "writer", "formats.architectures", "formats.peft"}
+    | {"formats.model_classes"}
     | {"formats.peft_config"},
     "conversion": NORMAL_FORM
     | {"plan", "writer", "formats", "formats.kohya", "formats.naming", "formats.peft"}
@@ -64,7 +67,7 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"__init__", "documents", "errors", "render"},
     "__main__": {"cli"},
 }
-NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", *(m for m in ALLOWED if m.startswith("formats"))]
+NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", "model_config", *(m for m in ALLOWED if m.startswith("formats"))]
 
 
 def module_names() -> list[str]:
