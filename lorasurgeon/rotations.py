@@ -1,10 +1,10 @@
-"""The multiplicative PEFT tuners: W changed by a product (a rotation, a reflection, a scaling), as pure
-functions of fp32 tensors, no I/O. Each `*_merge` returns the new weight and each `*_unmerge` its inverse.
+"""The orthogonal PEFT tuners: W rotated or reflected (OFT, BOFT, HRA, RoAd), as pure functions of fp32
+tensors, no I/O. Each `*_merge` returns the new weight and each `*_unmerge` its inverse.
 
 W is the weight as a matrix: Linear (out, in); a conv kernel flattened row-major to (out, in·kh·kw), which
 is the layout PEFT's OFT/BOFT/HRA rotate. Sources: PEFT 0.21 `oft/layer.py`, `boft/layer.py`, `hra/layer.py`,
-`road/layer.py`, `miss/layer.py` (file and function per docstring). Rotations are formed in fp64 (small
-matrices; the inverse of a Cayley-Neumann series, which is not exactly orthogonal, is a solve).
+`road/layer.py` (file and function per docstring). Rotations are formed in fp64 (small matrices; the inverse
+of a Cayley-Neumann series, which is not exactly orthogonal, is a solve).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def oft_blocks(weight: torch.Tensor, size: int, coft: bool, eps: float, neumann_
         q = torch.where(norm <= radius, q, radius * q / norm)
     eye = torch.eye(size, dtype=torch.float64).expand_as(q)
     if not neumann_terms:
-        return torch.linalg.solve(eye + q, eye - q, left=False)
+        exact: torch.Tensor = torch.linalg.solve(eye + q, eye - q, left=False)
+        return exact
     r = eye.clone()
     if neumann_terms > 1:
         r += 2 * q
@@ -80,7 +81,7 @@ def boft_rotation(boft_r: torch.Tensor, dim: int) -> torch.Tensor:
     rotation = torch.eye(dim, dtype=torch.float64)
     for i in range(factors):
         perm = butterfly_permutation(dim, blocks // 2**i, size // 2, factors - 1)
-        block = torch.block_diag(*cayley[i])
+        block = torch.block_diag(*cayley[i])  # type: ignore[no-untyped-call]
         # P x picks x[perm]: P B Pᵀ is B with rows and columns both taken in `perm` order.
         rotation = block[perm][:, perm] @ rotation
     return rotation
@@ -180,39 +181,3 @@ def _road_pairs(first: torch.Tensor, second: torch.Tensor, group: int, trailing:
     f = first.reshape(-1, 2, group // 2, *(1,) * trailing)
     s = second.reshape(-1, 2, group // 2, *(1,) * trailing)
     return f[:, 0], f[:, 1], s[:, 0], s[:, 1]
-
-
-def ia3_vector(vector: torch.Tensor, w_shape: torch.Size, feedforward: bool, transpose: bool) -> torch.Tensor:
-    """IA3's scaling laid out to broadcast against W (ia3/layer.py `Linear.merge`, `_ConvNd.merge` and
-    `_get_ia3_scaling_for_weight`): a feedforward module scales W's input columns, any other its output rows
-    (and its bias). Linear vectors are (1, in) or (out, 1), transposed for Conv1D; conv vectors (1, C, 1, …)
-    become (out, 1, 1, …) for rows, and for a grouped conv's columns are split per group."""
-    if len(w_shape) <= 2:
-        return vector.T if transpose else vector
-    if not feedforward:
-        return vector.transpose(0, 1)
-    per_group = w_shape[1]
-    groups = vector.shape[1] // per_group
-    if groups == 1:
-        return vector
-    out_per_group = w_shape[0] // groups
-    grouped = vector.reshape(groups, 1, per_group, *vector.shape[2:])
-    return grouped.expand(groups, out_per_group, per_group, *vector.shape[2:]).reshape(
-        w_shape[0], per_group, *vector.shape[2:]
-    )
-
-
-def miss_bat_merge(w: torch.Tensor, block: torch.Tensor, reverse: bool = False) -> torch.Tensor:
-    """MiSS with init_weights "bat" (miss/layer.py `get_delta_weight`): each r×r block W_ij of W (out block i,
-    in block j) becomes W_ij + W_ij M_i + M_i with M = miss_block (out/r, r, r); `reverse` undoes it:
-    W_ij = (W'_ij − M_i)(I + M_i)⁻¹."""
-    out, inner = w.shape
-    r = block.shape[-1]
-    tiles = w.double().reshape(out // r, r, inner // r, r).permute(0, 2, 1, 3)  # [i, j, :, :]
-    m = block.double()[:, None]  # (out/r, 1, r, r): M_i for every j
-    if reverse:
-        eye = torch.eye(r, dtype=torch.float64)
-        result = torch.linalg.solve(eye + m, (tiles - m), left=False)
-    else:
-        result = tiles + tiles @ m + m
-    return result.permute(0, 2, 1, 3).reshape(out, inner).float()

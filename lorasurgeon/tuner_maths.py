@@ -13,7 +13,7 @@ import torch
 
 
 def adalora_delta(
-    a: torch.Tensor, b: torch.Tensor, e: torch.Tensor, scaling: float, ranknum: float, shape: torch.Size
+    a: torch.Tensor, b: torch.Tensor, e: torch.Tensor, scaling: float, ranknum: float, shape: tuple[int, ...]
 ) -> torch.Tensor:
     """AdaLoRA (adalora/layer.py `SVDLinear.get_delta_weight`): ΔW = B (A ⊙ E) · scaling / (ranknum + 1e-5),
     A (r, in·∏k), E (r, 1) the singular values (zero where the budget masked them), B (out, r); ranknum is
@@ -46,7 +46,8 @@ def fourierft_delta(
     that is zero but at `indices` (see spectrum_indices)."""
     dense = torch.zeros(out, inner)
     dense[indices[0], indices[1]] = spectrum
-    return torch.fft.ifft2(dense).real * scaling
+    delta: torch.Tensor = torch.fft.ifft2(dense).real * scaling
+    return delta
 
 
 def waveft_delta(
@@ -100,7 +101,8 @@ def delora_delta(
     at training start (delora_w_norm)."""
     a_norm = a.norm(dim=1).clamp(min=1e-4)
     b_norm = b.norm(dim=0).clamp(min=1e-4)
-    return (b * (lam / rank / (a_norm * b_norm))) @ a * w_norm[None, :]  # (out, r) @ (r, in)
+    delta: torch.Tensor = (b * (lam / rank / (a_norm * b_norm))) @ a * w_norm[None, :]  # (out, r) @ (r, in)
+    return delta
 
 
 def gralora_delta(
@@ -181,7 +183,7 @@ def miss_delta(block: torch.Tensor, out: int, inner: int, mini_r: int | None = N
     return m.T.repeat(1, math.ceil(inner / rank))[:, :inner]
 
 
-def supertuning_delta(indices: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def supertuning_delta(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Supertuning's sparse part (supertuning/layer.py `get_delta_weight`): `values` scatter-added at the flat
     positions `indices` of a zero weight-shaped tensor."""
     return torch.zeros(shape).reshape(-1).index_add_(0, indices.long(), values).reshape(shape)

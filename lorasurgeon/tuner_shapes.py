@@ -26,9 +26,12 @@ LAYERS: dict[str, frozenset[str]] = {
     "HRA": frozenset({"linear", "conv"}),
     "LN_TUNING": frozenset({"linear", "conv1d", "conv", "embedding"}),
     "TRAINABLE_TOKENS": frozenset({"embedding", "linear"}),
-    **{t: frozenset({"linear"}) for t in ("MISS", "SHIRA", "C3A", "ROAD", "DELORA")},
+    "HIRA": frozenset({"linear", "conv1d", "conv", "embedding"}),
+    **{t: frozenset({"linear"}) for t in ("MISS", "SHIRA", "C3A", "ROAD", "DELORA", "BEFT", "GLORA", "OSF")},
+    "SUPERTUNING": frozenset({"linear"}),
 }
-DEFAULT_LAYERS = frozenset({"linear", "conv1d"})  # VeRA, FourierFT, WaveFT, RandLoRA, GraLoRA, VB-LoRA
+# VeRA, FourierFT, WaveFT, RandLoRA, GraLoRA, VB-LoRA, DEFT, PVeRA, UniLoRA
+DEFAULT_LAYERS = frozenset({"linear", "conv1d"})
 
 
 def layer_problem(module: TunerModule, base: Shapes, layer: Layer) -> str | None:

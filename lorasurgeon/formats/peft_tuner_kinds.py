@@ -1,11 +1,10 @@
 """Every PEFT tuner but LoRA, as a table: how each is stored and what PEFT derives from its config per module.
 
-`TUNERS` maps a peft_type lorasurgeon merges to its `TunerKind`: the per-module tensor roles (the names PEFT
-saves after the module path, adapter name removed), the adapter-wide tensors saved under `base_model.`, the
-layer types PEFT adapts, and `parse`, which turns the config and a module's tensor shapes into the values the
-maths needs, exactly as the tuner's `model.py` `_create_and_replace` and `layer.py` `update_layer` do in PEFT
-0.21. `REFUSED` maps every other peft_type of PEFT 0.21 to the reason it is not merged. A test compares the
-two tables with the installed PEFT's PeftType, so a tuner added in a later release is refused by name.
+`TUNERS` maps each of the tuners here (the twenty of PEFT 0.21 lorasurgeon read first; the rest are in
+peft_tuner_kinds_extra) to its `TunerKind`: the per-module tensor roles (the names PEFT saves after the module
+path, adapter name removed), the adapter-wide tensors saved under `base_model.`, and `parse`, which turns the
+config and a module's tensor shapes into the values the maths needs, exactly as the tuner's `model.py`
+`_create_and_replace` and `layer.py` `update_layer` do in PEFT 0.21.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 from lorasurgeon import lycoris
-from lorasurgeon.errors import UnsupportedError
 from lorasurgeon.formats.peft_tuner_config import Parsed, PatternRule, Site, TunerKind
 
 
@@ -282,35 +280,3 @@ TUNERS: dict[str, TunerKind] = {
     ),
     "TRAINABLE_TOKENS": TunerKind(("trainable_tokens_delta",), _trainable_tokens),
 }
-
-_PROMPT = (
-    "a prompt-learning method: learned virtual tokens or key/value prefixes fed to the model at run time, "
-    "with no weight to fold them into (PEFT has no merge_and_unload for it)"
-)
-REFUSED: dict[str, str] = {
-    "PROMPT_TUNING": _PROMPT,
-    "MULTITASK_PROMPT_TUNING": _PROMPT,
-    "P_TUNING": _PROMPT,
-    "PREFIX_TUNING": _PROMPT,
-    "CPT": _PROMPT,
-    "CARTRIDGE": _PROMPT,
-    "ADAPTION_PROMPT": "adaption prompts with zero-init gated attention added to the model at run time; PEFT "
-    "cannot merge them",
-    "POLY": "Polytropon routes each task through a learned mix of LoRA skills at run time; PEFT cannot merge it",
-    "XLORA": "X-LoRA mixes LoRA experts per token with a learned classifier at run time; PEFT cannot merge it",
-    "LILY": "PEFT's Lily layers raise NotImplementedError on merge (its B matrices are shared and routed)",
-    "SHADOW": "ShadowPEFT runs a parallel shadow network beside the model; PEFT raises NotImplementedError on merge",
-    "ADAMSS": "AdaMSS clusters the base weight's subspaces with scikit-learn at load time; lorasurgeon has no "
-    "exact restatement of that clustering",
-}
-
-
-def refusal(peft_type: str) -> str | None:
-    """Why lorasurgeon does not merge `peft_type`, or None when it does."""
-    if peft_type in TUNERS:
-        return None
-    return REFUSED.get(peft_type, f"{peft_type} is not a tuner of PEFT 0.21, the version lorasurgeon reads")
-
-
-def unsupported(peft_type: str, config_path: object) -> UnsupportedError:
-    return UnsupportedError(f"{config_path}: peft_type {peft_type}: {refusal(peft_type)}")

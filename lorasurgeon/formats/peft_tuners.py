@@ -2,7 +2,7 @@
 
 Input: the adapter_config.json dict and the tensors of adapter_model.safetensors by name (headers only: no
 tensor is read). Keys are PEFT's on-disk names (`save_and_load.py` `get_peft_model_state_dict`):
-`base_model.model.<module>.<role>` for a module's own tensors (role from `peft_tuner_kinds.TUNERS`, any
+`base_model.model.<module>.<role>` for a module's own tensors (role from `peft_tuner_inventory.TUNERS`, any
 `.base_layer` segment of a nested wrapper dropped from the module path), `base_model.<role>` (or
 `base_model.<role>.<name>`) for the adapter-wide ones, and otherwise full tensors PEFT loads over the base's:
 `modules_to_save` modules, biases when the config's `bias` is not "none", saved embeddings.
@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from lorasurgeon.adapter import Replacement
-from lorasurgeon.errors import InputError
+from lorasurgeon.errors import InputError, UnsupportedError
 from lorasurgeon.formats.peft_tuner_config import Shape, Site, TunerConfig, TunerKind
-from lorasurgeon.formats.peft_tuner_kinds import TUNERS, refusal
+from lorasurgeon.formats.peft_tuner_inventory import TUNERS, refusal
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.tuner import TunerAdapter, TunerModule
 
@@ -58,8 +58,6 @@ def read_tuner_adapter(
     cfg = TunerConfig(config_path, config)
     kind = TUNERS.get(cfg.peft_type)
     if kind is None:
-        from lorasurgeon.errors import UnsupportedError
-
         raise UnsupportedError(f"{config_path}: peft_type {cfg.peft_type!r}: {refusal(cfg.peft_type)}")
     cfg.refuse_set(REFUSED_FIELDS)
     shared, grouped, loose = _split(kind, tensors, weights)

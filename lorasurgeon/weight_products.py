@@ -1,0 +1,116 @@
+"""The PEFT tuners whose new weight is a product with the base weight, not a rotation: (IA)³, HiRA, GLoRA,
+MiSS "bat", DEFT, OSF. Pure functions of fp32 tensors, no I/O; W is (out, in) unless said otherwise (the
+caller transposes transformers Conv1D weights to it and back). Sources: PEFT 0.21, file and function per
+docstring.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def ia3_vector(vector: torch.Tensor, w_shape: torch.Size, feedforward: bool, transpose: bool) -> torch.Tensor:
+    """IA3's scaling laid out to broadcast against W (ia3/layer.py `Linear.merge`, `_ConvNd.merge` and
+    `_get_ia3_scaling_for_weight`): a feedforward module scales W's input columns, any other its output rows
+    (and its bias). Linear vectors are (1, in) or (out, 1), transposed for Conv1D; conv vectors (1, C, 1, …)
+    become (out, 1, 1, …) for rows, and for a grouped conv's columns are split per group."""
+    if len(w_shape) <= 2:
+        return vector.T if transpose else vector
+    if not feedforward:
+        return vector.transpose(0, 1)
+    per_group = w_shape[1]
+    groups = vector.shape[1] // per_group
+    if groups == 1:
+        return vector
+    out_per_group = w_shape[0] // groups
+    grouped = vector.reshape(groups, 1, per_group, *vector.shape[2:])
+    return grouped.expand(groups, out_per_group, per_group, *vector.shape[2:]).reshape(
+        w_shape[0], per_group, *vector.shape[2:]
+    )
+
+
+def miss_bat_merge(w: torch.Tensor, block: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """MiSS with init_weights "bat" (miss/layer.py `get_delta_weight`): each r×r block W_ij of W (out block i,
+    in block j) becomes W_ij + W_ij M_i + M_i with M = miss_block (out/r, r, r); `reverse` undoes it:
+    W_ij = (W'_ij − M_i)(I + M_i)⁻¹."""
+    out, inner = w.shape
+    r = block.shape[-1]
+    tiles = w.double().reshape(out // r, r, inner // r, r).permute(0, 2, 1, 3)  # [i, j, :, :]
+    m = block.double()[:, None]  # (out/r, 1, r, r): M_i for every j
+    if reverse:
+        eye = torch.eye(r, dtype=torch.float64)
+        result = torch.linalg.solve(eye + m, (tiles - m), left=False)
+    else:
+        result = tiles + tiles @ m + m
+    merged: torch.Tensor = result.permute(0, 2, 1, 3).reshape(out, inner).float()
+    return merged
+
+
+def hira_merge(w: torch.Tensor, delta: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """HiRA (hira/layer.py `HiraLayer._merge`): W ⊙ (1 + ΔW), ΔW = B A laid out as W; `reverse`: W' ⊘ (1 + ΔW)."""
+    return w / (1 + delta) if reverse else w + w * delta
+
+
+def glora_merge(
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    paths: dict[str, torch.Tensor | float],
+    reverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """GLoRA (glora/layer.py `GloraLayer.merge`, `unmerge`): W' = W + W ⊙ A + B and b' = b + b ⊙ D + E + W C,
+    with the original W in the bias; paths A, B (broadcasting to (out, in)), C (in, 1), D, E (broadcasting to
+    (out,)), 0 for an absent path. `reverse`: W = (W' − B) ⊘ (1 + A), b = (b' − E − W C) ⊘ (1 + D)."""
+    a, b, c, d, e = (paths[p] for p in "ABCDE")
+    if reverse:
+        w0 = (w - b) / (1 + a)
+        b0 = (
+            None
+            if bias is None
+            else (bias - e - (w0 @ c).squeeze(-1) if isinstance(c, torch.Tensor) else bias - e) / (1 + d)
+        )
+        return w0, b0
+    new_bias = None
+    if bias is not None:
+        new_bias = bias + bias * d + e + ((w @ c).squeeze(-1) if isinstance(c, torch.Tensor) else 0.0)
+    return w + w * a + b, new_bias
+
+
+def deft_projection(p: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, G) of DEFT's projector Q Gᵀ (deft/layer.py `_project`): relu: Q = P, G = relu(P); qr: Q = G, the
+    Q of P's QR decomposition (in fp32, as PEFT forms it: the signs of Q's columns follow LAPACK's)."""
+    if method == "relu":
+        return p, torch.relu(p)
+    q, _ = torch.linalg.qr(p.float())
+    return q, q
+
+
+def deft_merge(
+    w: torch.Tensor, q: torch.Tensor, g: torch.Tensor, r: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """DEFT (deft/layer.py `get_delta_weight`, `_delta_from_factor`): W' = W + Q (s·R − Gᵀ W), or W − Q Gᵀ W
+    with PaRa (no R). Q, G (out, r), R (r, in)."""
+    m = g.T @ w  # (r, out) @ (out, in)
+    return w - q @ m if r is None else w + q @ (r * scaling - m)
+
+
+def deft_unmerge(
+    w: torch.Tensor, q: torch.Tensor, g: torch.Tensor, r: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """The inverse of deft_merge: with Y = W' − s·Q R, W = (I − Q Gᵀ)⁻¹ Y = Y + Q (I − Gᵀ Q)⁻¹ Gᵀ Y (Woodbury),
+    in fp64; singular when Gᵀ Q has an eigenvalue 1 (always, for qr)."""
+    y = w.double() - (0 if r is None else q.double() @ (r.double() * scaling))
+    core = torch.eye(q.shape[1], dtype=torch.float64) - g.double().T @ q.double()
+    result: torch.Tensor = (y + q.double() @ torch.linalg.solve(core, g.double().T @ y)).float()
+    return result
+
+
+def osf_merge(w: torch.Tensor, u_low: torch.Tensor, s_low: torch.Tensor, v_low: torch.Tensor) -> torch.Tensor:
+    """OSF (osf/layer.py `get_delta_weight`, osf/utils.py `decompose_weight_matrix`): W keeps its top
+    k = min(out, in) − n singular directions and its bottom n are replaced by U_low diag(S_low) V_low:
+    W' = W + (U_low S_low V_low − U₀ S₀ V₀), U₀ S₀ V₀ the bottom n of W's SVD. The SVD is taken in fp32, as
+    PEFT takes it: where W's singular values k and k+1 are close, which directions are "bottom" is decided by
+    rounding, and this follows PEFT's."""
+    u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
+    k = s.shape[0] - s_low.shape[0]
+    initial = (u[:, k:] * s[k:]) @ vh[k:]
+    return w + ((u_low * s_low) @ v_low - initial)
