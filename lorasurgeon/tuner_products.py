@@ -131,7 +131,7 @@ def _glora(inverse: bool) -> Step:
         for p, kind in m.params["paths"].items():
             name = f"glora_{p}"
             paths[p] = f[f"{name}.Xd"] @ f[f"{name}.Xu"] if kind == "lora" else f[f"{name}.X"] if kind == "x" else 0.0
-        if inverse and any(isinstance(paths[p], torch.Tensor) and bool((paths[p] == -1).any()) for p in "AD"):
+        if inverse and any(isinstance(t, torch.Tensor) and bool((t == -1).any()) for t in (paths["A"], paths["D"])):
             raise UnsupportedError(f"module {m.module}: cannot unmerge GLoRA: 1 + A or 1 + D has a zero entry")
         w, bias = weight_products.glora_merge(b["weight"], b.get("bias"), paths, reverse=inverse)
         return {"weight": w} if bias is None or "bias" not in m.writes else {"weight": w, "bias": bias}

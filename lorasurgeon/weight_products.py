@@ -61,18 +61,13 @@ def glora_merge(
     with the original W in the bias; paths A, B (broadcasting to (out, in)), C (in, 1), D, E (broadcasting to
     (out,)), 0 for an absent path. `reverse`: W = (W' − B) ⊘ (1 + A), b = (b' − E − W C) ⊘ (1 + D)."""
     a, b, c, d, e = (paths[p] for p in "ABCDE")
+    w0 = (w - b) / (1 + a) if reverse else w
+    if bias is None:
+        return (w0 if reverse else w + w * a + b), None
+    wc = (w0 @ c).squeeze(-1) if isinstance(c, torch.Tensor) else 0.0  # (out, in) @ (in, 1): W₀ C
     if reverse:
-        w0 = (w - b) / (1 + a)
-        b0 = (
-            None
-            if bias is None
-            else (bias - e - (w0 @ c).squeeze(-1) if isinstance(c, torch.Tensor) else bias - e) / (1 + d)
-        )
-        return w0, b0
-    new_bias = None
-    if bias is not None:
-        new_bias = bias + bias * d + e + ((w @ c).squeeze(-1) if isinstance(c, torch.Tensor) else 0.0)
-    return w + w * a + b, new_bias
+        return w0, (bias - e - wc) / (1 + d)
+    return w + w * a + b, bias + bias * d + e + wc
 
 
 def deft_projection(p: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,4 +108,5 @@ def osf_merge(w: torch.Tensor, u_low: torch.Tensor, s_low: torch.Tensor, v_low: 
     u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
     k = s.shape[0] - s_low.shape[0]
     initial = (u[:, k:] * s[k:]) @ vh[k:]
-    return w + ((u_low * s_low) @ v_low - initial)
+    merged: torch.Tensor = w + ((u_low * s_low) @ v_low - initial)
+    return merged
