@@ -130,6 +130,9 @@ ADDITIVE: dict[str, Callable[[TunerModule, Tensors, Dims], torch.Tensor]] = {
     "SUPERTUNING": _supertuning,
     "PVERA": _pvera,
     "UNILORA": _unilora,
+    "TINYLORA": lambda m, f, d: tuner_maths.tinylora_delta(
+        f["tinylora_A"], f["tinylora_B"], f["tinylora_P"], f[m.params["vector"]]
+    ),
 }
 
 

@@ -183,6 +183,14 @@ def miss_delta(block: torch.Tensor, out: int, inner: int, mini_r: int | None = N
     return m.T.repeat(1, math.ceil(inner / rank))[:, :inner]
 
 
+def tinylora_delta(a: torch.Tensor, b: torch.Tensor, projections: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """TinyLoRA (tinylora/layer.py `_compute_R`, `get_delta_weight`): ΔW = B R A with R = Σᵢ vᵢ Pᵢ (r, r);
+    A = √S V (r, in) and B = U √S (out, r) the saved truncated SVD of W, P (u, r, r) the saved projections and
+    v (u,) the trained vector."""
+    core = torch.einsum("i,ijk->jk", v, projections)
+    return b @ core @ a  # (out, r) @ (r, r) @ (r, in)
+
+
 def supertuning_delta(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Supertuning's sparse part (supertuning/layer.py `get_delta_weight`): `values` scatter-added at the flat
     positions `indices` of a zero weight-shaped tensor."""

@@ -161,6 +161,32 @@ def _osf(m: TunerModule, b: Tensors, f: Tensors, layer: Layer) -> dict[str, torc
     return {"weight": weight_products.osf_merge(b["weight"], u, s, v)}
 
 
+def _frod(m: TunerModule, b: Tensors, f: Tensors, layer: Layer) -> dict[str, torch.Tensor]:
+    cat = m.params["category"]
+    w = b["weight"].T if layer == "conv1d" else b["weight"]
+    size = tuple(int(x) for x in f[f"frod_s_size.{cat}"].tolist())
+    new = weight_products.frod_merge(
+        w,
+        f[f"frod_V.{cat}"],
+        f[f"frod_s_indices.{cat}"],
+        size,
+        f["frod_lambda_s_values"],
+        f["frod_lambda_l"],
+    )
+    return {"weight": new.T if layer == "conv1d" else new}
+
+
+def _peanut(m: TunerModule, b: Tensors, f: Tensors, layer: Layer) -> dict[str, torch.Tensor]:
+    p = m.params
+    encoders = [f[f"peanut_encoders.{i}.weight"] for i in range(p["depth"])]
+    decoders = [f[f"peanut_decoders.{i}.weight"] for i in range(p["depth"])]
+    w = b["weight"]
+    d = weight_products.peanut_delta(
+        w, f["peanut_A.weight"], f["peanut_B.weight"], encoders, decoders, p["activation"], p["scaling"]
+    )
+    return {"weight": w + d}
+
+
 def _ln_tuning(m: TunerModule, b: Tensors, f: Tensors, layer: Layer) -> dict[str, torch.Tensor]:
     return {param: f[f"ln_tuning_layers.{param}"] for param in m.writes}
 
@@ -186,10 +212,14 @@ MULTIPLICATIVE: dict[str, tuple[Step, Step]] = {
     "GLORA": (_glora(False), _glora(True)),
     "DEFT": (_deft(False), _deft(True)),
     "OSF": (_osf, _refused),
+    "FROD": (_frod, _refused),
+    "PEANUT": (_peanut, _refused),
     "LN_TUNING": (_ln_tuning, _refused),
     "TRAINABLE_TOKENS": (_trainable_tokens, _refused),
 }
 NOT_INVERTIBLE = {
+    "FROD": "FRoD divides W's coordinates on V by their column norms, which W' = U (S + Λ) Vᵀ no longer holds",
+    "PEANUT": "PEANUT adds a nonlinear function of W, which lorasurgeon cannot invert",
     "OSF": "OSF replaces the bottom singular directions of W, and the adapter does not hold the original ones",
     "LN_TUNING": "LN tuning replaces the module's parameters, and the adapter does not hold the originals",
     "TRAINABLE_TOKENS": "trainable tokens replace embedding rows, and the adapter does not hold the original rows",

@@ -27,10 +27,10 @@ LAYERS: dict[str, frozenset[str]] = {
     "LN_TUNING": frozenset({"linear", "conv1d", "conv", "embedding"}),
     "TRAINABLE_TOKENS": frozenset({"embedding", "linear"}),
     "HIRA": frozenset({"linear", "conv1d", "conv", "embedding"}),
-    **{t: frozenset({"linear"}) for t in ("MISS", "SHIRA", "C3A", "ROAD", "DELORA", "BEFT", "GLORA", "OSF")},
+    **{t: frozenset({"linear"}) for t in ("MISS", "SHIRA", "C3A", "ROAD", "DELORA", "BEFT", "GLORA", "OSF", "PEANUT")},
     "SUPERTUNING": frozenset({"linear"}),
 }
-# VeRA, FourierFT, WaveFT, RandLoRA, GraLoRA, VB-LoRA, DEFT, PVeRA, UniLoRA
+# VeRA, FourierFT, WaveFT, RandLoRA, GraLoRA, VB-LoRA, DEFT, PVeRA, UniLoRA, FRoD
 DEFAULT_LAYERS = frozenset({"linear", "conv1d"})
 
 

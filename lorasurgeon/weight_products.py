@@ -6,6 +6,8 @@ docstring.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -110,3 +112,69 @@ def osf_merge(w: torch.Tensor, u_low: torch.Tensor, s_low: torch.Tensor, v_low: 
     initial = (u[:, k:] * s[k:]) @ vh[k:]
     merged: torch.Tensor = w + ((u_low * s_low) @ v_low - initial)
     return merged
+
+
+def frod_merge(
+    w: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    size: tuple[int, ...],
+    values: torch.Tensor,
+    lam: torch.Tensor,
+) -> torch.Tensor:
+    """FRoD (frod/layer.py `_calculate_frod_u_and_lambda`, `get_delta_weight`): W' = U (S + diag λ) Vᵀ.
+
+    V (in, in) is the category's shared basis, S the sparse (in, in) core with `values` at `indices` (repeats
+    add up), λ (in,) the trained diagonal; U is W's coordinates on V, Bᵢ = W V⁻ᵀ (solved in fp64; a
+    pseudo-inverse with rtol 1e-6 when V is singular, as PEFT falls back to), its columns normalised (those of
+    norm ≤ 1e-12 left zero)."""
+    x, basis = w.double(), v.double()
+    try:
+        coords = torch.linalg.solve(basis, x.T).T  # (out, in)
+    except RuntimeError:  # torch.linalg.LinAlgError: V is singular
+        coords = x @ torch.linalg.pinv(basis, rtol=1e-6).T
+    norms = torch.linalg.norm(coords, dim=0)
+    u = torch.zeros_like(coords)
+    keep = norms > 1e-12
+    u[:, keep] = coords[:, keep] / norms[keep]
+    core = torch.zeros(size, dtype=torch.float32).index_put_(tuple(indices.long()), values, accumulate=True)
+    core += torch.diag(lam)
+    merged: torch.Tensor = u.float() @ core @ v.float().T  # PEFT forms U in fp64, rounds it, then works in fp32
+    return merged
+
+
+def peanut_delta(
+    w: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    encoders: list[torch.Tensor],
+    decoders: list[torch.Tensor],
+    activation: str,
+    scaling: float,
+) -> torch.Tensor:
+    """PEANUT (peanut/layer.py `_compute_delta_weight`): ΔW = scaling · Hᵀ, H a small network of Wᵀ: with
+    f the activation, H₀ = f(Wᵀ Aᵀ) (in, r); Hᵢ₊₁ = f(Hᵢ Eᵢᵀ) through the encoders; then through the decoders
+    in turn H ← f(H Dᵢᵀ) + the encoder input of the same depth (a U-Net skip); finally H ← H Bᵀ (in, out)."""
+    f: Callable[[torch.Tensor], torch.Tensor] = _ACTIVATIONS[activation]
+    h = f(w.T @ a.T)
+    skips = []
+    for e in encoders:
+        skips.append(h)
+        h = f(h @ e.T)
+    for d, skip in zip(decoders, reversed(skips), strict=True):
+        h = f(h @ d.T) + skip
+    delta: torch.Tensor = ((h @ b.T) * scaling).T
+    return delta
+
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu,
+    "gelu": torch.nn.functional.gelu,
+    "silu": torch.nn.functional.silu,
+    "swish": torch.nn.functional.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "gelu_pytorch_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "relu6": torch.nn.functional.relu6,
+    "leaky_relu": torch.nn.functional.leaky_relu,
+}

@@ -231,6 +231,19 @@ CASES = [
     Case("pvera", "PveraConfig", dict(target_modules=ATTN, r=4, init_weights=False)),
     Case("pvera-gpt2", "PveraConfig", dict(target_modules=["c_attn"], r=4), "gpt2"),
     Case("unilora", "UniLoraConfig", dict(target_modules=ATTN, r=4, theta_d_length=64, save_indices=True)),
+    Case("frod", "FrodConfig", dict(target_modules=ATTN, init_weights=False, progressbar=False), invertible=False),
+    Case(
+        "frod-gpt2", "FrodConfig", dict(target_modules=["c_attn", "c_fc"], progressbar=False), "gpt2", invertible=False
+    ),
+    Case("peanut", "PeanutConfig", dict(target_modules=ATTN, r=4, init_weights=False), invertible=False),
+    Case(
+        "peanut-deep",
+        "PeanutConfig",
+        dict(target_modules=ATTN, r=4, depth=2, act_fn="gelu", scaling=0.5),
+        invertible=False,
+    ),
+    Case("tinylora", "TinyLoraConfig", dict(target_modules=ATTN, r=2, u=8, weight_tying=1.0, init_weights=False)),
+    Case("tinylora-gpt2", "TinyLoraConfig", dict(target_modules=["c_attn"], r=2, u=4, weight_tying=1.0), "gpt2"),
     Case(
         "trainable-tokens",
         "TrainableTokensConfig",
@@ -446,7 +459,7 @@ def _peft_type(case: Case) -> str:
     return str(getattr(peft, case.config)(**case.kwargs).peft_type.value)
 
 
-@pytest.mark.parametrize("peft_type", ["PROMPT_TUNING", "POLY", "LILY", "TINYLORA", "NEW_TUNER"])
+@pytest.mark.parametrize("peft_type", ["PROMPT_TUNING", "POLY", "LILY", "PSOFT", "NEW_TUNER"])
 def test_unmerged_tuners_are_refused_with_the_reason(peft_type: str, tmp_path: Path) -> None:
     from lorasurgeon.formats.peft_tuner_inventory import refusal
 
@@ -651,3 +664,14 @@ def test_additive_tuners_give_their_delta_for_report() -> None:
     )
     with pytest.raises(UnsupportedError, match="no ΔW independent"):
         tuner_merge.delta(_module("HRA", {"apply_gs": False}), (8, 6), {"hra_u": torch.ones(6, 1)})
+
+
+@pytest.mark.oracle
+def test_tinylora_with_vectors_shared_by_position_is_refused(build: Builder, tmp_path: Path) -> None:
+    b = build(CASE["tinylora"])
+    with Checkpoint.open(b.adapter / "adapter_model.safetensors") as source:
+        tensors = dict(source.tensors)
+    tensors["base_model.tinylora_v.1"] = tensors["base_model.tinylora_v.0"]  # weight_tying < 1: one per group
+    config = json.loads((b.adapter / "adapter_config.json").read_text())
+    with pytest.raises(UnsupportedError, match=re.escape("named_modules() order")):
+        read_tuner_adapter(config, tensors, config_path=tmp_path, weights=tmp_path / "w")

@@ -178,13 +178,14 @@ class Site:
 class TunerKind:
     """How one tuner's files look: `roles` per module, `shared` adapter-wide tensors (`base_model.<role>`,
     or `base_model.<role>.<name>` when `shared_named`), its per-module `parse`, and the roles every module
-    must have (`required`; None: all of `roles` that are not shared)."""
+    must have (`required`; None: all of `roles` that are not shared); `numbered` roles are matched as regexes."""
 
     roles: tuple[str, ...]
     parse: Callable[[Site], Parsed]
     shared: tuple[str, ...] = ()
     shared_named: bool = False
     required: tuple[str, ...] | None = None
+    numbered: tuple[str, ...] = ()  # roles with an index, as regexes: r"peanut_encoders\.\d+\.weight"
 
     def check(self, site: Site) -> None:
         """Raise MismatchError when the module lacks a required role."""

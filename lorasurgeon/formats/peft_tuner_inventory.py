@@ -31,14 +31,8 @@ REFUSED: dict[str, str] = {
     "SHADOW": "ShadowPEFT runs a parallel shadow network beside the model; PEFT raises NotImplementedError on merge",
     "ADAMSS": "AdaMSS scatters each subspace's update to the output rows a scikit-learn KMeans clustering of the "
     "base weight picks at load time, which the adapter does not record",
-    "TINYLORA": "TinyLoRA's modules share the vectors tinylora_v.<i> in groups assigned by each module's position "
-    "in the model's named_modules() order, which the adapter does not record",
-    "FROD": "FRoD rebuilds each module as U (S + diag λ) Vᵀ with U solved from the base weight and V shared per "
-    "module category; lorasurgeon does not read it yet",
-    "PSOFT": "PSOFT rebuilds its A and B from an SVD of the base weight at load time (psoft_svd, possibly "
-    "randomized); lorasurgeon does not read it yet",
-    "PEANUT": "PEANUT's update is a small nonlinear network (transformers activations) applied to the base "
-    "weight; lorasurgeon does not read it yet",
+    "PSOFT": "PSOFT rebuilds its A and B from an SVD of the base weight at load time, whose singular vectors' "
+    "signs (and, with psoft_svd 'lowrank', a randomized draw) decide the update; the adapter does not record them",
 }
 
 
@@ -80,6 +74,9 @@ DESCRIPTIONS: dict[str, Description] = {
     "SUPERTUNING": Description("Supertuning", "sparse learned entries (plus optional LoRA)", "adds the entries"),
     "PVERA": Description("PVeRA", "probabilistic VeRA (its mean at merge)", "adds Λ_b B Λ_d A (mean half)"),
     "UNILORA": Description("UniLoRA", "LoRA factors gathered from one shared vector", "adds B A"),
+    "FROD": Description("FRoD", "W re-expressed on a shared basis V, sparse + diagonal core", "W = U (S + Λ) Vᵀ"),
+    "TINYLORA": Description("TinyLoRA", "LoRA-XS on W's SVD, core Σ vᵢ Pᵢ from a tiny shared v", "adds B R A"),
+    "PEANUT": Description("PEANUT", "a small nonlinear network of W", "adds f(W), f an MLP of Wᵀ"),
 }
 
 

@@ -1,10 +1,14 @@
 """The rest of PEFT 0.21's mergeable tuners, as in peft_tuner_kinds: BEFT, GLoRA, HiRA, DEFT, OSF,
-Supertuning, PVeRA and UniLoRA (each `parse` restates the tuner's `update_layer` / `_create_and_replace`).
+Supertuning, PVeRA, UniLoRA, FRoD, PEANUT and TinyLoRA (each `parse` restates the tuner's `update_layer` /
+`_create_and_replace`).
 """
 
 from __future__ import annotations
 
 from lorasurgeon.formats.peft_tuner_config import Parsed, Site, TunerKind
+
+# transformers' ACT2FN names whose function torch has exactly (PEANUT's act_fn); others are refused.
+ACTIVATIONS = ("relu", "gelu", "silu", "swish", "tanh", "sigmoid", "gelu_pytorch_tanh", "relu6", "leaky_relu")
 
 
 def _beft(s: Site) -> Parsed:
@@ -93,6 +97,59 @@ def _unilora(s: Site) -> Parsed:
     return Parsed({})
 
 
+def frod_category(module: str) -> str:
+    """The projection-sharing category of a module path (frod/model.py `_category_from_key`): its last two
+    segments joined by "_" (the last alone after a layer index), BERT's attention.output.dense as
+    "attention_output"."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return parts[0]
+    if parts[-2].isdigit():
+        return parts[-1]
+    category = f"{parts[-2]}_{parts[-1]}"
+    return (
+        "attention_output" if category == "output_dense" and len(parts) >= 3 and parts[-3] == "attention" else category
+    )
+
+
+def _frod(s: Site) -> Parsed:
+    category = frod_category(s.module)
+    missing = [n for n in ("frod_V", "frod_s_indices", "frod_s_size") if f"{n}.{category}" not in s.shared]
+    if missing or not s.cfg.flag("save_projection", True):
+        s.unsupported(
+            f"the adapter lacks {', '.join(f'{n}.{category}' for n in missing) or 'its projections'} "
+            "(save_projection false): PEFT recomputes them from every base layer of the category"
+        )
+    (n,) = s.shape("frod_lambda_l")
+    if s.shared[f"frod_V.{category}"] != (n, n):
+        s.mismatch(f"has frod_lambda_l of {n} for a frod_V.{category} {list(s.shared[f'frod_V.{category}'])}")
+    return Parsed({"category": category})
+
+
+def _peanut(s: Site) -> Parsed:
+    depth = s.cfg.integer("depth", 0)
+    activation = s.cfg.choice("act_fn", "relu", ACTIVATIONS)
+    for i in range(depth):
+        s.shape(f"peanut_encoders.{i}.weight")
+        s.shape(f"peanut_decoders.{i}.weight")
+    if f"peanut_encoders.{depth}.weight" in s.shapes:
+        s.mismatch(f"has more encoder layers than adapter_config.json's depth {depth}")
+    return Parsed({"depth": depth, "activation": activation, "scaling": s.cfg.number("scaling", 1.0)})
+
+
+def _tinylora(s: Site) -> Parsed:
+    vectors = sorted(k for k in s.shared if k.startswith("tinylora_v."))
+    if vectors != ["tinylora_v.0"]:
+        s.unsupported(
+            f"its modules share {len(vectors)} vectors tinylora_v.<i> in groups assigned by each module's position "
+            "in the model's named_modules() order, which the adapter does not record (one vector for all, "
+            "weight_tying 1, is read)"
+        )
+    if "tinylora_P" not in s.shapes:
+        s.unsupported("the adapter was saved without tinylora_P (save_projection false), which PEFT draws again")
+    return Parsed({"vector": vectors[0]})
+
+
 TUNERS: dict[str, TunerKind] = {
     "BEFT": TunerKind(("beft_bias",), _beft),
     "GLORA": TunerKind(GLORA_ROLES, _glora, required=()),
@@ -110,6 +167,24 @@ TUNERS: dict[str, TunerKind] = {
         required=("supertuning_values",),
     ),
     "PVERA": TunerKind(("pvera_lambda_b", "pvera_lambda_d"), _pvera, shared=("pvera_A", "pvera_B")),
+    "FROD": TunerKind(
+        ("frod_lambda_l", "frod_lambda_s_values"),
+        _frod,
+        shared=("frod_V", "frod_s_indices", "frod_s_size"),
+        shared_named=True,
+    ),
+    "PEANUT": TunerKind(
+        ("peanut_A.weight", "peanut_B.weight"),
+        _peanut,
+        numbered=(r"peanut_encoders\.\d+\.weight", r"peanut_decoders\.\d+\.weight"),
+    ),
+    "TINYLORA": TunerKind(
+        ("tinylora_A", "tinylora_B", "tinylora_P"),
+        _tinylora,
+        shared=("tinylora_v",),
+        shared_named=True,
+        required=("tinylora_A", "tinylora_B"),
+    ),
     "UNILORA": TunerKind(
         ("unilora_indices_A", "unilora_indices_B", "unilora_scales_A", "unilora_scales_B"),
         _unilora,

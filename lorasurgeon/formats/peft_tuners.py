@@ -100,7 +100,7 @@ def _split(
     for name, info in tensors.items():
         if name.startswith(PREFIX):
             rest = name.removeprefix(PREFIX)
-            role = next((r for r in roles if rest.endswith(f".{r}")), None)
+            role = next((r for r in roles if rest.endswith(f".{r}")), None) or _numbered_role(kind, rest)
             if role is None:
                 loose[name] = info
                 continue
@@ -114,6 +114,14 @@ def _split(
                 f"{', '.join(kind.shared) or '(none)'} of this tuner"
             )
     return shared, grouped, loose
+
+
+def _numbered_role(kind: TunerKind, rest: str) -> str | None:
+    for pattern in kind.numbered:
+        match = re.search(rf"\.({pattern})$", rest)
+        if match:
+            return match.group(1)
+    return None
 
 
 def _shared_role(kind: TunerKind, rest: str) -> bool:
