@@ -61,6 +61,12 @@ class TunerConfig:
             raise InputError(f"{self.path}: {name} is {value!r}, not true or false")
         return value
 
+    def mapping(self, name: str) -> dict[str, Any]:
+        value = self.raw(name, {})
+        if not isinstance(value, dict):
+            raise InputError(f"{self.path}: {name} is {value!r}, not a mapping")
+        return value
+
     def choice(self, name: str, default: Any, allowed: tuple[Any, ...]) -> Any:
         value = self.raw(name, default)
         if value not in allowed:
@@ -78,10 +84,7 @@ class TunerConfig:
 
     def pattern(self, field: str, module: str, default: float, rule: PatternRule = "suffix") -> float:
         """The value of pattern dict `field` for `module`, or `default` when no key matches (see module doc)."""
-        patterns = self.raw(field, {})
-        if not isinstance(patterns, dict):
-            raise InputError(f"{self.path}: {field} is {patterns!r}, not a mapping")
-        for key, value in patterns.items():
+        for key, value in self.mapping(field).items():
             regex = rf"(.*\.)?({key})$" if rule == "suffix" else rf".*\.{key}$"
             if re.match(regex, module):
                 if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -38,8 +38,11 @@ def _adalora(s: Site) -> Parsed:
     if e != (rank, 1) or len(b) != 2 or b[1] != rank:
         s.mismatch(f"has lora_A {list(a)}, lora_B {list(b)} and lora_E {list(e)}, which do not fit together")
     init_r = s.cfg.integer("init_r", 12)
-    budget = {k.split(".lora_E")[0]: v for k, v in (s.cfg.raw("rank_pattern", {}) or {}).items()}
-    loaded = sum(bool(x) for x in budget[s.module]) if s.module in budget else init_r
+    budget = {k.split(".lora_E")[0]: v for k, v in s.cfg.mapping("rank_pattern").items()}
+    kept = budget.get(s.module)
+    if kept is not None and not isinstance(kept, list):
+        s.unsupported(f"rank_pattern gives {kept!r}, not AdaLoRA's list of kept singular values (true/false)")
+    loaded = init_r if kept is None else sum(bool(x) for x in kept)
     if rank != loaded:
         s.mismatch(f"has rank {rank} but adapter_config.json's init_r / rank_pattern give {loaded}")
     alpha = s.cfg.number("lora_alpha", 8)

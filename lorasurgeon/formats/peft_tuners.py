@@ -36,7 +36,6 @@ REFUSED_FIELDS = {
     "trainable_token_indices": "trainable tokens inside another tuner are not read for this tuner",
     "megatron_config": "Megatron-parallel layers are not read",
     "use_dora": "DoRA is not defined for this tuner",
-    "lora_bias": "a bias on lora_B is not created by this tuner",
     "alora_invocation_tokens": "aLoRA activates on invocation tokens at run time and cannot be merged",
 }
 
