@@ -10,13 +10,14 @@ the base tensor's place: the output keeps the base tensor's name, shape and dtyp
 adapter's values are rounded once into it; a shape that differs from the base's is an error. When the base
 ties lm_head to the input embedding and the adapter changes either, the output unties them (FORMATS.md §4.1).
 Names are resolved by lorasurgeon.formats (kohya names by sd-scripts' forward rule, never inverted), fits are
-checked by lorasurgeon.fit. The plan reads headers only: the factors' NaN/Inf counts come with the adapter.
+checked by lorasurgeon.fit; the modules of other PEFT tuners (IA3, OFT, VeRA, ...) are placed by
+lorasurgeon.tuner_placement. The plan reads headers only: the factors' NaN/Inf counts come with the adapter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lorasurgeon.adapter import Adapter, LoraModule
@@ -27,6 +28,7 @@ from lorasurgeon.formats.architectures import quantized_findings, tensor_candida
 from lorasurgeon.formats.resolution import BaseNames
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.ties import tied_alias, untie
+from lorasurgeon.tuner_placement import TunerTerm, combination_findings, place_tuners
 
 Operation = Literal["merge", "unmerge"]
 
@@ -71,8 +73,8 @@ class Source:
 @dataclass(frozen=True)
 class Step:
     """Write `tensor` to output shard `shard` as `out_dtype`: its base value, or `replacement`'s, with `rows`
-    set, plus `terms` (nothing at all: copy it unchanged). A `tensor` whose name the base lacks is an alias of
-    a base tensor's bytes under a new name (an untied lm_head.weight)."""
+    set, plus `terms` and the `tuners`' changes (nothing at all: copy it unchanged). A `tensor` whose name the base
+    lacks is an alias of a base tensor's bytes under a new name (an untied lm_head.weight)."""
 
     tensor: TensorInfo
     shard: str
@@ -80,10 +82,11 @@ class Step:
     terms: tuple[Term, ...]
     replacement: Source | None = None
     rows: tuple[Source, ...] = ()
+    tuners: tuple[TunerTerm, ...] = ()
 
     @property
     def touched(self) -> bool:
-        return bool(self.terms or self.replacement or self.rows)
+        return bool(self.terms or self.replacement or self.rows or self.tuners)
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,7 @@ class _Targets:
     terms: dict[str, list[Term]]
     sources: dict[str, list[Source]]
     findings: list[Finding]
+    tuners: dict[str, list[TunerTerm]] = field(default_factory=dict)
 
 
 def plan_surgery(
@@ -153,9 +157,13 @@ def plan_surgery(
         for module in adapter.modules:
             if module.module not in skipped:
                 _add_module(found, index, adapter, module, weight * scale, model_type, allow_nonfinite)
+        tuners, problems = place_tuners(found.tensors, index, adapter, weight * scale, model_type, allow_nonfinite)
+        found.findings += problems
+        for name, placed in tuners.items():
+            found.tuners.setdefault(name, []).extend(placed)
         _add_sources(found, index, adapter)
     found.findings += _combination_findings(operation, found)
-    tie = untie(base, alias, lambda name: name in found.terms or _replaced(found, name))
+    tie = untie(base, alias, lambda name: name in found.terms or name in found.tuners or _replaced(found, name))
     if tie.alias is not None and tie.embedding is not None:  # trainable-token rows are tied in PEFT: lm_head gets them
         rows = [s for s in found.sources.get(tie.embedding, []) if s.indices is not None]
         found.sources.setdefault(tie.alias.name, []).extend(rows)
@@ -284,7 +292,7 @@ def _combination_findings(operation: Operation, found: _Targets) -> list[Finding
             problems.append(Finding.against(key, name, "a DoRA module must be the only adapter changing its weight"))
         elif abs(dora.factor - dora.module.scale) > 1e-12 * abs(dora.module.scale):
             problems.append(Finding.against(key, name, "a DoRA module can only be merged with weight 1 and scale 1"))
-    return problems
+    return problems + combination_findings(operation, found.tuners, found.terms, found.sources)
 
 
 def _disjoint_rows(sources: list[Source]) -> bool:
@@ -310,7 +318,8 @@ def _steps(base: Checkpoint, found: _Targets, dtype: str | None, alias: TensorIn
                 rows = tuple(s for s in sources if s.indices is not None)
                 out_dtype = dtype if dtype and tensor.is_float else tensor.dtype
                 terms = tuple(found.terms.get(tensor.name, ()))
-                steps.append(Step(tensor, shard.name, out_dtype, terms, whole, rows))
+                tuners = tuple(found.tuners.get(tensor.name, ()))
+                steps.append(Step(tensor, shard.name, out_dtype, terms, whole, rows, tuners))
     return tuple(steps)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from lorasurgeon import lycoris, tuner_maths
-from lorasurgeon.tuner import Layer, TunerModule
+from lorasurgeon.adapter import Layer, TunerModule
 
 Tensors = Mapping[str, torch.Tensor]
 

@@ -4,8 +4,9 @@
 replacement of the adapter already applied), the module's tensors by role (its own and the adapter's shared
 ones), and how the base layer stores its weight; it returns the new tensors in fp32 (the caller rounds them
 once). `unmerge` inverts it where the files allow, else raises UnsupportedError naming why; `check` says from
-shapes alone whether a module fits its base (for `check` and `--dry-run`); `delta` is ΔW of an additive module
-(for `report`). The tables are tuner_deltas (additive tuners) and tuner_products (the others).
+shapes alone whether a module fits its base (for `check` and `--dry-run`); `delta` is ΔW of an additive module,
+which the surgery adds with the other adapters' terms. The tables are tuner_deltas (additive tuners) and
+tuner_products (the others); what needs no torch is in tuner_shapes.
 
 Example: `merge(module, {"weight": w}, {"ia3_l": v}, layer="linear")["weight"]` is W scaled by (IA)³'s v.
 """
@@ -16,11 +17,14 @@ from collections.abc import Mapping
 
 import torch
 
+from lorasurgeon.adapter import Layer, TunerModule
 from lorasurgeon.errors import MismatchError, UnsupportedError
-from lorasurgeon.tuner import Layer, TunerModule
 from lorasurgeon.tuner_deltas import Dims, additive_delta
-from lorasurgeon.tuner_products import MULTIPLICATIVE, NOT_INVERTIBLE
-from lorasurgeon.tuner_shapes import fit_problem, layer_problem
+from lorasurgeon.tuner_kinds import is_additive, unmerge_refusal
+from lorasurgeon.tuner_products import MULTIPLICATIVE
+from lorasurgeon.tuner_shapes import check
+
+__all__ = ["check", "delta", "is_additive", "merge", "unmerge", "unmerge_refusal"]
 
 Tensors = Mapping[str, torch.Tensor]
 Shapes = Mapping[str, tuple[int, ...]]
@@ -40,7 +44,7 @@ def unmerge(
 ) -> dict[str, torch.Tensor]:
     """The base tensors before `merge`, from the merged ones, in fp32; UnsupportedError where the files cannot
     give them (see unmerge_refusal; data can refuse too: an IA3 vector with a zero entry)."""
-    why = unmerge_refusal(module.tuner)
+    why = unmerge_refusal(module)
     if why:
         raise UnsupportedError(f"module {module.module}: cannot unmerge {module.tuner}: {why}")
     return _apply(module, merged, factors, layer, sign=-1)
@@ -52,22 +56,6 @@ def delta(module: TunerModule, shape: tuple[int, ...], factors: Tensors, *, laye
     if d is None:
         raise UnsupportedError(f"module {module.module}: {module.tuner} has no ΔW independent of the base weight")
     return d.T if layer == "conv1d" else d
-
-
-def is_additive(module: TunerModule) -> bool:
-    """Whether the module adds to W a ΔW that does not depend on W (unmerge then subtracts it)."""
-    return module.tuner not in MULTIPLICATIVE or (module.tuner == "MISS" and module.params.get("kind") != "bat")
-
-
-def unmerge_refusal(tuner: str) -> str | None:
-    """Why a tuner can never be unmerged from its files, or None."""
-    return NOT_INVERTIBLE.get(tuner)
-
-
-def check(module: TunerModule, base: Shapes, factors: Shapes, layer: Layer) -> str | None:
-    """A clause saying why the module does not fit base tensors of these shapes ("has ia3_l [1, 48] ..."),
-    or None when it fits. `factors` holds the module's and the shared tensors' shapes by role."""
-    return layer_problem(module, base, layer) or fit_problem(module, base, factors, layer)
 
 
 def _apply(module: TunerModule, base: Tensors, factors: Tensors, layer: Layer, sign: int) -> dict[str, torch.Tensor]:

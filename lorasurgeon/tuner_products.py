@@ -1,6 +1,7 @@
-"""The multiplicative non-LoRA tuners (and the ones that replace tensors), as a table: tuner -> (merge,
-unmerge), each from a TunerModule, its base tensors and its fp32 tensors to the new base tensors. The formulas
-are in rotations (orthogonal ones) and weight_products; this module only picks each tuner's tensors and values.
+"""The non-LoRA tuners whose new tensors are products with the base's (tuner_shapes.PRODUCTS), as a table:
+tuner -> (merge, unmerge), each from a TunerModule, its base tensors and its fp32 tensors to the new base
+tensors. The formulas are in rotations (orthogonal ones) and weight_products; this module only picks each
+tuner's tensors and values.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from collections.abc import Callable, Mapping
 import torch
 
 from lorasurgeon import rotations, weight_products
+from lorasurgeon.adapter import Layer, TunerModule
 from lorasurgeon.errors import UnsupportedError
-from lorasurgeon.tuner import Layer, TunerModule
+from lorasurgeon.tuner_kinds import NOT_INVERTIBLE
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -187,15 +189,6 @@ def _peanut(m: TunerModule, b: Tensors, f: Tensors, layer: Layer) -> dict[str, t
     return {"weight": w + d}
 
 
-def _ln_tuning(m: TunerModule, b: Tensors, f: Tensors, layer: Layer) -> dict[str, torch.Tensor]:
-    return {param: f[f"ln_tuning_layers.{param}"] for param in m.writes}
-
-
-def _trainable_tokens(m: TunerModule, b: Tensors, f: Tensors, layer: Layer) -> dict[str, torch.Tensor]:
-    index = torch.tensor(m.params["indices"], dtype=torch.long)
-    return {"weight": b["weight"].index_copy(0, index, f["trainable_tokens_delta"])}
-
-
 def _refused(m: TunerModule, b: Tensors, f: Tensors, layer: Layer) -> dict[str, torch.Tensor]:
     raise UnsupportedError(f"module {m.module}: cannot unmerge {m.tuner}: {NOT_INVERTIBLE[m.tuner]}")
 
@@ -214,13 +207,4 @@ MULTIPLICATIVE: dict[str, tuple[Step, Step]] = {
     "OSF": (_osf, _refused),
     "FROD": (_frod, _refused),
     "PEANUT": (_peanut, _refused),
-    "LN_TUNING": (_ln_tuning, _refused),
-    "TRAINABLE_TOKENS": (_trainable_tokens, _refused),
-}
-NOT_INVERTIBLE = {
-    "FROD": "FRoD divides W's coordinates on V by their column norms, which W' = U (S + Λ) Vᵀ no longer holds",
-    "PEANUT": "PEANUT adds a nonlinear function of W, which lorasurgeon cannot invert",
-    "OSF": "OSF replaces the bottom singular directions of W, and the adapter does not hold the original ones",
-    "LN_TUNING": "LN tuning replaces the module's parameters, and the adapter does not hold the originals",
-    "TRAINABLE_TOKENS": "trainable tokens replace embedding rows, and the adapter does not hold the original rows",
 }

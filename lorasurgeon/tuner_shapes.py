@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Mapping
 
 from lorasurgeon import lycoris
-from lorasurgeon.tuner import Layer, TunerModule
+from lorasurgeon.adapter import Layer, TunerModule
 
 Shape = tuple[int, ...]
 Shapes = Mapping[str, Shape]
@@ -24,14 +24,18 @@ LAYERS: dict[str, frozenset[str]] = {
     "OFT": frozenset({"linear", "conv", "embedding"}),
     "BOFT": frozenset({"linear", "conv"}),
     "HRA": frozenset({"linear", "conv"}),
-    "LN_TUNING": frozenset({"linear", "conv1d", "conv", "embedding"}),
-    "TRAINABLE_TOKENS": frozenset({"embedding", "linear"}),
     "HIRA": frozenset({"linear", "conv1d", "conv", "embedding"}),
     **{t: frozenset({"linear"}) for t in ("MISS", "SHIRA", "C3A", "ROAD", "DELORA", "BEFT", "GLORA", "OSF", "PEANUT")},
     "SUPERTUNING": frozenset({"linear"}),
 }
 # VeRA, FourierFT, WaveFT, RandLoRA, GraLoRA, VB-LoRA, DEFT, PVeRA, UniLoRA, FRoD
 DEFAULT_LAYERS = frozenset({"linear", "conv1d"})
+
+
+def check(module: TunerModule, base: Shapes, factors: Shapes, layer: Layer) -> str | None:
+    """A clause saying why the module does not fit base tensors of these shapes ("has ia3_l [1, 48] ..."),
+    or None when it fits. `factors` holds the module's and the shared tensors' shapes by role."""
+    return layer_problem(module, base, layer) or fit_problem(module, base, factors, layer)
 
 
 def layer_problem(module: TunerModule, base: Shapes, layer: Layer) -> str | None:
@@ -42,7 +46,7 @@ def layer_problem(module: TunerModule, base: Shapes, layer: Layer) -> str | None
     missing = [p for p in module.needs if p not in base]
     if missing:
         return f"needs the base tensor {', '.join(module.target(p) for p in missing)}, which the base lacks"
-    if module.tuner == "OFT" and ("oft_embedding_R.weight" in module.tensors) != (layer == "embedding"):
+    if module.tuner == "OFT" and ("oft_embedding_R.weight" in module.factors) != (layer == "embedding"):
         return f"holds OFT {'embedding ' if layer != 'embedding' else ''}rotations for a {layer} layer"
     w = base.get("weight")
     if layer == "conv" and w is not None and module.tuner in ("OFT", "BOFT", "HRA"):
@@ -179,13 +183,6 @@ def _gralora(m: TunerModule, f: Shapes, out: int, inner: int, w: Shape) -> str |
     )
 
 
-def _tokens(m: TunerModule, f: Shapes, out: int, inner: int, w: Shape) -> str | None:
-    indices = m.params["indices"]
-    if indices and (max(indices) >= w[0] or min(indices) < 0):
-        return f"lists token index {max(indices)} for an embedding of {w[0]} rows"
-    return _has(f, "trainable_tokens_delta", (len(indices), w[1]))
-
-
 def _lycoris(m: TunerModule, f: Shapes, out: int, inner: int, w: Shape) -> str | None:
     shape = m.params["shape"]
     return None if lycoris.fits(shape, w) else f"gives a ΔW of {list(shape)} for a base weight {list(w)}"
@@ -225,8 +222,4 @@ FITS: dict[str, Check] = {
     ),
     "GRALORA": _gralora,
     "VBLORA": _vblora,
-    "TRAINABLE_TOKENS": _tokens,
-    "LN_TUNING": lambda m, f, o, i, w: (
-        _has(f, "ln_tuning_layers.weight", w) if "ln_tuning_layers.weight" in f else None
-    ),
 }

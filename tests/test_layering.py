@@ -29,22 +29,22 @@ ALLOWED: dict[str, set[str]] = {
     "rotations": set(),
     "weight_products": set(),
     "adapter": IO,
-    "tuner": {"adapter", "header"},
-    "tuner_shapes": {"lycoris", "tuner"},
-    "tuner_deltas": {"lycoris", "tuner_maths", "tuner"},
-    "tuner_products": {"errors", "rotations", "weight_products", "tuner"},
-    "tuner_merge": {"errors", "tuner", "tuner_deltas", "tuner_products", "tuner_shapes"},
+    "tuner_shapes": {"adapter", "lycoris"},
+    "tuner_kinds": {"adapter"},
+    "tuner_deltas": {"adapter", "lycoris", "tuner_maths"},
+    "tuner_products": {"adapter", "errors", "rotations", "weight_products", "tuner_kinds"},
+    "tuner_merge": {"adapter", "errors", "tuner_deltas", "tuner_kinds", "tuner_products", "tuner_shapes"},
     "formats.config_fields": {"errors"},
     "formats.architectures": {"errors", "header"},
     "formats.sd_layouts": set(),
     "formats.peft_config": {"errors", "header", "formats.config_fields"},
-    "formats.peft_tuner_config": {"errors"},
-    "formats.peft_tuner_kinds": {"lycoris", "formats.peft_tuner_config"},
-    "formats.peft_tuner_kinds_extra": {"formats.peft_tuner_config"},
-    "formats.peft_tuner_inventory": {"formats.peft_tuner_config", "formats.peft_tuner_kinds"}
-    | {"formats.peft_tuner_kinds_extra"},
+    "formats.peft_tuner_config": {"errors", "formats.config_fields", "formats.peft_config"},
+    "formats.peft_tuner_additive": {"lycoris", "formats.peft_tuner_config"},
+    "formats.peft_tuner_products": {"formats.peft_tuner_config"},
+    "formats.peft_tuner_inventory": {"formats.peft_tuner_config", "formats.peft_tuner_additive"}
+    | {"formats.peft_tuner_products"},
     "formats.peft_tuners": NORMAL_FORM
-    | {"tuner", "formats.peft_tuner_config", "formats.peft_tuner_inventory"},
+    | {"formats.peft_config", "formats.peft_tuner_config", "formats.peft_tuner_inventory"},
     "formats.peft": NORMAL_FORM | {"formats.peft_config", "writer"},
     "formats.kohya": NORMAL_FORM | {"formats.peft_config", "lycoris"},
     "formats.kohya_names": NORMAL_FORM | {"formats.kohya", "formats.sd_layouts"},
@@ -52,12 +52,14 @@ ALLOWED: dict[str, set[str]] = {
     "formats.resolution": NORMAL_FORM | {"formats.architectures", "formats.kohya", "formats.kohya_names"},
     "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names"},
     "formats.writing": NORMAL_FORM | FORMATS_CORE,
-    "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "linalg"},
+    "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "formats.peft_tuners", "linalg"},
     "ties": IO | {"formats.architectures"},
     "fit": NORMAL_FORM | {"formats.architectures", "formats.resolution", "lycoris"},
-    "plan": NORMAL_FORM | {"fit", "ties", "formats.architectures", "formats.resolution"},
+    "tuner_placement": NORMAL_FORM | {"formats.architectures", "tuner_kinds", "tuner_shapes"},
+    "plan": NORMAL_FORM | {"fit", "ties", "formats.architectures", "formats.resolution", "tuner_placement"},
+    "tuner_steps": {"plan", "tuner_merge", "tuner_placement"},
     "mirror": IO | {"plan", "writer"},
-    "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "writer"},
+    "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "tuner_steps", "writer"},
     "decomposition": {"errors", "linalg"},
     "pairing": IO | {"decomposition", "formats.architectures"},
     "extraction": IO
@@ -68,9 +70,10 @@ ALLOWED: dict[str, set[str]] = {
     | {"formats.peft_config", "formats.resolution", "formats.writing"},
     "census": IO,
     "rules": {"errors", "header", "report"},
+    "tuner_report": {"adapter", "formats.peft_tuner_inventory", "tuner_kinds"},
     "report": NORMAL_FORM
     | {"census", "rules", "formats", "formats.peft_config", "linalg", "lycoris", "plan"}
-    | {"surgery"},
+    | {"surgery", "tuner_report"},
     "__init__": NORMAL_FORM
     | {"formats", "formats.naming", "report", "rules", "plan", "surgery", "pairing"}
     | {"decomposition", "extraction", "conversion"},
@@ -79,7 +82,8 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"__init__", "documents", "errors", "render"},
     "__main__": {"cli"},
 }
-NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", *(m for m in ALLOWED if m.startswith("formats"))]
+NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", "tuner_placement", "tuner_shapes", "tuner_kinds"]
+NO_TORCH_AT_IMPORT += [m for m in ALLOWED if m.startswith("formats")]
 
 
 def module_names() -> list[str]:

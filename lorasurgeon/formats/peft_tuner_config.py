@@ -1,39 +1,42 @@
-"""The adapter_config.json of a non-LoRA PEFT tuner: typed fields, module selection and per-module patterns.
+"""The adapter_config.json of a PEFT tuner other than LoRA, and the types its per-tuner tables are written in.
 
-Selection is PEFT 0.21's `check_target_module_exists` (tuners_utils.py), restated for module paths:
-- `exclude_modules`: a string is a regex that must match the whole path; a list matches a path equal to an
-  entry or ending with "." + entry. Excluded modules are never adapted.
-- a module at or under a `modules_to_save` entry (regex `(^|.*\\.)NAME($|\\..*)`) is never adapted;
-- `target_modules`: a string is a full-path regex; a list matches like `exclude_modules`;
-- `layers_to_transform` (an int or a list) with `layers_pattern`, only for a list `target_modules` and only
-  when the path is not itself an entry: the layer index is the first `<pattern>.<digits>.` of the path (without
-  `layers_pattern`, the first `<name>.<digits>.` with a segment before it), and must be listed.
-Per-module values come from pattern dicts (`rank_pattern`, `alpha_pattern`, ...), first matching key in file
-order, by one of two rules PEFT uses: `get_pattern_key` (`(.*\\.)?KEY$`) or, for FourierFT's and C3A's,
-`.*\\.KEY$` (a dot before the key is required).
-These helpers are local to the tuner reader (the LoRA reader has its own); the two are to be merged.
+Fields are read with formats.config_fields (a field of the wrong type is an InputError naming it; a null field
+takes its default, as PEFT's dataclass does); module selection and per-module patterns are PEFT's own rules, kept
+once in formats.peft_config (`Selection`, `pattern_value`). A value PEFT accepts but lorasurgeon does not read is
+an UnsupportedError naming it.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 from lorasurgeon.errors import InputError, MismatchError, UnsupportedError
+from lorasurgeon.formats.config_fields import FieldReader
+from lorasurgeon.formats.peft_config import Selection, pattern_value
 
-PatternRule = Literal["suffix", "dotted"]  # get_pattern_key's rule; FourierFT/C3A's older one
 Shape = tuple[int, ...]
+# What a tuner's files become in the normal form: modules (TunerModule), or base tensors set outright (LN
+# tuning's norms are Replacements; the trainable-tokens tuner's rows are TokenRows, as in a LoRA adapter).
+Form = Literal["module", "replacement", "rows"]
 
 
-@dataclass(frozen=True)
 class TunerConfig:
     """The config dict of one adapter and its path (for messages), with typed reads that name bad fields."""
 
-    path: Path
-    data: Mapping[str, Any]
+    def __init__(self, path: Path, data: Mapping[str, Any]) -> None:
+        self.path = path
+        self.data = data
+        self.field = FieldReader(path, {k: v for k, v in data.items() if v is not None})
+        targets = data.get("target_modules")
+        if isinstance(targets, str) and targets.lower() == "all-linear":
+            raise UnsupportedError(
+                f"{path}: target_modules is 'all-linear', which PEFT expands from the model's module types before "
+                "saving; lorasurgeon needs the expanded list that save_pretrained writes"
+            )
+        self.selection = Selection.parse(self.field)
 
     @property
     def peft_type(self) -> str:
@@ -44,28 +47,16 @@ class TunerConfig:
         return default if value is None else value
 
     def number(self, name: str, default: float) -> float:
-        value = self.raw(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"{self.path}: {name} is {value!r}, not a number")
-        return float(value)
+        return self.field.number(name, default)
 
-    def integer(self, name: str, default: int) -> int:
-        value = self.raw(name, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"{self.path}: {name} is {value!r}, not an integer")
-        return value
+    def integer(self, name: str, default: int, minimum: int = 1) -> int:
+        return self.field.integer(name, default, minimum)
 
     def flag(self, name: str, default: bool) -> bool:
-        value = self.raw(name, default)
-        if not isinstance(value, bool):
-            raise InputError(f"{self.path}: {name} is {value!r}, not true or false")
-        return value
+        return self.field.boolean(name, default)
 
     def mapping(self, name: str) -> dict[str, Any]:
-        value = self.raw(name, {})
-        if not isinstance(value, dict):
-            raise InputError(f"{self.path}: {name} is {value!r}, not a mapping")
-        return value
+        return self.field.mapping(name)
 
     def choice(self, name: str, default: Any, allowed: tuple[Any, ...]) -> Any:
         value = self.raw(name, default)
@@ -82,68 +73,19 @@ class TunerConfig:
             if self.data.get(name) not in (None, False, [], {}, "", 0):
                 raise UnsupportedError(f"{self.path}: {name} is set ({self.data[name]!r}): {why}")
 
-    def pattern(self, field: str, module: str, default: float, rule: PatternRule = "suffix") -> float:
-        """The value of pattern dict `field` for `module`, or `default` when no key matches (see module doc)."""
-        for key, value in self.mapping(field).items():
-            regex = rf"(.*\.)?({key})$" if rule == "suffix" else rf".*\.{key}$"
-            if re.match(regex, module):
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise InputError(f"{self.path}: {field}[{key!r}] is {value!r}, not a number")
-                return float(value)
-        return default
+    def pattern(self, name: str, module: str, default: float, *, dotted: bool = False) -> float:
+        """The value of pattern dict `name` (rank_pattern, ...) for `module`, or `default` when no key matches."""
+        value = pattern_value(self.field.patterns(name, positive_integers=False), module, dotted=dotted)
+        return default if value is None else value
 
     def selects(self, module: str) -> bool:
-        """Whether PEFT adapts the module at `module` (see the module docstring)."""
-        if _listed(self.raw("exclude_modules"), module):
-            return False
-        for name in self.raw("modules_to_save", []):
-            if re.match(rf"(^|.*\.){name}($|\..*)", module):
-                return False
-        targets = self.data.get("target_modules")
-        if isinstance(targets, str):
-            if targets.lower() == "all-linear":
-                raise UnsupportedError(
-                    f"{self.path}: target_modules is 'all-linear', which PEFT expands from the model's module "
-                    "types before saving; lorasurgeon needs the expanded list that save_pretrained writes"
-                )
-            return re.fullmatch(targets, module) is not None
-        if not isinstance(targets, list):
-            raise UnsupportedError(f"{self.path}: target_modules is {targets!r}; lorasurgeon needs a list or a regex")
-        if module in targets:
-            return True
-        return any(module.endswith(f".{t}") for t in targets) and self._in_layers(module)
-
-    def _in_layers(self, module: str) -> bool:
-        wanted = self.data.get("layers_to_transform")
-        if wanted is None or wanted == []:
-            return True
-        patterns = self.data.get("layers_pattern") or []
-        patterns = [patterns] if isinstance(patterns, str) else patterns
-        match = None
-        if not patterns:  # lazy: the first numbered segment (PEFT >= 0.20), not an MoE expert index after it
-            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
-        for pattern in patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
-            if match:
-                break
-        if match is None:
-            return False
-        index = int(match.group("idx"))
-        return index == wanted if isinstance(wanted, int) else index in wanted
-
-
-def _listed(entries: Any, module: str) -> bool:
-    if not entries:
-        return False
-    if isinstance(entries, str):
-        return re.fullmatch(entries, module) is not None
-    return module in entries or any(module.endswith(f".{e}") for e in entries)
+        return self.selection.selects(module)
 
 
 @dataclass(frozen=True)
 class Parsed:
     """What a tuner's `parse` derives for one module: the maths' `params`, the base tensors it `writes` and
-    those it `needs` (see tuner.TunerModule)."""
+    those it `needs` (see adapter.TunerModule)."""
 
     params: dict[str, Any]
     writes: tuple[str, ...] = ("weight",)
@@ -176,19 +118,28 @@ class Site:
     def unsupported(self, clause: str) -> NoReturn:
         raise UnsupportedError(f"{self.cfg.path}: {self.cfg.peft_type} module {self.module}: {clause}")
 
+    def bad_field(self, clause: str) -> NoReturn:
+        raise InputError(f"{self.cfg.path}: {clause}")
+
+
+def _no_params(site: Site) -> Parsed:
+    return Parsed({})
+
 
 @dataclass(frozen=True)
 class TunerKind:
     """How one tuner's files look: `roles` per module, `shared` adapter-wide tensors (`base_model.<role>`,
     or `base_model.<role>.<name>` when `shared_named`), its per-module `parse`, and the roles every module
-    must have (`required`; None: all of `roles` that are not shared); `numbered` roles are matched as regexes."""
+    must have (`required`; None: all of `roles` that are not shared); `numbered` roles are matched as regexes;
+    `form` says what the normal form holds for it."""
 
     roles: tuple[str, ...]
-    parse: Callable[[Site], Parsed]
+    parse: Callable[[Site], Parsed] = _no_params
     shared: tuple[str, ...] = ()
     shared_named: bool = False
     required: tuple[str, ...] | None = None
     numbered: tuple[str, ...] = ()  # roles with an index, as regexes: r"peanut_encoders\.\d+\.weight"
+    form: Form = "module"
 
     def check(self, site: Site) -> None:
         """Raise MismatchError when the module lacks a required role."""

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorasurgeon.formats import peft_tuner_kinds, peft_tuner_kinds_extra
+from lorasurgeon.formats import peft_tuner_additive, peft_tuner_products
 from lorasurgeon.formats.peft_tuner_config import TunerKind
 
-TUNERS: dict[str, TunerKind] = {**peft_tuner_kinds.TUNERS, **peft_tuner_kinds_extra.TUNERS}
+TUNERS: dict[str, TunerKind] = {**peft_tuner_additive.TUNERS, **peft_tuner_products.TUNERS}
 
 _PROMPT = (
     "a prompt-learning method: learned virtual tokens or key/value prefixes fed to the model at run time, "

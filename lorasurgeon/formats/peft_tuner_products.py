@@ -1,9 +1,12 @@
-"""The rest of PEFT 0.21's mergeable tuners, as in peft_tuner_kinds: BEFT, GLoRA, HiRA, DEFT, OSF,
-Supertuning, PVeRA, UniLoRA, FRoD, PEANUT and TinyLoRA (each `parse` restates the tuner's `update_layer` /
-`_create_and_replace`).
+"""The PEFT tuners whose new weight is a product with the base weight (rotations, scalings, projections), and
+those whose files set base tensors outright, as a table in the form of formats.peft_tuner_additive: each
+`parse` restates the tuner's `update_layer` / `_create_and_replace` of PEFT 0.21 (the maths is tuner_products').
 """
 
 from __future__ import annotations
+
+import math
+import re
 
 from lorasurgeon.formats.peft_tuner_config import Parsed, Site, TunerKind
 
@@ -11,8 +14,64 @@ from lorasurgeon.formats.peft_tuner_config import Parsed, Site, TunerKind
 ACTIVATIONS = ("relu", "gelu", "silu", "swish", "tanh", "sigmoid", "gelu_pytorch_tanh", "relu6", "leaky_relu")
 
 
-def _beft(s: Site) -> Parsed:
-    return Parsed({}, writes=("bias",), needs=("bias",))  # beft/layer.py: PEFT refuses a base without a bias
+def _ia3(s: Site) -> Parsed:
+    ff = s.cfg.raw("feedforward_modules")
+    if ff is None:
+        s.unsupported("feedforward_modules is null, which PEFT fills from its per-architecture table")
+    # Not dot-aligned: a plain endswith (ia3/model.py `_check_target_module_feedforward`).
+    feedforward = bool(re.fullmatch(ff, s.module)) if isinstance(ff, str) else any(s.module.endswith(f) for f in ff)
+    shape = s.shape("ia3_l")
+    # (1, in) or (out, 1) for a Linear / Conv1D (before its transpose), (1, C, 1, ...) for a conv
+    if len(shape) < 2 or (shape[0] if feedforward or len(shape) > 2 else shape[1]) != 1:
+        s.mismatch(f"has ia3_l {list(shape)}, not the vector of a {'feedforward' if feedforward else 'output'} module")
+    writes = ("weight",) if feedforward else ("weight", "bias")
+    return Parsed({"feedforward": feedforward}, writes=writes)
+
+
+def _oft(s: Site) -> Parsed:
+    if "oft_block_size" not in s.cfg.data:
+        s.unsupported("the config has no oft_block_size: an OFT adapter of PEFT <= 0.13, which PEFT 0.21 refuses")
+    neumann = s.cfg.flag("use_cayley_neumann", True)
+    version = str(s.cfg.raw("peft_version", "0.0.0")).partition("@")[0]
+    if neumann and tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < (0, 18):
+        s.unsupported(f"uses the Cayley-Neumann series of PEFT {version}, which PEFT 0.18 changed")
+    rows, n = s.shape(s.roles[0])
+    block = round((1 + math.sqrt(1 + 8 * n)) / 2)
+    if block * (block - 1) // 2 != n:
+        s.mismatch(f"has oft_R.weight rows of {n} values, which is no block's upper triangle")
+    return Parsed(
+        {
+            "block_size": block,
+            "blocks": rows,
+            "block_share": s.cfg.flag("block_share", False),
+            "coft": s.cfg.flag("coft", False),
+            "eps": s.cfg.number("eps", 6e-5),
+            "neumann_terms": s.cfg.integer("num_cayley_neumann_terms", 5) if neumann else 0,
+            "config_r": s.cfg.integer("r", 0, minimum=0),
+            "config_block_size": s.cfg.integer("oft_block_size", 32, minimum=0),
+            "embedding": s.roles[0] == "oft_embedding_R.weight",
+        }
+    )
+
+
+def _boft(s: Site) -> Parsed:
+    shape = s.shape("boft_R")
+    if len(shape) != 4 or shape[2] != shape[3]:
+        s.mismatch(f"has boft_R {list(shape)}, not (butterfly factors, blocks, size, size)")
+    factors, blocks, size, _ = shape
+    wanted = s.cfg.integer("boft_n_butterfly_factor", 1)
+    if factors not in (1, wanted):
+        s.mismatch(f"has {factors} butterfly factors but boft_n_butterfly_factor is {wanted}")
+    return Parsed({"factors": factors, "blocks": blocks, "block_size": size})
+
+
+def _hra(s: Site) -> Parsed:
+    return Parsed({"apply_gs": s.cfg.flag("apply_GS", False)})
+
+
+def _road(s: Site) -> Parsed:
+    variant = s.cfg.choice("variant", "road_1", ("road_1", "road_2", "road_4"))
+    return Parsed({"variant": variant, "group_size": s.cfg.integer("group_size", 64)}, writes=("weight", "bias"))
 
 
 GLORA_PATHS = ("A", "B", "C", "D", "E")
@@ -60,43 +119,6 @@ def _osf(s: Site) -> Parsed:
     return Parsed({"low_rank": n})  # the top min(out, in) − n directions of W stay as they are
 
 
-def _supertuning(s: Site) -> Parsed:
-    if "supertuning_indices" not in s.shapes:
-        s.unsupported(
-            "the adapter was saved without supertuning_indices (save_precomputed_indices false): PEFT re-selects "
-            "them with torch.topk on the base weight, whose order of equal magnitudes lorasurgeon cannot promise"
-        )
-    rank = s.cfg.raw("r")
-    hybrid = "supertuning_lora_A.weight" in s.shapes
-    if hybrid != (rank is not None):
-        s.mismatch(f"{'has' if hybrid else 'lacks'} LoRA factors, but adapter_config.json has r = {rank!r}")
-    alpha = s.cfg.number("lora_alpha", 0.0) if hybrid else 0.0
-    return Parsed({"lora_scaling": alpha / float(rank) if hybrid else 0.0})
-
-
-def _pvera(s: Site) -> Parsed:
-    if s.cfg.flag("sample_at_inference", False):
-        s.unsupported("PVeRA samples its update at inference (sample_at_inference), and its merge keeps the mean only")
-    if not s.cfg.flag("save_projection", True) or "pvera_A" not in s.shared:
-        s.unsupported(
-            "PVeRA was saved without its projections (save_projection false): PEFT regenerates them from "
-            "projection_prng_key with torch's generator, whose stream lorasurgeon cannot promise to match"
-        )
-    rank = s.cfg.integer("r", 256)
-    if s.shape("pvera_lambda_d") != (2 * rank,) or s.shared["pvera_A"][0] != 2 * rank:
-        s.mismatch(f"has pvera_lambda_d {list(s.shape('pvera_lambda_d'))}, not the 2·r = {2 * rank} values")
-    return Parsed({})
-
-
-def _unilora(s: Site) -> Parsed:
-    if "unilora_indices_A" not in s.shapes:
-        s.unsupported(
-            "the adapter was saved without its indices and scales (save_indices false): PEFT draws them again "
-            "from proj_seed with torch's generator, whose stream lorasurgeon cannot promise to match"
-        )
-    return Parsed({})
-
-
 def frod_category(module: str) -> str:
     """The projection-sharing category of a module path (frod/model.py `_category_from_key`): its last two
     segments joined by "_" (the last alone after a layer index), BERT's attention.output.dense as
@@ -127,7 +149,7 @@ def _frod(s: Site) -> Parsed:
 
 
 def _peanut(s: Site) -> Parsed:
-    depth = s.cfg.integer("depth", 0)
+    depth = s.cfg.integer("depth", 0, minimum=0)
     activation = s.cfg.choice("act_fn", "relu", ACTIVATIONS)
     for i in range(depth):
         s.shape(f"peanut_encoders.{i}.weight")
@@ -137,36 +159,16 @@ def _peanut(s: Site) -> Parsed:
     return Parsed({"depth": depth, "activation": activation, "scaling": s.cfg.number("scaling", 1.0)})
 
 
-def _tinylora(s: Site) -> Parsed:
-    vectors = sorted(k for k in s.shared if k.startswith("tinylora_v."))
-    if vectors != ["tinylora_v.0"]:
-        s.unsupported(
-            f"its modules share {len(vectors)} vectors tinylora_v.<i> in groups assigned by each module's position "
-            "in the model's named_modules() order, which the adapter does not record (one vector for all, "
-            "weight_tying 1, is read)"
-        )
-    if "tinylora_P" not in s.shapes:
-        s.unsupported("the adapter was saved without tinylora_P (save_projection false), which PEFT draws again")
-    return Parsed({"vector": vectors[0]})
-
-
 TUNERS: dict[str, TunerKind] = {
-    "BEFT": TunerKind(("beft_bias",), _beft),
+    "IA3": TunerKind(("ia3_l",), _ia3),
+    "OFT": TunerKind(("oft_R.weight", "oft_embedding_R.weight"), _oft, required=()),
+    "BOFT": TunerKind(("boft_R", "boft_s"), _boft),
+    "HRA": TunerKind(("hra_u",), _hra),
+    "ROAD": TunerKind(("road_theta", "road_alpha"), _road),
     "GLORA": TunerKind(GLORA_ROLES, _glora, required=()),
     "HIRA": TunerKind(("hira_A", "hira_B", "hira_embedding_A", "hira_embedding_B"), _hira, required=()),
     "DEFT": TunerKind(("deft_P", "deft_R"), _deft, required=("deft_P",)),
     "OSF": TunerKind(("osf_svd_params.U_low", "osf_svd_params.S_low", "osf_svd_params.V_low"), _osf),
-    "SUPERTUNING": TunerKind(
-        (
-            "supertuning_values",
-            "supertuning_indices",
-            "supertuning_lora_A.weight",
-            "supertuning_lora_B.weight",
-        ),
-        _supertuning,
-        required=("supertuning_values",),
-    ),
-    "PVERA": TunerKind(("pvera_lambda_b", "pvera_lambda_d"), _pvera, shared=("pvera_A", "pvera_B")),
     "FROD": TunerKind(
         ("frod_lambda_l", "frod_lambda_s_values"),
         _frod,
@@ -178,17 +180,7 @@ TUNERS: dict[str, TunerKind] = {
         _peanut,
         numbered=(r"peanut_encoders\.\d+\.weight", r"peanut_decoders\.\d+\.weight"),
     ),
-    "TINYLORA": TunerKind(
-        ("tinylora_A", "tinylora_B", "tinylora_P"),
-        _tinylora,
-        shared=("tinylora_v",),
-        shared_named=True,
-        required=("tinylora_A", "tinylora_B"),
-    ),
-    "UNILORA": TunerKind(
-        ("unilora_indices_A", "unilora_indices_B", "unilora_scales_A", "unilora_scales_B"),
-        _unilora,
-        shared=("unilora_theta_d",),
-        required=(),
-    ),
+    # Files that set base tensors outright: LN tuning's retrained norms, trainable tokens' rows.
+    "LN_TUNING": TunerKind(("ln_tuning_layers.weight", "ln_tuning_layers.bias"), required=(), form="replacement"),
+    "TRAINABLE_TOKENS": TunerKind(("trainable_tokens_delta",), form="rows"),
 }
