@@ -69,7 +69,8 @@ def _vblora(m: TunerModule, f: Tensors, d: Dims) -> torch.Tensor:
             return tuner_maths.vblora_weights(f[name], m.params["topk"])
         return tuner_maths.vblora_saved_topk(f[f"{name}_topk_indices"], f[f"{name}_topk_weights"])
 
-    return tuner_maths.vblora_delta(half("vblora_logits_A"), half("vblora_logits_B"), f["vblora_vector_bank"])
+    a, b = tuner_maths.vblora_factors(half("vblora_logits_A"), half("vblora_logits_B"), f["vblora_vector_bank"])
+    return b @ a  # (out, r) @ (r, in)
 
 
 def _miss(m: TunerModule, f: Tensors, d: Dims) -> torch.Tensor:
@@ -93,11 +94,19 @@ def _pvera(m: TunerModule, f: Tensors, d: Dims) -> torch.Tensor:
 
 
 def _unilora(m: TunerModule, f: Tensors, d: Dims) -> torch.Tensor:
-    # unilora/layer.py _get_lora_matrices: A and B gathered from the one shared vector θ, times fixed scales
-    theta = f["unilora_theta_d"]
-    a = theta[f["unilora_indices_A"].long()] * f["unilora_scales_A"]
-    b = theta[f["unilora_indices_B"].long()] * f["unilora_scales_B"]
+    a, b = tuner_maths.unilora_factors(
+        f["unilora_theta_d"],
+        (f["unilora_indices_A"], f["unilora_indices_B"]),
+        (f["unilora_scales_A"], f["unilora_scales_B"]),
+    )
     return b @ a  # (out, r) @ (r, in)
+
+
+def _randlora(m: TunerModule, f: Tensors, d: Dims) -> torch.Tensor:
+    lam, gamma = f["randlora_lambda"], f["randlora_gamma"]
+    a, b = tuner_maths.randlora_factors(lam, gamma, f["randlora_A"], f["randlora_B"], d.out, d.inner)
+    delta: torch.Tensor = (b @ a) * m.params["scaling"]
+    return delta
 
 
 ADDITIVE: dict[str, Callable[[TunerModule, Tensors, Dims], torch.Tensor]] = {
@@ -124,9 +133,7 @@ ADDITIVE: dict[str, Callable[[TunerModule, Tensors, Dims], torch.Tensor]] = {
         f.get("gralora_B_general.weight"),
     ),
     "VBLORA": _vblora,
-    "RANDLORA": lambda m, f, d: tuner_maths.randlora_delta(
-        f["randlora_lambda"], f["randlora_gamma"], f["randlora_A"], f["randlora_B"], d.out, d.inner, m.params["scaling"]
-    ),
+    "RANDLORA": _randlora,
     "SUPERTUNING": _supertuning,
     "PVERA": _pvera,
     "UNILORA": _unilora,

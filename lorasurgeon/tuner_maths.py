@@ -140,38 +140,37 @@ def vblora_saved_topk(indices: torch.Tensor, weights: torch.Tensor) -> tuple[tor
     return indices.long(), torch.softmax(torch.log(full), dim=-1)
 
 
-def vblora_delta(
+def vblora_factors(
     a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], bank: torch.Tensor
-) -> torch.Tensor:
-    """VB-LoRA (vblora/layer.py `_get_lora_matrices`): each length-L sub-vector of A (r, in) and B (out, r) is the
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VB-LoRA's A (r, in) and B (out, r) (vblora/layer.py `_get_lora_matrices`): each length-L sub-vector is the
     weighted sum of its top-k vectors of the shared bank (num_vectors, L); a = (indices, weights) of A's
     (r, in/L, k), b those of B's (out/L, r, k); ΔW = B A."""
     mat_a = (a[1].unsqueeze(-1) * bank[a[0]]).sum(-2)  # (r, in/L, L)
     mat_b = (b[1].unsqueeze(-1) * bank[b[0]]).sum(-2)  # (out/L, r, L)
-    lora_a = mat_a.reshape(mat_a.shape[0], -1)
-    lora_b = mat_b.transpose(1, 2).reshape(-1, mat_b.shape[1])
-    return lora_b @ lora_a  # (out, r) @ (r, in)
+    return mat_a.reshape(mat_a.shape[0], -1), mat_b.transpose(1, 2).reshape(-1, mat_b.shape[1])
 
 
-def randlora_delta(
-    lam: torch.Tensor,
-    gamma: torch.Tensor,
-    bases_a: torch.Tensor,
-    bases_b: torch.Tensor,
-    out: int,
-    inner: int,
-    scaling: float,
-) -> torch.Tensor:
-    """RandLoRA (randlora/layer.py `get_scaled_bases`, `get_delta_weight`): with the shared random bases
-    A (r, 1, ≥min) and B (≥max, ≥n, r), λ (r, n), γ (n, min): Â = (λ ⊙ A ⊙ γ) flattened (r·n, min) over (r, n),
-    B̂ = B[:max, :n] flattened (max, n·r) over (n, r) — PEFT pairs the two flattenings index by index — and
-    ΔW = scaling · B̂ Â when in ≤ out, scaling · Âᵀ B̂ᵀ otherwise."""
+def randlora_factors(
+    lam: torch.Tensor, gamma: torch.Tensor, bases_a: torch.Tensor, bases_b: torch.Tensor, out: int, inner: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RandLoRA's A (rank, in) and B (out, rank) (randlora/layer.py `get_scaled_bases`, `get_delta_weight`), ΔW =
+    scaling · B A: with the shared random bases A (r, 1, ≥min) and B (≥max, ≥n, r), λ (r, n), γ (n, min):
+    Â = (λ ⊙ A ⊙ γ) flattened (r·n, min) over (r, n), B̂ = B[:max, :n] flattened (max, n·r) over (n, r) (PEFT pairs
+    the two flattenings index by index); (A, B) = (Â, B̂) when in ≤ out, (B̂ᵀ, Âᵀ) otherwise."""
     small, large = min(out, inner), max(out, inner)
     n = lam.shape[1]
     b_hat = bases_b[:large, :n, :].flatten(start_dim=1)  # (max, n·r)
     a_hat = (lam[:, :, None] * bases_a[:, :n, :small] * gamma[None]).flatten(end_dim=1)  # (r·n, min)
-    delta = b_hat @ a_hat if small == inner else a_hat.T @ b_hat.T
-    return delta * scaling
+    return (a_hat, b_hat) if small == inner else (b_hat.T, a_hat.T)
+
+
+def unilora_factors(
+    theta: torch.Tensor, indices: tuple[torch.Tensor, torch.Tensor], scales: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """UniLoRA's A (r, in) and B (out, r) (unilora/layer.py `_get_lora_matrices`): entries gathered from the one
+    shared vector θ at the saved indices, times the saved fixed scales; ΔW = B A."""
+    return theta[indices[0].long()] * scales[0], theta[indices[1].long()] * scales[1]
 
 
 def miss_delta(block: torch.Tensor, out: int, inner: int, mini_r: int | None = None) -> torch.Tensor:

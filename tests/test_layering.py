@@ -65,9 +65,13 @@ ALLOWED: dict[str, set[str]] = {
     "extraction": IO
     | {"decomposition", "pairing", "surgery", "writer", "formats.architectures", "formats.peft"}
     | {"formats.peft_config"},
+    "tuner_lora": {"adapter", "tuner_deltas", "tuner_maths"},
+    "tuner_conversion": NORMAL_FORM
+    | {"plan", "writer", "formats", "formats.peft", "formats.peft_config", "tuner_deltas", "tuner_kinds"}
+    | {"tuner_lora", "tuner_placement"},
     "conversion": NORMAL_FORM
     | {"plan", "writer", "formats", "formats.kohya", "formats.naming", "formats.peft"}
-    | {"formats.peft_config", "formats.resolution", "formats.writing"},
+    | {"formats.peft_config", "formats.resolution", "formats.writing", "tuner_conversion"},
     "census": IO,
     "rules": {"errors", "header", "report"},
     "tuner_report": {"adapter", "formats.peft_tuner_inventory", "tuner_kinds"},

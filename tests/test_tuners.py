@@ -25,6 +25,7 @@ from tuner_cases import CASE, CASES, Built, Case, build, load, params, run
 import lorasurgeon
 from lorasurgeon.errors import LorasurgeonError, MismatchError, UnsupportedError
 from lorasurgeon.formats import load_adapter
+from lorasurgeon.tuner_kinds import LORA_FORMS
 
 pytestmark = pytest.mark.oracle
 RTOL = 1e-5  # fp32 maths in another order than PEFT's: a few ulps of the largest value
@@ -308,3 +309,45 @@ def test_fail_on_mismatch_fires_for_what_merge_refuses_against_the_base(tmp_path
     report = lorasurgeon.report(tmp_path / "oft", base=tmp_path / "base.safetensors", fail_on=["mismatch"])
     assert report.fired and "merge differs from its forward" in report.fired[0].reason
     assert not lorasurgeon.report(tmp_path / "oft", fail_on=["mismatch"]).fired  # the adapter alone is fine
+
+
+# The LoRA form is written for Linear and Conv1D modules, without the full tensors a LoRA would not carry.
+CONVERTIBLE = [c for c in CASES if _peft_type(c) in LORA_FORMS and c.arch != "conv" and c.id != "replacements"]
+
+
+@pytest.mark.parametrize("case", params(CONVERTIBLE))
+def test_convert_writes_the_exact_lora_form_peft_merges_the_same(case: Case, get: Any, tmp_path: Path) -> None:
+    """The LoRA form's merge (by PEFT itself, and by lorasurgeon) equals PEFT's merge of the tuner."""
+    from builders import model_class
+
+    b, _ = get(case)
+    lora = tmp_path / "lora"
+    summary = lorasurgeon.convert(b.adapter, lora, to="peft", base=b.base)
+    assert summary.modules and json.loads((lora / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    out = tmp_path / ("merged.safetensors" if b.base.is_file() else "merged")
+    lorasurgeon.merge(b.base, [lora], out)
+    ours = read_tensors(out)
+    assert any(not torch.equal(t, b.unmerged[n]) for n, t in ours.items())
+    for name, tensor in ours.items():
+        assert relative_error(tensor, b.oracle[name]) <= RTOL, name
+    if case.arch != "conv":  # and PEFT loads the written LoRA and computes the tuner's forward
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model_class(case.arch).from_pretrained(b.base), lora)
+        assert relative_error(run(model, case.arch), b.forward) <= 10 * RTOL
+
+
+def test_convert_refuses_a_tuner_without_an_exact_lora_form_naming_those_with_one(get: Any, tmp_path: Path) -> None:
+    b, _ = get(CASE["oft"])
+    with pytest.raises(UnsupportedError, match="exact LoRA form exists for AdaLoRA, VeRA"):
+        lorasurgeon.convert(b.adapter, tmp_path / "lora", to="peft", base=b.base)
+    vera, _ = get(CASE["vera-gpt2"])
+    with pytest.raises(LorasurgeonError, match="take their shapes from the base layers"):
+        lorasurgeon.convert(vera.adapter, tmp_path / "lora", to="peft")
+    replaced, _ = get(CASE["replacements"])
+    with pytest.raises(UnsupportedError, match="replaces a base tensor in full"):
+        lorasurgeon.convert(replaced.adapter, tmp_path / "lora", to="peft", base=replaced.base)
+    conv, _ = get(CASE["adalora-conv"])
+    with pytest.raises(UnsupportedError, match="Linear and Conv1D modules"):
+        lorasurgeon.convert(conv.adapter, tmp_path / "lora", to="peft", base=conv.base)
+    assert not (tmp_path / "lora").exists()
