@@ -259,6 +259,20 @@ def test_every_installed_peft_tuner_is_merged_or_refused_by_name() -> None:
     assert {_peft_type(c) for c in CASES} == TUNERS.keys(), "every merged tuner has an oracle case"
 
 
+def test_the_readme_lists_every_tuner_with_what_lorasurgeon_does_with_it() -> None:
+    from lorasurgeon.formats.peft_tuner_inventory import DESCRIPTIONS, REFUSED
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = {
+        m.group(1): m.group(0) for m in re.finditer(r"^  \| .*? \(`([A-Z0-9_]+)`\) \|.*$", text, flags=re.MULTILINE)
+    }
+    assert rows.keys() == DESCRIPTIONS.keys()
+    for peft_type, row in rows.items():
+        convert = row.rstrip(" |").rpartition("|")[2]
+        assert convert.strip().startswith("yes") == (peft_type in LORA_FORMS), row
+    assert all(f"`{name}`" in text for name in REFUSED)
+
+
 def _peft_type(case: Case) -> str:
     import peft
 
@@ -351,3 +365,14 @@ def test_convert_refuses_a_tuner_without_an_exact_lora_form_naming_those_with_on
     with pytest.raises(UnsupportedError, match="Linear and Conv1D modules"):
         lorasurgeon.convert(conv.adapter, tmp_path / "lora", to="peft", base=conv.base)
     assert not (tmp_path / "lora").exists()
+
+
+@pytest.mark.parametrize("case_id", ["ln-tuning", "trainable-tokens"])
+def test_convert_copies_a_tuner_that_sets_tensors_from_peft_to_peft(case_id: str, get: Any, tmp_path: Path) -> None:
+    b, merged_out = get(CASE[case_id])
+    lorasurgeon.convert(b.adapter, tmp_path / "copy", to="peft")
+    lorasurgeon.merge(b.base, [tmp_path / "copy"], tmp_path / "merged")
+    ours, before = read_tensors(tmp_path / "merged"), read_tensors(merged_out)
+    assert all(torch.equal(t, before[n]) for n, t in ours.items())
+    with pytest.raises(UnsupportedError, match="kohya"):
+        lorasurgeon.convert(b.adapter, tmp_path / "k.safetensors", to="kohya")
