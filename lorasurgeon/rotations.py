@@ -14,8 +14,8 @@ import torch
 
 def _skew_from_triu(vec: torch.Tensor, size: int) -> torch.Tensor:
     """(n, size, size) skew-symmetric Q from (n, size·(size−1)/2) upper-triangle entries in row-major order."""
-    rows, cols = torch.triu_indices(size, size, 1)
-    upper = torch.zeros(vec.shape[0], size, size, dtype=vec.dtype)
+    rows, cols = torch.triu_indices(size, size, 1, device=vec.device)
+    upper = torch.zeros(vec.shape[0], size, size, dtype=vec.dtype, device=vec.device)
     upper[:, rows, cols] = vec
     return upper - upper.transpose(-2, -1)
 
@@ -33,7 +33,7 @@ def oft_blocks(weight: torch.Tensor, size: int, coft: bool, eps: float, neumann_
         radius = eps / torch.sqrt(torch.tensor(float(q.shape[0]), dtype=torch.float64))
         norm = torch.linalg.matrix_norm(q, keepdim=True)
         q = torch.where(norm <= radius, q, radius * q / norm)
-    eye = torch.eye(size, dtype=torch.float64).expand_as(q)
+    eye = torch.eye(size, dtype=torch.float64, device=q.device).expand_as(q)
     if not neumann_terms:
         exact: torch.Tensor = torch.linalg.solve(eye + q, eye - q, left=False)
         return exact
@@ -76,11 +76,11 @@ def boft_rotation(boft_r: torch.Tensor, dim: int) -> torch.Tensor:
     factors, blocks, size, _ = boft_r.shape
     data = boft_r.double()
     skew = 0.5 * (data - data.transpose(-2, -1))
-    eye = torch.eye(size, dtype=torch.float64).expand_as(skew)
+    eye = torch.eye(size, dtype=torch.float64, device=data.device).expand_as(skew)
     cayley = torch.linalg.solve(eye + skew, eye - skew, left=False)
-    rotation = torch.eye(dim, dtype=torch.float64)
+    rotation = torch.eye(dim, dtype=torch.float64, device=data.device)
     for i in range(factors):
-        perm = butterfly_permutation(dim, blocks // 2**i, size // 2, factors - 1)
+        perm = butterfly_permutation(dim, blocks // 2**i, size // 2, factors - 1).to(data.device)
         block = torch.block_diag(*cayley[i])  # type: ignore[no-untyped-call]
         # P x picks x[perm]: P B Pᵀ is B with rows and columns both taken in `perm` order.
         rotation = block[perm][:, perm] @ rotation

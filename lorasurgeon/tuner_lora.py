@@ -79,7 +79,8 @@ def _gralora(m: TunerModule, f: Tensors, d: Dims) -> Factors:
     a, b = f["gralora_A"], f["gralora_B"]  # (k, in/k, r), (k, r, out/k)
     k, sub_in, rank = a.shape
     s, sub_out = rank // k, b.shape[2]
-    lora_a, lora_b = torch.zeros(k * k * s, k * sub_in), torch.zeros(k * sub_out, k * k * s)
+    lora_a = torch.zeros(k * k * s, k * sub_in, device=a.device)
+    lora_b = torch.zeros(k * sub_out, k * k * s, device=a.device)
     for j in range(k):
         for n in range(k):
             cols = slice((j * k + n) * s, (j * k + n + 1) * s)

@@ -44,8 +44,8 @@ def fourierft_delta(
 ) -> torch.Tensor:
     """FourierFT (fourierft/layer.py `get_delta_weight`): ΔW = Re(ifft2(F)) · scaling, F the (out, in) spectrum
     that is zero but at `indices` (see spectrum_indices)."""
-    dense = torch.zeros(out, inner)
-    dense[indices[0], indices[1]] = spectrum
+    dense = torch.zeros(out, inner, device=spectrum.device)
+    dense[tuple(indices.to(spectrum.device))] = spectrum
     delta: torch.Tensor = torch.fft.ifft2(dense).real * scaling
     return delta
 
@@ -59,16 +59,17 @@ def waveft_delta(
     One level of the 2-D Haar inverse: with quadrants cA | cH over cV | cD of C, ΔW[2i+a, 2j+b] =
     ½ (cA + (−1)ᵃ cH + (−1)ᵇ cV + (−1)ᵃ⁺ᵇ cD)[i, j]. Without `idwt`, ΔW = scaling · C.
     """
+    indices = indices.to(spectrum.device)
     if not idwt:
-        dense = torch.zeros(out, inner)
+        dense = torch.zeros(out, inner, device=spectrum.device)
         dense[indices[0], indices[1]] = spectrum
         return dense * scaling
     rows, cols = out + out % 2, inner + inner % 2  # db1 reduces no size; odd sides get one padding row/column
-    dense = torch.zeros(rows, cols)
+    dense = torch.zeros(rows, cols, device=spectrum.device)
     dense[indices[0], indices[1]] = spectrum
     h, w = rows // 2, cols // 2
     ca, ch, cv, cd = dense[:h, :w], dense[:h, w:], dense[h:, :w], dense[h:, w:]
-    rec = torch.empty(h, 2, w, 2)
+    rec = torch.empty(h, 2, w, 2, device=spectrum.device)
     for a in (0, 1):
         for b in (0, 1):
             rec[:, a, :, b] = 0.5 * (ca + (-1) ** a * ch + (-1) ** b * cv + (-1) ** (a + b) * cd)
@@ -79,7 +80,7 @@ def shira_delta(indices: torch.Tensor, values: torch.Tensor, out: int, inner: in
     """SHiRA (shira/layer.py `get_delta_weight`): ΔW = scaling · the sparse (out, in) matrix with `values` at
     `indices` (2, n); repeated positions add up, as in torch.sparse_coo_tensor."""
     rows, cols = indices.long()
-    return torch.zeros(out, inner).index_put_((rows, cols), values * scaling, accumulate=True)
+    return torch.zeros(out, inner, device=values.device).index_put_((rows, cols), values * scaling, accumulate=True)
 
 
 def c3a_delta(kernel: torch.Tensor) -> torch.Tensor:
@@ -87,7 +88,7 @@ def c3a_delta(kernel: torch.Tensor) -> torch.Tensor:
     kernel (m, n, b) giving block (i, j) = circ(kernel[i, j]) with circ(w)[k, l] = w[(l − k) mod b];
     ΔW is (m·b, n·b) and in = n·b."""
     m, n, b = kernel.shape
-    k = torch.arange(b)
+    k = torch.arange(b, device=kernel.device)
     offsets = (k[None, :] - k[:, None]) % b  # (b, b): row k, column l -> (l - k) mod b
     blocks = kernel[:, :, offsets]  # (m, n, b, b)
     return blocks.permute(0, 2, 1, 3).reshape(m * b, n * b) / (n * b)
@@ -193,4 +194,5 @@ def tinylora_delta(a: torch.Tensor, b: torch.Tensor, projections: torch.Tensor, 
 def supertuning_delta(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Supertuning's sparse part (supertuning/layer.py `get_delta_weight`): `values` scatter-added at the flat
     positions `indices` of a zero weight-shaped tensor."""
-    return torch.zeros(shape).reshape(-1).index_add_(0, indices.long(), values).reshape(shape)
+    flat = torch.zeros(math.prod(shape), device=values.device)
+    return flat.index_add_(0, indices.long(), values).reshape(shape)

@@ -40,7 +40,7 @@ def miss_bat_merge(w: torch.Tensor, block: torch.Tensor, reverse: bool = False) 
     tiles = w.double().reshape(out // r, r, inner // r, r).permute(0, 2, 1, 3)  # [i, j, :, :]
     m = block.double()[:, None]  # (out/r, 1, r, r): M_i for every j
     if reverse:
-        eye = torch.eye(r, dtype=torch.float64)
+        eye = torch.eye(r, dtype=torch.float64, device=w.device)
         result = torch.linalg.solve(eye + m, (tiles - m), left=False)
     else:
         result = tiles + tiles @ m + m
@@ -96,7 +96,7 @@ def deft_unmerge(
     """The inverse of deft_merge: with Y = W' − s·Q R, W = (I − Q Gᵀ)⁻¹ Y = Y + Q (I − Gᵀ Q)⁻¹ Gᵀ Y (Woodbury),
     in fp64; singular when Gᵀ Q has an eigenvalue 1 (always, for qr)."""
     y = w.double() - (0 if r is None else q.double() @ (r.double() * scaling))
-    core = torch.eye(q.shape[1], dtype=torch.float64) - g.double().T @ q.double()
+    core = torch.eye(q.shape[1], dtype=torch.float64, device=q.device) - g.double().T @ q.double()
     result: torch.Tensor = (y + q.double() @ torch.linalg.solve(core, g.double().T @ y)).float()
     return result
 
@@ -137,7 +137,8 @@ def frod_merge(
     u = torch.zeros_like(coords)
     keep = norms > 1e-12
     u[:, keep] = coords[:, keep] / norms[keep]
-    core = torch.zeros(size, dtype=torch.float32).index_put_(tuple(indices.long()), values, accumulate=True)
+    core = torch.zeros(size, dtype=torch.float32, device=values.device)
+    core.index_put_(tuple(indices.long()), values, accumulate=True)
     core += torch.diag(lam)
     merged: torch.Tensor = u.float() @ core @ v.float().T  # PEFT forms U in fp64, rounds it, then works in fp32
     return merged

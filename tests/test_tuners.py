@@ -68,6 +68,19 @@ def test_merge_equals_peft_merge_and_unload(case: Case, get: Any) -> None:
         assert torch.equal(expected, b.unmerged[name]) == (name not in changed), name
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", params([c for c in CASES if not c.slow]))
+def test_cuda_merge_matches_peft(case: Case, get: Any, tmp_path: Path) -> None:
+    """The maths follows its inputs' device: the same merge on CUDA (factors, W and the fp32 work there)."""
+    b, cpu = get(case)
+    out = tmp_path / cpu.name
+    assert lorasurgeon.merge(b.base, [b.adapter], out, device="cuda").device.startswith("cuda")
+    ours = read_tensors(out)
+    assert any(not torch.equal(t, b.unmerged[n]) for n, t in ours.items())
+    for name, tensor in ours.items():
+        assert relative_error(tensor, b.oracle[name]) <= RTOL, name
+
+
 @pytest.mark.parametrize("case", params(CASES))
 def test_merged_model_computes_peft_unmerged_forward(case: Case, get: Any) -> None:
     """The merged checkpoint, loaded as a model, computes what PEFT's unmerged adapter computes: a merge that PEFT
@@ -376,3 +389,26 @@ def test_convert_copies_a_tuner_that_sets_tensors_from_peft_to_peft(case_id: str
     assert all(torch.equal(t, before[n]) for n, t in ours.items())
     with pytest.raises(UnsupportedError, match="kohya"):
         lorasurgeon.convert(b.adapter, tmp_path / "k.safetensors", to="kohya")
+
+
+def test_what_the_values_refuse_is_refused_by_name(tmp_path: Path) -> None:
+    """NaN in a tuner's tensor is found by check (a warning with allow_nonfinite); an IA3 vector with a zero entry
+    erased part of W, so unmerge refuses it, writing nothing."""
+    from safetensors.torch import save_file
+
+    b = build(CASE["ia3"], tmp_path)
+    weights = b.adapter / "adapter_model.safetensors"
+    tensors = read_tensors(weights)
+    key = "base_model.model.model.layers.0.mlp.down_proj.ia3_l"
+    tensors[key][0, 3] = 0.0
+    save_file(tensors, weights, metadata={"format": "pt"})
+    lorasurgeon.merge(b.base, [b.adapter], tmp_path / "merged")
+    with pytest.raises(UnsupportedError, match="zero entry"):
+        lorasurgeon.unmerge(tmp_path / "merged", b.adapter, tmp_path / "restored")
+    assert not (tmp_path / "restored").exists()
+    tensors[key][0, 3] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    errors = lorasurgeon.check(b.base, [b.adapter]).errors
+    assert len(errors) == 1 and errors[0].adapter_key == key and "NaN/Inf" in errors[0].message
+    summary = lorasurgeon.merge(b.base, [b.adapter], tmp_path / "nan", dry_run=True, allow_nonfinite=True)
+    assert any(w.adapter_key == key for w in summary.plan.warnings)
