@@ -29,7 +29,8 @@ CHECKPOINT_FILES = ("model.safetensors", "model.safetensors.index.json", "diffus
 
 
 def load_adapter(path: Path, alpha: float | None = None, *, strict: bool = True, scan_values: bool = False) -> Adapter:
-    """Read a PEFT adapter directory or `.safetensors` file, a kohya / sd-scripts LoRA file or a diffusers LoRA file.
+    """Read a PEFT adapter directory or `.safetensors` file (LoRA, or another PEFT tuner such as IA3, OFT or VeRA:
+    peft_tuners), a kohya / sd-scripts LoRA file or a diffusers LoRA file.
 
     The config (adapter_config.json, in the directory or beside the file) gives rank, alpha and the module
     selection; without one, `alpha` must be given and every module in the file is used. `alpha`, when given,
