@@ -287,8 +287,8 @@ def test_cli_json_curve_dry_run_and_changed_vectors(
     [
         ("shape", ["--rank", "2"], 2, "has shape [16, 32] but [32, 32]"),
         ("missing", ["--rank", "2"], 2, "is not in TUNED"),
-        ("same", ["--rank", "2"], 1, "nothing to extract"),
-        ("identical", ["--rank", "2"], 1, "nothing to extract"),
+        ("same", ["--rank", "2"], 2, "nothing to extract"),
+        ("identical", ["--rank", "2"], 2, "nothing to extract"),
         ("low", ["--rank", "2", "--target", "*layernorm"], 2, "only 2-D floating-point weights"),
         ("low", ["--rank", "17"], 2, "--rank 17 exceeds min(out, in) = 16"),
         ("low", ["--energy", "0.5", "--rank", "2"], 2, "exactly one of --rank R or --energy F"),
