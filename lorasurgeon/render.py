@@ -7,44 +7,35 @@ import contextlib
 import importlib.util
 import itertools
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from lorasurgeon import progress_bar as bars
 from lorasurgeon.census import Count
 from lorasurgeon.documents import extract_doc, plan_doc, summary_doc
 from lorasurgeon.errors import Finding, UnsupportedError
+from lorasurgeon.progress import Progress
 from lorasurgeon.report import ModuleReport, Report
+from lorasurgeon.units import size
 
 if TYPE_CHECKING:  # not imported at run time: they load torch, which `report` does not need
     from lorasurgeon.conversion import ConvertSummary
     from lorasurgeon.extraction import ExtractSummary
     from lorasurgeon.plan import Plan
-    from lorasurgeon.surgery import Progress as SurgeryProgress
     from lorasurgeon.surgery import SurgerySummary
 
 # Wide when piped (CI logs, README examples), so tensor names are not cut.
 stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 
 
-@contextlib.contextmanager
-def progress_bar(label: str) -> Iterator[Callable[[SurgeryProgress], None] | None]:
-    """A progress callback drawing tensors and bytes on a terminal; None (silent) when stderr is piped."""
-    if not stderr.is_terminal:
-        yield None
-        return
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=stderr, transient=True) as bar:
-        task = bar.add_task(label, total=None)
-
-        def update(p: SurgeryProgress) -> None:
-            bar.update(task, total=p.bytes_total, completed=p.bytes_done, description=f"{label} {p.tensors_done}")
-
-        yield update
+def progress_bar(label: str) -> contextlib.AbstractContextManager[Callable[[Progress], None] | None]:
+    """A progress callback drawing phases, tensors and bytes on stderr (lorasurgeon.progress_bar); None (silent)
+    when stderr is piped."""
+    return bars.progress_bar(label, stderr)
 
 
 def show_check(plan: Plan) -> None:
@@ -78,7 +69,7 @@ def show_summary(summary: SurgerySummary) -> None:
         return
     stderr.print(
         f"{summary.operation}: wrote {summary.output} ({summary.changed} of {summary.tensors} tensors changed, "
-        f"{summary.bytes_written / 1e6:.1f} MB, {summary.seconds:.1f} s on {summary.device})",
+        f"{size(summary.bytes_written)}, {summary.seconds:.1f} s on {summary.device})",
         soft_wrap=True,
     )
     for path in summary.removed_temporaries:
@@ -120,19 +111,11 @@ def report_tables(report: Report) -> list[tuple[str, list[str], list[list[str]]]
 
 
 def _count_row(c: Count) -> list[str]:
-    return [c.name, str(c.tensors), f"{c.parameters:,}", _size(c.bytes)]
+    return [c.name, str(c.tensors), f"{c.parameters:,}", size(c.bytes)]
 
 
 def _rows(counts: tuple[Count, ...]) -> list[list[str]]:
     return [_count_row(c) for c in counts]
-
-
-def _size(n: int) -> str:
-    return next(
-        f"{n / 1000**i:.1f} {unit}"
-        for i, unit in reversed(list(enumerate(["B", "kB", "MB", "GB", "TB"])))
-        if n >= 1000**i or i == 0
-    )
 
 
 def _meta(metadata: dict[str, str]) -> str:
@@ -270,7 +253,7 @@ def show_extract(summary: ExtractSummary) -> None:
     else:
         stderr.print(
             f"extract: wrote {summary.output} ({len(summary.matrices)} matrices, "
-            f"{summary.bytes_written / 1e6:.1f} MB, {summary.seconds:.1f} s on {summary.device})",
+            f"{size(summary.bytes_written)}, {summary.seconds:.1f} s on {summary.device})",
             soft_wrap=True,
         )
 
@@ -286,10 +269,10 @@ def show_convert(summary: ConvertSummary) -> None:
             table.add_row(c.module.module, c.name, str(c.module.rank), f"{c.alpha:.6g}", f"{c.module.scale:.6g}")
         stderr.print(table)
     verb = "would write" if summary.dry_run else "wrote"
-    size = "" if summary.dry_run else f", {summary.bytes_written / 1e6:.1f} MB, {summary.seconds:.1f} s"
+    written = "" if summary.dry_run else f", {size(summary.bytes_written)}, {summary.seconds:.1f} s"
     stderr.print(
         f"convert: {verb} {summary.output} ({summary.target_format} from {summary.source.format}, "
-        f"{len(summary.modules)} modules, A and B bytes unchanged{size})",
+        f"{len(summary.modules)} modules, A and B bytes unchanged{written})",
         soft_wrap=True,
     )
 

@@ -25,6 +25,9 @@ ALLOWED: dict[str, set[str]] = {
     "writer": IO,
     "linalg": set(),
     "lycoris": set(),
+    "progress": set(),
+    "units": set(),
+    "rank_rule": {"errors"},
     "adapter": IO,
     "formats.config_fields": {"errors"},
     "formats.architectures": {"errors", "header"},
@@ -42,11 +45,11 @@ ALLOWED: dict[str, set[str]] = {
     "fit": NORMAL_FORM | {"formats.architectures", "formats.resolution", "lycoris"},
     "plan": NORMAL_FORM | {"fit", "ties", "formats.architectures", "formats.resolution"},
     "mirror": IO | {"plan", "writer"},
-    "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "writer"},
-    "decomposition": {"errors", "linalg"},
-    "pairing": IO | {"decomposition", "formats.architectures"},
+    "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "progress", "writer"},
+    "decomposition": {"linalg", "rank_rule"},
+    "pairing": IO | {"rank_rule", "formats.architectures"},
     "extraction": IO
-    | {"decomposition", "pairing", "surgery", "writer", "formats.architectures", "formats.peft"}
+    | {"decomposition", "pairing", "progress", "writer", "formats.architectures", "formats.peft"}
     | {"formats.peft_config"},
     "conversion": NORMAL_FORM
     | {"plan", "writer", "formats", "formats.kohya", "formats.naming", "formats.peft"}
@@ -55,16 +58,20 @@ ALLOWED: dict[str, set[str]] = {
     "rules": {"errors", "header", "report"},
     "report": NORMAL_FORM
     | {"census", "rules", "formats", "formats.peft_config", "linalg", "lycoris", "plan"}
-    | {"surgery"},
+    | {"progress"},
     "__init__": NORMAL_FORM
     | {"formats", "formats.naming", "report", "rules", "plan", "surgery", "pairing"}
-    | {"decomposition", "extraction", "conversion"},
+    | {"progress", "rank_rule", "extraction", "conversion"},
     "documents": {"errors", "census", "report", "plan", "surgery", "extraction", "conversion"},
-    "render": {"errors", "census", "documents", "report", "plan", "surgery", "extraction", "conversion"},
+    "progress_bar": {"progress", "units"},
+    "render": {"errors", "census", "documents", "report", "plan", "surgery", "extraction", "conversion"}
+    | {"progress", "progress_bar", "units"},
     "cli": {"__init__", "documents", "errors", "render"},
     "__main__": {"cli"},
 }
-NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", *(m for m in ALLOWED if m.startswith("formats"))]
+NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", "pairing", "rank_rule", "progress", "progress_bar", "units"]
+NO_TORCH_AT_IMPORT += [m for m in ALLOWED if m.startswith("formats")]
+TERMINAL = {"render", "cli", "progress_bar"}  # the modules that may import rich or click
 
 
 def module_names() -> list[str]:
@@ -131,7 +138,7 @@ def test_maths_imports_only_torch(module: str) -> None:
 
 @pytest.mark.parametrize("module", sorted(ALLOWED))
 def test_only_render_and_cli_touch_the_terminal(module: str) -> None:
-    if module in ("render", "cli"):
+    if module in TERMINAL:
         return
     assert not imports(module)[1] & {"rich", "click"}, module
     tree = ast.parse(path_of(module).read_text())
@@ -167,6 +174,34 @@ def test_header_only_commands_never_import_torch(args: list[str]) -> None:
     root = PACKAGE.parent
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["extract", "samples/base", "samples/base", "--rank", "0"],
+        ["extract", "samples/base", "samples/base", "--energy", "2"],
+        ["extract", "samples/base", "no-such-dir", "--rank", "4"],
+        ["merge", "no-such-dir", "samples/adapter-lora"],
+        ["merge", "samples/base", "no-such-dir"],
+        ["unmerge", "no-such-dir", "samples/adapter-lora"],
+        ["merge", "samples/base", "samples/adapter-lora", "--device", "tpu"],
+        ["merge", "samples/base", "samples/adapter-lora", "--weight", "1", "--weight", "2"],
+        ["merge", "samples/base", "samples/adapter-lora", "--no-such-option"],
+    ],
+)
+def test_errors_that_need_no_tensor_data_come_before_torch(args: list[str]) -> None:
+    """A bad option or a missing path is said at once (exit 2), not after the seconds `import torch` takes."""
+    code = (
+        "import sys\nfrom lorasurgeon.cli import main\n"
+        f"try:\n    main({args!r})\nexcept SystemExit as e:\n    assert e.code == 2, e.code\n"
+        "else:\n    raise AssertionError('no error')\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    root = PACKAGE.parent
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Error:" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_architecture_names_exactly_the_modules() -> None:
