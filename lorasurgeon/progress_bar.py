@@ -66,8 +66,8 @@ def progress_bar(
     label: str, console: Console, clock: Callable[[], float] = time.monotonic
 ) -> Iterator[Callable[[Progress], None] | None]:
     """A callback drawing `label`'s progress on `console` while the block runs, erased at its end; None (the
-    library then reports nothing) when `console` is not a terminal. Until the first report, the bar says
-    `label: starting`."""
+    library then reports nothing) when `console` is not a terminal. Until the first report, the bar shows the
+    label alone, with a spinner and the time so far."""
     if not console.is_terminal:
         yield None
         return
@@ -80,5 +80,5 @@ def progress_bar(
         TextColumn("{task.fields[estimate]}"),
     )
     with Display(*columns, console=console, transient=True, get_time=clock) as display:
-        starting = display.add_task(f"{label}: starting", total=None, counts="", estimate="")
+        starting = display.add_task(label, total=None, counts="", estimate="")
         yield Phased(label, display, clock, starting).show
