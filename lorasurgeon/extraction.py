@@ -21,7 +21,7 @@ from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.decomposition import MatrixResult, decompose
 from lorasurgeon.errors import Finding, NothingChangedError, NumericError
 from lorasurgeon.formats import peft
-from lorasurgeon.formats.architectures import task_type
+from lorasurgeon.formats.model_classes import auto_mapping, task_type
 from lorasurgeon.formats.peft_config import WrittenModule, adapter_config, target_modules_for
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.pairing import ExtractOptions, ExtractPlan, plan_extract
@@ -113,22 +113,23 @@ def _changed_others(
 
 
 def config_of(
-    plan: ExtractPlan, results: list[MatrixResult], options: ExtractOptions, saved_modules: list[str]
+    plan: ExtractPlan, results: list[MatrixResult], options: ExtractOptions, saved_modules: list[str], base: str
 ) -> dict[str, Any]:
     """adapter_config.json: scale alpha / r the same for every module (alpha = r when no alpha is given), targeting
-    exactly the extracted modules of BASE (PEFT loads the adapter onto BASE)."""
+    exactly the extracted modules of BASE (PEFT loads the adapter onto BASE), which it names (`base`, as given, or
+    options.base_name) with the task type of its architecture, so that AutoPeftModel loads it."""
     default_rank = options.rule.rank or Counter(r.rank for r in results).most_common(1)[0][0]
     scale = 1.0 if options.alpha is None else options.alpha / default_rank
     config = plan.base.config or plan.tuned.config or {}
-    name = config.get("_name_or_path")
     paths = [n.removesuffix(".weight") for n, i in {**plan.tuned.tensors, **plan.base.tensors}.items() if _matrix(n, i)]
     return adapter_config(
         [WrittenModule(r.module, r.rank, scale * r.rank) for r in results],
         target_modules=target_modules_for([r.module for r in results], paths),
         fan_in_fan_out=any(p.transpose and p.kind == "linear" for p in plan.pairs),
         modules_to_save=saved_modules,
-        base_model=name if isinstance(name, str) and name else None,
+        base_model=options.base_name or base,
         task_type=task_type(config),
+        auto_mapping=auto_mapping(config),
     )
 
 
@@ -180,7 +181,7 @@ def run(
     writer = None if dry_run else CheckpointWriter(target, is_dir=True, inputs=[base, tuned], force=force)
     results, factors, changed = decompose_pairs(plan, options, device, on_progress)
     saved, full = changed_vectors(plan, changed, results) if options.save_changed_vectors else ([], {})
-    config = config_of(plan, results, options, saved)
+    config = config_of(plan, results, options, saved, str(base))
     if writer is not None:
         if on_progress:
             on_progress(Progress(phase="publishing"))

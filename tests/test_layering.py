@@ -39,17 +39,20 @@ ALLOWED: dict[str, set[str]] = {
     "formats.diffusers": NORMAL_FORM | {"formats.kohya", "formats.peft", "formats.peft_config"},
     "formats.resolution": NORMAL_FORM | {"formats.architectures", "formats.kohya", "formats.kohya_names"},
     "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names"},
-    "formats.writing": NORMAL_FORM | FORMATS_CORE,
+    "formats.writing": NORMAL_FORM | FORMATS_CORE | {"formats.model_classes"},
     "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "linalg"},
-    "ties": IO | {"formats.architectures"},
+    "formats.model_classes": set(),
+    "ties": NORMAL_FORM | {"formats.architectures", "formats.model_classes"},
     "fit": NORMAL_FORM | {"formats.architectures", "formats.resolution", "lycoris"},
-    "plan": NORMAL_FORM | {"fit", "ties", "formats.architectures", "formats.resolution"},
+    "model_config": set(),
+    "plan": NORMAL_FORM | {"fit", "ties", "model_config", "formats.architectures", "formats.resolution"},
     "mirror": IO | {"plan", "writer"},
     "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "progress", "writer"},
     "decomposition": {"linalg", "rank_rule"},
     "pairing": IO | {"rank_rule", "formats.architectures"},
     "extraction": IO
     | {"decomposition", "pairing", "progress", "writer", "formats.architectures", "formats.peft"}
+    | {"formats.model_classes"}
     | {"formats.peft_config"},
     "conversion": NORMAL_FORM
     | {"plan", "writer", "formats", "formats.kohya", "formats.naming", "formats.peft"}
@@ -71,8 +74,8 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"__init__", "documents", "errors", "render"},
     "__main__": {"cli"},
 }
-NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", "pairing", "rank_rule", "progress", "progress_bar", "units"]
-NO_TORCH_AT_IMPORT += ["tables", "finding_groups"]
+NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", "model_config", "pairing", "rank_rule", "progress"]
+NO_TORCH_AT_IMPORT += ["progress_bar", "units", "tables", "finding_groups"]
 NO_TORCH_AT_IMPORT += [m for m in ALLOWED if m.startswith("formats")]
 TERMINAL = {"render", "cli", "progress_bar", "tables"}  # the modules that may import rich or click
 
