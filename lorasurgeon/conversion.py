@@ -14,11 +14,13 @@ change (lorasurgeon.formats.naming) and the way each format states the scale (ne
   keys with the components' LoraConfigs in its `lora_adapter_metadata`, as diffusers' own save_lora_weights
   writes it; no `.alpha` tensors (diffusers' SD/SDXL loaders reject every key without "lora" in it).
 
-What the target cannot hold (formats.writing.CANNOT) is refused by tensor name before anything is written.
+What the target cannot hold (formats.writing.CANNOT) is refused by tensor name before anything is written. An
+adapter of another PEFT tuner converts where its ΔW has an exact LoRA form (lorasurgeon.tuner_conversion).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ from lorasurgeon.formats.resolution import kohya_names_of
 from lorasurgeon.formats.writing import BaseModel, Converted
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.plan import plan_surgery
+from lorasurgeon.tuner_conversion import as_lora
 from lorasurgeon.writer import CheckpointWriter
 
 
@@ -84,7 +87,10 @@ def run(adapter_path: Path, out: Path | None, options: ConvertOptions, *, force:
     started = time.perf_counter()
     to, base = options.validate(), options.base
     adapter = load_adapter(adapter_path, options.alpha)
+    scratch = contextlib.ExitStack()
     try:
+        if adapter.tuner_modules:  # a PEFT tuner other than LoRA: its exact LoRA form, where it has one
+            adapter = as_lora(adapter, base, scratch)
         modules, left_out = _select(adapter, options.component)
         refused = writing.refusal(adapter, modules, to)
         if refused is not None:
@@ -107,6 +113,7 @@ def run(adapter_path: Path, out: Path | None, options: ConvertOptions, *, force:
             written = writer.bytes_written
     finally:
         adapter.source.close()
+        scratch.close()
     carried = [r.tensor.name for r in adapter.replacements] + [t.tensor.name for t in adapter.token_rows]
     return ConvertSummary(
         adapter=str(adapter_path),
