@@ -23,6 +23,7 @@ from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import LorasurgeonError, Option
 from lorasurgeon.formats import load_adapter
 from lorasurgeon.formats.naming import COMPONENTS
+from lorasurgeon.progress import Progress
 from lorasurgeon.report import Report, make_report
 from lorasurgeon.rules import RULE_HELP, judge, parse_rule
 
@@ -34,11 +35,10 @@ if TYPE_CHECKING:
     from lorasurgeon.conversion import ConvertSummary
     from lorasurgeon.extraction import ExtractSummary
     from lorasurgeon.plan import Operation, Plan
-    from lorasurgeon.surgery import Progress, SurgerySummary
+    from lorasurgeon.surgery import SurgerySummary
 LAZY_TYPES = {
     "ConvertSummary": "lorasurgeon.conversion",
     "ExtractSummary": "lorasurgeon.extraction",
-    "Progress": "lorasurgeon.surgery",
     "SurgerySummary": "lorasurgeon.surgery",
 }
 
@@ -129,23 +129,19 @@ def merge(
 
     Each tensor gets the sum of its deltas in fp32, rounded once to its dtype (or `dtype`: keep, fp32,
     fp16, bf16). Raises MismatchError when the adapters do not fit, OutputError when `out` cannot be
-    written, NumericError when a result would not be finite.
+    written, NumericError when a result would not be finite. `on_progress` gets a Progress per phase and tensor.
     """
-    from lorasurgeon.surgery import SurgeryOptions, run
-
-    options = SurgeryOptions(scale, alpha, resolve_device(device), _dtype(dtype), force, dry_run, allow_nonfinite)
+    out_dtype, factors = _dtype(dtype), _weights(weights, len(adapters))
+    _check_device(device)
+    if on_progress:
+        on_progress(Progress(phase="planning"))
     with _opened(base, adapters, alpha) as (ckpt, loaded):
+        from lorasurgeon.surgery import SurgeryOptions, run  # torch: only once the inputs have been read
+
+        options = SurgeryOptions(scale, alpha, resolve_device(device), out_dtype, force, dry_run, allow_nonfinite)
         inputs = [Path(base), *(Path(a) for a in adapters)]
-        return run(
-            "merge",
-            ckpt,
-            loaded,
-            _output(ckpt, out, "merge"),
-            inputs,
-            _weights(weights, len(adapters)),
-            options,
-            on_progress,
-        )
+        target = _output(ckpt, out, "merge")
+        return run("merge", ckpt, loaded, target, inputs, factors, options, on_progress)
 
 
 def unmerge(
@@ -164,10 +160,14 @@ def unmerge(
 ) -> SurgerySummary:
     """Write merged − scale · ΔW to `out` (default: `<merged>-unmerged`). Exact only up to rounding:
     in bf16 a merge followed by an unmerge leaves about one ulp of difference on some elements."""
-    from lorasurgeon.surgery import SurgeryOptions, run
-
-    options = SurgeryOptions(scale, alpha, resolve_device(device), _dtype(dtype), force, dry_run, allow_nonfinite)
+    out_dtype = _dtype(dtype)
+    _check_device(device)
+    if on_progress:
+        on_progress(Progress(phase="planning"))
     with _opened(merged, [adapter], alpha) as (ckpt, loaded):
+        from lorasurgeon.surgery import SurgeryOptions, run  # torch: only once the inputs have been read
+
+        options = SurgeryOptions(scale, alpha, resolve_device(device), out_dtype, force, dry_run, allow_nonfinite)
         inputs = [Path(merged), Path(adapter)]
         return run("unmerge", ckpt, loaded, _output(ckpt, out, "unmerge"), inputs, [1.0], options, on_progress)
 
@@ -201,15 +201,14 @@ def extract(
     error at those ranks. `save_changed_vectors` stores the modules whose 1-D tensors (norms) changed as PEFT
     modules_to_save. The adapter names its base as `base_name` (a Hub repo id, say), else `base` as given, and the
     task type of its architecture, so that AutoPeftModel loads it. Raises MismatchError when names or shapes differ
-    (unless `skip_mismatched`),
-    NothingChangedError (exit code 1) when no target differs, OutputError when `out` cannot be written.
+    (unless `skip_mismatched`), NothingChangedError when no target differs, OutputError when `out` cannot be
+    written.
 
     >>> extract("base/", "tuned/", "lora/", rank=16).total_error  # doctest: +SKIP
     0.41
     """
-    from lorasurgeon.decomposition import RankRule
-    from lorasurgeon.extraction import run as run_extract
     from lorasurgeon.pairing import ExtractOptions
+    from lorasurgeon.rank_rule import RankRule
 
     rule = RankRule(rank=rank, energy=energy, max_rank=max_rank, method=method, curve=tuple(curve))
     options = ExtractOptions(
@@ -222,9 +221,15 @@ def extract(
         base_name=base_name,
     )
     options.validate(dry_run)
-    torch_device = resolve_device(device)
+    _check_device(device)
+    if on_progress:
+        on_progress(Progress(phase="planning"))
     out_path = Path(out) if out is not None else None
-    return run_extract(Path(base), Path(tuned), out_path, options, torch_device, force, dry_run, on_progress)
+    with Checkpoint.open(Path(base)) as base_ckpt, Checkpoint.open(Path(tuned)) as tuned_ckpt:
+        from lorasurgeon.extraction import run as run_extract  # torch: only once the inputs have been read
+
+        torch_device = resolve_device(device)
+        return run_extract(base_ckpt, tuned_ckpt, out_path, options, torch_device, force, dry_run, on_progress)
 
 
 def convert(
@@ -297,15 +302,21 @@ def default_output(ckpt: Checkpoint, operation: Operation) -> Path:
 
 
 def resolve_device(device: str) -> torch.device:
+    """The torch device `device` (auto, cpu, cuda, cuda:N) names; raises LorasurgeonError when it is none or absent."""
+    _check_device(device)
     import torch
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LorasurgeonError(Option("device", device), ": CUDA is not available on this machine")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise LorasurgeonError(Option("device", device), ": expected auto, cpu or cuda")
     return torch.device(device)
+
+
+def _check_device(device: str) -> None:
+    """What can be said of `device` without torch (whose import takes seconds): that it names a device at all."""
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise LorasurgeonError(Option("device", device), ": expected auto, cpu or cuda")
 
 
 def _weights(weights: Sequence[float] | None, count: int) -> list[float]:

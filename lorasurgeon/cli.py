@@ -184,7 +184,7 @@ def _ranks(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
     default="auto",
     show_default=True,
     help="exact: full SVD (the optimum); randomized: range finder + power iterations, checked for convergence; "
-    "auto: exact for small matrices or unbounded ranks, randomized otherwise.",
+    "auto: the cheaper one, randomized once the smaller side is 5x the sketch (exact for unbounded ranks).",
 )
 @DEVICE
 @click.option("--skip-mismatched", is_flag=True, help="Skip tensors on one side only or of different shapes.")

@@ -23,19 +23,13 @@ from lorasurgeon.errors import MismatchError, NonfiniteWarning, NumericError, Op
 from lorasurgeon.header import torch_dtype
 from lorasurgeon.mirror import copy_companions, output_bytes, output_index, output_metadata
 from lorasurgeon.plan import Operation, Plan, Step, Term, plan_surgery
+from lorasurgeon.progress import Phase, Progress
 from lorasurgeon.writer import CheckpointWriter
 
 SIGNS = {"merge": 1, "unmerge": -1}
+PHASES: dict[Operation, Phase] = {"merge": "merging", "unmerge": "unmerging"}
 READ_AHEAD_BYTES = 256 << 20
 FACTOR_KINDS = ("linear", "conv", "embedding")  # ΔW = B @ A, up to a reshape or a transpose
-
-
-@dataclass(frozen=True)
-class Progress:
-    tensors_done: int
-    tensors_total: int
-    bytes_done: int
-    bytes_total: int
 
 
 @dataclass(frozen=True)
@@ -125,6 +119,9 @@ def execute(
     total_bytes = sum(s.tensor.nbytes for s in plan.steps)
     done_tensors = done_bytes = 0
     writer.reserve(output_bytes(plan))
+    phase = PHASES[plan.operation]
+    if on_progress:
+        on_progress(Progress(0, len(plan.steps), 0, total_bytes, phase))
     with ReadAhead(plan) as ahead, _torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
         for shard in base.shards:
             steps = [s for s in plan.steps if s.shard == shard.name]
@@ -138,7 +135,9 @@ def execute(
                     done_tensors += 1
                     done_bytes += step.tensor.nbytes
                     if on_progress:
-                        on_progress(Progress(done_tensors, len(plan.steps), done_bytes, total_bytes))
+                        on_progress(Progress(done_tensors, len(plan.steps), done_bytes, total_bytes, phase))
+    if on_progress:
+        on_progress(Progress(phase="publishing"))
     if base.index_name:
         writer.write_json(base.index_name, output_index(plan))
     if plan.config is not None:
