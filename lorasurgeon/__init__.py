@@ -188,6 +188,9 @@ def extract(
     curve: Sequence[int] = (),
     save_changed_vectors: bool = False,
     device: str = "auto",
+    cluster: str | None = None,
+    threads: int | None = None,
+    resume: bool = False,
     force: bool = False,
     dry_run: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
@@ -198,13 +201,19 @@ def extract(
     ΔW is factorised by truncated SVD at `rank`, or at the smallest rank keeping `energy` of ‖ΔW‖²_F (at most
     `max_rank`); `method` is auto, exact or randomized (see lorasurgeon.extraction). `curve` adds the relative
     error at those ranks. `save_changed_vectors` stores the modules whose 1-D tensors (norms) changed as PEFT
-    modules_to_save. Raises MismatchError when names or shapes differ (unless `skip_mismatched`),
-    NothingChangedError (exit code 1) when no target differs, OutputError when `out` cannot be written.
+    modules_to_save. `cluster` ("ray" or "ray:ADDRESS") runs one Ray task per matrix, reading the checkpoints
+    from a path every node sees; `threads` is the torch threads per matrix (default: this process's count;
+    the factors are bit-identical for the same threads and device type, here or on any worker); `resume`
+    continues an interrupted run from the matrices it computed (checked against the inputs' sizes and mtimes).
+    Raises MismatchError when names or shapes differ (unless `skip_mismatched`), NothingChangedError (exit
+    code 1) when no target differs, OutputError when `out` cannot be written.
 
     >>> extract("base/", "tuned/", "lora/", rank=16).total_error  # doctest: +SKIP
     0.41
     """
+    from lorasurgeon.cluster import parse_cluster
     from lorasurgeon.decomposition import RankRule
+    from lorasurgeon.extract_steps import Execution
     from lorasurgeon.extraction import run as run_extract
     from lorasurgeon.pairing import ExtractOptions
 
@@ -218,9 +227,12 @@ def extract(
         save_changed_vectors=save_changed_vectors,
     )
     options.validate(dry_run)
+    if threads is not None and threads < 1:
+        raise LorasurgeonError(Option("threads", threads), ": must be at least 1")
+    execution = Execution(parse_cluster(cluster) if cluster else None, threads, resume)
     torch_device = resolve_device(device)
     out_path = Path(out) if out is not None else None
-    return run_extract(Path(base), Path(tuned), out_path, options, torch_device, force, dry_run, on_progress)
+    return run_extract(Path(base), Path(tuned), out_path, options, torch_device, force, dry_run, on_progress, execution)
 
 
 def convert(

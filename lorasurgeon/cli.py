@@ -183,6 +183,19 @@ def _ranks(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 )
 @click.option("--curve", callback=_ranks, metavar="R1,R2,...", help="Also report the relative error at these ranks.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Draw spectra and error-vs-rank to a PNG (matplotlib).")
+@click.option(
+    "--cluster",
+    metavar="ray[:ADDRESS]",
+    help="Run one Ray task per matrix (pip install 'lorasurgeon[ray]'); BASE and TUNED must be on storage every "
+    "node sees at the same path. ADDRESS as ray.init takes it (host:port, auto); default: Ray's own.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="Torch threads per matrix (default: all of this machine's). Factors are bit-identical for the same "
+    "threads and device type, locally or on any worker.",
+)
+@click.option("--resume", is_flag=True, help="Continue an interrupted extract from the matrices it computed.")
 @FORCE
 @click.option("--dry-run", is_flag=True, help="Compute and report; write no adapter.")
 @JSON

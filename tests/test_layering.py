@@ -45,9 +45,14 @@ ALLOWED: dict[str, set[str]] = {
     "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "writer"},
     "decomposition": {"errors", "linalg"},
     "pairing": IO | {"decomposition", "formats.architectures"},
+    "cluster": {"errors"},
+    "journal": IO,
+    "matrix_task": {"errors", "header", "decomposition"},
+    "extract_steps": {"errors", "cluster", "decomposition", "journal", "matrix_task", "pairing", "surgery"}
+    | {"formats.peft"},
     "extraction": IO
     | {"decomposition", "pairing", "surgery", "writer", "formats.architectures", "formats.peft"}
-    | {"formats.peft_config"},
+    | {"formats.peft_config", "cluster", "extract_steps", "journal"},
     "conversion": NORMAL_FORM
     | {"plan", "writer", "formats", "formats.kohya", "formats.naming", "formats.peft"}
     | {"formats.peft_config", "formats.resolution", "formats.writing"},
@@ -58,9 +63,9 @@ ALLOWED: dict[str, set[str]] = {
     | {"surgery"},
     "__init__": NORMAL_FORM
     | {"formats", "formats.naming", "report", "rules", "plan", "surgery", "pairing"}
-    | {"decomposition", "extraction", "conversion"},
-    "documents": {"errors", "census", "report", "plan", "surgery", "extraction", "conversion"},
-    "render": {"errors", "census", "documents", "report", "plan", "surgery", "extraction", "conversion"},
+    | {"decomposition", "extraction", "conversion", "cluster", "extract_steps"},
+    "documents": {"errors", "census", "report", "plan", "surgery", "extraction", "conversion", "cluster"},
+    "render": {"errors", "census", "documents", "report", "plan", "surgery", "extraction", "conversion", "cluster"},
     "cli": {"__init__", "documents", "errors", "render"},
     "__main__": {"cli"},
 }
