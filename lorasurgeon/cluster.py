@@ -120,20 +120,24 @@ def run_steps(
 
 
 def ran_here(task: Callable[[S], R], step: S) -> Ran[R]:
-    """Run one step in this process (a Ray worker, or the driver) and say where."""
+    """Run one step in this process, timed."""
     started = time.perf_counter()
     result = task(step)
-    node, attempt = LOCAL, 0
-    with contextlib.suppress(Exception):  # not inside Ray, or a Ray without these: a local run
-        import ray
+    return Ran(result, LOCAL, 0, time.perf_counter() - started)
 
-        if ray.is_initialized():
-            node = ray.get_runtime_context().get_node_id()
-            # Ray does not tell the driver that a task was retried; the worker knows its attempt number.
-            from ray._private.worker import global_worker
 
-            attempt = int(global_worker.core_worker.get_current_task_attempt_number())  # type: ignore[attr-defined]
-    return Ran(result, node, attempt, time.perf_counter() - started)
+def ran_on_worker(task: Callable[[S], R], step: S) -> Ran[R]:
+    """Run one step on a Ray worker, and say on which node and in which attempt."""
+    import ray
+
+    ran = ran_here(task, step)
+    attempt = 0
+    with contextlib.suppress(Exception):  # a Ray without this private call: retries go uncounted
+        # Ray does not tell the driver that a task was retried; the worker knows its attempt number.
+        from ray._private.worker import global_worker
+
+        attempt = int(global_worker.core_worker.get_current_task_attempt_number())  # type: ignore[attr-defined]
+    return Ran(ran.result, ray.get_runtime_context().get_node_id(), attempt, ran.seconds)
 
 
 class _Tally:
@@ -187,7 +191,7 @@ def _run_on_ray(
     resources: Resources,
     name: Callable[[S], str],
 ) -> WorkReport:
-    remote = ray.remote(ran_here).options(
+    remote = ray.remote(ran_on_worker).options(
         num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=RETRIES, retry_exceptions=False
     )
     window = _window(ray, resources)  # steps in flight: enough to keep every slot busy, results bounded
