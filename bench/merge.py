@@ -55,14 +55,15 @@ CACHES = ("warm", "cold")
 # Measures one command from a tiny process. A child's ru_maxrss also counts the memory of the process it was
 # forked (or vforked) from, up to its exec: spawned straight from this script, which holds ~1 GB after building
 # the fixture, every contender would read >= 1 GB. This launcher imports no torch (~10 MB), so the command it
-# spawns reports its own peak; it prints the command's output, then one JSON line with wall time and peak RSS.
+# spawns reports its own peak; it prints the command's output, then one JSON line with wall time, CPU time and peak RSS.
 LAUNCHER = """
 import json, os, subprocess, sys, time
 start = time.perf_counter()
 child = subprocess.Popen(sys.argv[1:])
 _, status, usage = os.wait4(child.pid, 0)
 seconds = time.perf_counter() - start
-print("\\n" + json.dumps({"seconds": seconds, "maxrss_kib": usage.ru_maxrss}), flush=True)
+cpu = usage.ru_utime + usage.ru_stime
+print("\\n" + json.dumps({"seconds": seconds, "cpu": cpu, "maxrss_kib": usage.ru_maxrss}), flush=True)
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 MB = 2**20  # ru_maxrss is in KiB on Linux; tables report MiB ("MB")
