@@ -187,6 +187,7 @@ def extract(
     skip_mismatched: bool = False,
     curve: Sequence[int] = (),
     save_changed_vectors: bool = False,
+    base_name: str | None = None,
     device: str = "auto",
     cluster: str | None = None,
     threads: int | None = None,
@@ -201,12 +202,13 @@ def extract(
     ΔW is factorised by truncated SVD at `rank`, or at the smallest rank keeping `energy` of ‖ΔW‖²_F (at most
     `max_rank`); `method` is auto, exact or randomized (see lorasurgeon.extraction). `curve` adds the relative
     error at those ranks. `save_changed_vectors` stores the modules whose 1-D tensors (norms) changed as PEFT
-    modules_to_save. `cluster` ("ray" or "ray:ADDRESS") runs one Ray task per matrix, reading the checkpoints
-    from a path every node sees; `threads` is the torch threads per matrix (default: this process's count;
-    the factors are bit-identical for the same threads and device type, here or on any worker); `resume`
-    continues an interrupted run from the matrices it computed (checked against the inputs' sizes and mtimes).
-    Raises MismatchError when names or shapes differ (unless `skip_mismatched`), NothingChangedError (exit
-    code 1) when no target differs, OutputError when `out` cannot be written.
+    modules_to_save. The adapter names its base as `base_name` (a Hub repo id, say), else `base` as given, and the
+    task type of its architecture, so that AutoPeftModel loads it. `cluster` ("ray" or "ray:ADDRESS") runs one
+    Ray task per matrix, reading the checkpoints from a path every node sees; `threads` is the torch threads per
+    matrix (default: this process's count; the factors are bit-identical for the same threads and device type,
+    here or on any worker); `resume` continues an interrupted run from the matrices it computed (checked against
+    the inputs' sizes and mtimes). Raises MismatchError when names or shapes differ (unless `skip_mismatched`),
+    NothingChangedError (exit code 1) when no target differs, OutputError when `out` cannot be written.
 
     >>> extract("base/", "tuned/", "lora/", rank=16).total_error  # doctest: +SKIP
     0.41
@@ -225,6 +227,7 @@ def extract(
         include_embeddings=include_embeddings,
         skip_mismatched=skip_mismatched,
         save_changed_vectors=save_changed_vectors,
+        base_name=base_name,
     )
     options.validate(dry_run)
     if threads is not None and threads < 1:
@@ -243,6 +246,7 @@ def convert(
     base: PathLike | None = None,
     component: str | None = None,
     alpha: float | None = None,
+    base_name: str | None = None,
     force: bool = False,
     dry_run: bool = False,
 ) -> ConvertSummary:
@@ -252,9 +256,11 @@ def convert(
     OUT is a PEFT directory or one .safetensors file (default `<adapter>-<to>` in the current directory).
     `base` resolves kohya names (required from kohya) and can name kohya modules; `component` (unet,
     text_encoder, ..., or a kohya prefix lora_unet, lora_te, lora_te1, lora_te2) names the component of a PEFT
-    adapter, or selects one component of a kohya or diffusers file. Raises UnsupportedError naming a tensor the
-    target cannot hold, MismatchError when a module does not resolve against `base`, OutputError when `out`
-    cannot be written.
+    adapter (without it, the layout of `base` names it: a diffusers `unet/` directory, ...), or selects one
+    component of a kohya or diffusers file. A PEFT output names its base (`base_name`, else `base`) and the task
+    type of its architecture, so that AutoPeftModel loads it. Raises UnsupportedError naming a tensor the target
+    cannot hold, MismatchError when a module does not resolve against `base`, OutputError when `out` cannot be
+    written.
 
     >>> convert("adapter/", "lora.safetensors", to="kohya", component="lora_unet").modules[0].name  # doctest: +SKIP
     'lora_unet_down_blocks_0_attentions_0_proj_in'
@@ -262,7 +268,7 @@ def convert(
     from lorasurgeon.conversion import ConvertOptions
     from lorasurgeon.conversion import run as run_convert
 
-    options = ConvertOptions(to, Path(base) if base is not None else None, component, alpha)
+    options = ConvertOptions(to, Path(base) if base is not None else None, component, alpha, base_name)
     return run_convert(Path(adapter), Path(out) if out is not None else None, options, force=force, dry_run=dry_run)
 
 
@@ -282,7 +288,15 @@ def _opened(
 
 
 def _output(ckpt: Checkpoint, out: PathLike | None, operation: Operation) -> Path:
-    return Path(out) if out is not None else default_output(ckpt, operation)
+    """OUT, which mirrors the base's layout: a directory for a directory or index, one file for one file."""
+    if out is None:
+        return default_output(ckpt, operation)
+    if ckpt.layout != "file" and Path(out).suffix == ".safetensors":
+        raise LorasurgeonError(
+            f"{out}: names one .safetensors file, but the base {ckpt.path} is a checkpoint directory or index, which "
+            "OUT mirrors as a directory; name OUT as a directory, or give the base's .safetensors file to write one"
+        )
+    return Path(out)
 
 
 def default_output(ckpt: Checkpoint, operation: Operation) -> Path:

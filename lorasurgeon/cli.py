@@ -10,9 +10,10 @@ import signal
 import sys
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -38,8 +39,20 @@ ALLOW_NONFINITE = click.option(
     "--allow-nonfinite", is_flag=True, help="Write NaN/Inf from the inputs through, warning by tensor name."
 )
 JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
-OUT = click.option("-o", "--out", type=click.Path(path_type=Path), help="Output path (default: <base>-merged).")
+FC = TypeVar("FC", bound=Callable[..., Any])
+
+
+def output_option(default: str) -> Callable[[FC], FC]:
+    return click.option("-o", "--out", type=click.Path(path_type=Path), help=f"Output path (default: {default}).")
+
+
+OUT = output_option("<base>-merged")
 EXISTING = click.Path(exists=False, path_type=Path)
+BASE_NAME = click.option(
+    "--base-name",
+    metavar="NAME",
+    help="base_model_name_or_path to record in adapter_config.json (a Hub repo id; default: BASE as given).",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,7 +106,7 @@ def merge(base: Path, adapters: tuple[Path, ...], out: Path | None, weights: tup
 @cli.command()
 @click.argument("merged", type=EXISTING)
 @click.argument("adapter", type=EXISTING)
-@OUT
+@output_option("<merged>-unmerged")
 @SCALE
 @ALPHA
 @DEVICE
@@ -182,6 +195,7 @@ def _ranks(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
     is_flag=True,
     help="Store modules whose 1-D tensors changed (norms) in full, as PEFT modules_to_save.",
 )
+@BASE_NAME
 @click.option("--curve", callback=_ranks, metavar="R1,R2,...", help="Also report the relative error at these ranks.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Draw spectra and error-vs-rank to a PNG (matplotlib).")
 @click.option(
@@ -232,9 +246,11 @@ def extract(base: Path, tuned: Path, out: Path | None, plot: Path | None, **opti
 @click.option(
     "--component",
     type=click.Choice(list(lorasurgeon.COMPONENTS)),
-    help="The pipeline component (or kohya prefix) of a PEFT adapter; for kohya and diffusers files, convert only it.",
+    help="The pipeline component (or kohya prefix) of a PEFT adapter (default: the layout of --base, a diffusers "
+    "unet/ directory, say); for kohya and diffusers files, convert only it.",
 )
 @ALPHA
+@BASE_NAME
 @FORCE
 @DRY_RUN
 @JSON

@@ -26,7 +26,7 @@ from lorasurgeon.decomposition import MatrixResult
 from lorasurgeon.errors import Finding, InputError, MismatchError, NothingChangedError, NumericError, UnsupportedError
 from lorasurgeon.extract_steps import ChangedTensor, Decomposed, Execution, decompose_pairs
 from lorasurgeon.formats import peft
-from lorasurgeon.formats.architectures import task_type
+from lorasurgeon.formats.model_classes import auto_mapping, task_type
 from lorasurgeon.formats.peft_config import WrittenModule, adapter_config, target_modules_for
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.journal import Journal
@@ -38,22 +38,23 @@ JOURNAL = ".lorasurgeon-journal"  # the folder inside OUT's temporary where each
 
 
 def config_of(
-    plan: ExtractPlan, results: list[MatrixResult], options: ExtractOptions, saved_modules: list[str]
+    plan: ExtractPlan, results: list[MatrixResult], options: ExtractOptions, saved_modules: list[str], base: str
 ) -> dict[str, Any]:
     """adapter_config.json: scale alpha / r the same for every module (alpha = r when no alpha is given), targeting
-    exactly the extracted modules of BASE (PEFT loads the adapter onto BASE)."""
+    exactly the extracted modules of BASE (PEFT loads the adapter onto BASE), which it names (`base`, as given, or
+    options.base_name) with the task type of its architecture, so that AutoPeftModel loads it."""
     default_rank = options.rule.rank or Counter(r.rank for r in results).most_common(1)[0][0]
     scale = 1.0 if options.alpha is None else options.alpha / default_rank
     config = plan.base.config or plan.tuned.config or {}
-    name = config.get("_name_or_path")
     paths = [n.removesuffix(".weight") for n, i in {**plan.tuned.tensors, **plan.base.tensors}.items() if _matrix(n, i)]
     return adapter_config(
         [WrittenModule(r.module, r.rank, scale * r.rank) for r in results],
         target_modules=target_modules_for([r.module for r in results], paths),
         fan_in_fan_out=any(p.transpose and p.kind == "linear" for p in plan.pairs),
         modules_to_save=saved_modules,
-        base_model=name if isinstance(name, str) and name else None,
+        base_model=options.base_name or base,
         task_type=task_type(config),
+        auto_mapping=auto_mapping(config),
     )
 
 
@@ -108,7 +109,7 @@ def run(
         writer, resumed_from = None, None
         if dry_run:
             done = decompose_pairs(plan, options, device, on_progress, execution)
-            saved, full, config = _adapter_parts(plan, done, options)
+            saved, full, config = _adapter_parts(plan, done, options, str(base))
         else:
             writer = CheckpointWriter(
                 target, is_dir=True, inputs=[base, tuned], force=force, scratch=JOURNAL, resume=execution.resume
@@ -117,7 +118,7 @@ def run(
                 journal = Journal(writer.path(JOURNAL))
                 with kept_for_resume(journal):
                     done = decompose_pairs(plan, options, device, on_progress, execution, journal)
-                    saved, full, config = _adapter_parts(plan, done, options)
+                    saved, full, config = _adapter_parts(plan, done, options, str(base))
                     peft.write_adapter(writer, done.factors, config, record, full)
             resumed_from = str(writer.resumed_from) if writer.resumed_from else None
         extracted = {r.module for r in done.results}
@@ -142,11 +143,11 @@ def run(
 
 
 def _adapter_parts(
-    plan: ExtractPlan, done: Decomposed, options: ExtractOptions
+    plan: ExtractPlan, done: Decomposed, options: ExtractOptions, base: str
 ) -> tuple[list[str], dict[str, torch.Tensor], dict[str, Any]]:
-    """(modules_to_save, their full tensors, adapter_config.json)."""
+    """(modules_to_save, their full tensors, adapter_config.json naming `base`)."""
     saved, full = changed_vectors(plan, done.changed, done.results) if options.save_changed_vectors else ([], {})
-    return saved, full, config_of(plan, done.results, options, saved)
+    return saved, full, config_of(plan, done.results, options, saved, base)
 
 
 @contextlib.contextmanager

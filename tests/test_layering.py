@@ -25,25 +25,45 @@ ALLOWED: dict[str, set[str]] = {
     "writer": IO,
     "linalg": set(),
     "lycoris": set(),
+    "tuner_maths": set(),
+    "rotations": set(),
+    "weight_products": set(),
     "adapter": IO,
+    "tuner_shapes": {"adapter", "lycoris"},
+    "tuner_kinds": {"adapter"},
+    "tuner_deltas": {"adapter", "lycoris", "tuner_maths"},
+    "tuner_products": {"adapter", "errors", "rotations", "weight_products", "tuner_kinds"},
+    "tuner_merge": {"adapter", "errors", "tuner_deltas", "tuner_kinds", "tuner_products", "tuner_shapes"},
     "formats.config_fields": {"errors"},
     "formats.architectures": {"errors", "header"},
     "formats.sd_layouts": set(),
     "formats.peft_config": {"errors", "header", "formats.config_fields"},
+    "formats.peft_tuner_config": {"errors", "formats.config_fields", "formats.peft_config"},
+    "formats.peft_tuner_additive": {"lycoris", "formats.peft_tuner_config"},
+    "formats.peft_tuner_products": {"formats.peft_tuner_config"},
+    "formats.peft_tuner_inventory": {"formats.peft_tuner_config", "formats.peft_tuner_additive"}
+    | {"formats.peft_tuner_products"},
+    "formats.peft_tuners": NORMAL_FORM
+    | {"formats.peft_config", "formats.peft_tuner_config", "formats.peft_tuner_inventory"},
     "formats.peft": NORMAL_FORM | {"formats.peft_config", "writer"},
     "formats.kohya": NORMAL_FORM | {"formats.peft_config", "lycoris"},
     "formats.kohya_names": NORMAL_FORM | {"formats.kohya", "formats.sd_layouts"},
     "formats.diffusers": NORMAL_FORM | {"formats.kohya", "formats.peft", "formats.peft_config"},
     "formats.resolution": NORMAL_FORM | {"formats.architectures", "formats.kohya", "formats.kohya_names"},
     "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names"},
-    "formats.writing": NORMAL_FORM | FORMATS_CORE,
-    "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "linalg"},
-    "ties": IO | {"formats.architectures"},
+    "formats.writing": NORMAL_FORM | FORMATS_CORE | {"formats.model_classes"},
+    "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "formats.peft_tuners", "linalg"},
+    "formats.model_classes": set(),
+    "ties": NORMAL_FORM | {"formats.architectures", "formats.model_classes"},
     "fit": NORMAL_FORM | {"formats.architectures", "formats.resolution", "lycoris"},
-    "plan": NORMAL_FORM | {"fit", "ties", "formats.architectures", "formats.resolution"},
+    "model_config": set(),
+    "tuner_placement": NORMAL_FORM | {"formats.architectures", "tuner_kinds", "tuner_shapes"},
+    "plan": NORMAL_FORM
+    | {"fit", "ties", "model_config", "formats.architectures", "formats.resolution", "tuner_placement"},
+    "tuner_steps": {"plan", "tuner_merge", "tuner_placement"},
     "mirror": IO | {"plan", "writer"},
     "workspace": IO,
-    "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "writer", "workspace"},
+    "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "tuner_steps", "writer", "workspace"},
     "decomposition": {"errors", "linalg"},
     "pairing": IO | {"decomposition", "formats.architectures"},
     "cluster": {"errors"},
@@ -53,15 +73,21 @@ ALLOWED: dict[str, set[str]] = {
     | {"formats.peft"},
     "extraction": IO
     | {"decomposition", "pairing", "surgery", "writer", "formats.architectures", "formats.peft"}
+    | {"formats.model_classes"}
     | {"formats.peft_config", "cluster", "extract_steps", "journal"},
+    "tuner_lora": {"adapter", "tuner_deltas", "tuner_maths"},
+    "tuner_conversion": NORMAL_FORM
+    | {"plan", "writer", "formats", "formats.peft", "formats.peft_config", "tuner_deltas", "tuner_kinds"}
+    | {"tuner_lora", "tuner_placement"},
     "conversion": NORMAL_FORM
     | {"plan", "writer", "formats", "formats.kohya", "formats.naming", "formats.peft"}
-    | {"formats.peft_config", "formats.resolution", "formats.writing"},
+    | {"formats.peft_config", "formats.resolution", "formats.writing", "tuner_conversion"},
     "census": IO,
     "rules": {"errors", "header", "report"},
+    "tuner_report": {"adapter", "formats.peft_tuner_inventory", "tuner_kinds"},
     "report": NORMAL_FORM
     | {"census", "rules", "formats", "formats.peft_config", "linalg", "lycoris", "plan"}
-    | {"surgery"},
+    | {"surgery", "tuner_report"},
     "__init__": NORMAL_FORM
     | {"formats", "formats.naming", "report", "rules", "plan", "surgery", "pairing"}
     | {"decomposition", "extraction", "conversion", "cluster", "extract_steps"},
@@ -70,7 +96,8 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"__init__", "documents", "errors", "render"},
     "__main__": {"cli"},
 }
-NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", *(m for m in ALLOWED if m.startswith("formats"))]
+NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", "model_config", "tuner_placement", "tuner_shapes", "tuner_kinds"]
+NO_TORCH_AT_IMPORT += [m for m in ALLOWED if m.startswith("formats")]
 
 
 def module_names() -> list[str]:
