@@ -5,10 +5,11 @@ Shapes follow PEFT: A is (r, in), B is (out, r), and a delta is laid out like th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 
 import torch
+
+from lorasurgeon.blocks import delta_rows, folded
 
 
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, transpose: bool) -> torch.Tensor:
@@ -67,16 +68,16 @@ def merge_blockwise(
     rows, columns = flat.shape
     result = torch.empty(flat.shape, dtype=dtype, device=weight.device) if out is None else out.view(flat.shape)
     step = rows if weight.is_cuda else max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(columns, 1))
-    terms = [_folded(term, sign) for term in factors]
+    terms = [folded(term, sign) for term in factors]
     spans = [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
     def merge_run(run: list[tuple[int, int]]) -> bool:
         buffer = torch.empty(step * columns, device=weight.device)  # one fp32 block, reused
         ok = True
         for start, stop in run:
-            block = _delta_rows(terms[0], start, stop, buffer)
+            block = delta_rows(terms[0], start, stop, buffer)
             for term in terms[1:]:
-                block.add_(_delta_rows(term, start, stop))
+                block.add_(delta_rows(term, start, stop))
             block.add_(flat[start:stop])
             result[start:stop] = block
             ok = ok and _rounded_fit(block, result[start:stop], dtype)
@@ -87,31 +88,6 @@ def merge_blockwise(
     share = -(-len(spans) // parts)
     runs = [spans[i : i + share] for i in range(0, len(spans), share)]
     return result.view(weight.shape), all(list(parallel(merge_run, runs)))
-
-
-def _folded(
-    term: tuple[torch.Tensor, torch.Tensor, float, bool], sign: int
-) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
-    """(A, B, scale, transpose) with sign · scale in A when that is exact (see merge_blockwise), else in scale."""
-    a, b, scale, transpose = term
-    if scale >= 1 and math.frexp(scale)[0] == 0.5:
-        return (a * (sign * scale) if sign * scale != 1 else a), b, 1.0, transpose
-    return a, b, sign * scale, transpose
-
-
-def _delta_rows(
-    factors: tuple[torch.Tensor, torch.Tensor, float, bool], start: int, stop: int, buffer: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Rows [start, stop) of scale · (B @ A), or of its transpose, in fp32 (in `buffer` when given and not
-    transposed)."""
-    a, b, scale, transpose = factors
-    if transpose:
-        rows = (b @ a[:, start:stop]).T
-    elif buffer is not None:
-        rows = torch.mm(b[start:stop], a, out=buffer[: (stop - start) * a.shape[1]].view(stop - start, a.shape[1]))
-    else:
-        rows = b[start:stop] @ a
-    return rows.mul_(scale) if scale != 1 else rows
 
 
 # Output dtypes whose rounding turns anything out of range into ±Inf (and keeps NaN): for them a finite sum of

@@ -23,7 +23,8 @@ ALLOWED: dict[str, set[str]] = {
     "header": {"errors"},
     "checkpoint": {"errors", "header"},
     "writer": IO,
-    "linalg": set(),
+    "blocks": set(),
+    "linalg": {"blocks"},
     "lycoris": set(),
     "tuner_maths": set(),
     "rotations": set(),
@@ -157,7 +158,7 @@ def test_imports_only_what_its_entry_allows(module: str) -> None:
     assert mine <= ALLOWED[module], f"{module} imports {sorted(mine - ALLOWED[module])}, which its entry does not allow"
 
 
-@pytest.mark.parametrize("module", ["linalg", "lycoris"])
+@pytest.mark.parametrize("module", ["linalg", "blocks", "lycoris"])
 def test_maths_imports_only_torch(module: str) -> None:
     assert imports(module)[1] <= {"torch", "__future__", "math", "collections", "dataclasses", "typing"}
 
