@@ -189,6 +189,9 @@ def extract(
     save_changed_vectors: bool = False,
     base_name: str | None = None,
     device: str = "auto",
+    cluster: str | None = None,
+    threads: int | None = None,
+    resume: bool = False,
     force: bool = False,
     dry_run: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
@@ -200,13 +203,17 @@ def extract(
     `max_rank`); `method` is auto, exact or randomized (see lorasurgeon.extraction). `curve` adds the relative
     error at those ranks. `save_changed_vectors` stores the modules whose 1-D tensors (norms) changed as PEFT
     modules_to_save. The adapter names its base as `base_name` (a Hub repo id, say), else `base` as given, and the
-    task type of its architecture, so that AutoPeftModel loads it. Raises MismatchError when names or shapes differ
-    (unless `skip_mismatched`), NothingChangedError when no target differs, OutputError when `out` cannot be
-    written.
+    task type of its architecture, so that AutoPeftModel loads it. `cluster` ("ray" or "ray:ADDRESS") runs one
+    Ray task per matrix, reading the checkpoints from a path every node sees; `threads` is the torch threads per
+    matrix (default: this process's count; the factors are bit-identical for the same threads and device type,
+    here or on any worker); `resume` continues an interrupted run from the matrices it computed (checked against
+    the inputs' sizes and mtimes). Raises MismatchError when names or shapes differ (unless `skip_mismatched`),
+    NothingChangedError when no target differs, OutputError when `out` cannot be written.
 
     >>> extract("base/", "tuned/", "lora/", rank=16).total_error  # doctest: +SKIP
     0.41
     """
+    from lorasurgeon.cluster import parse_cluster
     from lorasurgeon.pairing import ExtractOptions
     from lorasurgeon.rank_rule import RankRule
 
@@ -221,15 +228,22 @@ def extract(
         base_name=base_name,
     )
     options.validate(dry_run)
+    if threads is not None and threads < 1:
+        raise LorasurgeonError(Option("threads", threads), ": must be at least 1")
+    parsed = parse_cluster(cluster) if cluster else None
     _check_device(device)
     if on_progress:
         on_progress(Progress(phase="planning"))
     out_path = Path(out) if out is not None else None
     with Checkpoint.open(Path(base)) as base_ckpt, Checkpoint.open(Path(tuned)) as tuned_ckpt:
-        from lorasurgeon.extraction import run as run_extract  # torch: only once the inputs have been read
+        from lorasurgeon.extract_steps import Execution  # torch: only once the inputs have been read
+        from lorasurgeon.extraction import run as run_extract
 
         torch_device = resolve_device(device)
-        return run_extract(base_ckpt, tuned_ckpt, out_path, options, torch_device, force, dry_run, on_progress)
+        execution = Execution(parsed, threads, resume)
+        return run_extract(
+            base_ckpt, tuned_ckpt, out_path, options, torch_device, force, dry_run, on_progress, execution
+        )
 
 
 def convert(

@@ -24,6 +24,7 @@ from lorasurgeon.tables import Column, Fitted, Kind
 from lorasurgeon.units import size
 
 if TYPE_CHECKING:  # not imported at run time: they load torch, which `report` does not need
+    from lorasurgeon.cluster import WorkReport
     from lorasurgeon.conversion import ConvertSummary
     from lorasurgeon.extraction import ExtractSummary
     from lorasurgeon.plan import Plan
@@ -263,6 +264,8 @@ def show_extract(summary: ExtractSummary) -> None:
         stderr.print(f"{where} {c.name} ({shape}) changed by up to {c.max_change:.3g}")
     if summary.unchanged:
         stderr.print(f"{len(summary.unchanged)} target matrices are unchanged and have no LoRA factors")
+    if summary.work is not None and (summary.work.engine != "local" or summary.work.resumed):
+        show_work(summary.work, summary.resumed_from)
     if summary.dry_run:
         stderr.print("dry run: no adapter written")
     else:
@@ -271,6 +274,16 @@ def show_extract(summary: ExtractSummary) -> None:
             f"{size(summary.bytes_written)}, {summary.seconds:.1f} s on {summary.device})",
             soft_wrap=True,
         )
+
+
+def show_work(work: WorkReport, resumed_from: str | None) -> None:
+    """Where the per-step tasks ran: one line per node, then the retried and resumed counts."""
+    for n in work.nodes:
+        stderr.print(f"{work.engine} node {n.node}: {n.steps} steps, {n.seconds:.1f} s", soft_wrap=True)
+    if work.retried:
+        stderr.print(f"[yellow]{work.retried} steps were run again after their worker was lost[/]")
+    if work.resumed:
+        stderr.print(f"resumed: {work.resumed} steps taken from {resumed_from}", soft_wrap=True)
 
 
 def show_convert(summary: ConvertSummary) -> None:
