@@ -24,7 +24,7 @@ import torch
 from builders import run_cli, tree_hashes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lorasurgeon.checkpoint import Checkpoint
@@ -80,10 +80,16 @@ def _overlap(header: dict[str, dict[str, object]]) -> None:
     header[second]["data_offsets"] = [begin - 4, end - 4]
 
 
-def _gap(header: dict[str, dict[str, object]]) -> None:
-    for name in tensors_by_offset(header)[1:]:
+def _gap(raw: bytes) -> bytes:
+    """Four spare bytes after the first tensor, the rest moved up by four: the file size still matches the
+    header, so only the gap check can find it (shifting without padding ran past the end of the file)."""
+    header, data = split(raw)
+    names = tensors_by_offset(header)
+    first_end = header[names[0]]["data_offsets"][1]  # type: ignore[index]
+    for name in names[1:]:
         begin, end = header[name]["data_offsets"]  # type: ignore[misc]
         header[name]["data_offsets"] = [begin + 4, end + 4]
+    return join(header, data[:first_end] + b"\0" * 4 + data[first_end:])
 
 
 def _past_end(header: dict[str, dict[str, object]]) -> None:
@@ -103,6 +109,43 @@ def _duplicate(raw: bytes) -> bytes:
     name = tensors_by_offset(header)[0]
     entry = json.dumps({name: header[name]})[1:-1]
     return join(text[:-1].encode() + b", " + entry.encode() + b"}", data)
+
+
+def _escaped_duplicate(raw: bytes) -> bytes:
+    """The first tensor named twice, the copy spelling a field with a JSON escape (json.loads keeps the last
+    copy; a count of the literal field names missed it)."""
+    header, data = split(raw)
+    name = tensors_by_offset(header)[0]
+    copy = json.dumps({name: header[name]})[1:-1].replace("data_offsets", "data\\u005foffsets")
+    return join(json.dumps(header)[:-1].encode() + b", " + copy.encode() + b"}", data)
+
+
+def _text_edit(old: bytes, new: bytes) -> Callable[[bytes], bytes]:
+    """Replace the first `old` in the header text by `new` (the data stays)."""
+
+    def mutate(raw: bytes) -> bytes:
+        text = json.dumps(split(raw)[0]).encode()
+        assert old in text, old
+        return join(text.replace(old, new, 1), split(raw)[1])
+
+    return mutate
+
+
+def _first_renamed(name: str) -> Callable[[bytes], bytes]:
+    def mutate(raw: bytes) -> bytes:
+        header, data = split(raw)
+        first = tensors_by_offset(header)[0]
+        text = json.dumps({name if n == first else n: v for n, v in header.items()})  # escapes a surrogate
+        return join(text.encode(), data)
+
+    return mutate
+
+
+def _sub_byte(header: dict[str, dict[str, object]]) -> None:
+    """The first tensor as F4 with as many 4-bit elements as its bytes hold: valid safetensors."""
+    entry = _first(header)
+    begin, end = entry["data_offsets"]  # type: ignore[misc]
+    entry["dtype"], entry["shape"] = "F4", [2 * (end - begin)]
 
 
 def _torch_zip(raw: bytes) -> bytes:
@@ -135,7 +178,7 @@ FILE_MUTATIONS: dict[str, Callable[[bytes], bytes]] = {
     "entry not an object": rewrite(lambda h: h.__setitem__(tensors_by_offset(h)[0], [1, 2])),
     "offsets out of range": rewrite(_past_end),
     "overlapping tensors": rewrite(_overlap),
-    "gap between tensors": rewrite(_gap),
+    "gap between tensors": _gap,
     "unknown dtype": rewrite(_set("dtype", "F12")),
     "dtype not a string": rewrite(_set("dtype", ["F32"])),
     "shape not a list": rewrite(_set("shape", "4x4")),
@@ -146,6 +189,15 @@ FILE_MUTATIONS: dict[str, Callable[[bytes], bytes]] = {
     "duplicate tensor name": _duplicate,
     "metadata value not a string": rewrite(lambda h: h.__setitem__("__metadata__", {"format": 1})),
     "metadata not an object": rewrite(lambda h: h.__setitem__("__metadata__", "pt")),
+    "tensor named twice, one copy escaped": _escaped_duplicate,
+    "entry with two dtype fields": _text_edit(b'{"dtype": ', b'{"dtype": "U8", "dtype": '),
+    "two __metadata__ entries": _text_edit(b'{"__metadata__": ', b'{"__metadata__": {}, "__metadata__": '),
+    "metadata key twice": _text_edit(b'{"format": ', b'{"format": "x", "format": '),
+    "tensor name a lone surrogate": _first_renamed("\ud800"),
+    "metadata value a lone surrogate": rewrite(lambda h: h.__setitem__("__metadata__", {"format": "\udc00"})),
+    "NaN in an extra field": _text_edit(b'{"dtype": ', b'{"note": NaN, "dtype": '),
+    "data offset -0": _text_edit(b'"data_offsets": [0, ', b'"data_offsets": [-0, '),
+    "sub-byte dtype": rewrite(_sub_byte),
     "torch.save zip pickle renamed .safetensors": _torch_zip,
     "legacy pickle renamed .safetensors": _torch_legacy,
 }
@@ -224,8 +276,43 @@ def _wrong_shard(base: Path, index: dict[str, object]) -> object:
     return index
 
 
+def _renamed_shard(name: str) -> Callable[[Path, dict[str, object]], object]:
+    """Every tensor in the one shard, listed under `name` (which names the real shard some other way)."""
+
+    def edit(base: Path, index: dict[str, object]) -> object:
+        if name.startswith("sub/"):
+            (base / "sub").mkdir()
+        index["weight_map"] = dict.fromkeys(index["weight_map"], name)  # type: ignore[arg-type]
+        return index
+
+    return edit
+
+
+def _shard_replaced(make: Callable[[Path], None]) -> Callable[[Path, dict[str, object]], object]:
+    def edit(base: Path, index: dict[str, object]) -> object:
+        shard = base / "model-00001-of-00001.safetensors"
+        shard.unlink()
+        make(shard)
+        return index
+
+    return edit
+
+
+def _listed_twice(base: Path, index: dict[str, object]) -> object:
+    weight_map = index["weight_map"]
+    assert isinstance(weight_map, dict)
+    name = next(iter(weight_map))
+    text = json.dumps(index)
+    return text.replace(f'"{name}": ', f'"{name}": "elsewhere.safetensors", "{name}": ', 1).encode()
+
+
 # What the error names when it is not the index itself.
-INDEX_CULPRITS = {"shard missing": "missing.safetensors", "shard is a pickle": "model.bin"}
+INDEX_CULPRITS = {
+    "shard missing": "missing.safetensors",
+    "shard is a pickle": "model.bin",
+    "shard is a named pipe": "named pipe",
+    "shard is a symbolic link to itself": "symbolic link",
+}
 INDEX_EDITS: dict[str, Callable[[Path, dict[str, object]], object]] = {
     "not JSON": lambda base, index: b"{'weight_map': ",
     "not UTF-8": lambda base, index: b'{"weight_map": "\xff"}',
@@ -242,6 +329,13 @@ INDEX_EDITS: dict[str, Callable[[Path, dict[str, object]], object]] = {
     "shard missing": lambda base, index: {"weight_map": dict.fromkeys(index["weight_map"], "missing.safetensors")},  # type: ignore[arg-type]
     "tensor not in its shard": _wrong_shard,
     "shard is a pickle": lambda base, index: {"weight_map": dict.fromkeys(index["weight_map"], "model.bin")},  # type: ignore[arg-type]
+    "shard name with a trailing slash": _renamed_shard("model-00001-of-00001.safetensors/"),
+    "shard name through sub/..": _renamed_shard("sub/../model-00001-of-00001.safetensors"),
+    "shard name through ./": _renamed_shard("./model-00001-of-00001.safetensors"),
+    "shard name a lone surrogate": _renamed_shard("\udcff.safetensors"),
+    "tensor listed twice": _listed_twice,
+    "shard is a named pipe": _shard_replaced(os.mkfifo),
+    "shard is a symbolic link to itself": _shard_replaced(lambda shard: shard.symlink_to(shard.name)),
 }
 
 
@@ -286,6 +380,18 @@ def pickle_file_case() -> Case:
     return Case("base: a .pt file", build)
 
 
+def pipe_case(name: str) -> Case:
+    """A named pipe under the name of a file the base directory's reader opens: refused, never waited on."""
+
+    def build(tmp: Path, base: Path, adapter: Path) -> tuple[Path, Path, str]:
+        base, adapter = copies(tmp, base, adapter)
+        (base / name).unlink(missing_ok=True)
+        os.mkfifo(base / name)
+        return base, adapter, f"{name}: is a named pipe"
+
+    return Case(f"base: {name} a named pipe", build)
+
+
 def shape_case(name: str, edit: Callable[[dict[str, torch.Tensor]], None]) -> Case:
     """A valid adapter file whose factor shapes do not fit the base."""
 
@@ -323,6 +429,9 @@ CASES: list[Case] = [
     pickle_case("base"),
     pickle_case("adapter"),
     pickle_file_case(),
+    pipe_case("model.safetensors.index.json"),
+    pipe_case("model.safetensors"),
+    pipe_case("config.json"),
     shape_case("lora_A in-features too wide", _reshape(Q_PROJ_A, 4, 33)),
     shape_case("lora_B out-features too tall", _reshape(Q_PROJ_B, 33, 4)),
     shape_case("lora_A rank differs from lora_B", _reshape(Q_PROJ_A, 3, 32)),
@@ -391,6 +500,42 @@ def test_a_valid_header_of_length_640_is_not_taken_for_a_pickle(tmp_path: Path) 
     path = tmp_path / "x.safetensors"
     path.write_bytes(join(text, b"\x00" * 4))
     assert [t.name for t in read_header(path).tensors] == ["w"]
+
+
+# The words each new header defect is refused with (the CLI runs above check the file is named).
+HEADER_WORDS = {
+    "gap between tensors": "leaves a gap before it",
+    "tensor named twice, one copy escaped": "names tensor",
+    "entry with two dtype fields": "names the key 'dtype' twice",
+    "two __metadata__ entries": "names '__metadata__' twice",
+    "metadata key twice": "__metadata__ names the key 'format' twice",
+    "tensor name a lone surrogate": "tensor name '\\ud800' holds a lone UTF-16 surrogate",
+    "metadata value a lone surrogate": "'\\udc00' holds a lone UTF-16 surrogate",
+    "NaN in an extra field": "NaN is not JSON",
+    "data offset -0": "data_offsets [-0.0,",
+    "sub-byte dtype": "dtype F4 (4 bits per element) is not supported",
+}
+
+
+# What safetensors.safe_open accepts and we refuse, by name: it keeps the last of duplicate keys silently (a
+# tensor named twice is a silent misread), and we have no byte size for F4.
+LIBRARY_ACCEPTS = {"tensor named twice, one copy escaped", "metadata key twice", "sub-byte dtype"}
+
+
+@pytest.mark.parametrize("mutation", sorted(HEADER_WORDS))
+def test_header_defects_are_refused_in_words(mutation: str, tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(FILE_MUTATIONS[mutation](VALID))
+    with pytest.raises(LorasurgeonError) as error:
+        read_header(path)
+    assert str(error.value).startswith(f"{path}: ")
+    assert HEADER_WORDS[mutation] in str(error.value)
+    if mutation in LIBRARY_ACCEPTS:
+        with safe_open(path, "pt") as f:
+            assert f.keys()
+    else:
+        with pytest.raises(SafetensorError), safe_open(path, "pt"):
+            pass
 
 
 # --- hypothesis: random damage to valid files -------------------------------------------------------------
