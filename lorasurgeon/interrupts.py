@@ -1,10 +1,13 @@
 """Interrupts (Ctrl-C's SIGINT, SIGTERM, SIGHUP): a run they stop ends with exit code 130 and one line.
 
-While a command runs, the CLI turns them into KeyboardInterrupt, so that the writer removes its temporary on
-the way out. Before that (while the entry point imports the CLI and its libraries) there is nothing to clean
-up: `exit_at_once` makes them end the process there and then. The writer holds them back (`held`) while it
-publishes OUT or removes its temporary, so neither is ever cut in half; they take effect right after.
-`committed` lists the outputs published in this process, so that the message can say what was written.
+While a command runs, the CLI turns them into KeyboardInterrupt (`unwind`), so that the writer removes its
+temporary on the way out. Before that (while the entry point imports the CLI and its libraries) there is
+nothing to clean up: `exit_at_once` makes them end the process there and then. So does an interrupt during an
+import in a process started by the entry point: a KeyboardInterrupt raised inside `import torch` reaches its
+C++ initialisation, which aborts the process (std::terminate) or leaves the interpreter to kill itself with
+the signal, and no temporary exists while the libraries are imported. The writer holds interrupts back
+(`held`) while it publishes OUT or removes its temporary, so neither is ever cut in half; they take effect
+right after. `committed` lists the outputs published in this process, so the message says what was written.
 """
 
 from __future__ import annotations
@@ -31,10 +34,30 @@ def message(since: int = 0) -> str:
     return f"interrupted after {', '.join(map(str, done))} was written completely"
 
 
+_process: list[bool] = []  # non-empty once the entry point has taken interrupts in hand (a whole process)
+
+
 def exit_at_once() -> None:
     """From now on (until someone installs other handlers), an interrupt prints its one line and exits 130."""
+    _process.append(True)
     for signum in SIGNALS:
         signal.signal(signum, _exit_now)
+
+
+def unwind(signum: int, frame: FrameType | None) -> None:
+    """The handler while a command runs: KeyboardInterrupt, so every `with` block cleans up on the way out;
+    in a process of the entry point's, during an import, the process ends at once instead (see above)."""
+    if _process and _importing(frame):
+        _exit_now(signum, frame)
+    raise KeyboardInterrupt
+
+
+def _importing(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def ignore() -> None:
@@ -50,7 +73,9 @@ def after_command(handler: Any) -> Any:
 
 
 def _exit_now(signum: int, frame: FrameType | None) -> None:
-    os.write(2, f"Error: {message()}\n".encode())
+    # On a terminal, show the cursor again (a progress bar hides it) and leave the bar's line first.
+    restore = b"\x1b[?25h\n" if os.isatty(2) else b""
+    os.write(2, restore + f"Error: {message()}\n".encode())
     os._exit(EXIT_CODE)
 
 

@@ -149,9 +149,11 @@ class CheckpointWriter:
         directory cannot, so the old one is moved aside first and moved back if the second rename fails
         (or, after a kill between the two, by the next run: see `restore_interrupted_swap`)."""
         old = self.out.parent / f"{self.tmp.name}{OLD_SUFFIX}"
-        with interrupts.held():  # a Ctrl-C between the two renames would leave OUT moved aside
+        # Held back: a Ctrl-C between the two renames would leave OUT moved aside, and one just after them the
+        # old copy behind; it takes effect once OUT is whole and the old one gone.
+        with interrupts.held():
             self._swap(old)
-        remove(old)
+            remove(old)
 
     def _swap(self, old: Path) -> None:
         swapped = False
