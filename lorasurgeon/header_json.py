@@ -27,10 +27,11 @@ def load(path: Path, raw: bytes | bytearray) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not a safetensors file (header is not UTF-8: {e})") from None
-    doc = _fast_json(path, text)
+    suspect = _suspect_bytes(raw)
+    doc = _strict_json(path, text) if suspect else _fast_json(path, text)
     if not isinstance(doc, dict):
         raise InputError(f"{path}: not a safetensors file (header is not a JSON object)")
-    if _needs_strict_parse(raw, doc):
+    if not suspect and _keys_lost(raw, doc):
         strict: dict[str, Any] = _strict_json(path, text)  # a dict again: the same text
         return strict
     return doc
@@ -45,26 +46,31 @@ def _fast_json(path: Path, text: str) -> Any:
         raise InputError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
 
 
-def _needs_strict_parse(raw: bytes | bytearray, doc: dict[str, Any]) -> bool:
-    """Whether json.loads may have read `raw` differently from serde_json (safetensors' parser).
-
-    Sound, and cheap on real headers. When no quote is followed by whitespace, every key of the JSON text
-    ends with a quote directly followed by a colon, so `raw.count(b'":')` counts every key (plus any `\\":`
-    inside a string). A header that passes validation has at least top level + metadata + 3 keys per entry;
-    a count of exactly that means no object lost a duplicate key to json.loads and no entry holds anything
-    but its three fields (nothing nested deeper than serde_json allows, no number it would refuse). What is
-    left: lone surrogates, which need a \\uD... escape (UTF-8 decoding refuses encoded ones), and `-0`,
-    which serde_json reads as a float."""
-    meta = doc.get(METADATA_KEY)
-    entries = len(doc) - (METADATA_KEY in doc)
-    keys = len(doc) + (len(meta) if isinstance(meta, dict) else 0) + 3 * entries
+def _suspect_bytes(raw: bytes | bytearray) -> bool:
+    """Whether the text may hold what json.loads reads differently from serde_json, or what the key count of
+    `_keys_lost` cannot see: a quote followed by whitespace (a key's colon may then be apart from it), a
+    \\uD... escape (lone surrogates need one: UTF-8 decoding refuses encoded ones), or the number `-0`,
+    which serde_json reads as a float. A few byte searches; real headers have none of these."""
     return (
-        raw.count(b'":') != keys
-        or b"\\ud" in raw
+        b"\\ud" in raw
         or b"\\uD" in raw
         or any(quote_space in raw for quote_space in QUOTE_SPACES)
         or _negative_zero(raw)
     )
+
+
+def _keys_lost(raw: bytes | bytearray, doc: dict[str, Any]) -> bool:
+    """Whether json.loads may have dropped a duplicate key, or an entry holds more than its three fields.
+
+    Sound when `_suspect_bytes` is false: no quote is then followed by whitespace, so every key of the text
+    ends with a quote directly followed by a colon, and `raw.count(b'":')` counts every key (plus any `\\":`
+    inside a string). A header that passes validation has at least top level + metadata + 3 keys per entry;
+    a count of exactly that means no object lost a duplicate key to json.loads and no entry holds anything
+    but its three fields (nothing nested deeper than serde_json allows, no number it would refuse)."""
+    meta = doc.get(METADATA_KEY)
+    entries = len(doc) - (METADATA_KEY in doc)
+    keys = len(doc) + (len(meta) if isinstance(meta, dict) else 0) + 3 * entries
+    return raw.count(b'":') != keys
 
 
 def _negative_zero(raw: bytes | bytearray) -> bool:

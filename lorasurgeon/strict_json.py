@@ -119,8 +119,9 @@ def _walk(doc: Any, serde: bool, skip: Callable[[Keys, Any], bool] | None) -> No
         value, keys, depth = stack.pop()
         if isinstance(value, str):
             _check_string(value, keys)
-        elif type(value) is int and serde and not -HUGE < value < HUGE:
-            _check_number(value, keys)
+        elif type(value) is int:
+            if serde and not -HUGE < value < HUGE:
+                _check_number(value, keys)
         elif isinstance(value, (dict, list)):
             if serde and depth > MAX_DEPTH:
                 raise JsonRefusal(f"nested more than {MAX_DEPTH} deep", keys)
@@ -128,12 +129,28 @@ def _walk(doc: Any, serde: bool, skip: Callable[[Keys, Any], bool] | None) -> No
                 raise JsonRefusal("duplicate key", keys, value.duplicate)
             if isinstance(value, list):
                 stack.extend((item, keys, depth + 1) for item in value)
-                continue
-            for key, item in value.items():
-                _check_string(key, keys)
-                inner = (*keys, key)
-                if skip is None or not skip(inner, item):
-                    stack.append((item, inner, depth + 1))
+            else:
+                _push_items(value, keys, depth, skip, stack)
+
+
+def _push_items(
+    value: dict[str, Any],
+    keys: Keys,
+    depth: int,
+    skip: Callable[[Keys, Any], bool] | None,
+    stack: list[tuple[Any, Keys, int]],
+) -> None:
+    """The hot loop of a strict header parse: keys and string values checked in place, the rest stacked."""
+    for key, item in value.items():
+        if not key.isascii():
+            _check_string(key, keys)
+        if type(item) is str:
+            if not item.isascii():
+                _check_string(item, (*keys, key))
+        elif isinstance(item, (dict, list)) or type(item) is int:
+            inner = (*keys, key)
+            if skip is None or not skip(inner, item):
+                stack.append((item, inner, depth + 1))
 
 
 def _check_string(text: str, keys: Keys) -> None:

@@ -622,3 +622,16 @@ def test_index_reader_reads_correctly_or_refuses(raw: bytes) -> None:
             with Checkpoint.open(root) as ckpt:
                 assert sorted(ckpt.tensors) == ["a", "b"]
                 assert {info.path.resolve() for info in ckpt.tensors.values()} == {(root / "x.safetensors").resolve()}
+
+
+@pytest.mark.parametrize("mutation", sorted(HEADER_WORDS))
+def test_report_refuses_header_defects_with_one_line(
+    mutation: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`report` printed an internal error for a tensor name that is a lone surrogate (issue 12)."""
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(FILE_MUTATIONS[mutation](VALID))
+    code, stdout, stderr = run_cli(["report", str(path)], capsys)
+    errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
+    assert code == 2 and len(errors) == 1 and HEADER_WORDS[mutation] in errors[0], stderr
+    assert "internal error" not in stderr and "Traceback" not in stdout + stderr

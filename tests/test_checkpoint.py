@@ -420,3 +420,16 @@ def test_a_dangling_symlink_out_is_refused_without_force(tmp_path: Path, is_dir:
     with CheckpointWriter(out, is_dir=is_dir, inputs=[], force=True) as w:
         w.write_json("config.json", {}) if is_dir else w.shard("out", [], {}).__enter__().finish()
     assert not out.is_symlink() and not (tmp_path / "nowhere").exists()  # the link replaced, not followed
+
+
+def test_a_zero_size_tensor_wider_than_torch_is_refused_by_name(tmp_path: Path) -> None:
+    """safetensors dimensions are u64: [0, 2**63] is a valid (empty) tensor torch cannot make."""
+    from lorasurgeon.errors import UnsupportedError
+    from lorasurgeon.header import build_header
+
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(build_header([("e", "F32", (0, 2**63))], {}))
+    with Checkpoint.open(path) as ckpt:
+        assert ckpt.tensors["e"].numel == 0
+        with pytest.raises(UnsupportedError, match="tensor 'e' has a dimension torch cannot hold"):
+            ckpt.read(ckpt.tensors["e"])
