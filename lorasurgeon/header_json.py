@@ -2,9 +2,9 @@
 
 json.loads is the fast path. It can read a text differently from serde_json (the library's parser) only
 through a duplicate key, a lone surrogate escape, `-0` or something serde_json refuses in a place our
-validation never looks (an extra field of an entry); `_needs_strict_parse` notices each of these with a few
-byte counts, and such a header is parsed again by `strict_json`, which refuses what serde_json refuses and
-every duplicate key.
+validation never looks (an extra field of an entry); `_suspect_bytes` and `_keys_lost` notice each of these
+with a few byte counts, and such a header is parsed by `strict_json` instead, which refuses what serde_json
+refuses and every duplicate key.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from lorasurgeon import strict_json
 from lorasurgeon.errors import InputError
 
 METADATA_KEY = "__metadata__"
-QUOTE_SPACES = (b'" ', b'"\t', b'"\n', b'"\r')
 ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
 
 
@@ -27,11 +26,12 @@ def load(path: Path, raw: bytes | bytearray) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not a safetensors file (header is not UTF-8: {e})") from None
-    suspect = _suspect_bytes(raw)
+    key_colons = raw.count(b'":')
+    suspect = _suspect_bytes(raw, key_colons)
     doc = _strict_json(path, text) if suspect else _fast_json(path, text)
     if not isinstance(doc, dict):
         raise InputError(f"{path}: not a safetensors file (header is not a JSON object)")
-    if not suspect and _keys_lost(raw, doc):
+    if not suspect and _keys_lost(key_colons, doc):
         strict: dict[str, Any] = _strict_json(path, text)  # a dict again: the same text
         return strict
     return doc
@@ -46,31 +46,26 @@ def _fast_json(path: Path, text: str) -> Any:
         raise InputError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
 
 
-def _suspect_bytes(raw: bytes | bytearray) -> bool:
+def _suspect_bytes(raw: bytes | bytearray, key_colons: int) -> bool:
     """Whether the text may hold what json.loads reads differently from serde_json, or what the key count of
-    `_keys_lost` cannot see: a quote followed by whitespace (a key's colon may then be apart from it), a
-    \\uD... escape (lone surrogates need one: UTF-8 decoding refuses encoded ones), or the number `-0`,
-    which serde_json reads as a float. A few byte searches; real headers have none of these."""
-    return (
-        b"\\ud" in raw
-        or b"\\uD" in raw
-        or any(quote_space in raw for quote_space in QUOTE_SPACES)
-        or _negative_zero(raw)
-    )
+    `_keys_lost` cannot see: a colon not directly after a quote (a key's colon apart from it, or a colon in a
+    string), a \\u escape (lone surrogates need one: UTF-8 decoding refuses encoded ones), or the number
+    `-0`, which serde_json reads as a float. Three byte scans; real headers have none of these."""
+    return raw.count(b":") != key_colons or b"\\u" in raw or _negative_zero(raw)
 
 
-def _keys_lost(raw: bytes | bytearray, doc: dict[str, Any]) -> bool:
+def _keys_lost(key_colons: int, doc: dict[str, Any]) -> bool:
     """Whether json.loads may have dropped a duplicate key, or an entry holds more than its three fields.
 
-    Sound when `_suspect_bytes` is false: no quote is then followed by whitespace, so every key of the text
-    ends with a quote directly followed by a colon, and `raw.count(b'":')` counts every key (plus any `\\":`
-    inside a string). A header that passes validation has at least top level + metadata + 3 keys per entry;
-    a count of exactly that means no object lost a duplicate key to json.loads and no entry holds anything
-    but its three fields (nothing nested deeper than serde_json allows, no number it would refuse)."""
+    Sound when `_suspect_bytes` is false. Every colon of the text then follows a quote directly, so every key
+    (whose colon follows it, after no whitespace) ends one of the `key_colons` occurrences of `":`, which also
+    count any `\\":` inside a string. A header that passes validation has at least top level + metadata + 3
+    keys per entry; a count of exactly that means no object lost a duplicate key to json.loads and no entry
+    holds anything but its three fields (nothing nested deeper than serde_json allows, no number it would
+    refuse)."""
     meta = doc.get(METADATA_KEY)
     entries = len(doc) - (METADATA_KEY in doc)
-    keys = len(doc) + (len(meta) if isinstance(meta, dict) else 0) + 3 * entries
-    return raw.count(b'":') != keys
+    return key_colons != len(doc) + (len(meta) if isinstance(meta, dict) else 0) + 3 * entries
 
 
 def _negative_zero(raw: bytes | bytearray) -> bool:

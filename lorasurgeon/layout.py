@@ -61,6 +61,8 @@ def hub_blobs(real_root: Path) -> Path | None:
 
 def check_name(name: str, where: Path) -> None:
     """Refuse a shard name that is no normalised relative path inside the checkpoint (InputError naming it)."""
+    if name.isascii() and name.isprintable() and "/" not in name and name not in ("", ".", ".."):
+        return  # a plain file name: the common case, checked in one pass
     if not name or "\x00" in name or not _is_text(name):
         raise InputError(f"{where}: shard name {name!r} is not a file name")
     normal = posixpath.normpath(name)

@@ -661,3 +661,28 @@ def test_known_internal_errors_of_the_adapter_formats(
         code, stdout, stderr = run_cli(args, capsys)
         assert code in (1, 2), stderr
         judge(args, code, stdout + stderr, out / "merged")
+
+
+FOOLS = {
+    "a duplicate whose first copy has no data_offsets": b'{"a":{"dtype":"U8"},"a":ENTRY}',
+    "a duplicate beside an escaped quote and colon": b'{"__metadata__":{"k":"\\":"},"a":ENTRY,"a":ENTRY}',
+    "a duplicate field beside an extra one elsewhere": (
+        b'{"a":{"dtype":"U8","dtype":"U8","shape":[4],"data_offsets":[0,4]},'
+        b'"b":{"dtype":"U8","shape":[0],"data_offsets":[4,4],"x":1}}'
+    ),
+    "a duplicate with whitespace before a colon": b'{"a" :ENTRY,"a":ENTRY}',
+    "a duplicate field spelled with an escape": b'{"a":{"dtype":"U8","shape":[4],"data\\u005foffsets":[0,4],'
+    b'"data_offsets":[0,4]}}',
+    "a -0 offset": b'{"a":{"dtype":"U8","shape":[4],"data_offsets":[-0,4]},"__metadata__":{"date":"2024-01-05"}}',
+    "NaN nested in an extra field": b'{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4],"x":[NaN]}}',
+}
+
+
+@pytest.mark.parametrize("text", list(FOOLS.values()), ids=list(FOOLS))
+def test_the_fast_path_cannot_be_fooled(text: bytes, tmp_path: Path) -> None:
+    """Headers built to defeat the byte counts that let json.loads stand for the strict parse: each one is
+    refused, as the strict parse (and, but for duplicates, safe_open) refuses it."""
+    text = text.replace(b"ENTRY", b'{"dtype":"U8","shape":[4],"data_offsets":[0,4]}')
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + bytes(4))
+    assert isinstance(our_reading(path), str), "accepted"
