@@ -627,8 +627,7 @@ def wait_for(read: int, count: int) -> None:
         got += chunk
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("delay", [0.0, 0.02, 0.1, 0.4, 1.2])
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.3, 1.2])
 def test_ctrl_c_during_start_up_exits_130_with_one_line(
     llama_dir: Path, llama_adapter: Path, tmp_path: Path, delay: float
 ) -> None:
@@ -641,7 +640,7 @@ def test_ctrl_c_during_start_up_exits_130_with_one_line(
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     os.close(read)
-    if delay <= 0.1:  # torch alone takes longer than this to import: the merge cannot have finished
+    if delay <= 0.3:  # torch alone takes longer than this to import: the merge cannot have finished
         assert process.returncode == 130, stderr
     if process.returncode == 130:
         assert one_error(stderr) == "Error: interrupted; nothing was written"
@@ -651,7 +650,6 @@ def test_ctrl_c_during_start_up_exits_130_with_one_line(
         assert read_tensors(out)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("phase", list(PHASES))
 def test_ctrl_c_in_each_phase_of_a_merge(llama_dir: Path, llama_adapter: Path, tmp_path: Path, phase: str) -> None:
     out = tmp_path / "merged"
