@@ -34,12 +34,12 @@ def message(since: int = 0) -> str:
     return f"interrupted after {', '.join(map(str, done))} was written completely"
 
 
-_process: list[bool] = []  # non-empty once the entry point has taken interrupts in hand (a whole process)
+_whole_process = threading.Event()  # set once the entry point has taken interrupts in hand
 
 
 def exit_at_once() -> None:
     """From now on (until someone installs other handlers), an interrupt prints its one line and exits 130."""
-    _process.append(True)
+    _whole_process.set()
     for signum in SIGNALS:
         signal.signal(signum, _exit_now)
 
@@ -47,7 +47,7 @@ def exit_at_once() -> None:
 def unwind(signum: int, frame: FrameType | None) -> None:
     """The handler while a command runs: KeyboardInterrupt, so every `with` block cleans up on the way out;
     in a process of the entry point's, during an import, the process ends at once instead (see above)."""
-    if _process and _importing(frame):
+    if _whole_process.is_set() and _importing(frame):
         _exit_now(signum, frame)
     raise KeyboardInterrupt
 
