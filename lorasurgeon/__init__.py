@@ -14,7 +14,6 @@ import contextlib
 import importlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +25,7 @@ from lorasurgeon.formats.naming import COMPONENTS
 from lorasurgeon.progress import Progress
 from lorasurgeon.report import Report, make_report
 from lorasurgeon.rules import RULE_HELP, judge, parse_rule
+from lorasurgeon.version import __version__
 
 # The modules that compute load torch, whose import takes seconds; a header-only `report` needs none of them,
 # so they are imported inside the functions that use them, and the types below on first use (__getattr__).
@@ -53,6 +53,7 @@ __all__ = [
     "Progress",
     "Report",
     "SurgerySummary",
+    "__version__",
     "check",
     "convert",
     "extract",
@@ -63,10 +64,6 @@ __all__ = [
 
 DTYPE_CHOICES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 PathLike = str | Path
-try:
-    __version__ = metadata.version("lorasurgeon")
-except metadata.PackageNotFoundError:  # run from a source tree that was never installed
-    __version__ = "unknown"
 
 
 def __getattr__(name: str) -> Any:

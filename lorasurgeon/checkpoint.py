@@ -1,13 +1,13 @@
 """Checkpoint: a lazy, read-only view of safetensors weights in any of the three layouts.
 
 Layouts: one `.safetensors` file; a `*.safetensors.index.json` with its shards; a Hugging Face directory
-holding either. Only headers are read when opening; tensor data is read on demand with positioned reads
-into private buffers (never a whole-shard mmap, whose touched pages would all count as resident memory).
+holding either (a Hub cache snapshot included). Only headers are read when opening; tensor data is read on
+demand with positioned reads into private buffers (never a whole-shard mmap, whose touched pages would all
+count as resident memory). Which names and links inside a checkpoint are followed is `layout`'s rule.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import threading
@@ -17,8 +17,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from lorasurgeon.errors import InputError
+from lorasurgeon import strict_json
+from lorasurgeon.errors import InputError, UnsupportedError
 from lorasurgeon.header import Header, TensorInfo, pickle_refusal, read_header, read_into, torch_dtype
+from lorasurgeon.input_file import describe, open_input, read_input
+from lorasurgeon.layout import Confinement, shard_path
 
 if TYPE_CHECKING:
     import torch
@@ -38,7 +41,7 @@ class Shard:
     header: Header
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)  # eq=False: an open checkpoint is equal only to itself, and hashable
 class Checkpoint:
     """Tensor names, shapes and dtypes from headers; data on demand. Use as a context manager."""
 
@@ -57,16 +60,20 @@ class Checkpoint:
     def open(cls, path: Path) -> Checkpoint:
         """Open `path` in whichever layout it is; raise InputError for anything unreadable or unsafe."""
         path = Path(path)
-        if not path.exists():
-            raise InputError(f"{path}: no such file or directory")
-        if path.is_dir():
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            raise InputError(f"{path}: no such file or directory") from None
+        except OSError as e:
+            raise InputError(f"{path}: cannot read: {describe(e)}") from None
+        if stat.S_ISDIR(mode):
             return _open_dir(path)
         refuse_pickle(path)
-        if not path.is_file():
-            raise InputError(f"{path}: is not a regular file")
         if path.name.endswith(".index.json"):
             return _open_index(path, layout="index")
-        return _from_shards(path, "file", path.parent, [path.name])
+        # A file the user names is read wherever a link to it points (only names found inside are confined).
+        shard = Shard(path.name, read_header(path))
+        return _checkpoint(path, "file", path.parent, (shard,), config=None)
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -94,6 +101,8 @@ class Checkpoint:
 
         dtype = torch_dtype(info.dtype)
         if info.nbytes == 0:
+            if max(info.shape, default=0) >= 2**63:  # valid in safetensors (u64), not in torch (i64)
+                raise UnsupportedError(f"{info.path}: tensor {info.name!r} has a dimension torch cannot hold")
             return torch.empty(info.shape, dtype=dtype)
         # uninitialised: the read fills every byte
         buffer = torch.empty(info.nbytes, dtype=torch.uint8) if into is None else into[: info.nbytes]
@@ -130,10 +139,7 @@ class Checkpoint:
 
     def _open_once(self, path: Path) -> BinaryIO:
         if path not in self._files:
-            try:
-                self._files[path] = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
-            except OSError as e:
-                raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+            self._files[path] = os.fdopen(open_input(path), "rb", buffering=0)  # closed by close()
         return self._files[path]
 
 
@@ -151,19 +157,20 @@ def refuse_pickle(path: Path) -> None:
 
 
 def _open_dir(root: Path) -> Checkpoint:
-    if (root / "adapter_config.json").exists():
+    if os.path.lexists(root / "adapter_config.json"):
         raise InputError(f"{root}: is a PEFT adapter directory, not a checkpoint")
     for stem in WEIGHT_STEMS:
-        if (root / f"{stem}.safetensors.index.json").is_file():
+        # lexists, not is_file: a pipe or a loop under the name is refused by name, not passed over
+        if os.path.lexists(root / f"{stem}.safetensors.index.json"):
             return _open_index(root / f"{stem}.safetensors.index.json", layout="dir")
-        if (root / f"{stem}.safetensors").is_file():
-            return _from_shards(root, "dir", root, [f"{stem}.safetensors"])
+        if os.path.lexists(root / f"{stem}.safetensors"):
+            return _open_files(root, f"{stem}.safetensors")
     indexes = sorted(root.glob("*.safetensors.index.json"))
     files = sorted(root.glob("*.safetensors"))
     if len(indexes) == 1:
         return _open_index(indexes[0], layout="dir")
     if not indexes and len(files) == 1:
-        return _from_shards(root, "dir", root, [files[0].name])
+        return _open_files(root, files[0].name)
     if indexes or files:
         names = ", ".join(p.name for p in indexes or files)
         raise InputError(f"{root}: holds several checkpoints ({names}); name the file to use")
@@ -173,8 +180,14 @@ def _open_dir(root: Path) -> Checkpoint:
     raise InputError(f"{root}: holds no .safetensors checkpoint")
 
 
+def _open_files(root: Path, name: str) -> Checkpoint:
+    """A directory whose weights are the one file `name` (in the directory, or a link the rule allows)."""
+    shard = Shard(name, read_header(shard_path(Confinement.of(root), name, root)))
+    return _checkpoint(root, "dir", root, (shard,), _config(root))
+
+
 def _open_index(index_path: Path, layout: str) -> Checkpoint:
-    root = index_path.parent
+    root = index_path.parent  # the folder it lies in, not a Hub blob's: shard names are relative to it
     doc = read_json(index_path)
     weight_map = doc.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -182,10 +195,11 @@ def _open_index(index_path: Path, layout: str) -> Checkpoint:
     metadata = doc.get("metadata", {})
     if not isinstance(metadata, dict):
         raise InputError(f"{index_path}: field 'metadata' must be an object")
+    box = Confinement.of(root)
     names = list(dict.fromkeys(weight_map.values()))
-    ckpt = _from_shards(index_path if layout == "index" else root, layout, root, names, index_path)
-    ckpt.index_name = index_path.name
-    ckpt.index_metadata = metadata
+    shards = tuple(Shard(name, read_header(shard_path(box, name, index_path))) for name in names)
+    path = index_path if layout == "index" else root
+    ckpt = _checkpoint(path, layout, root, shards, _config(root), index_path.name, metadata)
     stored_in = {info.name: shard.name for shard in ckpt.shards for info in shard.header.tensors}
     for tensor, shard_name in weight_map.items():
         if stored_in.get(tensor) != shard_name:
@@ -193,8 +207,16 @@ def _open_index(index_path: Path, layout: str) -> Checkpoint:
     return ckpt
 
 
-def _from_shards(path: Path, layout: str, root: Path, names: list[str], index: Path | None = None) -> Checkpoint:
-    shards = tuple(Shard(name, read_header(_shard_path(root, name, index))) for name in names)
+def _checkpoint(
+    path: Path,
+    layout: str,
+    root: Path,
+    shards: tuple[Shard, ...],
+    config: dict[str, Any] | None,
+    index_name: str | None = None,
+    index_metadata: dict[str, Any] | None = None,
+) -> Checkpoint:
+    """The Checkpoint of these shards, refusing a tensor stored in two of them."""
     tensors: dict[str, TensorInfo] = {}
     for shard in shards:
         for info in shard.header.tensors:
@@ -203,41 +225,33 @@ def _from_shards(path: Path, layout: str, root: Path, names: list[str], index: P
                     f"{path}: tensor {info.name!r} is stored twice ({tensors[info.name].path.name}, {shard.name})"
                 )
             tensors[info.name] = info
+    return Checkpoint(
+        path=path,
+        layout=layout,
+        root=root,
+        shards=shards,
+        index_name=index_name,
+        index_metadata=index_metadata or {},
+        config=config,
+        tensors=tensors,
+    )
+
+
+def _config(root: Path) -> dict[str, Any] | None:
     config_path = root / MODEL_CONFIG
-    config = read_config(config_path) if layout != "file" and config_path.is_file() else None
-    return Checkpoint(path=path, layout=layout, root=root, shards=shards, config=config, tensors=tensors)
-
-
-def _shard_path(root: Path, name: str, index: Path | None) -> Path:
-    """The shard's path, refusing names that escape the checkpoint directory (../, absolute, symlinks)."""
-    where = index or root
-    if not name or "\x00" in name:
-        raise InputError(f"{where}: shard name {name!r} is not a file name")
-    candidate = root / name
-    try:
-        mode = os.lstat(candidate).st_mode  # one call answers "symlink?" and "regular file?" (the common case)
-    except OSError:
-        mode = 0
-    # A plain file name that is no symlink cannot leave the directory; anything else is resolved and checked.
-    plain = "/" not in name and name not in (".", "..") and not stat.S_ISLNK(mode)
-    if not plain and (Path(name).is_absolute() or not candidate.resolve().is_relative_to(root.resolve())):
-        raise InputError(f"{where}: shard name {name!r} points outside the checkpoint directory {root}")
-    refuse_pickle(candidate)
-    if not (stat.S_ISREG(mode) or candidate.is_file()):  # is_file follows a symlink that stays inside
-        raise InputError(f"{candidate}: shard listed in {where.name} is missing")
-    return candidate
+    return read_config(config_path) if os.path.lexists(config_path) else None
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`, or InputError naming the file."""
+    """A JSON object from `path`, or InputError naming the file. Python's JSON grammar (these files are written
+    and read by Python tools), but a key named twice in one object, or a lone surrogate, is refused."""
+    raw = read_input(path)  # only a regular file: a pipe of this name would block a plain read forever
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        doc = strict_json.loads(raw.decode("utf-8"), serde=False)
+    except UnicodeDecodeError as e:
         raise InputError(f"{path}: is not valid JSON ({e})") from None
-    except RecursionError:
-        raise InputError(f"{path}: is not valid JSON (nested too deeply)") from None
+    except strict_json.JsonRefusal as e:
+        raise InputError(f"{path}: {_json_problem(e)}") from None
     if not isinstance(doc, dict):
         raise InputError(f"{path}: must hold a JSON object")
     return doc
@@ -254,3 +268,12 @@ def read_config(path: Path) -> dict[str, Any]:
         if name in config and not isinstance(config[name], kind):
             raise InputError(f"{path}: field {name!r} must be {expected}, not {config[name]!r}")
     return config
+
+
+def _json_problem(e: strict_json.JsonRefusal) -> str:
+    at = "".join(f"[{k!r}]" for k in e.keys)
+    if e.reason == "duplicate key":
+        return f"names the key {e.key!r} twice{' in ' + at if at else ''}"
+    if e.reason == "lone UTF-16 surrogate":
+        return f"{at or 'a key'}: {e.key!r} holds a lone UTF-16 surrogate, which is not Unicode text"
+    return f"is not valid JSON ({e.reason})"

@@ -12,13 +12,12 @@ import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any, TypeVar
 
 import click
 
 import lorasurgeon
-from lorasurgeon import documents, render
+from lorasurgeon import documents, interrupts, render
 from lorasurgeon.errors import LorasurgeonError, NonfiniteWarning
 
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
@@ -264,39 +263,48 @@ def convert(adapter: Path, out: Path | None, **options: Any) -> None:
     documents.emit_json(documents.convert_doc(summary)) if as_json else render.show_convert(summary)
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM and SIGHUP unwind like Ctrl-C, so the writer removes its temporary on the way out.
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: every failure becomes one `Error:` line on stderr and exit code 2 (130 when interrupted);
-    `--debug` adds the traceback. NonfiniteWarnings become `warning:` lines."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    """Entry point: every failure becomes one `Error:` line on stderr and exit code 2 (130 when interrupted,
+    at any moment: see interrupts); `--debug`, before or after the command's name, adds the traceback.
+    NonfiniteWarnings become `warning:` lines."""
+    args = hoist_debug(list(sys.argv[1:] if argv is None else argv))
+    since = len(interrupts.committed)
     # Off for the command: the cycle collector would mostly walk the objects torch's import creates (0.4 s of
     # its 2-3 s of CPU); a command makes few cycles, and they are freed when it ends (or the process exits).
     collecting = gc.isenabled()
     gc.disable()
-    handlers = {signum: signal.signal(signum, _terminate) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    # Ctrl-C, SIGTERM and SIGHUP unwind as KeyboardInterrupt, so the writer removes its temporary on the way out.
+    handlers = {signum: signal.signal(signum, interrupts.unwind) for signum in interrupts.SIGNALS}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", NonfiniteWarning)
             warnings.showwarning = _show_warning
             cli.main(args=args, prog_name="lorasurgeon", standalone_mode=False)
     except click.ClickException as e:
+        interrupts.ignore()  # the answer is being given: a late Ctrl-C must not add a second one
         e.show()
         sys.exit(e.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        sys.exit(_fail("interrupted; nothing was written", 130))
+        sys.exit(_fail(interrupts.message(since), interrupts.EXIT_CODE))
     except Exception as e:  # the one funnel: ours carry a sentence, the OS's name a file, the rest are bugs
+        interrupts.ignore()
         if "--debug" in args:
             traceback.print_exc()
         sys.exit(_fail(*_describe(e)))
     finally:
         for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, interrupts.after_command(handler))
         if collecting:
             gc.enable()
+
+
+def hoist_debug(args: list[str]) -> list[str]:
+    """`--debug` is the group's option; accept it after the command's name too (`merge --debug ...`) by
+    moving it to the front. An argument after `--` is a name, and stays where it is."""
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" not in args[:end]:
+        return args
+    return ["--debug", *(a for a in args[:end] if a != "--debug"), *args[end:]]
 
 
 def _describe(error: Exception) -> tuple[str, int]:
@@ -315,5 +323,6 @@ def _show_warning(message: Warning | str, category: type[Warning], *args: Any, *
 
 
 def _fail(message: str, code: int) -> int:
+    interrupts.ignore()  # one answer: a Ctrl-C from here on must not print a second
     click.echo(f"Error: {' '.join(str(message).split())}", err=True)  # always one line
     return code

@@ -136,7 +136,7 @@ def ran_on_worker(task: Callable[[S], R], step: S) -> Ran[R]:
         # Ray does not tell the driver that a task was retried; the worker knows its attempt number.
         from ray._private.worker import global_worker
 
-        attempt = int(global_worker.core_worker.get_current_task_attempt_number())  # type: ignore[attr-defined]
+        attempt = int(global_worker.core_worker.get_current_task_attempt_number())  # type: ignore[attr-defined, unused-ignore]
     return Ran(ran.result, ray.get_runtime_context().get_node_id(), attempt, ran.seconds)
 
 

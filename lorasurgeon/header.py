@@ -3,6 +3,12 @@
 Format: 8 bytes little-endian header length N, N bytes of JSON, then the tensor data. Every entry names a
 dtype, a shape and [begin, end) offsets relative to the end of the header; the offsets of all entries
 must tile the data region exactly (no gaps, no overlap), as the safetensors reference loader demands.
+
+The reader accepts exactly the headers `safetensors.safe_open` accepts (its JSON grammar, its dtypes, its
+size arithmetic in 64 bits; a test holds the two readers to each other on mutated headers), with two
+refusals of its own, each by name: a key named twice in any object (the library keeps the last silently,
+so a tensor named twice is a silent misread), and the sub-byte dtypes F4 and F6_*, which have no whole
+byte size.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from lorasurgeon.errors import InputError
+from lorasurgeon import header_json
+from lorasurgeon.errors import InputError, LorasurgeonError, UnsupportedError
+from lorasurgeon.input_file import describe, open_input
 
 if TYPE_CHECKING:
     import torch
@@ -39,17 +47,26 @@ DTYPES: dict[str, tuple[str, int]] = {
     "U32": ("uint32", 4),
     "U64": ("uint64", 8),
     "BOOL": ("bool", 1),
+    # Read and copied byte for byte, never merged into (they are not in FLOAT_DTYPES).
+    "F8_E4M3FNUZ": ("float8_e4m3fnuz", 1),
+    "F8_E5M2FNUZ": ("float8_e5m2fnuz", 1),
+    "F8_E8M0": ("float8_e8m0fnu", 1),
+    "C64": ("complex64", 8),
 }
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+BYTES_PER_ELEMENT = {name: size for name, (_, size) in DTYPES.items()}
+# The format's dtypes that take less than a byte per element: refused by name.
+SUB_BYTE_DTYPES = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 
-# Real headers are a few MB even for 100k-tensor checkpoints; a larger one is hostile or broken.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-METADATA_KEY = "__metadata__"
-# No real dimension comes near this; larger ones (possible with zero-size tensors) overflow torch.
-MAX_DIM = 2**53
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+METADATA_KEY = header_json.METADATA_KEY
+# Dimensions, element counts and sizes in bits are 64-bit unsigned integers in safetensors; the element
+# count must fit after every factor, as the library checks it.
+LIMIT = 2**64
 BY_OFFSETS = operator.attrgetter("start", "end")
 # First bytes of PyTorch's formats: a zip archive (torch.save since 1.6) or a bare pickle (protocol 2-5).
 PICKLE_MAGICS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+JSON_STARTS = (b"{", b" ", b"\t", b"\n", b"\r")
 
 
 class TensorInfo(NamedTuple):
@@ -113,33 +130,33 @@ def pickle_refusal(path: Path) -> InputError:
 
 def read_header(path: Path) -> Header:
     """Read and validate the header of `path`; raise InputError naming the file and the tensor at fault."""
+    # Plain descriptor calls, not a Python file object: a 100-shard checkpoint opens 100 of these.
+    fd = open_input(path)  # only a regular file, and never a blocking open
     try:
-        # Plain descriptor calls, not a Python file object: a 100-shard checkpoint opens 100 of these.
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            file_size = os.fstat(fd).st_size
-            prefix = os.pread(fd, 9, 0)
-            if prefix.startswith(PICKLE_MAGICS) and prefix[8:9] != b"{":  # safetensors JSON opens with "{"
-                raise pickle_refusal(path)
-            if len(prefix) < 8:
-                raise InputError(f"{path}: not a safetensors file (only {len(prefix)} bytes long)")
-            (length,) = struct.unpack("<Q", prefix[:8])
-            if length > MAX_HEADER_BYTES:
-                raise InputError(
-                    f"{path}: not a safetensors file (header length {length} is past the {MAX_HEADER_BYTES} "
-                    "bytes any real checkpoint needs)"
-                )
-            if length + 8 > file_size:
-                raise InputError(
-                    f"{path}: not a safetensors file or truncated (header length {length} "
-                    f"does not fit a file of {file_size} bytes)"
-                )
-            raw = bytearray(length)
-            read_into(path, fd, memoryview(raw), 8)
-        finally:
-            os.close(fd)
+        file_size = os.fstat(fd).st_size
+        prefix = os.pread(fd, 9, 0)
+        # safetensors JSON opens with "{" (or whitespace before it); a pickle's ninth byte is neither
+        if prefix.startswith(PICKLE_MAGICS) and prefix[8:9] not in JSON_STARTS:
+            raise pickle_refusal(path)
+        if len(prefix) < 8:
+            raise InputError(f"{path}: not a safetensors file (only {len(prefix)} bytes long)")
+        (length,) = struct.unpack("<Q", prefix[:8])
+        if length > MAX_HEADER_BYTES:
+            raise InputError(
+                f"{path}: not a safetensors file (header length {length} is past the {MAX_HEADER_BYTES} "
+                "bytes the safetensors format allows)"
+            )
+        if length + 8 > file_size:
+            raise InputError(
+                f"{path}: not a safetensors file or truncated (header length {length} "
+                f"does not fit a file of {file_size} bytes)"
+            )
+        raw = bytearray(length)
+        read_into(path, fd, memoryview(raw), 8)
     except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise InputError(f"{path}: cannot read: {describe(e)}") from None
+    finally:
+        os.close(fd)
     return parse_header(path, raw, file_size)
 
 
@@ -156,42 +173,12 @@ def read_into(path: Path, fd: int, view: memoryview, position: int) -> None:
 
 def parse_header(path: Path, raw: bytes | bytearray, file_size: int) -> Header:
     """Validate the JSON header `raw` of a file of `file_size` bytes (see module docstring)."""
-    doc = _load_json(path, raw, object_pairs_hook=None)
-    if not isinstance(doc, dict):
-        raise InputError(f"{path}: not a safetensors file (header is not a JSON object)")
+    doc = header_json.load(path, raw)
     metadata = _parse_metadata(path, doc.pop(METADATA_KEY, None))
-    # json.loads keeps the last of duplicate keys silently. Every entry has one "data_offsets" key, so a
-    # count that disagrees with the entries (rare) sends us through the slow parse that names the duplicate.
-    if raw.count(b'"data_offsets"') != len(doc):
-        _load_json(path, raw, object_pairs_hook=_no_duplicates)
     data_start = 8 + len(raw)
     tensors = sorted((_parse_entry(path, name, entry, data_start) for name, entry in doc.items()), key=BY_OFFSETS)
     _check_tiling(path, tensors, data_start, file_size)
     return Header(path=path, tensors=tuple(tensors), metadata=metadata, data_start=data_start, file_size=file_size)
-
-
-def _load_json(path: Path, raw: bytes | bytearray, object_pairs_hook: Any) -> Any:
-    try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=object_pairs_hook)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
-    except RecursionError:
-        raise InputError(f"{path}: not a safetensors file (header JSON is nested too deeply)") from None
-    except _DuplicateKey as e:
-        raise InputError(f"{path}: header names tensor {e.args[0]!r} twice") from None
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
 
 
 def _parse_metadata(path: Path, meta: Any) -> dict[str, str]:
@@ -207,16 +194,18 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int) -> TensorIn
     if not isinstance(entry, dict):
         raise InputError(f"{path}: tensor {name!r}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise InputError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
+    if type(dtype) is not str or (size := BYTES_PER_ELEMENT.get(dtype)) is None:
+        raise _dtype_refusal(path, name, dtype)
     if not isinstance(shape, list) or not _valid_dims(shape):
-        raise InputError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of non-negative integers below 2**53")
+        raise InputError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of non-negative 64-bit integers")
     if not (isinstance(offsets, list) and len(offsets) == 2 and _is_nat(offsets[0]) and _is_nat(offsets[1])):
         raise InputError(f"{path}: tensor {name!r}: data_offsets {offsets!r} is not a pair of non-negative integers")
     begin, end = offsets
     dims = tuple(shape)
     numel = math.prod(dims)
-    expected = DTYPES[dtype][1] * numel
+    expected = size * numel
+    if expected * 8 >= LIMIT or (numel == 0 and not _counts_fit(dims)):
+        raise InputError(f"{path}: tensor {name!r}: {dtype}{shape} is too large for a safetensors file")
     if end - begin != expected:
         raise InputError(
             f"{path}: tensor {name!r}: {dtype}{shape} needs {expected} bytes but data_offsets [{begin}, {end}] "
@@ -225,9 +214,28 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int) -> TensorIn
     return TensorInfo(name, dtype, dims, path, data_start + begin, data_start + end, numel)
 
 
+def _dtype_refusal(path: Path, name: str, dtype: Any) -> LorasurgeonError:
+    if isinstance(dtype, str) and dtype in SUB_BYTE_DTYPES:
+        return UnsupportedError(
+            f"{path}: tensor {name!r}: dtype {dtype} ({SUB_BYTE_DTYPES[dtype]} bits per element) is not supported "
+            "by lorasurgeon"
+        )
+    return InputError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
+
+
 def _valid_dims(shape: list[Any]) -> bool:
     for d in shape:  # noqa: SIM110 - a plain loop is faster than all(); it runs for every tensor of every shard
-        if type(d) is not int or d < 0 or d > MAX_DIM:
+        if type(d) is not int or d < 0 or d >= LIMIT:
+            return False
+    return True
+
+
+def _counts_fit(dims: tuple[int, ...]) -> bool:
+    """Whether every partial product of `dims` fits 64 bits: safetensors refuses [2**40, 2**40, 0]."""
+    count = 1
+    for d in dims:
+        count *= d
+        if count >= LIMIT:
             return False
     return True
 
@@ -267,7 +275,12 @@ def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict
         size = nbytes_of(dtype, shape)
         doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
-    raw = json.dumps(doc, separators=(",", ":")).encode("utf-8")
+    # Compact and unescaped, as the safetensors library writes it: the same tensors give the same bytes.
+    try:
+        raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start : e.end]
+        raise ValueError(f"a tensor name or metadata string holds a lone UTF-16 surrogate ({bad!r})") from None
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
 

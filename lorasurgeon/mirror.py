@@ -6,14 +6,14 @@ copied; weights in other file formats are left out, since they would contradict 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
 
 from lorasurgeon.checkpoint import MODEL_CONFIG, PICKLE_SUFFIXES
 from lorasurgeon.header import DTYPES
+from lorasurgeon.layout import companion_files
 from lorasurgeon.plan import Plan
+from lorasurgeon.version import __version__
 from lorasurgeon.writer import TMP_MARK, CheckpointWriter
 
 OTHER_WEIGHTS = (".safetensors", ".gguf", ".h5", ".msgpack")
@@ -26,7 +26,7 @@ def output_metadata(metadata: dict[str, str], plan: Plan) -> dict[str, str]:
         "base": plan.base.path.name,
         "adapters": [a.path.name for a in plan.adapters],
         "weights": list(plan.weights),
-        "version": _version(),
+        "version": __version__,
     }
     return {**metadata, "format": metadata.get("format", "pt"), "lorasurgeon": json.dumps(record)}
 
@@ -39,37 +39,24 @@ def output_index(plan: Plan) -> dict[str, Any]:
 
 
 def copy_companions(root: Path, plan: Plan, writer: CheckpointWriter) -> tuple[list[str], list[str]]:
-    """Copy every non-weight file of a checkpoint directory (config, tokenizer, ...) into OUT."""
+    """Copy every non-weight file of a checkpoint directory (config, tokenizer, ...) into OUT, by the rules of
+    `layout.companion_files` (hidden files skipped; links followed only inside the checkpoint)."""
     written = {s.name for s in plan.base.shards} | {plan.base.index_name}
     if plan.config is not None:
         written.add(MODEL_CONFIG)
     copied, skipped = [], []
-    for path in _walk(root):
-        rel = path.relative_to(root).as_posix()
-        if rel in written:
+    for companion in companion_files(root):
+        if companion.name in written or TMP_MARK in companion.name:
             continue
         # Stale weights in another format would shadow or contradict the merged ones when loaded.
-        if path.suffix in PICKLE_SUFFIXES or path.suffix in OTHER_WEIGHTS:
-            skipped.append(rel)
+        suffix = Path(companion.name).suffix
+        if suffix in PICKLE_SUFFIXES or suffix in OTHER_WEIGHTS:
+            skipped.append(companion.name)
             continue
-        writer.copy_file(path, rel)
-        copied.append(rel)
+        writer.copy_file(companion.source, companion.name)
+        copied.append(companion.name)
     return copied, skipped
-
-
-def _walk(root: Path) -> Iterator[Path]:
-    for path in sorted(root.rglob("*")):
-        inner = path.parts[len(root.parts) :]
-        if path.is_file() and not any(TMP_MARK in part or part.startswith(".") for part in inner):
-            yield path
 
 
 def output_bytes(plan: Plan) -> int:
     return sum(DTYPES[s.out_dtype][1] * s.tensor.numel for s in plan.steps)
-
-
-def _version() -> str:
-    try:
-        return package_metadata.version("lorasurgeon")
-    except package_metadata.PackageNotFoundError:
-        return "unknown"

@@ -4,7 +4,8 @@ Each shard's header is written first (every tensor's name, dtype and shape is kn
 tensor bytes are appended in header order, so no shard is ever buffered. Nothing appears at OUT until
 every byte is written and fsync'd; an existing OUT (with --force) stays intact until the new one is
 complete. Temporaries are named `.<OUT name>.lorasurgeon-tmp-<pid>` so a later run can recognise and remove
-those left by a killed run.
+those left by a killed run (for a name too long to take the suffix within 255 bytes, its start and a hash of
+it stand for the name). Interrupts are held back while OUT is published or the temporary removed.
 """
 
 from __future__ import annotations
@@ -18,16 +19,29 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import torch
-
-from lorasurgeon.checkpoint import Checkpoint, write_all
-from lorasurgeon.errors import OutputError
+from lorasurgeon import interrupts
+from lorasurgeon.checkpoint import COPY_CHUNK, Checkpoint, write_all
+from lorasurgeon.errors import Option, OutputError
 from lorasurgeon.header import TensorInfo, build_header, nbytes_of
+from lorasurgeon.input_file import open_input
+from lorasurgeon.temporaries import (
+    OLD_SUFFIX,
+    TMP_MARK,  # re-exported: other modules recognise temporaries by it
+    holds_anything,
+    make_folders,
+    remove,
+    remove_stale_temporaries,
+    restore_interrupted_swap,
+    take_over_scratch,
+    temporary_stem,
+)
 
-TMP_MARK = ".lorasurgeon-tmp-"
-OLD_SUFFIX = "-old"  # the previous OUT directory, moved aside for the instant of the swap
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["TMP_MARK", "CheckpointWriter", "ShardStream", "check_output_path"]
 
 
 class CheckpointWriter:
@@ -55,7 +69,7 @@ class CheckpointWriter:
         self.removed_stale: list[Path] = []
         self.restored = restore_interrupted_swap(self.out)
         check_output_path(self.out, inputs, force)
-        self.tmp = self.out.parent / f".{self.out.name}{TMP_MARK}{os.getpid()}"
+        self.tmp = self.out.parent / f"{temporary_stem(self.out)}{TMP_MARK}{os.getpid()}"
         self.bytes_written = 0
         self.needed = 0
 
@@ -69,14 +83,15 @@ class CheckpointWriter:
             if self.scratch is not None:
                 (self.tmp / self.scratch).mkdir(exist_ok=True)
         except OSError as e:
-            raise OutputError(f"{self.tmp.parent}: cannot create the output: {e.strerror or e}") from None
+            raise OutputError(f"{self.out}: cannot create the output: {e.strerror or e}") from None
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         if et is None:
             self._publish()
-        elif not (self.scratch is not None and _holds_anything(self.tmp / self.scratch)):
-            _remove(self.tmp)
+        elif not (self.scratch is not None and holds_anything(self.tmp / self.scratch)):
+            with interrupts.held():  # a second Ctrl-C must not leave half a temporary behind
+                remove(self.tmp)
 
     def path(self, relname: str) -> Path:
         """Where a file named `relname` inside OUT is being built."""
@@ -95,10 +110,13 @@ class CheckpointWriter:
     ) -> Iterator[ShardStream]:
         """Open one safetensors file, write its header, and yield a stream that takes the tensors in order."""
         target = self.path(relname)
-        header = build_header(entries, metadata)
+        try:
+            header = build_header(entries, metadata)
+        except ValueError as e:  # what no safetensors reader could read back
+            raise OutputError(f"{self.out}: cannot write {relname}: {e}") from None
         expected = [nbytes_of(dtype, shape) for _, dtype, shape in entries]
         # Unbuffered: tensor bytes go straight to the descriptor, and in-kernel copies append at its offset.
-        with self._guard(target, len(header) + sum(expected)), open(target, "wb", buffering=0) as f:
+        with self._guard(relname, len(header) + sum(expected)), open(target, "wb", buffering=0) as f:
             stream = ShardStream(f, [name for name, _, _ in entries], expected)
             write_all(f, memoryview(header))
             try:
@@ -113,21 +131,28 @@ class CheckpointWriter:
     def write_json(self, relname: str, doc: Any) -> None:
         target = self.path(relname)
         data = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
-        with self._guard(target, len(data)), open(target, "wb") as f:
+        with self._guard(relname, len(data)), open(target, "wb") as f:
             f.write(data)
             os.fsync(f.fileno())
 
     def copy_file(self, source: Path, relname: str) -> None:
+        """Copy the regular file `source` (never a pipe or a device: see input_file) to `relname` in OUT;
+        folders of any depth are made as needed."""
         target = self.path(relname)
-        with self._guard(target, source.stat().st_size):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
-            with open(target, "rb") as f:  # published only once every byte is on disk, like the shards
-                os.fsync(f.fileno())
+        with (
+            os.fdopen(open_input(source), "rb", buffering=0) as src,
+            self._guard(relname, os.fstat(src.fileno()).st_size),
+        ):
+            make_folders(target.parent, self.tmp)
+            with open(target, "wb", buffering=0) as f:
+                shutil.copyfileobj(src, f, COPY_CHUNK)
+                os.fsync(f.fileno())  # published only once every byte is on disk, like the shards
 
     @contextlib.contextmanager
-    def _guard(self, target: Path, nbytes: int) -> Iterator[None]:
-        """Turn the OS's refusals (no space, no permission, read-only) into one clear error."""
+    def _guard(self, relname: str, nbytes: int) -> Iterator[None]:
+        """Turn the OS's refusals (no space, no permission, read-only) into one clear error naming OUT and the
+        file in it (never the temporary)."""
+        name = relname if self.is_dir else self.out.name
         try:
             yield
         except OSError as e:
@@ -135,19 +160,26 @@ class CheckpointWriter:
                 free = shutil.disk_usage(self.out.parent).free
                 limit = "over the file size limit" if e.errno == errno.EFBIG else "out of space"
                 raise OutputError(
-                    f"{self.out}: {limit} writing {target.name} (the output needs {_size(max(self.needed, nbytes))}, "
+                    f"{self.out}: {limit} writing {name} (the output needs {_size(max(self.needed, nbytes))}, "
                     f"{_size(free)} is free); nothing was written"
                 ) from None
-            raise OutputError(f"{self.out}: cannot write {target.name}: {e.strerror or e}") from None
+            raise OutputError(f"{self.out}: cannot write {name}: {e.strerror or e}") from None
 
     def _publish(self) -> None:
         """Rename the finished temporary onto OUT. A file replaces the old OUT in one atomic rename; a
         directory cannot, so the old one is moved aside first and moved back if the second rename fails
         (or, after a kill between the two, by the next run: see `restore_interrupted_swap`)."""
-        old = self.out.parent / f".{self.out.name}{TMP_MARK}{os.getpid()}{OLD_SUFFIX}"
+        old = self.out.parent / f"{self.tmp.name}{OLD_SUFFIX}"
+        # Held back: a Ctrl-C between the two renames would leave OUT moved aside, and one just after them the
+        # old copy behind; it takes effect once OUT is whole and the old one gone.
+        with interrupts.held():
+            self._swap(old)
+            remove(old)
+
+    def _swap(self, old: Path) -> None:
         swapped = False
         if self.scratch is not None:
-            _remove(self.tmp / self.scratch)
+            remove(self.tmp / self.scratch)
         try:
             _fsync_dir(self.tmp if self.is_dir else self.tmp.parent)
             if self.is_dir and (self.out.exists() or self.out.is_symlink()):
@@ -158,9 +190,9 @@ class CheckpointWriter:
         except OSError as e:
             if swapped:
                 os.replace(old, self.out)
-            _remove(self.tmp)
+            remove(self.tmp)
             raise OutputError(f"{self.out}: cannot publish the output: {e.strerror or e}") from None
-        _remove(old)
+        interrupts.committed.append(self.out)
 
 
 class ShardStream:
@@ -178,6 +210,8 @@ class ShardStream:
         self._pending: Future[None] | None = None
 
     def write(self, tensor: torch.Tensor) -> None:
+        import torch  # here, not at the top: the CLI imports this module before it knows it needs torch
+
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         self._expect(len(data))
         self._submit(write_all, self.file, data.data)
@@ -220,94 +254,17 @@ class ShardStream:
 
 
 def check_output_path(out: Path, inputs: Sequence[Path], force: bool) -> None:
-    """Refuse an OUT that is, contains or lies inside an input, and an existing OUT without --force."""
-    resolved = out.resolve()
+    """Refuse an OUT that is, contains or lies inside an input, and an existing OUT (a dangling link
+    included) without --force."""
+    resolved = Path(os.path.realpath(out))  # realpath, not resolve(): a link loop is just a name here
     for source in inputs:
-        src = Path(source).resolve()
+        src = Path(os.path.realpath(source))
         if resolved == src or src.is_relative_to(resolved) or resolved.is_relative_to(src):
             raise OutputError(f"{out}: the output may not be an input or lie inside one ({source})")
     if (out.exists() or out.is_symlink()) and not force:
-        raise OutputError(f"{out}: already exists; pass --force to replace it")
+        raise OutputError(f"{out}: already exists; pass ", Option("force", flag=True), " to replace it")
     if not out.parent.is_dir():
         raise OutputError(f"{out.parent}: output directory does not exist")
-
-
-def restore_interrupted_swap(out: Path) -> Path | None:
-    """Put back an old OUT directory that a run killed mid-swap left moved aside; returns where it was."""
-    if out.exists() or out.is_symlink():
-        return None
-    for old in _temporaries(out):
-        if not old.name.endswith(OLD_SUFFIX):
-            continue
-        pid_text = old.name.rsplit(TMP_MARK, 1)[1].removesuffix(OLD_SUFFIX)
-        if not (pid_text.isdigit() and _alive(int(pid_text))):
-            os.replace(old, out)
-            return old
-    return None
-
-
-def remove_stale_temporaries(out: Path, keep: Path | None = None) -> list[Path]:
-    """Remove temporaries of OUT left by runs that no longer exist (but `keep`); refuse if one is still running."""
-    removed = []
-    for tmp in _temporaries(out):
-        if tmp == keep:
-            continue
-        pid_text = tmp.name.rsplit(TMP_MARK, 1)[1].removesuffix(OLD_SUFFIX)
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and _alive(int(pid_text)):
-            raise OutputError(f"{out}: another lorasurgeon run (pid {pid_text}) is writing it right now")
-        _remove(tmp)
-        removed.append(tmp)
-    return removed
-
-
-def take_over_scratch(out: Path, tmp: Path, scratch: str) -> Path | None:
-    """Rename the newest temporary of OUT whose run is over (dead, or this process's) and whose `scratch`
-    folder holds anything onto `tmp` (this run's name), emptied of all but that folder; returns where it
-    was. A kill at any point leaves the folder in a dead run's temporary, where the next run finds it again."""
-    found = []
-    for old in _temporaries(out):
-        pid_text = old.name.rsplit(TMP_MARK, 1)[1]
-        dead = pid_text.isdigit() and (int(pid_text) == os.getpid() or not _alive(int(pid_text)))
-        if dead and old.is_dir() and _holds_anything(old / scratch):
-            found.append((os.stat(old / scratch).st_mtime_ns, old))
-    if not found:
-        return None
-    old = max(found)[1]
-    os.replace(old, tmp)
-    for leftover in tmp.iterdir():
-        if leftover.name != scratch:
-            _remove(leftover)
-    return old
-
-
-def _holds_anything(folder: Path) -> bool:
-    return folder.is_dir() and any(folder.iterdir())
-
-
-def _temporaries(out: Path) -> list[Path]:
-    """Siblings named as temporaries of `out` (listed, not globbed: OUT's name may hold glob characters)."""
-    prefix = f".{out.name}{TMP_MARK}"
-    if not out.parent.is_dir():
-        return []
-    return sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -24,7 +24,7 @@ import torch
 from builders import run_cli, tree_hashes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lorasurgeon.checkpoint import Checkpoint
@@ -81,15 +81,15 @@ def _overlap(header: dict[str, dict[str, object]]) -> None:
 
 
 def _gap(raw: bytes) -> bytes:
-    """Four bytes between the first and the second tensor, the file grown by them: every tensor stays inside the
-    file and the byte counts add up, so only the gap itself is wrong."""
+    """Four spare bytes after the first tensor, the rest moved up by four: the file size still matches the
+    header, so only the gap check can find it (shifting without padding ran past the end of the file)."""
     header, data = split(raw)
-    first, *rest = tensors_by_offset(header)
-    cut = header[first]["data_offsets"][1]  # type: ignore[index]
-    for name in rest:
+    names = tensors_by_offset(header)
+    first_end = header[names[0]]["data_offsets"][1]  # type: ignore[index]
+    for name in names[1:]:
         begin, end = header[name]["data_offsets"]  # type: ignore[misc]
         header[name]["data_offsets"] = [begin + 4, end + 4]
-    return join(header, data[:cut] + b"\0" * 4 + data[cut:])
+    return join(header, data[:first_end] + b"\0" * 4 + data[first_end:])
 
 
 def _past_end(header: dict[str, dict[str, object]]) -> None:
@@ -109,6 +109,43 @@ def _duplicate(raw: bytes) -> bytes:
     name = tensors_by_offset(header)[0]
     entry = json.dumps({name: header[name]})[1:-1]
     return join(text[:-1].encode() + b", " + entry.encode() + b"}", data)
+
+
+def _escaped_duplicate(raw: bytes) -> bytes:
+    """The first tensor named twice, the copy spelling a field with a JSON escape (json.loads keeps the last
+    copy; a count of the literal field names missed it)."""
+    header, data = split(raw)
+    name = tensors_by_offset(header)[0]
+    copy = json.dumps({name: header[name]})[1:-1].replace("data_offsets", "data\\u005foffsets")
+    return join(json.dumps(header)[:-1].encode() + b", " + copy.encode() + b"}", data)
+
+
+def _text_edit(old: bytes, new: bytes) -> Callable[[bytes], bytes]:
+    """Replace the first `old` in the header text by `new` (the data stays)."""
+
+    def mutate(raw: bytes) -> bytes:
+        text = json.dumps(split(raw)[0]).encode()
+        assert old in text, old
+        return join(text.replace(old, new, 1), split(raw)[1])
+
+    return mutate
+
+
+def _first_renamed(name: str) -> Callable[[bytes], bytes]:
+    def mutate(raw: bytes) -> bytes:
+        header, data = split(raw)
+        first = tensors_by_offset(header)[0]
+        text = json.dumps({name if n == first else n: v for n, v in header.items()})  # escapes a surrogate
+        return join(text.encode(), data)
+
+    return mutate
+
+
+def _sub_byte(header: dict[str, dict[str, object]]) -> None:
+    """The first tensor as F4 with as many 4-bit elements as its bytes hold: valid safetensors."""
+    entry = _first(header)
+    begin, end = entry["data_offsets"]  # type: ignore[misc]
+    entry["dtype"], entry["shape"] = "F4", [2 * (end - begin)]
 
 
 def _torch_zip(raw: bytes) -> bytes:
@@ -152,8 +189,32 @@ FILE_MUTATIONS: dict[str, Callable[[bytes], bytes]] = {
     "duplicate tensor name": _duplicate,
     "metadata value not a string": rewrite(lambda h: h.__setitem__("__metadata__", {"format": 1})),
     "metadata not an object": rewrite(lambda h: h.__setitem__("__metadata__", "pt")),
+    "tensor named twice, one copy escaped": _escaped_duplicate,
+    "entry with two dtype fields": _text_edit(b'{"dtype": ', b'{"dtype": "U8", "dtype": '),
+    "two __metadata__ entries": _text_edit(b'{"__metadata__": ', b'{"__metadata__": {}, "__metadata__": '),
+    "metadata key twice": _text_edit(b'{"format": ', b'{"format": "x", "format": '),
+    "tensor name a lone surrogate": _first_renamed("\ud800"),
+    "metadata value a lone surrogate": rewrite(lambda h: h.__setitem__("__metadata__", {"format": "\udc00"})),
+    "NaN in an extra field": _text_edit(b'{"dtype": ', b'{"note": NaN, "dtype": '),
+    "data offset -0": _text_edit(b'"data_offsets": [0, ', b'"data_offsets": [-0, '),
+    "sub-byte dtype": rewrite(_sub_byte),
     "torch.save zip pickle renamed .safetensors": _torch_zip,
     "legacy pickle renamed .safetensors": _torch_legacy,
+}
+
+
+# The words each new header defect is refused with (the CLI runs above check the file is named).
+HEADER_WORDS = {
+    "gap between tensors": "leaves a gap before it",
+    "tensor named twice, one copy escaped": "names tensor",
+    "entry with two dtype fields": "names the key 'dtype' twice",
+    "two __metadata__ entries": "names '__metadata__' twice",
+    "metadata key twice": "__metadata__ names the key 'format' twice",
+    "tensor name a lone surrogate": "tensor name '\\ud800' holds a lone UTF-16 surrogate",
+    "metadata value a lone surrogate": "'\\udc00' holds a lone UTF-16 surrogate",
+    "NaN in an extra field": "NaN is not JSON",
+    "data offset -0": "data_offsets [-0.0,",
+    "sub-byte dtype": "dtype F4 (4 bits per element) is not supported",
 }
 
 
@@ -163,11 +224,11 @@ FILE_WORDS = {
     "five bytes": "only 5 bytes long",
     "truncated data": "lie past the end of the file",
     "truncated header": "does not fit a file of",
-    "random bytes": "any real checkpoint needs",
+    "random bytes": "the safetensors format allows",
     "header length past EOF": "does not fit a file of",
-    "header length past bound": "any real checkpoint needs",
+    "header length past bound": "the safetensors format allows",
     "header not JSON": "header is not JSON",
-    "header not UTF-8": "header is not JSON",
+    "header not UTF-8": "header is not UTF-8",
     "header a JSON list": "header is not a JSON object",
     "header nested 100000 deep": "nested too deeply",
     "entry not an object": "header entry is not an object",
@@ -176,9 +237,9 @@ FILE_WORDS = {
     "gap between tensors": "leaves a gap before it",
     "unknown dtype": "unknown dtype 'F12'",
     "dtype not a string": "unknown dtype ['F32']",
-    "shape not a list": "is not a list of non-negative integers",
-    "negative dimension": "shape [-1, 4] is not a list of non-negative integers",
-    "huge dimension": "below 2**53",
+    "shape not a list": "is not a list of non-negative 64-bit integers",
+    "negative dimension": "shape [-1, 4] is not a list of non-negative 64-bit integers",
+    "huge dimension": "is not a list of non-negative 64-bit integers",
     "offsets not a pair": "is not a pair of non-negative integers",
     "byte size disagrees with offsets": "bytes but data_offsets",
     "duplicate tensor name": "twice",
@@ -186,6 +247,7 @@ FILE_WORDS = {
     "metadata not an object": "__metadata__ must map strings to strings",
     "torch.save zip pickle renamed .safetensors": "is a PyTorch pickle file",
     "legacy pickle renamed .safetensors": "is a PyTorch pickle file",
+    **HEADER_WORDS,
 }
 
 
@@ -263,6 +325,42 @@ def _wrong_shard(base: Path, index: dict[str, object]) -> object:
     return index
 
 
+def _renamed_shard(name: str) -> Callable[[Path, dict[str, object]], object]:
+    """Every tensor in the one shard, listed under `name` (which names the real shard some other way)."""
+
+    def edit(base: Path, index: dict[str, object]) -> object:
+        if name.startswith("sub/"):
+            (base / "sub").mkdir()
+        index["weight_map"] = dict.fromkeys(index["weight_map"], name)  # type: ignore[arg-type]
+        return index
+
+    return edit
+
+
+def _shard_replaced(make: Callable[[Path], None]) -> Callable[[Path, dict[str, object]], object]:
+    def edit(base: Path, index: dict[str, object]) -> object:
+        shard = base / "model-00001-of-00001.safetensors"
+        shard.unlink()
+        make(shard)
+        return index
+
+    return edit
+
+
+def _listed_twice(base: Path, index: dict[str, object]) -> object:
+    weight_map = index["weight_map"]
+    assert isinstance(weight_map, dict)
+    name = next(iter(weight_map))
+    text = json.dumps(index)
+    return text.replace(f'"{name}": ', f'"{name}": "elsewhere.safetensors", "{name}": ', 1).encode()
+
+
+def _pickle_shard(base: Path, index: dict[str, object]) -> object:
+    """The index points at a model.bin that is there: refused as a pickle, by name, never opened by torch."""
+    (base / "model.bin").write_bytes(b"PK\x03\x04" + b"\x00" * 60)
+    return {"weight_map": dict.fromkeys(index["weight_map"], "model.bin")}  # type: ignore[call-overload]
+
+
 # index edit -> the words of the problem its Error line must say
 INDEX_WORDS = {
     "not JSON": "is not valid JSON",
@@ -280,9 +378,21 @@ INDEX_WORDS = {
     "shard missing": "is missing",
     "tensor not in its shard": "whose header lacks it",
     "shard is a pickle": "is a PyTorch pickle file",
+    "shard name with a trailing slash": "is not a normalised relative path",
+    "shard name through sub/..": "is not a normalised relative path",
+    "shard name through ./": "is not a normalised relative path",
+    "shard name a lone surrogate": "holds a lone UTF-16 surrogate, which is not Unicode text",
+    "tensor listed twice": "names the key 'lm_head.weight' twice in ['weight_map']",
+    "shard is a named pipe": "is a named pipe, not a regular file",
+    "shard is a symbolic link to itself": "a symbolic link that points to itself, or a loop of them",
 }
 # What the error names when it is not the index itself.
-INDEX_CULPRITS = {"shard missing": "missing.safetensors", "shard is a pickle": "model.bin"}
+INDEX_CULPRITS = {
+    "shard missing": "missing.safetensors",
+    "shard is a pickle": "model.bin",
+    "shard is a named pipe": "named pipe",
+    "shard is a symbolic link to itself": "symbolic link",
+}
 INDEX_EDITS: dict[str, Callable[[Path, dict[str, object]], object]] = {
     "not JSON": lambda base, index: b"{'weight_map': ",
     "not UTF-8": lambda base, index: b'{"weight_map": "\xff"}',
@@ -298,7 +408,14 @@ INDEX_EDITS: dict[str, Callable[[Path, dict[str, object]], object]] = {
     "shard name empty": lambda base, index: {"weight_map": dict.fromkeys(index["weight_map"], "")},  # type: ignore[arg-type]
     "shard missing": lambda base, index: {"weight_map": dict.fromkeys(index["weight_map"], "missing.safetensors")},  # type: ignore[arg-type]
     "tensor not in its shard": _wrong_shard,
-    "shard is a pickle": lambda base, index: {"weight_map": dict.fromkeys(index["weight_map"], "model.bin")},  # type: ignore[arg-type]
+    "shard is a pickle": _pickle_shard,
+    "shard name with a trailing slash": _renamed_shard("model-00001-of-00001.safetensors/"),
+    "shard name through sub/..": _renamed_shard("sub/../model-00001-of-00001.safetensors"),
+    "shard name through ./": _renamed_shard("./model-00001-of-00001.safetensors"),
+    "shard name a lone surrogate": _renamed_shard("\udcff.safetensors"),
+    "tensor listed twice": _listed_twice,
+    "shard is a named pipe": _shard_replaced(os.mkfifo),
+    "shard is a symbolic link to itself": _shard_replaced(lambda shard: shard.symlink_to(shard.name)),
 }
 
 
@@ -341,6 +458,18 @@ def pickle_file_case() -> Case:
         return weights, adapter, "safetensors"
 
     return Case("base: a .pt file", build, "is a PyTorch pickle file")
+
+
+def pipe_case(name: str) -> Case:
+    """A named pipe under the name of a file the base directory's reader opens: refused, never waited on."""
+
+    def build(tmp: Path, base: Path, adapter: Path) -> tuple[Path, Path, str]:
+        base, adapter = copies(tmp, base, adapter)
+        (base / name).unlink(missing_ok=True)
+        os.mkfifo(base / name)
+        return base, adapter, f"{name}: is a named pipe"
+
+    return Case(f"base: {name} a named pipe", build, "is a named pipe")
 
 
 def shape_case(name: str, edit: Callable[[dict[str, torch.Tensor]], None], words: str) -> Case:
@@ -392,6 +521,9 @@ CASES: list[Case] = [
     pickle_case("base"),
     pickle_case("adapter"),
     pickle_file_case(),
+    pipe_case("model.safetensors.index.json"),
+    pipe_case("model.safetensors"),
+    pipe_case("config.json"),
     shape_case("lora_A in-features too wide", _reshape(Q_PROJ_A, 4, 33), "does not fit the base shape [32, 32]"),
     shape_case("lora_B out-features too tall", _reshape(Q_PROJ_B, 33, 4), "does not fit the base shape [32, 32]"),
     shape_case("lora_A rank differs from lora_B", _reshape(Q_PROJ_A, 3, 32), "lora_B has rank 4 but lora_A has rank 3"),
@@ -461,6 +593,27 @@ def test_a_valid_header_of_length_640_is_not_taken_for_a_pickle(tmp_path: Path) 
     path = tmp_path / "x.safetensors"
     path.write_bytes(join(text, b"\x00" * 4))
     assert [t.name for t in read_header(path).tensors] == ["w"]
+
+
+# What safetensors.safe_open accepts and we refuse, by name: it keeps the last of duplicate keys silently (a
+# tensor named twice is a silent misread), and we have no byte size for F4.
+LIBRARY_ACCEPTS = {"tensor named twice, one copy escaped", "metadata key twice", "sub-byte dtype"}
+
+
+@pytest.mark.parametrize("mutation", sorted(HEADER_WORDS))
+def test_header_defects_are_refused_in_words(mutation: str, tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(FILE_MUTATIONS[mutation](VALID))
+    with pytest.raises(LorasurgeonError) as error:
+        read_header(path)
+    assert str(error.value).startswith(f"{path}: ")
+    assert HEADER_WORDS[mutation] in str(error.value)
+    if mutation in LIBRARY_ACCEPTS:
+        with safe_open(path, "pt") as f:
+            assert f.keys()
+    else:
+        with pytest.raises(SafetensorError), safe_open(path, "pt"):
+            pass
 
 
 # --- hypothesis: random damage to valid files -------------------------------------------------------------
@@ -547,3 +700,16 @@ def test_index_reader_reads_correctly_or_refuses(raw: bytes) -> None:
             with Checkpoint.open(root) as ckpt:
                 assert sorted(ckpt.tensors) == ["a", "b"]
                 assert {info.path.resolve() for info in ckpt.tensors.values()} == {(root / "x.safetensors").resolve()}
+
+
+@pytest.mark.parametrize("mutation", sorted(HEADER_WORDS))
+def test_report_refuses_header_defects_with_one_line(
+    mutation: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`report` printed an internal error for a tensor name that is a lone surrogate (issue 12)."""
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(FILE_MUTATIONS[mutation](VALID))
+    code, stdout, stderr = run_cli(["report", str(path)], capsys)
+    errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
+    assert code == 2 and len(errors) == 1 and HEADER_WORDS[mutation] in errors[0], stderr
+    assert "internal error" not in stderr and "Traceback" not in stdout + stderr

@@ -15,14 +15,23 @@ import pytest
 
 PACKAGE = Path(__file__).parent.parent / "lorasurgeon"
 IO = {"errors", "header", "checkpoint"}
+FILES = {"errors", "input_file"}
 NORMAL_FORM = {"adapter", *IO}
 FORMATS_CORE = {"formats.peft", "formats.peft_config", "formats.config_fields", "formats.kohya", "formats.diffusers"}
 # module -> the lorasurgeon modules it may import ("formats" is the package's __init__).
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
-    "header": {"errors"},
-    "checkpoint": {"errors", "header"},
-    "writer": IO,
+    "version": set(),
+    "interrupts": set(),
+    "strict_json": set(),
+    "input_file": {"errors"},
+    "header_json": {"errors", "strict_json"},
+    "header": FILES | {"header_json"},
+    "layout": FILES,
+    "checkpoint": FILES | {"header", "layout", "strict_json"},
+    "hub": {"errors"},
+    "temporaries": {"errors"},
+    "writer": IO | {"input_file", "interrupts", "temporaries"},
     "blocks": set(),
     "linalg": {"blocks"},
     "lycoris": set(),
@@ -65,7 +74,7 @@ ALLOWED: dict[str, set[str]] = {
     "plan": NORMAL_FORM
     | {"fit", "ties", "model_config", "formats.architectures", "formats.resolution", "tuner_placement"},
     "tuner_steps": {"plan", "tuner_merge", "tuner_placement"},
-    "mirror": IO | {"plan", "writer"},
+    "mirror": IO | {"layout", "plan", "writer"},
     "workspace": IO,
     "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "progress", "tuner_steps", "writer", "workspace"},
     "decomposition": {"linalg", "rank_rule"},
@@ -101,8 +110,8 @@ ALLOWED: dict[str, set[str]] = {
     "finding_groups": {"errors"},
     "render": {"errors", "census", "documents", "report", "plan", "surgery", "extraction", "conversion", "cluster"}
     | {"finding_groups", "progress", "progress_bar", "tables", "units"},
-    "cli": {"__init__", "documents", "errors", "render"},
-    "__main__": {"cli"},
+    "cli": {"__init__", "documents", "errors", "interrupts", "render"},
+    "__main__": {"cli", "interrupts"},
 }
 NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", "model_config", "tuner_placement", "tuner_shapes", "tuner_kinds"]
 NO_TORCH_AT_IMPORT += ["pairing", "rank_rule", "progress", "progress_bar", "units", "tables", "finding_groups"]

@@ -533,3 +533,175 @@ def test_dtype_conversion_overflow_is_an_error(tmp_path: Path, capsys: pytest.Ca
     assert not (tmp_path / "out").exists()
     code, _, _ = run_cli(["merge", str(base), str(adapter), "-o", str(tmp_path / "out"), "--dtype", "fp32"], capsys)
     assert code == 0
+
+
+# --- Ctrl-C at any moment: exit 130 and one line ------------------------------------------------------------
+
+# The console entry point (lorasurgeon.__main__.run) in a child, which writes one byte to fd PIPE the moment
+# its interrupt handlers are in place (what runs before them is Python's start-up and the package's __init__).
+ENTRY = """
+import os, sys, time
+from lorasurgeon import interrupts
+install = interrupts.exit_at_once
+def traced():
+    install()
+    os.write(PIPE, b"r")
+interrupts.exit_at_once = traced
+PHASE
+from lorasurgeon.__main__ import run
+sys.argv = ["lorasurgeon", *ARGS]
+run()
+"""
+
+# Hooks that announce a phase of the merge (one byte on PIPE) and wait there 1 s, so a signal sent on the
+# announcement lands inside it: planning done (the writer not yet made), the first tensor, the last, the
+# publish (inside the swap, where interrupts are held back until OUT is complete).
+PHASES = {
+    "plan": """
+from lorasurgeon import writer
+init = writer.CheckpointWriter.__init__
+def announce(self, *a, **k):
+    os.write(PIPE, b"p"); time.sleep(1); init(self, *a, **k)
+writer.CheckpointWriter.__init__ = announce
+""",
+    "first tensor": """
+from lorasurgeon import writer
+calls = []
+def hook(method):
+    def wrapped(self, *a):
+        calls.append(1)
+        if len(calls) == 1:
+            os.write(PIPE, b"p"); time.sleep(1)
+        return method(self, *a)
+    return wrapped
+writer.ShardStream.write = hook(writer.ShardStream.write)
+writer.ShardStream.copy_from = hook(writer.ShardStream.copy_from)
+""",
+    "last tensor": """
+from lorasurgeon import writer
+calls = []
+def hook(method):
+    def wrapped(self, *a):
+        calls.append(1)
+        if len(calls) == len(self._names):
+            os.write(PIPE, b"p"); time.sleep(1)
+        return method(self, *a)
+    return wrapped
+writer.ShardStream.write = hook(writer.ShardStream.write)
+writer.ShardStream.copy_from = hook(writer.ShardStream.copy_from)
+""",
+    "publish": """
+from lorasurgeon import writer
+fsync_dir = writer._fsync_dir
+def announce(path):
+    if not os.environ.get("ANNOUNCED"):
+        os.environ["ANNOUNCED"] = "1"; os.write(PIPE, b"p"); time.sleep(1)
+    fsync_dir(path)
+writer._fsync_dir = announce
+""",
+}
+
+
+def start_entry(args: list[str], phase: str = "") -> tuple[subprocess.Popen[str], int]:
+    read, write = os.pipe()
+    code = ENTRY.replace("PIPE", str(write)).replace("ARGS", repr(args)).replace("PHASE", PHASES.get(phase, ""))
+    code = code.replace("PIPE", str(write))
+    process = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        pass_fds=(write,),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    os.close(write)
+    return process, read
+
+
+def wait_for(read: int, count: int) -> None:
+    """Block until the child has written `count` bytes on the pipe."""
+    got = b""
+    while len(got) < count:
+        chunk = os.read(read, count - len(got))
+        assert chunk, "the child ended before announcing"
+        got += chunk
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.3, 1.2])
+def test_ctrl_c_during_start_up_exits_130_with_one_line(
+    llama_dir: Path, llama_adapter: Path, tmp_path: Path, delay: float
+) -> None:
+    """While the CLI, click, rich and then torch import (about 2 s), a Ctrl-C printed a KeyboardInterrupt
+    traceback and the process died of the signal (-2)."""
+    out = tmp_path / "merged"
+    process, read = start_entry(["merge", str(llama_dir), str(llama_adapter), "-o", str(out)])
+    wait_for(read, 1)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    os.close(read)
+    if delay <= 0.3:  # torch alone takes longer than this to import: the merge cannot have finished
+        assert process.returncode == 130, stderr
+    if process.returncode == 130:
+        assert one_error(stderr) == "Error: interrupted; nothing was written"
+        assert list(tmp_path.iterdir()) == []
+    else:  # the signal came after the merge had finished: its answer stands
+        assert process.returncode == 0 and "Traceback" not in stderr, stderr
+        assert read_tensors(out)
+
+
+@pytest.mark.parametrize("phase", list(PHASES))
+def test_ctrl_c_in_each_phase_of_a_merge(llama_dir: Path, llama_adapter: Path, tmp_path: Path, phase: str) -> None:
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the previous output")
+    old = tree_hashes(out)
+    process, read = start_entry(["merge", str(llama_dir), str(llama_adapter), "-o", str(out), "--force"], phase)
+    wait_for(read, 2)  # the handlers, then the phase
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    os.close(read)
+
+    assert process.returncode == 130, stderr
+    error = one_error(stderr)
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no temporary, no old copy moved aside
+    if phase == "publish":  # held back until the swap was done: OUT is the new one, whole
+        assert error == f"Error: interrupted after {out} was written completely"
+        merged = read_tensors(out)
+        assert not torch.equal(merged[Q_PROJ], read_tensors(llama_dir)[Q_PROJ])
+    else:
+        assert error == "Error: interrupted; nothing was written"
+        assert tree_hashes(out) == old
+
+
+def test_the_entry_point_imports_nothing_heavy_before_its_handlers() -> None:
+    code = (
+        "import sys, lorasurgeon.__main__\n"
+        "heavy = sorted(m for m in ('torch', 'click', 'rich', 'lorasurgeon.cli') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_debug_is_accepted_after_the_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lorasurgeon.cli import hoist_debug
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(lorasurgeon, "check", fail)
+    code, _, stderr = run_cli(["check", "base", "adapter", "--debug"], capsys)
+    assert code == 2 and "Traceback" in stderr and "RuntimeError: boom" in stderr
+    assert hoist_debug(["merge", "--debug", "a", "b"]) == ["--debug", "merge", "a", "b"]
+    assert hoist_debug(["merge", "a", "--", "--debug"]) == ["merge", "a", "--", "--debug"]  # a name after --
+
+
+def test_version() -> None:
+    from importlib import metadata
+
+    from lorasurgeon.version import __version__
+
+    assert __version__ == metadata.version("lorasurgeon") and __version__[0].isdigit()

@@ -13,6 +13,7 @@ resolution (names against a base), architectures (transformers tables).
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -91,15 +92,17 @@ def locate(path: Path) -> tuple[Path, Path | None]:
 
     A directory holds `adapter_model.safetensors` itself, or (PEFT's layout for a named adapter) in one
     sub-directory with its config; several named adapters and no default one must be chosen by path."""
-    if not path.exists():
+    if not os.path.lexists(path):
         raise InputError(f"{path}: no such file or directory")
+    # lexists, not is_file: a config or weights file that is a loop, a pipe or a dangling link is read, and so
+    # refused by name, rather than taken for absent.
     if not path.is_dir():
         refuse_pickle(path)
         config = path.parent / ADAPTER_CONFIG
-        return path, config if config.is_file() else None
-    if (path / peft.ADAPTER_WEIGHTS).is_file():
+        return path, config if os.path.lexists(config) else None
+    if os.path.lexists(path / peft.ADAPTER_WEIGHTS):
         config = path / ADAPTER_CONFIG
-        return path / peft.ADAPTER_WEIGHTS, config if config.is_file() else None
+        return path / peft.ADAPTER_WEIGHTS, config if os.path.lexists(config) else None
     named = sorted(p for p in path.iterdir() if (p / ADAPTER_CONFIG).is_file() and (p / peft.ADAPTER_WEIGHTS).is_file())
     if len(named) == 1:
         return named[0] / peft.ADAPTER_WEIGHTS, named[0] / ADAPTER_CONFIG
