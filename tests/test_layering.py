@@ -14,11 +14,15 @@ PACKAGE = Path(__file__).parent.parent / "lorasurgeon"
 ORDER = [
     "errors",
     "header",
+    "quantized",
     "sd_names",
     "keys",
     "lora_config",
     "linalg",
+    "fp8",
     "lycoris",
+    "compressed",
+    "requant",
     "checkpoint",
     "writer",
     "adapter",
@@ -68,6 +72,10 @@ def test_imports_only_modules_above(module: str) -> None:
 
 def test_linalg_imports_only_torch() -> None:
     assert {n.split(".")[0] for n in imports("linalg")} <= {"torch", "__future__"}
+
+
+def test_fp8_maths_imports_only_torch() -> None:
+    assert {n.split(".")[0] for n in imports("fp8")} <= {"torch", "__future__", "math", "dataclasses"}
 
 
 @pytest.mark.parametrize("module", MODULES)
