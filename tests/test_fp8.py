@@ -106,6 +106,7 @@ def test_dequantize_multiplies_each_block_by_its_scale(shape: tuple[int, ...], b
 
 
 def test_dequantize_matches_compressed_tensors_block_dequantizer_on_edge_blocks() -> None:
+    pytest.importorskip("compressed_tensors")
     from compressed_tensors.entrypoints.convert.converters.fp8block_dequantizer import FP8BlockDequantizer
 
     torch.manual_seed(1)
@@ -220,6 +221,22 @@ def test_per_tensor_scale_is_one_block() -> None:
     q, s = fp8.quantize_blocks(w, (24, 40))
     merged = fp8.merge_fp8_block(q, s.reshape(()), torch.randn(24, 40) * 0.3, (24, 40))
     assert merged.scale_inv.shape == () and merged.error < 0.2
+
+
+def test_bf16_scales_are_rounded_before_dividing() -> None:
+    """Qwen3's dense FP8 checkpoints store weight_scale_inv in BF16: the merge keeps that dtype, and each fresh
+    scale is rounded to it before W + ΔW is divided by it, so q · s dequantizes with the scale stored."""
+    torch.manual_seed(10)
+    w = torch.randn(64, 64)
+    q, s = fp8.quantize_blocks(w, (32, 32), scale_dtype=torch.bfloat16)
+    ref_q, _ = quantize(w.double().numpy(), (32, 32), s.float().numpy())
+    assert s.dtype == torch.bfloat16 and np.array_equal(q.double().numpy(), ref_q)
+    delta = torch.randn(64, 64) * 5  # fresh scales everywhere
+    merged = fp8.merge_fp8_block(q, s, delta, (32, 32))
+    assert merged.scale_inv.dtype == torch.bfloat16 and merged.rescaled == 4 and merged.error < 0.1
+    target = (fp8.dequantize_blocks(q, s, (32, 32)) + delta).numpy()
+    ref_q, _ = quantize(target, (32, 32), merged.scale_inv.float().numpy())
+    assert np.array_equal(merged.q.double().numpy(), ref_q)
 
 
 def test_dequantized_bf16_is_transformers_dequantize() -> None:

@@ -42,16 +42,19 @@ def detect(path: Path) -> Quantization:
     return quant
 
 
-def write_fp8(base: Path, out: Path, scales_apart: bool = False) -> Path:
-    """`base` with every projection block-quantized (F8_E4M3 weight + F32 weight_scale_inv); `scales_apart`
-    puts all scales of layer 1 in a second shard, away from their weights."""
+def write_fp8(base: Path, out: Path, scales_apart: bool = False, scale_dtype: torch.dtype = torch.float32) -> Path:
+    """`base` with every projection block-quantized (F8_E4M3 weight + weight_scale_inv in `scale_dtype`: F32 as
+    DeepSeek ships them, BF16 as Qwen3's dense FP8 models do); `scales_apart` puts all scales of layer 1 in a
+    second shard, away from their weights."""
     from transformers import FineGrainedFP8Config
 
     stored: dict[str, torch.Tensor] = {}
     for name, tensor in read_tensors(base).items():
         if name.endswith("_proj.weight"):
-            q, s = reference_quantize(tensor.double().numpy(), BLOCK)
-            stored[name], stored[f"{name}_scale_inv"] = torch_q(q), torch.from_numpy(s)
+            _, fresh = reference_quantize(tensor.double().numpy(), BLOCK)
+            scale = torch.from_numpy(fresh).to(scale_dtype)  # rounded to the stored dtype, then divided by
+            q, _ = reference_quantize(tensor.double().numpy(), BLOCK, scale.float().numpy())
+            stored[name], stored[f"{name}_scale_inv"] = torch_q(q), scale
         else:
             stored[name] = tensor
     out.mkdir(parents=True)
@@ -76,6 +79,11 @@ def write_fp8(base: Path, out: Path, scales_apart: bool = False) -> Path:
 @pytest.fixture(scope="module")
 def fp8_dir(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Path:
     return write_fp8(llama_dir, tmp_path_factory.mktemp("fp8") / "base")
+
+
+@pytest.fixture(scope="module")
+def fp8_bf16_scales_dir(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Path:
+    return write_fp8(llama_dir, tmp_path_factory.mktemp("fp8-bf16") / "base", scale_dtype=torch.bfloat16)
 
 
 def deltas(adapter: Path) -> dict[str, torch.Tensor]:
@@ -135,14 +143,17 @@ def test_scales_in_another_shard(tmp_path: Path, llama_dir: Path, fp8_dir: Path,
     )
 
 
+@pytest.mark.parametrize("base", ["fp8_dir", "fp8_bf16_scales_dir"])
 def test_fp8_merge_in_format_gives_peft_on_transformers_dequantized_base(
-    tmp_path: Path, fp8_dir: Path, llama_adapter: Path
+    tmp_path: Path, base: str, llama_adapter: Path, request: pytest.FixtureRequest
 ) -> None:
     """The oracle chain: transformers loads BASE and OUT dequantized (on CPU); PEFT merges the adapter into the
     loaded BASE. OUT's weights are deq(q', s') bit for bit, differ from PEFT's W + ΔW by exactly the reported
     `error`, moved from W by the reported `survival`; and OUT's logits are much closer to PEFT's than BASE's."""
     from peft import PeftModel
     from transformers import LlamaForCausalLM
+
+    fp8_dir: Path = request.getfixturevalue(base)
 
     results = merge_by_hand(fp8_dir, llama_adapter, tmp_path / "out")
     tokens = torch.arange(16).reshape(2, 8)
@@ -154,9 +165,11 @@ def test_fp8_merge_in_format_gives_peft_on_transformers_dequantized_base(
         want = peft_model(tokens).logits
     merged = peft_model.merge_and_unload().state_dict()
     out_model = LlamaForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
-    loaded, stored = out_model.state_dict(), read_tensors(tmp_path / "out")
+    loaded, stored, original = out_model.state_dict(), read_tensors(tmp_path / "out"), read_tensors(fp8_dir)
     for name, result in results.items():
-        assert torch.equal(loaded[name], fp8.dequantize_blocks(stored[name], stored[f"{name}_scale_inv"], BLOCK))
+        scale = stored[f"{name}_scale_inv"]
+        assert scale.dtype == original[f"{name}_scale_inv"].dtype
+        assert torch.equal(loaded[name], fp8.dequantize_blocks(stored[name], scale, BLOCK))
         delta = (merged[name] - base[name]).double()
         assert result.survival == pytest.approx(
             float((loaded[name] - base[name]).double().norm() / delta.norm()), rel=1e-4
@@ -170,7 +183,6 @@ def test_fp8_merge_in_format_gives_peft_on_transformers_dequantized_base(
     # Linearised, the logits move by Σ J·ΔW and miss by Σ J·(D − ΔW), each ‖D − ΔW‖ = error · ‖ΔW‖.
     worst = max(result.error for result in results.values())
     assert (got - want).norm() <= worst * (before - want).norm()
-    print(worst, (got - want).norm() / (before - want).norm())
 
 
 def test_dequantized_route_is_transformers_bf16_loading(fp8_dir: Path) -> None:
@@ -216,6 +228,21 @@ def test_fp8_inconsistencies_are_named(tensors: dict[str, Any], config: dict[str
 def test_fp8_variants_we_do_not_write_are_refused(tensors: dict[str, Any], config: dict[str, Any], match: str) -> None:
     quant = detect_quantization(config, infos(tensors), "ckpt")
     assert quant is not None and not quant.weights and match in str(quant.refusal)
+
+
+def test_fused_fp8_experts_are_one_weight_each() -> None:
+    """transformers v5 FP8Experts tensors (E, out, in) with an (E, ⌈out/bm⌉, ⌈in/bn⌉) `*_scale_inv` sibling."""
+    experts = {
+        "model.layers.3.mlp.experts.gate_up_proj": ("F8_E4M3", (8, 256, 128)),
+        "model.layers.3.mlp.experts.gate_up_proj_scale_inv": ("F32", (8, 2, 1)),
+        "model.layers.3.mlp.experts.down_proj": ("F8_E4M3", (8, 128, 128)),
+        "model.layers.3.mlp.experts.down_proj_scale_inv": ("F32", (8, 1, 1)),
+    }
+    config = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    quant = detect_quantization(config, infos(experts), "c")
+    assert quant is not None and quant.refusal is None
+    weight = quant.weights["model.layers.3.mlp.experts.gate_up_proj"]
+    assert weight.shape == (8, 256, 128) and weight.parts["weight_scale_inv"].endswith("gate_up_proj_scale_inv")
 
 
 def test_block_size_inferred_without_config(fp8_dir: Path) -> None:
@@ -374,6 +401,7 @@ def write_compressed(base: Path, out: Path, preset: str) -> Path:
 
 @pytest.fixture(scope="module", params=CT_SCHEMES)
 def ct_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Path:
+    pytest.importorskip("compressed_tensors")  # the optional extra lorasurgeon[quant]
     return write_compressed(llama_dir, tmp_path_factory.mktemp("ct") / request.param, request.param)
 
 
@@ -413,6 +441,17 @@ def test_compressed_tensors_merge_checked_by_the_library(tmp_path: Path, ct_dir:
             {**parts, **compressed.compress(before[name] + delta[name], weight.scheme, parts, "x")}, weight.scheme, "x"
         )
         assert result.error <= float((fresh - before[name] - delta[name]).double().norm() / wanted) * (1 + 1e-6), name
+
+
+def test_compressed_tensors_dequantized_route_is_transformers_loading(ct_dir: Path) -> None:
+    from transformers import CompressedTensorsConfig, LlamaForCausalLM
+
+    config = CompressedTensorsConfig(dequantize=True)
+    loaded = LlamaForCausalLM.from_pretrained(ct_dir, dtype=torch.float32, quantization_config=config).state_dict()
+    quant, tensors = detect(ct_dir), read_tensors(ct_dir)
+    for name, weight in quant.weights.items():
+        parts = {k: tensors[v] for k, v in weight.parts.items()}
+        assert torch.equal(requant.dequantize(weight, parts, None, torch.float32, str(ct_dir)), loaded[name]), name
 
 
 def test_compressed_tensors_zero_delta_keeps_every_byte(ct_dir: Path) -> None:
@@ -471,10 +510,34 @@ def test_compressed_inconsistencies_are_named() -> None:
     elsewhere = {"g": {"targets": ["re:.*mlp.*"], "weights": W4}}
     with pytest.raises(InputError, match=r"no module that a config group of config\.json targets"):
         detect_quantization({"quantization_config": {**CT, "config_groups": elsewhere}}, infos(PACK), "c")
+    dense = infos({f"{Q}.weight": ("BF16", (32, 32))})
     ignored = detect_quantization(
-        {"quantization_config": {**CT, "config_groups": elsewhere, "ignore": [Q]}}, infos({}), "c"
+        {"quantization_config": {**CT, "config_groups": elsewhere, "ignore": [Q]}}, dense, "c"
     )
-    assert ignored is not None and not ignored.weights
+    assert ignored is not None and not ignored.weights and ignored.refusal is None
+
+
+def test_compressed_groups_by_most_specific_target_and_inferred_format() -> None:
+    """Mixed precision: attention int4 by regex, every other Linear int8 W8A8; no per-group "format", so each is
+    inferred as compressed-tensors' infer_module_format does (weight-only int: pack; int with inputs: int)."""
+    mlp = "model.layers.0.mlp.down_proj"
+    tensors = infos({**PACK, f"{mlp}.weight": ("I8", (32, 64)), f"{mlp}.weight_scale": ("BF16", (32, 1))})
+    groups = {
+        "all": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "int", "strategy": "channel"},
+                "input_activations": {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}},
+        "attention": {"targets": ["re:.*self_attn.*"], "weights": W4},
+    }  # fmt: skip
+    config = {"quantization_config": {**CT, "format": "mixed-precision", "config_groups": groups}}
+    quant = detect_quantization(config, tensors, "c")
+    assert quant is not None and quant.refusal is None
+    attention, down = quant.weights[f"{Q}.weight"], quant.weights[f"{mlp}.weight"]
+    assert (attention.group, attention.scheme and attention.scheme["format"], attention.shape) == (
+        "attention", "pack-quantized", (32, 32)
+    )  # fmt: skip
+    assert (down.group, down.scheme and down.scheme["format"], down.rewritten) == (
+        "all", "int-quantized", ("weight", "weight_scale")
+    )  # fmt: skip
+    assert f"{Q}.weight_packed" in quant.companions and f"{mlp}.weight" not in quant.companions
     nameless = detect_quantization(None, infos(PACK), "c")
     assert nameless is not None and "no config.json quantization_config says" in str(nameless.refusal)
 

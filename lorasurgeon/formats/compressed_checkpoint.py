@@ -57,7 +57,8 @@ def compressed_quantization(qc: Mapping[str, Any], tensors: Mapping[str, TensorI
             continue
         if f"{module}.weight_g_idx" in tensors and refusal is None:
             refusal = _scheme_refusal(group, {**groups[group], "weights": {"actorder": "group"}}, "", where)
-        weights[f"{module}.weight"] = _weight(module, info, group, groups[group], tensors)
+        scheme = {**groups[group], "format": formats[group]}  # the format resolved, for the compressor
+        weights[f"{module}.weight"] = _weight(module, info, group, scheme, tensors)
     companions = {p for w in weights.values() for p in w.parts.values() if p != w.name}
     companions |= {n for n in tensors if n.endswith(KV_SCALES) and qc.get("kv_cache_scheme")}
     stray = sorted(n for n in tensors if n.endswith(COMPRESSED) and n not in companions)

@@ -54,7 +54,7 @@ def fp8_quantization(qc: Mapping[str, Any] | None, tensors: Mapping[str, TensorI
     static = [w.parts[a] for w in weights.values() for a in ACTIVATION_SCALES if a in w.parts]
     warnings = (STATIC_WARNING.format(where=where, name=static[0]),) if static else ()
     label = f"FP8 e4m3 with {block[0]}×{block[1]} block scales" if block else "FP8 e4m3 with per-tensor scales"
-    return Quantization("fp8-block", label, qc, weights, companions, refusal, warnings)
+    return Quantization("fp8-block", label, qc, weights, companions, None, warnings)
 
 
 def infer_block(shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> tuple[int, int] | None:
@@ -155,5 +155,8 @@ def _refusal(qc: Mapping[str, Any] | None, tensors: Mapping[str, TensorInfo], wh
             )
     packed = sorted(n for n, i in tensors.items() if n.endswith("_scale_inv") and i.dtype in ("U8", "I8"))
     if packed:
-        return f"{where}: has 1-byte (e8m0) scales ({packed[0]!r}), MXFP8-style, which lorasurgeon does not write"
+        return (
+            f"{where}: has 1-byte (e8m0) scales ({packed[0]!r}), MXFP8-style, which lorasurgeon does not write; "
+            "merge into the original 16-bit model instead"
+        )
     return None
