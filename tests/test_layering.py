@@ -25,10 +25,20 @@ ALLOWED: dict[str, set[str]] = {
     "writer": IO,
     "linalg": set(),
     "lycoris": set(),
+    "fp8": set(),
+    "experts": set(),
+    "quantized": set(),
+    "compressed": {"errors"},
+    "requant": {"compressed", "fp8", "quantized"},
     "adapter": IO,
     "formats.config_fields": {"errors"},
     "formats.architectures": {"errors", "header"},
     "formats.sd_layouts": set(),
+    "formats.transformers_names": set(),
+    "formats.moe": {"formats.transformers_names"},
+    "formats.fp8_block": {"errors", "header", "quantized"},
+    "formats.compressed_checkpoint": {"errors", "header", "quantized"},
+    "formats.quantization": {"errors", "header", "quantized", "formats.compressed_checkpoint", "formats.fp8_block"},
     "formats.peft_config": {"errors", "header", "formats.config_fields"},
     "formats.peft": NORMAL_FORM | {"formats.peft_config", "writer"},
     "formats.kohya": NORMAL_FORM | {"formats.peft_config", "lycoris"},
@@ -124,7 +134,7 @@ def test_imports_only_what_its_entry_allows(module: str) -> None:
     assert mine <= ALLOWED[module], f"{module} imports {sorted(mine - ALLOWED[module])}, which its entry does not allow"
 
 
-@pytest.mark.parametrize("module", ["linalg", "lycoris"])
+@pytest.mark.parametrize("module", ["linalg", "lycoris", "fp8", "experts"])
 def test_maths_imports_only_torch(module: str) -> None:
     assert imports(module)[1] <= {"torch", "__future__", "math", "collections", "dataclasses", "typing"}
 

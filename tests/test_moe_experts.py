@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from moe_models import moe_config, randomized, save_layout
 
+from lorasurgeon import experts as maths
 from lorasurgeon.formats import moe, transformers_names
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -36,12 +37,12 @@ def reference_deltas(a: torch.Tensor, b: torch.Tensor, scale: float, experts: in
 def test_expert_delta_literal() -> None:
     a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # E=2, r=1: expert 0 owns row 0, expert 1 row 1
     b = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 5.0]])  # expert 0 owns column 0, expert 1 column 1
-    deltas = moe.expert_deltas(a, b, 0.5, 2, transposed=False)
+    deltas = maths.expert_deltas(a, b, 0.5, 2, transposed=False)
     expected = torch.tensor([[[0.5, 1.0], [0.0, 0.0], [1.0, 2.0]], [[0.0, 0.0], [1.5, 2.0], [7.5, 10.0]]])
     assert torch.equal(deltas, expected)
-    assert torch.equal(moe.expert_deltas(a, b, 0.5, 2, transposed=True), expected.transpose(1, 2))
-    assert moe.silent_experts(a, b, 2) == ()
-    assert moe.silent_experts(a, b * torch.tensor([0.0, 1.0]), 2) == (0,)
+    assert torch.equal(maths.expert_deltas(a, b, 0.5, 2, transposed=True), expected.transpose(1, 2))
+    assert maths.silent_experts(a, b, 2) == ()
+    assert maths.silent_experts(a, b * torch.tensor([0.0, 1.0]), 2) == (0,)
 
 
 @settings(max_examples=40, deadline=None)
@@ -57,12 +58,11 @@ def test_expert_deltas_match_the_formula(experts: int, rank: int, out: int, inp:
     a = torch.randn(rank * experts, inp, generator=generator, dtype=torch.float64)
     b = torch.randn(out, rank * experts, generator=generator, dtype=torch.float64)
     expected = reference_deltas(a, b, 0.75, experts)
-    assert torch.allclose(moe.expert_deltas(a, b, 0.75, experts, transposed=False), expected, rtol=1e-12)
+    assert torch.allclose(maths.expert_deltas(a, b, 0.75, experts, transposed=False), expected, rtol=1e-12)
     half = out // 2
     for expert in range(experts):
         for start, stop, step in [(0, half, 1), (half, out, 1), (0, out, 2), (1, out, 2)]:
-            piece = moe.ExpertSlice("t", expert, start, stop, step, (len(range(start, stop, step)), inp))
-            got = moe.slice_delta(a, b, 0.75, experts, False, piece)
+            got = maths.slice_delta(a, b, 0.75, experts, expert, slice(start, stop, step))
             assert torch.allclose(got, expected[expert, start:stop:step], rtol=1e-12)
     assert (expected != 0).any()  # guard
 
@@ -153,7 +153,11 @@ def expected_merge(base_dir: Path, adapter_dir: Path) -> tuple[dict[str, torch.T
             found = moe.expert_slices(config, f"{module}.{param}", shape, base.keys())
             assert found.problem is None, found.problem
             for piece in found.slices:
-                merged[piece.tensor] += moe.slice_delta(a, b, scale, experts, layout.transposed, piece)
+                if piece.expert is None:
+                    merged[piece.tensor] += maths.expert_deltas(a, b, scale, experts, layout.transposed)
+                else:
+                    rows = slice(piece.start, piece.stop, piece.step)
+                    merged[piece.tensor] += maths.slice_delta(a, b, scale, experts, piece.expert, rows)
                 hits.setdefault(piece.tensor, []).append(key)
         else:
             resolution = transformers_names.checkpoint_names(config, f"{module}.weight", base.keys())

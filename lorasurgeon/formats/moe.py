@@ -16,8 +16,6 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
 from lorasurgeon.formats.transformers_names import checkpoint_names
 
 
@@ -175,45 +173,6 @@ def expert_slices(
     if extra.problem is None:
         return ExpertTensors((), "unknown", f"{fused_param}: the checkpoint holds more than {experts} experts")
     return ExpertTensors(tuple(slices), "per-expert")
-
-
-def expert_factors(
-    a: torch.Tensor, b: torch.Tensor, num_experts: int, expert: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expert `expert`'s (B_e (out, r), A_e (r, in)) from PEFT's `lora_B` (out, r·E) and `lora_A` (r·E, in)."""
-    rank = a.shape[0] // num_experts
-    return b[:, expert::num_experts], a[expert * rank : (expert + 1) * rank]
-
-
-def expert_delta(a: torch.Tensor, b: torch.Tensor, scale: float, num_experts: int, expert: int) -> torch.Tensor:
-    """s · B_e A_e for one expert, (out, in), in fp32 (fp64 inputs stay fp64)."""
-    b_e, a_e = expert_factors(a, b, num_experts, expert)
-    dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
-    return (b_e.to(dtype) @ a_e.to(dtype)) * scale  # (out, r) @ (r, in) -> (out, in)
-
-
-def expert_deltas(a: torch.Tensor, b: torch.Tensor, scale: float, num_experts: int, transposed: bool) -> torch.Tensor:
-    """PEFT's ParamWrapper delta for a fused parameter, in its layout: (E, out, in), or (E, in, out) when
-    `transposed` (the experts class' `is_transposed`)."""
-    deltas = torch.stack([expert_delta(a, b, scale, num_experts, e) for e in range(num_experts)])  # (E, out, in)
-    return deltas.transpose(1, 2) if transposed else deltas
-
-
-def slice_delta(
-    a: torch.Tensor, b: torch.Tensor, scale: float, num_experts: int, transposed: bool, piece: ExpertSlice
-) -> torch.Tensor:
-    """The delta to add to `piece.tensor`: one expert's rows, or the whole fused delta (shaped `piece.shape`)."""
-    if piece.expert is None:
-        return expert_deltas(a, b, scale, num_experts, transposed)
-    # Rows of ΔW_e are rows of B_e: slicing B first makes a gate or up half cost half the product.
-    return expert_delta(a, b[piece.start : piece.stop : piece.step], scale, num_experts, piece.expert)
-
-
-def silent_experts(a: torch.Tensor, b: torch.Tensor, num_experts: int) -> tuple[int, ...]:
-    """The experts whose delta B_e A_e is exactly zero (e.g. their columns of B are all zero): a merge that
-    claims to adapt them would leave them unchanged, so it must say so instead."""
-    products = (expert_delta(a.double(), b.double(), 1.0, num_experts, e) for e in range(num_experts))
-    return tuple(e for e, product in enumerate(products) if not product.any())
 
 
 def num_experts(config: Mapping[str, object]) -> int | None:
