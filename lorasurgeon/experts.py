@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 
 
-def expert_factors(a: torch.Tensor, b: torch.Tensor, num_experts: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+def expert_factors(
+    a: torch.Tensor, b: torch.Tensor, num_experts: int, expert: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert `expert`'s (B_e (out, r), A_e (r, in)) from PEFT's `lora_B` (out, r·E) and `lora_A` (r·E, in)."""
     rank = a.shape[0] // num_experts
     return b[:, expert::num_experts], a[expert * rank : (expert + 1) * rank]
