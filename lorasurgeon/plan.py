@@ -22,10 +22,13 @@ from typing import Any, Literal
 from lorasurgeon.adapter import Adapter, LoraModule
 from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import Finding
-from lorasurgeon.fit import place
-from lorasurgeon.formats.architectures import quantized_findings, tensor_candidates
+from lorasurgeon.expert_fit import ExpertCount, count_experts, incomplete, place_experts
+from lorasurgeon.fit import bias_target, factor_findings, nonfinite_findings, place, source_problem
+from lorasurgeon.formats.moe import ExpertSlice
 from lorasurgeon.formats.resolution import BaseNames
 from lorasurgeon.header import TensorInfo
+from lorasurgeon.quantized import Quantization, QuantizedPart
+from lorasurgeon.quantized_plan import QuantizedBase, quantized_base
 from lorasurgeon.ties import tied_alias, untie
 
 Operation = Literal["merge", "unmerge"]
@@ -44,6 +47,7 @@ class Term:
     with a DoRA magnitude rescales the step's sum (the plan lets no other term share such a step). With `rows`
     (start, stop), ΔW changes only those rows of the step's tensor (q, k or v of a fused OpenCLIP in_proj_weight).
     `shape` is the changed tensor's (or rows'), in which a LyCORIS ΔW (rebuilt from flattened factors) is laid out.
+    An "experts" module's term has `piece`: the expert (and its rows) the tensor takes, or the whole fused delta.
     """
 
     adapter: int
@@ -53,6 +57,7 @@ class Term:
     bias: bool = False
     rows: tuple[int, int] | None = None
     shape: tuple[int, ...] = ()
+    piece: ExpertSlice | None = None
 
     @property
     def dora(self) -> bool:
@@ -72,7 +77,8 @@ class Source:
 class Step:
     """Write `tensor` to output shard `shard` as `out_dtype`: its base value, or `replacement`'s, with `rows`
     set, plus `terms` (nothing at all: copy it unchanged). A `tensor` whose name the base lacks is an alias of
-    a base tensor's bytes under a new name (an untied lm_head.weight)."""
+    a base tensor's bytes under a new name (an untied lm_head.weight). `quantized`: the tensor is a stored part
+    of a quantized weight, merged in format (the terms are the weight's), or the weight dequantized."""
 
     tensor: TensorInfo
     shard: str
@@ -80,6 +86,7 @@ class Step:
     terms: tuple[Term, ...]
     replacement: Source | None = None
     rows: tuple[Source, ...] = ()
+    quantized: QuantizedPart | None = None
 
     @property
     def touched(self) -> bool:
@@ -96,6 +103,8 @@ class Plan:
     findings: tuple[Finding, ...]
     allow_nonfinite: bool = False  # NaN/Inf in inputs: warnings instead of errors
     config: dict[str, Any] | None = None  # the output config.json, when it must differ from the base's
+    experts: tuple[ExpertCount, ...] = ()  # per experts module: the experts its terms cover (the self-test)
+    quantization: Quantization | None = None
 
     @property
     def errors(self) -> list[Finding]:
@@ -110,7 +119,7 @@ class Plan:
         return [
             s
             for s in self.steps
-            if s.touched or s.out_dtype != s.tensor.dtype or s.tensor.name not in self.base.tensors
+            if s.touched or s.quantized or s.out_dtype != s.tensor.dtype or s.tensor.name not in self.base.tensors
         ]
 
 
@@ -141,11 +150,13 @@ def plan_surgery(
     in the adapter factors from errors into warnings (and lets the surgery carry those of the base).
     """
     alias = tied_alias(base)
+    quant, quant_findings = quantized_base(base, dtype)
     tensors = {**base.tensors, alias.name: alias} if alias else base.tensors
-    found = _Targets(tensors, BaseNames(tensors), {}, {}, quantized_findings(base.config, base.tensors, base.root))
+    tensors = {**tensors, **quant.logical(tensors)} if quant else tensors
+    found = _Targets(tensors, BaseNames(tensors, base.config), {}, {}, quant_findings)
     model_type = (base.config or {}).get("model_type")
     for index, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
-        found.findings += [_ignored(key) for key in adapter.ignored]
+        found.findings += [*adapter.notes, *(_ignored(key) for key in adapter.ignored)]
         if adapter.empty:
             found.findings.append(Finding.of("error", f"{adapter.path}: the adapter selects no module to change"))
         skipped = found.names.skipped(adapter)
@@ -155,13 +166,20 @@ def plan_surgery(
                 _add_module(found, index, adapter, module, weight * scale, model_type, allow_nonfinite)
         _add_sources(found, index, adapter)
     found.findings += _combination_findings(operation, found)
+    pieces = [(t.module, t.piece) for terms in found.terms.values() for t in terms if t.piece is not None]
+    experts = count_experts(pieces)
+    found.findings += incomplete(experts)
     tie = untie(base, alias, lambda name: name in found.terms or _replaced(found, name))
     if tie.alias is not None and tie.embedding is not None:  # trainable-token rows are tied in PEFT: lm_head gets them
         rows = [s for s in found.sources.get(tie.embedding, []) if s.indices is not None]
         found.sources.setdefault(tie.alias.name, []).extend(rows)
-    steps = _steps(base, found, dtype, tie.alias)
+    steps = _steps(base, found, dtype, tie.alias, quant)
     findings = (*found.findings, *((tie.finding,) if tie.finding else ()))
-    return Plan(operation, base, tuple(adapters), tuple(weights), steps, findings, allow_nonfinite, tie.config)
+    config = (quant.config(tie.config or base.config) if quant else None) or tie.config
+    quantized = quant.quantization if quant else None
+    return Plan(
+        operation, base, tuple(adapters), tuple(weights), steps, findings, allow_nonfinite, config, experts, quantized
+    )
 
 
 def _add_module(
@@ -174,6 +192,9 @@ def _add_module(
     allow_nonfinite: bool,
 ) -> None:
     """Resolve one module's weight (and lora_B bias) target and record its terms, or the findings against it."""
+    if module.kind == "experts":
+        _add_experts(found, index, adapter, module, weight, allow_nonfinite)
+        return
     target, problems = place(found.names, adapter, module, model_type, allow_nonfinite)
     found.findings += problems
     if target is None or any(p.severity == "error" for p in problems):
@@ -188,27 +209,38 @@ def _add_module(
     term = Term(index, module, weight * module.scale, transpose, rows=rows, shape=shape)
     found.terms.setdefault(info.name, []).append(term)
     if module.bias is not None:
-        bias, problem = _bias_target(found.tensors, module.module, module.bias)
+        bias, problem = bias_target(found.names, module.module, module.bias)
         if bias is None:
             found.findings.append(Finding.against(module.bias.name, info.name, problem))
         else:
             found.terms.setdefault(bias.name, []).append(Term(index, module, weight * module.scale, False, True))
 
 
+def _add_experts(
+    found: _Targets, index: int, adapter: Adapter, module: LoraModule, weight: float, allow_nonfinite: bool
+) -> None:
+    """An experts module's terms: one per base tensor that takes a piece of its delta (lorasurgeon.expert_fit)."""
+    placements, problems = place_experts(found.names, module)
+    if placements:
+        first = placements[0].tensor
+        problems = factor_findings(module, first, adapter.rank_source)
+        problems = problems or nonfinite_findings(adapter, module, first, allow_nonfinite)
+    found.findings += problems
+    if any(p.severity == "error" for p in problems):
+        return
+    for placed in placements:
+        if any(t.adapter == index for t in found.terms.get(placed.tensor.name, [])):
+            problem = "a second module of the adapter changes it too"
+            found.findings.append(Finding.against(module.a.name, placed.tensor.name, problem))
+            return
+        shape, piece = placed.tensor.shape, placed.piece
+        term = Term(index, module, weight * module.scale, placed.transpose, shape=shape, piece=piece)
+        found.terms.setdefault(placed.tensor.name, []).append(term)
+
+
 def _overlap(rows: tuple[int, int] | None, other: tuple[int, int] | None) -> bool:
     """Whether two terms change common rows of one tensor (None: all of them)."""
     return rows is None or other is None or (rows[0] < other[1] and other[0] < rows[1])
-
-
-def _bias_target(tensors: Mapping[str, TensorInfo], module: str, bias: TensorInfo) -> tuple[TensorInfo | None, str]:
-    """The base bias a lora_B bias is added to (FORMATS.md §2.6); PEFT refuses a layer without one."""
-    names = [c for c in tensor_candidates(module, "bias") if c in tensors]
-    if not names:
-        return None, "lora_bias needs a bias in the base layer, and this layer has none (PEFT refuses it too)"
-    info = tensors[names[0]]
-    if info.shape != bias.shape:
-        return None, f"lora_B.bias has shape {list(bias.shape)} but {info.name} has {list(info.shape)}"
-    return info, ""
 
 
 def _add_sources(found: _Targets, index: int, adapter: Adapter) -> None:
@@ -217,13 +249,13 @@ def _add_sources(found: _Targets, index: int, adapter: Adapter) -> None:
     wanted = [(r.module, r.param, r.tensor, None) for r in adapter.replacements]
     wanted += [(t.module, "weight", t.tensor, t.indices) for t in adapter.token_rows]
     for module, param, tensor, indices in wanted:
-        names = [c for c in tensor_candidates(module, param) if c in found.tensors]
+        names = found.names.named(module, param)
         if not names:
             missing = f"it sets {module}.{param}, which is not in the base"
             found.findings.append(Finding.against(tensor.name, None, missing))
             continue
         info = found.tensors[names[0]]
-        problem = _source_problem(info, tensor, indices)
+        problem = source_problem(info, tensor, indices)
         if problem:
             found.findings.append(Finding.against(tensor.name, info.name, problem))
         else:
@@ -243,22 +275,6 @@ def _unsaved(found: _Targets, index: int, adapter: Adapter) -> list[Finding]:
         for name in found.tensors
         if name not in set_here and any(name.rpartition(".")[0].endswith(e) for e in adapter.saved_modules)
     ]
-
-
-def _source_problem(info: TensorInfo, tensor: TensorInfo, indices: tuple[int, ...] | None) -> str | None:
-    if not tensor.is_float or not info.is_float:
-        return f"replacing a {info.dtype} tensor with {tensor.dtype} values is not supported"
-    if indices is None:
-        if tensor.shape != info.shape:
-            return (
-                f"replacement has shape {list(tensor.shape)} but the base tensor has {list(info.shape)} "
-                "(a resized vocabulary must be resized in the base first)"
-            )
-        return None
-    if tensor.shape[1:] != info.shape[1:] or not all(0 <= i < info.shape[0] for i in indices):
-        largest = max(indices, default=0)
-        return f"trainable token rows {list(tensor.shape)} (largest index {largest}) do not fit {list(info.shape)}"
-    return None
 
 
 def _combination_findings(operation: Operation, found: _Targets) -> list[Finding]:
@@ -299,11 +315,21 @@ def _replaced(found: _Targets, name: str) -> bool:
     return any(s.indices is None for s in found.sources.get(name, []))
 
 
-def _steps(base: Checkpoint, found: _Targets, dtype: str | None, alias: TensorInfo | None) -> tuple[Step, ...]:
-    """One step per base tensor in shard and file order; an untied lm_head follows its embedding."""
+def _steps(
+    base: Checkpoint, found: _Targets, dtype: str | None, alias: TensorInfo | None, quant: QuantizedBase | None
+) -> tuple[Step, ...]:
+    """One step per base tensor in shard and file order; an untied lm_head follows its embedding; the stored
+    parts of a quantized weight take its terms (quantized_plan says which, and which are dropped)."""
     steps = []
     for shard in base.shards:
         for info in shard.header.tensors:
+            route = quant.route(info, found.terms) if quant else None
+            if route is not None:
+                if route.part is not None and route.tensor is not None:
+                    part, terms = route.part, tuple(found.terms.get(route.part.weight.name, ()))
+                    out_dtype = dtype if part.dequantize and dtype else info.dtype
+                    steps.append(Step(route.tensor, shard.name, out_dtype, terms, quantized=part))
+                continue
             for tensor in (info, alias) if alias and _same_bytes(info, alias) else (info,):
                 sources = found.sources.get(tensor.name, [])
                 whole = next((s for s in sources if s.indices is None), None)

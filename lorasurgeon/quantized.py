@@ -54,3 +54,14 @@ class Quantization:
     companions: frozenset[str] = frozenset()
     refusal: str | None = None
     warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class QuantizedPart:
+    """A plan step that writes one stored tensor of a quantized weight: `part` (a local name of `weight.parts`)
+    merged in format, or with `dequantize` the float weight itself (written under `weight.name`, its companions
+    dropped)."""
+
+    weight: QuantizedWeight
+    part: str
+    dequantize: bool = False

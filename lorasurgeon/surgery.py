@@ -21,12 +21,13 @@ from lorasurgeon.checkpoint import MODEL_CONFIG, Checkpoint
 from lorasurgeon.errors import MismatchError, NonfiniteWarning, NumericError, Option, Part
 from lorasurgeon.header import torch_dtype
 from lorasurgeon.mirror import copy_companions, output_bytes, output_index, output_metadata
-from lorasurgeon.plan import Operation, Plan, Step, Term, plan_surgery
+from lorasurgeon.plan import Operation, Plan, Step, plan_surgery
+from lorasurgeon.quantized_steps import Requantized, Requantizer
+from lorasurgeon.terms import Factors, blockwise, fused_experts, merge_fused, unchanged_experts
 from lorasurgeon.writer import CheckpointWriter
 
 SIGNS = {"merge": 1, "unmerge": -1}
 READ_AHEAD_BYTES = 256 << 20
-FACTOR_KINDS = ("linear", "conv", "embedding")  # ΔW = B @ A, up to a reshape or a transpose
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class SurgerySummary:
     copied_files: tuple[str, ...] = ()
     skipped_files: tuple[str, ...] = ()
     removed_temporaries: tuple[str, ...] = ()
+    requantized: tuple[Requantized, ...] = ()  # quantized weights merged in format, with their survival figures
 
 
 def run(
@@ -89,12 +91,13 @@ def run(
         raise MismatchError(*plan.errors[0].parts, *more)
     copied: list[str] = []
     skipped: list[str] = []
+    figures: list[Requantized] = []
     written = 0
     stale: list[Path] = []
     if not options.dry_run:
         is_dir = base.layout != "file"
         with CheckpointWriter(out, is_dir=is_dir, inputs=inputs, force=options.force) as writer:
-            copied, skipped = execute(plan, writer, options.device, on_progress)
+            copied, skipped = execute(plan, writer, options.device, on_progress, figures)
         written, stale = writer.bytes_written, writer.removed_stale
     return SurgerySummary(
         operation=operation,
@@ -109,13 +112,19 @@ def run(
         copied_files=tuple(copied),
         skipped_files=tuple(skipped),
         removed_temporaries=tuple(str(p) for p in stale),
+        requantized=tuple(figures),
     )
 
 
 def execute(
-    plan: Plan, writer: CheckpointWriter, device: torch.device, on_progress: Callable[[Progress], None] | None = None
+    plan: Plan,
+    writer: CheckpointWriter,
+    device: torch.device,
+    on_progress: Callable[[Progress], None] | None = None,
+    figures: list[Requantized] | None = None,
 ) -> tuple[list[str], list[str]]:
-    """Write every step of `plan` through `writer`; returns (files copied, weight files skipped).
+    """Write every step of `plan` through `writer`; returns (files copied, weight files skipped), and puts the
+    survival figures of quantized weights merged in format into `figures`.
 
     Three things overlap: a reader thread reads the next computed tensor, this thread computes the current one,
     and the shard stream's worker writes the previous one (file I/O and torch ops release the GIL).
@@ -124,6 +133,7 @@ def execute(
     total_bytes = sum(s.tensor.nbytes for s in plan.steps)
     done_tensors = done_bytes = 0
     writer.reserve(output_bytes(plan))
+    work = Work.of(plan, device)
     with ReadAhead(plan) as ahead, _torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
         for shard in base.shards:
             steps = [s for s in plan.steps if s.shard == shard.name]
@@ -131,13 +141,15 @@ def execute(
             with writer.shard(shard.name, entries, output_metadata(shard.header.metadata, plan)) as stream:
                 for step in steps:
                     if computed(step):
-                        stream.write(compute(plan, step, device, ahead.take(step)))
+                        stream.write(compute(plan, step, device, ahead.take(step), work))
                     else:
                         stream.copy_from(base, step.tensor)
                     done_tensors += 1
                     done_bytes += step.tensor.nbytes
                     if on_progress:
                         on_progress(Progress(done_tensors, len(plan.steps), done_bytes, total_bytes))
+    if figures is not None:
+        figures.extend(work.requantizer.figures.values())
     if base.index_name:
         writer.write_json(base.index_name, output_index(plan))
     if plan.config is not None:
@@ -161,7 +173,20 @@ def _torch_threads(count: int) -> Iterator[None]:
 
 def computed(step: Step) -> bool:
     """Whether the step's tensor is computed (and rounded), rather than copied byte for byte."""
-    return step.touched or step.out_dtype != step.tensor.dtype
+    return step.touched or step.quantized is not None or step.out_dtype != step.tensor.dtype
+
+
+@dataclass(frozen=True)
+class Work:
+    """What the steps of one run share: the adapter factors read so far, and the quantized weights' state."""
+
+    factors: Factors
+    requantizer: Requantizer
+
+    @classmethod
+    def of(cls, plan: Plan, device: torch.device) -> Work:
+        factors = Factors(plan, device)
+        return cls(factors, Requantizer(plan, factors, SIGNS[plan.operation]))
 
 
 class ReadAhead:
@@ -202,13 +227,18 @@ class ReadAhead:
 
 
 def _base_start(step: Step) -> bool:
-    return step.replacement is None and not step.rows
+    return step.replacement is None and not step.rows and step.quantized is None
 
 
-def compute(plan: Plan, step: Step, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
+def compute(
+    plan: Plan, step: Step, device: torch.device, weight: torch.Tensor | None = None, work: Work | None = None
+) -> torch.Tensor:
     """The step's output tensor: W (or its replacement, with token rows set) ± Σ term deltas in fp32,
-    rescaled per output feature when the term is DoRA, rounded once to the output dtype. `weight` is the
-    base tensor when it has been read already."""
+    rescaled per output feature when the term is DoRA, rounded once to the output dtype; a quantized weight's
+    part merged in its format. `weight` is the base tensor when it has been read already."""
+    work = work or Work.of(plan, device)
+    if step.quantized is not None:
+        return work.requantizer.compute(step)
     weight = (_start(plan, step) if weight is None else weight).to(device)
     out_dtype = torch_dtype(step.out_dtype)
     if not step.terms:  # copied in a new dtype, or replaced: values from the adapter are checked too
@@ -216,23 +246,36 @@ def compute(plan: Plan, step: Step, device: torch.device, weight: torch.Tensor |
         if not linalg.fits(weight.float(), out_dtype):
             _check_finite(plan, step, weight, weight.float(), result)
         return result
-    if all(t.module.kind in FACTOR_KINDS and not (t.bias or t.dora) and t.rows is None for t in step.terms):
-        factors = [_factors(plan, term, device) for term in step.terms]
-        result, fit = linalg.merge_blockwise(weight, factors, SIGNS[plan.operation], out_dtype)
-        if fit:
-            return result
-        # Something is NaN, Inf or out of range: the whole-tensor route below finds and names it.
-    # The terms are added in place: `weight` is a buffer of our own (read fresh), so an fp32 base is reused
-    # as it is, and a bf16/fp16 one is up-cast once and then dropped.
-    exact = weight.float()
-    del weight
+    sign, fit = SIGNS[plan.operation], False
+    if all(blockwise(t) for t in step.terms):
+        factors = [work.factors.matrices(term) for term in step.terms]
+        result, fit = linalg.merge_blockwise(weight, factors, sign, out_dtype)
+    elif fused_experts(step):
+        result, fit = merge_fused(work.factors, step, weight, sign, out_dtype)
+    if fit:
+        before = weight
+    else:  # not blockwise, or something is NaN, Inf or out of range: the whole-tensor route names it
+        # The terms are added in place: `weight` is a buffer of our own (read fresh), so an fp32 base is reused
+        # as it is, and a bf16/fp16 one is up-cast once and then dropped.
+        exact = weight.float()
+        del weight
+        result = _whole(plan, step, exact, work.factors, out_dtype)
+        before = _start(plan, step) if any(t.piece is not None for t in step.terms) else result
+    if any(t.piece is not None for t in step.terms):
+        _check_experts(step, before, result)
+    return result
+
+
+def _whole(plan: Plan, step: Step, exact: torch.Tensor, factors: Factors, out_dtype: torch.dtype) -> torch.Tensor:
+    """The whole-tensor route on fp32 W (`exact`, changed in place): the summed deltas added once, DoRA's
+    rescaling, one rounding."""
     # The weighted deltas are summed first and added once, so several adapters add no rounding between them.
-    delta = _summed_delta(plan, step, device)
+    delta = factors.summed(step)
     linalg.add_delta_(exact, delta, SIGNS[plan.operation])
     del delta
     dora = next((t for t in step.terms if t.dora), None)
     if dora is not None and dora.module.magnitude is not None:
-        magnitude = plan.adapters[dora.adapter].source.read(dora.module.magnitude).to(device)
+        magnitude = factors.read(dora.adapter, dora.module.magnitude)
         if dora.module.dora == "lycoris":  # LyCORIS' dora_scale: its own axis and an epsilon (FORMATS.md §5.3)
             exact = lycoris.weight_decompose(exact, magnitude)
         else:
@@ -241,6 +284,17 @@ def compute(plan: Plan, step: Step, device: torch.device, weight: torch.Tensor |
     if not linalg.fits(exact, out_dtype):
         _check_finite(plan, step, _start(plan, step), exact, result)
     return result
+
+
+def _check_experts(step: Step, before: torch.Tensor, result: torch.Tensor) -> None:
+    """The self-test: a targeted expert whose stored values the merge leaves as they were is an error."""
+    unchanged = unchanged_experts(step, before, result)
+    if unchanged:
+        raise NumericError(
+            f"{step.tensor.path.name}: {step.tensor.name}: the merge leaves {unchanged[0]} unchanged (its ΔW is "
+            f"zero, or below the {step.out_dtype} step everywhere); lorasurgeon never leaves a targeted expert "
+            "silently unchanged"
+        )
 
 
 def _start(plan: Plan, step: Step) -> torch.Tensor:
@@ -257,42 +311,6 @@ def _start(plan: Plan, step: Step) -> torch.Tensor:
         indices = torch.tensor(rows.indices or (), dtype=torch.long)
         weight[indices] = plan.adapters[rows.adapter].source.read(rows.tensor).float()
     return weight
-
-
-def _summed_delta(plan: Plan, step: Step, device: torch.device) -> torch.Tensor:
-    """Σ of the step's term deltas in fp32; a term with `rows` (q, k or v of a fused in_proj_weight) fills only
-    those rows, so the three projections' deltas still meet in one tensor that is added once."""
-    whole = [t for t in step.terms if t.rows is None]
-    delta = _delta(plan, whole[0], device) if whole else torch.zeros(step.tensor.shape, device=device)
-    for term in whole[1:]:
-        delta += _delta(plan, term, device)
-    for term in step.terms:
-        if term.rows is not None:
-            delta[term.rows[0] : term.rows[1]] += _delta(plan, term, device)
-    return delta
-
-
-def _delta(plan: Plan, term: Term, device: torch.device) -> torch.Tensor:
-    """One term's ΔW in fp32, laid out like the tensor it changes (a lora_B bias: factor · b)."""
-    source = plan.adapters[term.adapter].source
-    module = term.module
-    if term.bias and module.bias is not None:
-        return source.read(module.bias).to(device).float().mul_(term.factor)
-    if module.factors:
-        factors = {role: source.read(info).to(device) for role, info in module.factors.items()}
-        return lycoris.delta(module.kind, factors, term.factor, term.shape)
-    a, b = source.read(module.a).to(device), source.read(module.b).to(device)
-    if module.kind == "conv":
-        return linalg.conv_delta(a, b, term.factor)
-    # flatten(1) squeezes 1×1 conv factors that the plan applies to a Linear base; matrices stay as they are.
-    return linalg.lora_delta(a.flatten(1), b.flatten(1), term.factor, term.transpose)
-
-
-def _factors(plan: Plan, term: Term, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
-    """(A, B, factor, transpose) of a LoRA term as fp32 matrices: (r, in·∏k) and (out, r)."""
-    source = plan.adapters[term.adapter].source
-    a, b = source.read(term.module.a).to(device).float(), source.read(term.module.b).to(device).float()
-    return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), term.factor, term.transpose
 
 
 def _check_finite(plan: Plan, step: Step, weight: torch.Tensor, exact: torch.Tensor, result: torch.Tensor) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import torch
 import transformers as tf
+from builders import read_tensors
 from safetensors.torch import load_file, save_file
 
 Layout = Literal["saved", "legacy", "memory"]
@@ -51,6 +52,7 @@ SEQ2SEQ: dict[str, Any] = {
     "decoder_ffn_dim": 48,
 }
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 def moe_config(model_type: str) -> Any:
@@ -159,3 +161,54 @@ def save_layout(model: Any, directory: Path, layout: Layout, family: str = "") -
         tensors = {(new + k[len(old) :] if k.startswith(old) else k): v for k, v in saved.items()}
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     return directory
+
+
+# ------------------------------------------------------------------ PEFT adapters and merges on MoE models
+
+
+def peft_merged(base_dir: Path, adapter_dir: Path, out: Path) -> dict[str, torch.Tensor]:
+    from peft import PeftModel
+
+    model = tf.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().save_pretrained(out)
+    return read_tensors(out)
+
+
+def save_moe_adapter(base_dir: Path, out: Path, **lora: Any) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    model = tf.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(lora_dropout=0.0, **lora))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:  # B != 0 everywhere: every targeted expert gets a delta
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    peft_model.save_pretrained(out)
+    return out
+
+
+ROUTER = {"gpt_oss": "mlp.router.weight"}
+CASES: list[tuple[str, dict[str, Any]]] = [
+    ("mixtral", {"target_modules": ["q_proj", "v_proj"], "target_parameters": [*EXPERTS, "mlp.gate.weight"]}),
+    ("mixtral", {"target_modules": "all-linear"}),  # PEFT turns this into target_parameters itself
+    ("qwen3_moe", {"target_modules": "all-linear"}),
+    (
+        "qwen2_moe",
+        {
+            "target_modules": ["o_proj", "shared_expert.gate_proj", "shared_expert.down_proj", "shared_expert_gate"],
+            "target_parameters": [*EXPERTS, "mlp.gate.weight"],
+            "rank_pattern": {"layers.1.mlp.experts.down_proj": 3},
+            "alpha_pattern": {"gate_up_proj": 5},
+        },
+    ),
+    (  # DeepSeek's shared experts need target_parameters: PEFT maps target_modules "…down_proj" to the experts
+        "deepseek_v3",
+        {
+            "target_modules": ["q_a_proj", "kv_b_proj"],
+            "target_parameters": [*EXPERTS, "mlp.gate.weight", "shared_experts.up_proj.weight"],
+        },
+    ),
+    ("gpt_oss", {"target_modules": ["q_proj", "o_proj"], "target_parameters": [*EXPERTS, "mlp.router.weight"]}),
+    ("olmoe", {"target_modules": ["k_proj"], "target_parameters": ["mlp.experts.gate_up_proj"], "use_rslora": True}),
+]

@@ -31,6 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "compressed": {"errors"},
     "requant": {"compressed", "fp8", "quantized"},
     "adapter": IO,
+    "formats.peft_parameters": {"adapter", "errors", "formats.moe", "formats.peft_config"},
     "formats.config_fields": {"errors"},
     "formats.architectures": {"errors", "header"},
     "formats.sd_layouts": set(),
@@ -40,19 +41,25 @@ ALLOWED: dict[str, set[str]] = {
     "formats.compressed_checkpoint": {"errors", "header", "quantized"},
     "formats.quantization": {"errors", "header", "quantized", "formats.compressed_checkpoint", "formats.fp8_block"},
     "formats.peft_config": {"errors", "header", "formats.config_fields"},
-    "formats.peft": NORMAL_FORM | {"formats.peft_config", "writer"},
+    "formats.peft": NORMAL_FORM | {"formats.peft_config", "formats.peft_parameters", "writer"},
     "formats.kohya": NORMAL_FORM | {"formats.peft_config", "lycoris"},
     "formats.kohya_names": NORMAL_FORM | {"formats.kohya", "formats.sd_layouts"},
     "formats.diffusers": NORMAL_FORM | {"formats.kohya", "formats.peft", "formats.peft_config"},
-    "formats.resolution": NORMAL_FORM | {"formats.architectures", "formats.kohya", "formats.kohya_names"},
+    "formats.resolution": NORMAL_FORM
+    | {"formats.architectures", "formats.kohya", "formats.kohya_names", "formats.transformers_names"},
     "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names"},
     "formats.writing": NORMAL_FORM | FORMATS_CORE,
     "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "linalg"},
     "ties": IO | {"formats.architectures"},
     "fit": NORMAL_FORM | {"formats.architectures", "formats.resolution", "lycoris"},
-    "plan": NORMAL_FORM | {"fit", "ties", "formats.architectures", "formats.resolution"},
+    "expert_fit": NORMAL_FORM | {"formats.moe", "formats.resolution"},
+    "quantized_plan": IO | {"formats.quantization", "quantized"},
+    "plan": NORMAL_FORM
+    | {"fit", "ties", "expert_fit", "quantized", "quantized_plan", "formats.moe", "formats.resolution"},
+    "terms": {"header", "experts", "linalg", "lycoris", "plan"},
+    "quantized_steps": {"errors", "header", "plan", "requant", "terms"},
     "mirror": IO | {"plan", "writer"},
-    "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "writer"},
+    "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "quantized_steps", "terms", "writer"},
     "decomposition": {"errors", "linalg"},
     "pairing": IO | {"decomposition", "formats.architectures"},
     "extraction": IO
@@ -74,7 +81,16 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"__init__", "documents", "errors", "render"},
     "__main__": {"cli"},
 }
-NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", *(m for m in ALLOWED if m.startswith("formats"))]
+NO_TORCH_AT_IMPORT = [
+    "header",
+    "plan",
+    "fit",
+    "ties",
+    "expert_fit",
+    "quantized",
+    "quantized_plan",
+    *(m for m in ALLOWED if m.startswith("formats")),
+]
 
 
 def module_names() -> list[str]:
@@ -157,7 +173,8 @@ def test_never_imports_torch_at_module_level(module: str) -> None:
     names = {a.name for n in top if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module or "" for n in top if isinstance(n, ast.ImportFrom)}
     assert not {n for n in names if n.split(".")[0] == "torch"}, module
-    heavy = {"linalg", "surgery", "writer", "extraction", "decomposition", "conversion"}
+    heavy = {"linalg", "surgery", "writer", "extraction", "decomposition", "conversion", "terms", "quantized_steps"}
+    heavy |= {"experts", "fp8", "requant", "compressed"}
     mine = set().union(*(ours(n) for n in top))
     assert not mine & heavy, f"{module} imports {sorted(mine & heavy)} (which import torch) at module level"
 

@@ -105,6 +105,50 @@ def layout_of(config: Mapping[str, object]) -> ExpertLayout | None:
     return LAYOUTS.get(model_type) if isinstance(model_type, str) else None
 
 
+# The parameters of every experts class transformers 5.24 ships (@use_experts_implementation), in the order each
+# class defines those it has: PEFT nests its wrappers in this order, so it names the parameter of each nesting
+# level without knowing the model (a test checks every experts class against it).
+PARAMETER_ORDER = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+
+
+def nested_parameter(module: str, base_layers: int, target_parameters: Sequence[str]) -> tuple[str | None, str]:
+    """(the parameter of `module` that an adapter key with `base_layers` `.base_layer` segments adapts, or None
+    and why) for a PEFT `target_parameters` adapter, whatever the model: the targeted parameters of the module in
+    PARAMETER_ORDER, the first innermost. A module with several targeted parameters outside that table is
+    refused: the order PEFT nested them in depends on a class lorasurgeon does not know."""
+    targeted = sorted(
+        {t.rpartition(".")[2] for t in target_parameters if _names(module, t)},
+        key=lambda p: PARAMETER_ORDER.index(p) if p in PARAMETER_ORDER else len(PARAMETER_ORDER),
+    )
+    if len(targeted) > 1 and not set(targeted) <= set(PARAMETER_ORDER):
+        unknown = ", ".join(p for p in targeted if p not in PARAMETER_ORDER)
+        return (
+            None,
+            f"{module} has several targeted parameters ({', '.join(targeted)}) and PEFT nests them in the "
+            f"order its class defines them, which lorasurgeon does not know for {unknown}",
+        )
+    index = len(targeted) - 1 - base_layers
+    if not 0 <= index < len(targeted):
+        return (
+            None,
+            f"{module} has {base_layers} .base_layer levels but target_parameters names {len(targeted)} of "
+            "its parameters",
+        )
+    return targeted[index], ""
+
+
+def _names(module: str, target: str) -> bool:
+    """PEFT's match of a target_parameters entry: the parameter's full path, or a dotted suffix of it. Without
+    the model, a bare entry (`gate_up_proj`, as PEFT writes for all-linear) could name any module's parameter: an
+    experts parameter is only looked for on a module named `experts` (transformers 5 names every experts module
+    so), and another bare name only on other modules."""
+    path, _, param = target.rpartition(".")
+    experts = module.rpartition(".")[2] == "experts"
+    if (param in PARAMETER_ORDER and not experts) or (experts and param not in PARAMETER_ORDER and not path):
+        return False
+    return f"{module}.{param}" == target or f"{module}.{param}".endswith(f".{target}")
+
+
 def adapted_parameter(
     layout: ExpertLayout, module: str, base_layers: int, target_parameters: Sequence[str]
 ) -> str | None:

@@ -8,6 +8,7 @@ exactly is an UnsupportedError naming it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import Counter
@@ -25,7 +26,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 # Config fields whose non-default value means the adapter is not plain LoRA; each is refused by name.
 UNSUPPORTED_FIELDS: dict[str, str] = {
     "layer_replication": "layer replication (layer_replication), which PEFT cannot merge either",
-    "target_parameters": "LoRA on raw parameters (target_parameters)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens), which cannot be merged",
     "velora_config": "VeLoRA (velora_config)",
     "kasa_config": "KaSA (kasa_config)",
@@ -57,6 +57,7 @@ class LoraConfig:
     layers_pattern: str | list[str] | None
     modules_to_save: list[str]
     token_indices: list[int] | dict[str, list[int]] | None
+    target_parameters: list[str] = dataclasses.field(default_factory=list)
 
     @classmethod
     def parse(cls, where: Path, config: Mapping[str, Any], alpha: float | None) -> LoraConfig:
@@ -80,6 +81,7 @@ class LoraConfig:
             layers_pattern=field.names("layers_pattern"),
             modules_to_save=[saved] if isinstance(saved, str) else list(saved or ()),
             token_indices=field.token_indices("trainable_token_indices"),
+            target_parameters=_listed(field.names("target_parameters")),
         )
 
     def selects(self, module: str) -> bool:
@@ -120,6 +122,10 @@ class LoraConfig:
                 f"{where}: {info.name} holds {info.shape[0]} rows but trainable_token_indices lists {len(found[0])}"
             )
         return tuple(found[0])
+
+
+def _listed(value: str | list[str] | None) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or ())
 
 
 def refusal(where: Path, config: Mapping[str, Any]) -> UnsupportedError | None:

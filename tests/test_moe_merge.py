@@ -1,0 +1,127 @@
+"""`lorasurgeon merge` of PEFT target_parameters adapters on transformers-5 MoE models, against PEFT itself.
+
+The oracle, per MoE family and base layout (per-expert as save_pretrained writes it, fused as in memory):
+PEFT's `merge_and_unload()` + `save_pretrained`, compared file by file and tensor by tensor (fp32: only
+accumulation order differs, |ours − PEFT| ≤ 1e-5 · max|PEFT|; bf16: within 1 ulp of PEFT's fp32 merge rounded
+once), and `from_pretrained(OUT)` giving the logits of PEFT's unmerged forward. Guards: the merge changes exactly
+the tensors PEFT changes, and its self-test counts every targeted expert of every MoE layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from builders import read_tensors
+from moe_models import CASES, moe_config, peft_merged, randomized, save_layout, save_moe_adapter
+from test_oracle_peft import ulp_distance
+
+import lorasurgeon
+
+pytestmark = [
+    pytest.mark.oracle,
+    # PEFT checks rank/alpha patterns against the targeted modules only, not the parameters they do apply to.
+    pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys did not match:RuntimeWarning"),
+]
+TOKENS = torch.arange(12).reshape(2, 6)
+
+
+def moe_base(model_type: str, directory: Path, layout: str, dtype: torch.dtype = torch.float32) -> Path:
+    import transformers as tf
+
+    model = randomized(tf.AutoModelForCausalLM.from_config(moe_config(model_type))).to(dtype)
+    return save_layout(model, directory, layout)  # type: ignore[arg-type]
+
+
+def peft_logits(base: Path, adapter: Path) -> torch.Tensor:
+    import transformers as tf
+    from peft import PeftModel
+
+    model = tf.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        return PeftModel.from_pretrained(model, adapter).eval()(input_ids=TOKENS).logits
+
+
+def merged_logits(out: Path) -> torch.Tensor:
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=TOKENS).logits
+
+
+def expected_experts(model_type: str, lora: dict[str, Any]) -> int:
+    """How many experts modules (layer × fused parameter) the case targets."""
+    moe_layers = 1 if model_type == "deepseek_v3" else 2
+    if lora.get("target_modules") == "all-linear":
+        return 2 * moe_layers
+    return moe_layers * len([t for t in lora["target_parameters"] if ".experts." in t])
+
+
+@pytest.mark.parametrize(("model_type", "lora"), CASES, ids=[f"{t}-{i}" for i, (t, _) in enumerate(CASES)])
+@pytest.mark.parametrize("layout", ["saved", "memory"])
+def test_merge_matches_peft(model_type: str, lora: dict[str, Any], layout: str, tmp_path: Path) -> None:
+    if model_type == "gpt_oss" and layout == "memory":
+        pytest.skip("gpt_oss: its saved layout is already the fused in-memory one")
+    base = moe_base(model_type, tmp_path / "base", layout)
+    adapter = save_moe_adapter(base, tmp_path / "adapter", r=2, lora_alpha=3, **lora)
+    summary = lorasurgeon.merge(base, [adapter], tmp_path / "out")
+    oracle, ours, original = peft_merged(base, adapter, tmp_path / "peft"), read_tensors(tmp_path / "out"), {}
+    original = read_tensors(base)
+    assert ours.keys() == oracle.keys() == original.keys()
+    for name, tensor in oracle.items():
+        assert (ours[name] - tensor).abs().max().item() <= 1e-5 * tensor.abs().max().item(), name
+        assert torch.equal(ours[name], original[name]) == torch.equal(tensor, original[name]), name  # guard
+    counts = summary.plan.experts
+    assert len(counts) == expected_experts(model_type, lora), counts
+    assert all(c.complete and c.placed == 4 for c in counts), counts
+    fused = layout == "memory" or model_type == "gpt_oss"
+    assert {c.layout for c in counts} == {"fused" if fused else "per-expert"}
+    assert torch.allclose(merged_logits(tmp_path / "out"), peft_logits(base, adapter), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "qwen3_moe"])
+def test_bf16_merge_is_peft_fp32_rounded_once(model_type: str, tmp_path: Path) -> None:
+    lora = dict(CASES)[model_type] if model_type != "qwen3_moe" else {"target_modules": "all-linear"}
+    base = moe_base(model_type, tmp_path / "base", "saved", torch.bfloat16)
+    adapter = save_moe_adapter(base, tmp_path / "adapter", r=2, lora_alpha=3, **lora)
+    lorasurgeon.merge(base, [adapter], tmp_path / "out")
+    oracle, ours, original = peft_merged(base, adapter, tmp_path / "peft"), read_tensors(tmp_path / "out"), {}
+    original = read_tensors(base)
+    changed = 0
+    for name, tensor in ours.items():
+        assert tensor.dtype == torch.bfloat16, name
+        assert ulp_distance(tensor, oracle[name].to(torch.bfloat16)).max().item() <= 1, name
+        changed += not torch.equal(tensor, original[name])
+    assert changed > 8  # guard: experts, router and attention all changed
+
+
+def test_an_expert_left_unchanged_is_an_error(tmp_path: Path) -> None:
+    """The self-test: expert 2's columns of lora_B zeroed, so its ΔW is exactly 0; the merge refuses."""
+    from safetensors.torch import load_file, save_file
+
+    base = moe_base("qwen3_moe", tmp_path / "base", "saved")
+    adapter = save_moe_adapter(
+        base, tmp_path / "adapter", r=2, lora_alpha=3, target_parameters=["mlp.experts.down_proj"]
+    )
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith("layers.1.mlp.experts.lora_B.weight"))
+    tensors[key][:, 2::4] = 0
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(lorasurgeon.LorasurgeonError, match=r"leaves expert 2 of model\.layers\.1\.mlp\.experts"):
+        lorasurgeon.merge(base, [adapter], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unmerge_restores_the_base(tmp_path: Path) -> None:
+    base = moe_base("mixtral", tmp_path / "base", "saved")
+    adapter = save_moe_adapter(base, tmp_path / "adapter", r=2, lora_alpha=3, **dict(CASES)["mixtral"])
+    lorasurgeon.merge(base, [adapter], tmp_path / "merged")
+    lorasurgeon.unmerge(tmp_path / "merged", adapter, tmp_path / "back")
+    back, original, merged = read_tensors(tmp_path / "back"), read_tensors(base), read_tensors(tmp_path / "merged")
+    for name, tensor in original.items():
+        assert torch.allclose(back[name], tensor, atol=1e-6), name
+    assert sum(not torch.equal(merged[n], original[n]) for n in original) > 20  # guard
