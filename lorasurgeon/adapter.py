@@ -107,7 +107,8 @@ class Adapter:
     when nothing says the LoRA scale (no config, no alphas, no alpha given). `nonfinite` maps factor tensor names to
     their NaN/Inf counts once the values have been scanned. A lenient load (strict=False) also fills `refused`
     and `problems`: what the merge would refuse, and why. `notes` are warnings about the adapter as a whole that
-    every command shows (trained against a quantized base, say).
+    every command shows (trained against a quantized base, say). `target_parameters` are the parameter names
+    (or path suffixes) the config targets directly, as PEFT's target_parameters lists them.
     """
 
     path: Path
@@ -127,6 +128,7 @@ class Adapter:
     refused: tuple[Refused, ...] = ()
     problems: tuple[Finding, ...] = ()
     notes: tuple[Finding, ...] = ()
+    target_parameters: tuple[str, ...] = ()
 
     @property
     def ignored(self) -> tuple[str, ...]:

@@ -114,3 +114,23 @@ def incomplete(counts: Iterable[ExpertCount]) -> list[Finding]:
 def delta_params(module: LoraModule) -> int:
     """LoRA parameters per expert of an experts module: r · (in + out)."""
     return module.rank * (module.a.shape[1] + module.b.shape[0]) if module.experts else math.prod(module.a.shape)
+
+
+def moved_targets(targets: Iterable[str], changed: Iterable[str], tensors: Iterable[str]) -> list[Finding]:
+    """A warning per bare target_parameters entry (`down_proj`) that also names Linear modules of the base which
+    the adapter leaves unchanged: PEFT >= 0.18 rewrites target_modules "down_proj" on an MoE model into
+    target_parameters "down_proj", which adapts only the routed experts, so the dense layers' and shared
+    experts' down_proj keep their weights in PEFT's forward too. lorasurgeon follows that forward and says so."""
+    changed = set(changed)
+    findings = []
+    for target in (t for t in targets if "." not in t):
+        missed = sorted(n for n in tensors if n.endswith(f".{target}.weight") and n not in changed)
+        if missed:
+            shown = ", ".join(missed[:3]) + (f" and {len(missed) - 3} more" if len(missed) > 3 else "")
+            problem = (
+                f"target_parameters {target!r} (what PEFT makes of target_modules {target!r} on MoE models) adapts "
+                f"only the routed experts; the base's other {target} weights ({shown}) are unchanged, as in PEFT's "
+                "forward of this adapter"
+            )
+            findings.append(Finding.of("warning", problem))
+    return findings

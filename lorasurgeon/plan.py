@@ -21,8 +21,9 @@ from typing import Any, Literal
 
 from lorasurgeon.adapter import Adapter, LoraModule
 from lorasurgeon.checkpoint import Checkpoint
+from lorasurgeon.conflicts import combination_findings
 from lorasurgeon.errors import Finding
-from lorasurgeon.expert_fit import ExpertCount, count_experts, incomplete, place_experts
+from lorasurgeon.expert_fit import ExpertCount, count_experts, incomplete, moved_targets, place_experts
 from lorasurgeon.fit import bias_target, factor_findings, nonfinite_findings, place, source_problem
 from lorasurgeon.formats.moe import ExpertSlice
 from lorasurgeon.formats.resolution import BaseNames
@@ -32,11 +33,6 @@ from lorasurgeon.quantized_plan import QuantizedBase, quantized_base
 from lorasurgeon.ties import tied_alias, untie
 
 Operation = Literal["merge", "unmerge"]
-
-DORA_UNMERGE = (
-    "it is a DoRA module: the merged weight W' = (m/‖W+ΔW‖)·(W+ΔW) has every output row of norm m, so the "
-    "per-row norms of the original W are gone and W cannot be recovered from the merged checkpoint"
-)
 
 
 @dataclass(frozen=True)
@@ -165,10 +161,13 @@ def plan_surgery(
             if module.module not in skipped:
                 _add_module(found, index, adapter, module, weight * scale, model_type, allow_nonfinite)
         _add_sources(found, index, adapter)
-    found.findings += _combination_findings(operation, found)
+    found.findings += combination_findings(operation, found.sources, found.terms)
     pieces = [(t.module, t.piece) for terms in found.terms.values() for t in terms if t.piece is not None]
     experts = count_experts(pieces)
     found.findings += incomplete(experts)
+    if experts:
+        targets = {t for adapter in adapters for t in adapter.target_parameters}
+        found.findings += moved_targets(sorted(targets), found.terms, base.tensors)
     tie = untie(base, alias, lambda name: name in found.terms or _replaced(found, name))
     if tie.alias is not None and tie.embedding is not None:  # trainable-token rows are tied in PEFT: lm_head gets them
         rows = [s for s in found.sources.get(tie.embedding, []) if s.indices is not None]
@@ -275,40 +274,6 @@ def _unsaved(found: _Targets, index: int, adapter: Adapter) -> list[Finding]:
         for name in found.tensors
         if name not in set_here and any(name.rpartition(".")[0].endswith(e) for e in adapter.saved_modules)
     ]
-
-
-def _combination_findings(operation: Operation, found: _Targets) -> list[Finding]:
-    """What cannot be combined on one tensor, or cannot be undone (FORMATS.md §2.7, §3, §4.5)."""
-    problems = []
-    for name, sources in found.sources.items():
-        if operation == "unmerge":
-            problem = "unmerge cannot restore it: the adapter holds its new values, not the original ones"
-            problems += [Finding.against(s.tensor.name, name, problem) for s in sources]
-        elif len(sources) > 1 and not _disjoint_rows(sources):
-            problems.append(Finding.against(sources[1].tensor.name, name, "another adapter already sets these values"))
-        elif any(s.indices is not None for s in sources) and name in found.terms:
-            problem = "trainable token rows and a LoRA on the same tensor cannot be merged in a defined order"
-            problems.append(Finding.against(sources[0].tensor.name, name, problem))
-    for name, terms in found.terms.items():
-        dora = next((t for t in terms if t.dora), None)
-        if dora is None:
-            continue
-        key = dora.module.a.name
-        if operation == "unmerge":
-            problems.append(Finding.against(key, name, f"DoRA cannot be unmerged: {DORA_UNMERGE}"))
-        elif len([t for t in terms if not t.bias]) > 1:
-            problems.append(Finding.against(key, name, "a DoRA module must be the only adapter changing its weight"))
-        elif abs(dora.factor - dora.module.scale) > 1e-12 * abs(dora.module.scale):
-            problems.append(Finding.against(key, name, "a DoRA module can only be merged with weight 1 and scale 1"))
-    return problems
-
-
-def _disjoint_rows(sources: list[Source]) -> bool:
-    """True when the sources only set rows, and no row twice (a whole replacement conflicts with anything)."""
-    if any(s.indices is None for s in sources):
-        return False
-    rows = [i for s in sources for i in s.indices or ()]
-    return len(rows) == len(set(rows))
 
 
 def _replaced(found: _Targets, name: str) -> bool:

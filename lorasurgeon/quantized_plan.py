@@ -44,14 +44,12 @@ class QuantizedBase:
     parts: Mapping[str, tuple[QuantizedWeight, str]]  # stored tensor -> (its weight, its local name)
 
     def logical(self, tensors: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
-        """The float weights that no stored tensor is named after (compressed-tensors), as the tensors adapters
-        resolve against: the logical shape, read through their parts."""
-        virtual = {}
-        for weight in self.quantization.weights.values():
-            if weight.name not in tensors:
-                stored = tensors[weight.parts[_values(weight)]]
-                virtual[weight.name] = weight_info(weight, stored)
-        return virtual
+        """Every quantized weight as the float tensor adapters resolve against (its logical shape; a
+        compressed-tensors `weight_packed` or int8 `weight` stands for it), its values read through its parts."""
+        return {
+            weight.name: weight_info(weight, tensors[weight.parts[_values(weight)]])
+            for weight in self.quantization.weights.values()
+        }
 
     def route(self, info: TensorInfo, changed: Collection[str]) -> Route | None:
         """The route of stored tensor `info` when the adapters change the weights `changed` (None: no part of a

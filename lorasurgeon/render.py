@@ -16,6 +16,7 @@ from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progres
 from rich.table import Table
 
 from lorasurgeon.census import Count
+from lorasurgeon.digest import expert_lines, requant_lines
 from lorasurgeon.documents import extract_doc, plan_doc, summary_doc
 from lorasurgeon.errors import Finding, UnsupportedError
 from lorasurgeon.report import ModuleReport, Report
@@ -53,13 +54,15 @@ def show_check(plan: Plan) -> None:
     for column in ("adapter", "base tensor", "shape", "rank", "alpha", "scale"):
         table.add_column(column, justify="right" if column in ("rank", "alpha", "scale") else "left")
     doc = plan_doc(plan)
-    for row in doc["modules"]:
+    for row in (r for r in doc["modules"] if r["expert"] is None and r["kind"] != "experts"):  # experts: counted
         transposed = " (T)" if row["transposed"] else ""
         shape = "x".join(map(str, row["shape"])) + transposed
         table.add_row(
             row["adapter"], row["base_key"], shape, str(row["rank"]), f"{row['alpha']:g}", f"{row['scale']:.4g}"
         )
     stderr.print(table)
+    for line in expert_lines(plan.experts):
+        stderr.print(line, soft_wrap=True)
     show_findings(plan.findings)
     verdict = "[green]fits[/]" if not plan.errors else f"[red]does not fit[/] ({len(plan.errors)} problems)"
     stderr.print(f"{len(doc['modules'])} modules checked: the adapter {verdict}")
@@ -81,6 +84,9 @@ def show_summary(summary: SurgerySummary) -> None:
         f"{summary.bytes_written / 1e6:.1f} MB, {summary.seconds:.1f} s on {summary.device})",
         soft_wrap=True,
     )
+    label = summary.plan.quantization.label if summary.plan.quantization else ""
+    for line in [*expert_lines(summary.plan.experts), *requant_lines(summary.requantized, label)]:
+        stderr.print(line if "mostly lost" not in line else f"[yellow]warning:[/] {line}", soft_wrap=True)
     for path in summary.removed_temporaries:
         stderr.print(f"removed {path}, left by an interrupted run", soft_wrap=True)
     for name in summary.skipped_files:

@@ -49,13 +49,14 @@ ALLOWED: dict[str, set[str]] = {
     | {"formats.architectures", "formats.kohya", "formats.kohya_names", "formats.transformers_names"},
     "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names"},
     "formats.writing": NORMAL_FORM | FORMATS_CORE,
-    "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "linalg"},
+    "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "formats.quantization", "linalg"},
     "ties": IO | {"formats.architectures"},
     "fit": NORMAL_FORM | {"formats.architectures", "formats.resolution", "lycoris"},
     "expert_fit": NORMAL_FORM | {"formats.moe", "formats.resolution"},
+    "conflicts": {"errors", "plan"},
     "quantized_plan": IO | {"formats.quantization", "quantized"},
     "plan": NORMAL_FORM
-    | {"fit", "ties", "expert_fit", "quantized", "quantized_plan", "formats.moe", "formats.resolution"},
+    | {"fit", "ties", "conflicts", "expert_fit", "quantized", "quantized_plan", "formats.moe", "formats.resolution"},
     "terms": {"header", "experts", "linalg", "lycoris", "plan"},
     "quantized_steps": {"errors", "header", "plan", "requant", "terms"},
     "mirror": IO | {"plan", "writer"},
@@ -76,8 +77,9 @@ ALLOWED: dict[str, set[str]] = {
     "__init__": NORMAL_FORM
     | {"formats", "formats.naming", "report", "rules", "plan", "surgery", "pairing"}
     | {"decomposition", "extraction", "conversion"},
-    "documents": {"errors", "census", "report", "plan", "surgery", "extraction", "conversion"},
-    "render": {"errors", "census", "documents", "report", "plan", "surgery", "extraction", "conversion"},
+    "documents": {"errors", "census", "expert_fit", "report", "plan", "surgery", "extraction", "conversion"},
+    "digest": {"expert_fit", "quantized_steps"},
+    "render": {"errors", "census", "digest", "documents", "report", "plan", "surgery", "extraction", "conversion"},
     "cli": {"__init__", "documents", "errors", "render"},
     "__main__": {"cli"},
 }
@@ -86,6 +88,7 @@ NO_TORCH_AT_IMPORT = [
     "plan",
     "fit",
     "ties",
+    "conflicts",
     "expert_fit",
     "quantized",
     "quantized_plan",

@@ -125,3 +125,49 @@ def test_unmerge_restores_the_base(tmp_path: Path) -> None:
     for name, tensor in original.items():
         assert torch.allclose(back[name], tensor, atol=1e-6), name
     assert sum(not torch.equal(merged[n], original[n]) for n in original) > 20  # guard
+
+
+def test_normal_form_of_a_target_parameters_adapter(tmp_path: Path) -> None:
+    """all-linear on Qwen3-MoE: PEFT writes target_parameters itself, gate_up_proj at rank 2r (rank_pattern)."""
+    from lorasurgeon.formats import load_adapter
+
+    base = moe_base("qwen3_moe", tmp_path / "base", "saved")
+    adapter = load_adapter(save_moe_adapter(base, tmp_path / "adapter", r=2, lora_alpha=3, target_modules="all-linear"))
+    by_path = {(m.module, m.parameter): m for m in adapter.modules}
+    gate_up = by_path[("model.layers.0.mlp.experts", "gate_up_proj")]
+    down = by_path[("model.layers.0.mlp.experts", "down_proj")]
+    router = by_path[("model.layers.0.mlp.gate", "weight")]
+    assert (gate_up.kind, gate_up.experts, gate_up.rank, gate_up.a.shape) == ("experts", 4, 4, (16, 32))
+    assert (down.kind, down.experts, down.rank, down.scale) == ("experts", 4, 2, 1.5)
+    assert "base_layer" in gate_up.a.name and "base_layer" not in down.a.name  # the first parameter is innermost
+    assert (router.kind, router.experts, router.rank) == ("linear", 0, 2)
+    assert not adapter.unselected and not adapter.problems
+
+
+def test_check_and_merge_documents_count_experts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from builders import run_cli
+
+    base = moe_base("deepseek_v3", tmp_path / "base", "saved")
+    lora = {"target_modules": ["q_a_proj", "down_proj"], "target_parameters": ["mlp.experts.gate_up_proj"]}
+    adapter = save_moe_adapter(base, tmp_path / "adapter", r=2, lora_alpha=3, **lora)
+    code, out, _ = run_cli(["check", str(base), str(adapter), "--json"], capsys)
+    doc = json.loads(out)
+    assert code == 0 and doc["ok"]
+    assert [(e["module"], e["parameter"], e["experts_touched"], e["layout"]) for e in doc["experts"]] == [
+        ("model.layers.1.mlp.experts", "gate_up_proj", 4, "per-expert"),
+        ("model.layers.1.mlp.experts", "down_proj", 4, "per-expert"),
+    ]
+    moved = [f["message"] for f in doc["findings"] if "adapts only the routed experts" in f["message"]]
+    assert len(moved) == 1 and "model.layers.1.mlp.shared_experts.down_proj.weight" in moved[0]
+    assert "model.layers.0.mlp.down_proj.weight" in moved[0]  # the dense layer's: PEFT leaves it too
+    code, out, err = run_cli(["merge", str(base), str(adapter), "-o", str(tmp_path / "out")], capsys)
+    assert code == 0 and "MoE experts touched: model.layers.1.mlp.experts: gate_up_proj 4/4 experts" in err
+    merged, original = read_tensors(tmp_path / "out"), read_tensors(base)
+    assert torch.equal(merged["model.layers.1.mlp.shared_experts.down_proj.weight"], original[
+        "model.layers.1.mlp.shared_experts.down_proj.weight"
+    ])  # fmt: skip
+    assert not torch.equal(merged["model.layers.1.mlp.experts.3.down_proj.weight"], original[
+        "model.layers.1.mlp.experts.3.down_proj.weight"
+    ])  # fmt: skip

@@ -118,6 +118,7 @@ def read(
         saved_modules=tuple(settings.modules_to_save),
         rank_source=ADAPTER_CONFIG if config is not None else "the command line",
         refused=tuple(contents.refused),
+        target_parameters=tuple(settings.target_parameters),
     )
 
 
