@@ -174,7 +174,7 @@ def peft_merged(base_dir: Path, adapter_dir: Path, out: Path) -> dict[str, torch
     return read_tensors(out)
 
 
-def save_moe_adapter(base_dir: Path, out: Path, **lora: Any) -> Path:
+def save_moe_adapter(base_dir: Path, out: Path, magnitude: float = 0.1, **lora: Any) -> Path:
     from peft import LoraConfig, get_peft_model
 
     model = tf.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -183,7 +183,7 @@ def save_moe_adapter(base_dir: Path, out: Path, **lora: Any) -> Path:
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
             if "lora_" in name:  # B != 0 everywhere: every targeted expert gets a delta
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * magnitude)
     peft_model.save_pretrained(out)
     return out
 
