@@ -1,6 +1,6 @@
-"""The sentences a check or merge summary adds for MoE experts and quantized weights, as plain text for render
-to print: experts touched per layer (identical layers folded into one line) and the survival of ΔW in the
-weights merged in a quantized format, with those where the adapter is mostly lost named."""
+"""The sentences a check, merge or report adds for MoE experts and quantized weights, as plain text for render to
+print: experts touched per layer (identical layers folded into one line), the survival of ΔW in the weights
+merged in a quantized format (those where the adapter is mostly lost named), a report's experts and layers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import re
 import statistics
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+from lorasurgeon.census import per_layer
+from lorasurgeon.report import ModuleReport, Report
 
 if TYPE_CHECKING:  # types only: quantized_steps loads torch, which `check` and `report` do not need
     from lorasurgeon.expert_fit import ExpertCount
@@ -53,4 +56,33 @@ def requant_lines(figures: Sequence[Requantized], label: str) -> list[str]:
         )
     if len(lost) > NAMED:
         lines.append(f"... and {len(lost) - NAMED} more weights where the adapter is mostly lost")
+    return lines
+
+
+def report_lines(report: Report) -> list[str]:
+    """What a report adds about MoE experts and quantization: a checkpoint's experts layout and quantization; an
+    adapter's experts modules (experts, LoRA parameters per expert) and its LoRA parameters per layer."""
+    if report.kind == "checkpoint":
+        lines = [f"MoE experts stored {report.config['experts_layout']}"] if "experts_layout" in report.config else []
+        return lines + ([f"quantized: {report.config['quantization']}"] if "quantization" in report.config else [])
+    lines = []
+    experts: dict[tuple[str, int, int | None], list[ModuleReport]] = {}
+    for m in report.modules:
+        if m.experts:
+            experts.setdefault((m.parameter, m.experts, m.rank), []).append(m)
+    for (parameter, count, rank), modules in experts.items():
+        each = modules[0].parameters // count
+        lines.append(
+            f"MoE experts: {parameter} in {len(modules)} layers, {count} experts each at rank {rank}: "
+            f"{each:,} LoRA parameters per expert"
+        )
+    layers = per_layer((m.module, m.parameters) for m in report.modules if m.base_parameters)
+    if layers:
+        values = set(layers.values())
+        shown = (
+            f"{values.pop():,} in each of {len(layers)} layers"
+            if len(values) == 1
+            else ", ".join(f"{k}: {v:,}" for k, v in layers.items())
+        )
+        lines.append(f"LoRA parameters per layer: {shown}")
     return lines

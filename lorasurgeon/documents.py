@@ -10,7 +10,7 @@ import sys
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from lorasurgeon.census import Count
+from lorasurgeon.census import Count, per_layer
 from lorasurgeon.errors import Finding
 from lorasurgeon.report import SCHEMA_VERSION, CheckResult, ModuleReport, Report
 
@@ -172,6 +172,7 @@ def _adapter_doc(report: Report) -> dict[str, Any]:
         "base_parameters": base,
         "reduction": 1 - lora / base if base else None,
         "targets": report.targets,
+        "per_layer": per_layer((m.module, m.parameters) for m in report.modules if m.base_parameters),
         "modules": [_module_doc(m) for m in report.modules],
     }
 
@@ -194,7 +195,8 @@ def _count_doc(c: Count) -> dict[str, int]:
 def _module_doc(m: ModuleReport) -> dict[str, Any]:
     doc = asdict(m)
     doc["base_shape"] = list(m.base_shape) if m.base_shape else None
-    return doc | {"base_parameters": m.base_parameters, "reduction": m.reduction}
+    per_expert = m.parameters // m.experts if m.experts else None
+    return doc | {"base_parameters": m.base_parameters, "reduction": m.reduction, "parameters_per_expert": per_expert}
 
 
 def extract_doc(summary: ExtractSummary) -> dict[str, Any]:

@@ -117,7 +117,7 @@ def merge_fp8_block(
     ss = scale_inv.reshape(-1, grid[-2], grid[-1])
     out_q, out_s = torch.empty_like(qs), torch.empty_like(ss)
     rows = max(1, CHUNK_ELEMENTS // (block[0] * n)) * block[0]
-    totals = torch.zeros(4, dtype=torch.float64)  # ‖ΔW‖², ‖D‖², ‖D − ΔW‖², fresh blocks
+    totals = torch.zeros(4, dtype=torch.float64, device=q.device)  # ‖ΔW‖², ‖D‖², ‖D − ΔW‖², fresh blocks
     finite = True
     for e in range(qs.shape[0]):
         for start in range(0, m, rows):
@@ -146,16 +146,21 @@ def _merge_rows(
     for given in (scale, None):  # the stored scale first: it wins ties
         cq, cs = quantize_blocks(target, block, power_of_two, scale.dtype, given)
         stored = dequantize_blocks(cq, cs, block)
-        miss = _blocks(stored - target, block).square().sum(dim=(-3, -1))  # (sm, sn)
+        miss = torch.linalg.vector_norm(_blocks(stored - target, block), dim=(-3, -1)).square()  # (sm, sn)
         candidates.append((cq, cs, stored, miss))
     (kq, ks, kd, kmiss), (fq, fs, fd, fmiss) = candidates
     keep = kmiss <= fmiss  # (sm, sn); NaN (non-finite W + ΔW) takes the fresh scale, which shows it
-    spread = _unblocks(
-        keep[:, None, :, None].expand(*keep.shape[:1], block[0], keep.shape[1], block[1]), tuple(q.shape)
-    )
-    change = torch.where(spread, kd, fd).sub_(base)  # D
+    if bool(keep.all()) or not bool(keep.any()):  # one policy everywhere (the common case): no blending
+        chosen_q, chosen_s, change = (kq, ks, kd) if bool(keep.all()) else (fq, fs, fd)
+        change = change.sub_(base)
+    else:
+        spread = _unblocks(
+            keep[:, None, :, None].expand(*keep.shape[:1], block[0], keep.shape[1], block[1]), tuple(q.shape)
+        )
+        chosen_q, chosen_s = torch.where(spread, kq, fq), torch.where(keep, ks, fs)
+        change = torch.where(spread, kd, fd).sub_(base)  # D
     sums = torch.stack([_square(delta), _square(change), _square(change.sub_(delta)), (~keep).sum().double()])
-    return torch.where(spread, kq, fq), torch.where(keep, ks, fs), sums
+    return chosen_q, chosen_s, sums
 
 
 def dequantized(

@@ -58,7 +58,8 @@ class Requantizer:
             return self._kept.pop(name)
         weight, base = part.weight, self.plan.base
         where = str(base.path)
-        parts = {local: base.read(base.tensors[stored]) for local, stored in weight.parts.items()}
+        device = self.factors.device
+        parts = {local: base.read(base.tensors[stored]).to(device) for local, stored in weight.parts.items()}
         delta = self.factors.summed(step, tuple(weight.shape)).mul_(self.sign) if step.terms else None
         if part.dequantize:
             return requant.dequantize(weight, parts, delta, torch_dtype(step.out_dtype), where)

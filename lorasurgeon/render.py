@@ -16,7 +16,7 @@ from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progres
 from rich.table import Table
 
 from lorasurgeon.census import Count
-from lorasurgeon.digest import expert_lines, requant_lines
+from lorasurgeon.digest import expert_lines, report_lines, requant_lines
 from lorasurgeon.documents import extract_doc, plan_doc, summary_doc
 from lorasurgeon.errors import Finding, UnsupportedError
 from lorasurgeon.report import ModuleReport, Report
@@ -209,6 +209,8 @@ def show_report(report: Report) -> None:
         for row in rows:
             table.add_row(*row)
         stderr.print(table)
+    for line in report_lines(report):
+        stderr.print(line, soft_wrap=True)
     show_findings(report.findings)
     if report.check:
         show_findings(report.check.findings)

@@ -71,14 +71,16 @@ ALLOWED: dict[str, set[str]] = {
     | {"formats.peft_config", "formats.resolution", "formats.writing"},
     "census": IO,
     "rules": {"errors", "header", "report"},
+    "stats": {"checkpoint", "experts", "linalg", "lycoris", "report", "surgery"},
     "report": NORMAL_FORM
-    | {"census", "rules", "formats", "formats.peft_config", "linalg", "lycoris", "plan"}
+    | {"census", "rules", "formats", "formats.moe", "formats.peft_config", "formats.quantization", "lycoris", "plan"}
+    | {"stats"}
     | {"surgery"},
     "__init__": NORMAL_FORM
     | {"formats", "formats.naming", "report", "rules", "plan", "surgery", "pairing"}
     | {"decomposition", "extraction", "conversion"},
     "documents": {"errors", "census", "expert_fit", "report", "plan", "surgery", "extraction", "conversion"},
-    "digest": {"expert_fit", "quantized_steps"},
+    "digest": {"census", "expert_fit", "quantized_steps", "report"},
     "render": {"errors", "census", "digest", "documents", "report", "plan", "surgery", "extraction", "conversion"},
     "cli": {"__init__", "documents", "errors", "render"},
     "__main__": {"cli"},

@@ -171,3 +171,45 @@ def test_check_and_merge_documents_count_experts(tmp_path: Path, capsys: pytest.
     assert not torch.equal(merged["model.layers.1.mlp.experts.3.down_proj.weight"], original[
         "model.layers.1.mlp.experts.3.down_proj.weight"
     ])  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["saved", "memory"])
+def test_report_of_moe_adapter_and_checkpoint(layout: str, tmp_path: Path) -> None:
+    """report: experts modules with their experts and per-expert parameters, LoRA parameters per layer, the
+    checkpoint's experts layout; --stats gives per-expert ΔW norms (‖ΔW‖_F² summed over experts); the JSON fits
+    report.schema.json."""
+    import json
+
+    import jsonschema
+
+    from lorasurgeon.documents import report_doc
+
+    base = moe_base("qwen3_moe", tmp_path / "base", layout)
+    adapter = save_moe_adapter(base, tmp_path / "adapter", r=2, lora_alpha=3, target_modules="all-linear")
+    schema = json.loads((Path(lorasurgeon.__file__).parent / "report.schema.json").read_text())
+    checkpoint = report_doc(lorasurgeon.report(base))
+    jsonschema.validate(checkpoint, schema)
+    assert checkpoint["config"]["experts_layout"] == ("per-expert" if layout == "saved" else "fused")
+    doc = report_doc(lorasurgeon.report(adapter, base=base, stats=True))
+    jsonschema.validate(doc, schema)
+    modules = {m["module"]: m for m in doc["adapter"]["modules"]}
+    gate_up = modules["model.layers.1.mlp.experts.gate_up_proj"]
+    assert (gate_up["kind"], gate_up["experts"], gate_up["rank"], gate_up["base_shape"]) == (
+        "experts",
+        4,
+        4,
+        [4, 48, 32],
+    )
+    assert gate_up["parameters_per_expert"] == 4 * (32 + 48) and gate_up["parameters"] == 4 * 4 * (32 + 48)
+    assert doc["adapter"]["targets"]["down_proj"] == 2 and doc["check"]["ok"]
+    assert doc["adapter"]["per_layer"]["0"] == doc["adapter"]["per_layer"]["1"] > gate_up["parameters"]
+    from safetensors.torch import load_file
+
+    factors = load_file(adapter / "adapter_model.safetensors")
+    a, b = (factors[f"base_model.model.model.layers.1.mlp.experts.base_layer.lora_{r}.weight"] for r in "AB")
+    a3, b3 = a.double().reshape(4, 4, 32), b.double().reshape(48, 4, 4)
+    delta = torch.einsum("ore,eri->eoi", b3, a3) * gate_up["scale"]
+    assert gate_up["delta_norm"] == pytest.approx(float(delta.norm()), rel=1e-5)
+    assert gate_up["delta_spectral_norm"] == pytest.approx(
+        max(float(torch.linalg.matrix_norm(d, 2)) for d in delta), rel=1e-4
+    )

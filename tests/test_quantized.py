@@ -539,3 +539,22 @@ def test_compressed_needs_the_library(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(__import__("sys").modules, "compressed_tensors.compressors", None)
     with pytest.raises(UnsupportedError, match=r"pip install 'lorasurgeon\[quant\]'"):
         compressed.decompress({}, {"weights": W4, "format": "pack-quantized"}, "ckpt")
+
+
+def test_compressed_tensors_dtype_writes_a_dequantized_model(tmp_path: Path, ct_dir: Path, llama_adapter: Path) -> None:
+    """--dtype fp32: every compressed module becomes a float `weight` (deq + ΔW, the library's decompression),
+    its packed values, scales and zero points are gone, and so is quantization_config; transformers loads OUT
+    as a plain model."""
+    from transformers import CompressedTensorsConfig, LlamaForCausalLM
+
+    lorasurgeon.merge(ct_dir, [llama_adapter], tmp_path / "out", dtype="fp32")
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    ours, quant = read_tensors(tmp_path / "out"), detect(ct_dir)
+    assert not [n for n in ours if n.rpartition(".")[2].startswith(("weight_", "input_"))]
+    config = CompressedTensorsConfig(dequantize=True)
+    before = LlamaForCausalLM.from_pretrained(ct_dir, dtype=torch.float32, quantization_config=config).state_dict()
+    for name, delta in deltas(llama_adapter).items():
+        assert name in quant.weights and ours[name].dtype == torch.float32
+        assert torch.allclose(ours[name], before[name] + delta, rtol=0, atol=1e-6), name
+    _, info = LlamaForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]

@@ -224,3 +224,12 @@ def num_experts(config: Mapping[str, object]) -> int | None:
     layout = layout_of(config)
     values = [config.get(key) for key in (layout.experts_keys if layout else ())]
     return next((v for v in values if isinstance(v, int)), None)
+
+
+def stored_layout(tensor_names: Collection[str]) -> Literal["fused", "per-expert"] | None:
+    """How a checkpoint stores MoE experts, from its names alone: "fused" (`…experts.gate_up_proj`, as transformers
+    5 holds them), "per-expert" (`…experts.<n>.…`), None when it holds no experts module."""
+    fused = {f".experts.{p}" for layout in LAYOUTS.values() for p in layout.params}
+    if any(name.endswith(tuple(fused)) for name in tensor_names):
+        return "fused"
+    return "per-expert" if any(".experts.0." in name for name in tensor_names) else None
