@@ -19,9 +19,10 @@ import torch
 
 from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.decomposition import MatrixResult, decompose
-from lorasurgeon.errors import Finding, NothingChangedError, NumericError
+from lorasurgeon.errors import Finding, NothingChangedError, NumericError, UnsupportedError
 from lorasurgeon.formats import peft
 from lorasurgeon.formats.architectures import task_type
+from lorasurgeon.formats.moe import is_fused_experts
 from lorasurgeon.formats.peft_config import WrittenModule, adapter_config, target_modules_for
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.pairing import ExtractOptions, ExtractPlan, plan_extract
@@ -70,6 +71,13 @@ def decompose_pairs(
         if on_progress:
             on_progress(Progress(index + 1, total, done, work))
     changed = _changed_others(plan, device, on_progress, (len(plan.pairs), total, done, work))
+    fused = [c for c in changed if len(c.shape) == 3 and is_fused_experts(c.name)]
+    if fused:
+        raise UnsupportedError(
+            f"{plan.tuned.path}: {fused[0].name} (fused MoE experts, {len(fused)} such tensors changed) cannot be "
+            "extracted yet: extract decomposes experts stored per expert (the layout save_pretrained writes for "
+            "Mixtral, Qwen-MoE, DeepSeek, OLMoE), whose per-expert LoRA PEFT loads onto the fused model"
+        )
     if not results:
         differ = f"; only {len(changed)} other tensors differ (e.g. {changed[0].name})" if changed else ""
         raise NothingChangedError(

@@ -48,7 +48,7 @@ ALLOWED: dict[str, set[str]] = {
     "formats.resolution": NORMAL_FORM
     | {"formats.architectures", "formats.kohya", "formats.kohya_names", "formats.transformers_names"},
     "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names"},
-    "formats.writing": NORMAL_FORM | FORMATS_CORE,
+    "formats.writing": NORMAL_FORM | FORMATS_CORE | {"formats.peft_parameters"},
     "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "formats.quantization", "linalg"},
     "ties": IO | {"formats.architectures"},
     "fit": NORMAL_FORM | {"formats.architectures", "formats.resolution", "lycoris"},
@@ -64,7 +64,7 @@ ALLOWED: dict[str, set[str]] = {
     "decomposition": {"errors", "linalg"},
     "pairing": IO | {"decomposition", "formats.architectures"},
     "extraction": IO
-    | {"decomposition", "pairing", "surgery", "writer", "formats.architectures", "formats.peft"}
+    | {"decomposition", "pairing", "surgery", "writer", "formats.architectures", "formats.moe", "formats.peft"}
     | {"formats.peft_config"},
     "conversion": NORMAL_FORM
     | {"plan", "writer", "formats", "formats.kohya", "formats.naming", "formats.peft"}

@@ -213,3 +213,38 @@ def test_report_of_moe_adapter_and_checkpoint(layout: str, tmp_path: Path) -> No
     assert gate_up["delta_spectral_norm"] == pytest.approx(
         max(float(torch.linalg.matrix_norm(d, 2)) for d in delta), rel=1e-4
     )
+
+
+def test_convert_keeps_a_peft_moe_adapter_and_refuses_kohya(tmp_path: Path) -> None:
+    """convert --to peft rewrites the adapter with its nesting (PEFT loads it: same forward); kohya and diffusers
+    files cannot hold LoRA on raw parameters, and say so by name."""
+    base = moe_base("mixtral", tmp_path / "base", "saved")
+    adapter = save_moe_adapter(base, tmp_path / "adapter", r=2, lora_alpha=3, **dict(CASES)["mixtral"])
+    lorasurgeon.convert(adapter, tmp_path / "copy", to="peft")
+    assert read_tensors(tmp_path / "copy").keys() == read_tensors(adapter).keys()
+    assert torch.equal(peft_logits(base, tmp_path / "copy"), peft_logits(base, adapter))
+    for to in ("kohya", "diffusers"):
+        with pytest.raises(lorasurgeon.LorasurgeonError, match=r"experts\..*raw parameter \(PEFT target_parameters"):
+            lorasurgeon.convert(adapter, tmp_path / f"out-{to}", to=to)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_extract_per_expert_matrices_that_peft_loads(model_type: str, tmp_path: Path) -> None:
+    """A fine-tune's experts stored per expert extract into per-expert LoRA matrices (PEFT target_modules w1/w2/w3
+    or gate/up/down_proj), which PEFT converts onto the fused transformers-5 model: its forward is the tuned one."""
+    base = moe_base(model_type, tmp_path / "base", "saved")
+    lora = {"target_modules": ["q_proj"], "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
+    adapter = save_moe_adapter(base, tmp_path / "adapter", r=2, lora_alpha=3, **lora)
+    lorasurgeon.merge(base, [adapter], tmp_path / "tuned")
+    summary = lorasurgeon.extract(base, tmp_path / "tuned", tmp_path / "lora", rank=2)
+    assert len(summary.matrices) == 2 * (1 + 4 * 3) and summary.total_error < 1e-5  # a rank-2 ΔW per half
+    assert torch.allclose(peft_logits(base, tmp_path / "lora"), merged_logits(tmp_path / "tuned"), atol=1e-4)
+
+
+def test_extract_refuses_fused_experts_by_name(tmp_path: Path) -> None:
+    base = moe_base("qwen3_moe", tmp_path / "base", "memory")
+    adapter = save_moe_adapter(base, tmp_path / "adapter", r=2, lora_alpha=3, target_parameters=["gate_up_proj"])
+    lorasurgeon.merge(base, [adapter], tmp_path / "tuned")
+    with pytest.raises(lorasurgeon.LorasurgeonError, match=r"mlp\.experts\.gate_up_proj \(fused MoE experts, 2 such"):
+        lorasurgeon.extract(base, tmp_path / "tuned", tmp_path / "lora", rank=2)
+    assert not (tmp_path / "lora").exists()

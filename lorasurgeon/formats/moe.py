@@ -233,3 +233,9 @@ def stored_layout(tensor_names: Collection[str]) -> Literal["fused", "per-expert
     if any(name.endswith(tuple(fused)) for name in tensor_names):
         return "fused"
     return "per-expert" if any(".experts.0." in name for name in tensor_names) else None
+
+
+def is_fused_experts(tensor: str) -> bool:
+    """Whether a tensor name is a fused experts parameter of a tabled layout (`…mlp.experts.gate_up_proj`)."""
+    module, _, param = tensor.rpartition(".")
+    return module.rpartition(".")[2] == "experts" and any(param in layout.params for layout in LAYOUTS.values())

@@ -48,11 +48,12 @@ def target_names(
         names = [_diffusers_name(adapter, m, base, component) for m in modules]
     else:
         names = [_kohya_name(adapter, m, base, _kohya_prefix(adapter, m, component)) for m in modules]
-    seen: dict[str, LoraModule] = {}
+    seen: dict[tuple[str, str], LoraModule] = {}
     for name, m in zip(names, modules, strict=True):
-        if name in seen:
-            raise UnsupportedError(f"{seen[name].a.name} and {m.a.name} would both be named {name} in the {to} file")
-        seen[name] = m
+        key = (name, m.parameter)  # PEFT's nested wrappers of one module's parameters share its name
+        if key in seen:
+            raise UnsupportedError(f"{seen[key].a.name} and {m.a.name} would both be named {name} in the {to} file")
+        seen[key] = m
     return names
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 from lorasurgeon.adapter import LoraModule
 from lorasurgeon.errors import MismatchError, UnsupportedError
-from lorasurgeon.formats.moe import nested_parameter
+from lorasurgeon.formats.moe import PARAMETER_ORDER, nested_parameter
 from lorasurgeon.formats.peft_config import ADAPTER_CONFIG, LoraConfig
 
 BASE_LAYER = "base_layer"
@@ -54,3 +55,17 @@ def parameter_module(where: Path, settings: LoraConfig, lora: LoraModule, depth:
     return dataclasses.replace(
         lora, rank=rank, alpha=alpha, scale=scale, parameter=parameter, kind=kind, experts=experts if experts > 1 else 0
     )
+
+
+def nesting(modules: Iterable[LoraModule]) -> dict[tuple[str, str], int]:
+    """(module, parameter) -> the `.base_layer` levels of its keys, for modules wrapping raw parameters: the
+    parameters of one module in PARAMETER_ORDER, the last outermost (level 0), as PEFT nests them."""
+    by_module: dict[str, list[str]] = {}
+    for m in modules:
+        if m.parameter != "weight" or m.experts:
+            by_module.setdefault(m.module, []).append(m.parameter)
+    depths = {}
+    for module, parameters in by_module.items():
+        ordered = sorted(parameters, key=lambda p: PARAMETER_ORDER.index(p) if p in PARAMETER_ORDER else -1)
+        depths.update({(module, p): len(ordered) - 1 - i for i, p in enumerate(ordered)})
+    return depths
