@@ -47,7 +47,7 @@ ALLOWED: dict[str, set[str]] = {
     "formats.diffusers": NORMAL_FORM | {"formats.kohya", "formats.peft", "formats.peft_config"},
     "formats.resolution": NORMAL_FORM
     | {"formats.architectures", "formats.kohya", "formats.kohya_names", "formats.transformers_names"},
-    "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names"},
+    "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names", "formats.sd_layouts"},
     "formats.writing": NORMAL_FORM | FORMATS_CORE | {"formats.peft_parameters"},
     "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "formats.quantization", "linalg"},
     "ties": IO | {"formats.architectures"},

@@ -43,11 +43,15 @@ class BaseNames:
     def named(self, module: str, param: str) -> list[str]:
         """The base tensors that may hold `module`'s `param`: the name with and without a base-model prefix, else
         the names the model's transformers convention gives it (an ambiguous one: all of them)."""
-        found = [c for c in tensor_candidates(module, param) if c in self.tensors]
+        candidates = tensor_candidates(module, param)
+        found = [c for c in candidates if c in self.tensors]
         if found or not self.config:
             return found
-        resolution = checkpoint_names(self.config, f"{module}.{param}", self.tensors)
-        return [] if resolution.tied_to else list(resolution.names)
+        for candidate in candidates:  # as named, then without its first component (a diffusers text_encoder.)
+            resolution = checkpoint_names(self.config, candidate, self.tensors)
+            if resolution.problem is None or len(resolution.names) > 1:
+                return [] if resolution.tied_to else list(resolution.names)
+        return []
 
     def unmatched(self, module: LoraModule) -> str:
         """Why no base tensor is found for `module` (which convention, which names were tried)."""
@@ -58,7 +62,7 @@ class BaseNames:
     def missing(self, module: str, param: str) -> str:
         """Why no base tensor holds `module`'s `param`."""
         resolution = checkpoint_names(self.config, f"{module}.{param}", self.tensors) if self.config else None
-        if resolution is None:
+        if resolution is None or resolution.convention == "exact":  # no transformers renaming to try
             return f"target {module}.{param} is not in the base checkpoint"
         if resolution.tied_to:
             return (
