@@ -8,7 +8,8 @@ to back.
 Replacement tensors (modules_to_save, saved embeddings, bias="all"/"lora_only", trainable-token rows) take
 the base tensor's place: the output keeps the base tensor's name, shape and dtype (or --dtype), and the
 adapter's values are rounded once into it; a shape that differs from the base's is an error. When the base
-ties lm_head to the input embedding and the adapter changes either, the output unties them (FORMATS.md §4.1).
+ties weights (lm_head to the input embedding, and the ties of transformers' tables) and the adapter changes one,
+the output unties them (FORMATS.md §4.1; lorasurgeon.ties).
 Names are resolved by lorasurgeon.formats (kohya names by sd-scripts' forward rule, never inverted), fits are
 checked by lorasurgeon.fit. The plan reads headers only: the factors' NaN/Inf counts come with the adapter.
 """
@@ -25,12 +26,13 @@ from lorasurgeon.conflicts import combination_findings
 from lorasurgeon.errors import Finding
 from lorasurgeon.expert_fit import ExpertCount, count_experts, incomplete, moved_targets, place_experts
 from lorasurgeon.fit import bias_target, factor_findings, nonfinite_findings, place, source_problem
+from lorasurgeon.formats.architectures import OUTPUT_EMBEDDING
 from lorasurgeon.formats.moe import ExpertSlice
 from lorasurgeon.formats.resolution import BaseNames
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.quantized import Quantization, QuantizedPart
 from lorasurgeon.quantized_plan import QuantizedBase, quantized_base
-from lorasurgeon.ties import tied_alias, untie
+from lorasurgeon.ties import tied_aliases, untie
 
 Operation = Literal["merge", "unmerge"]
 
@@ -73,8 +75,9 @@ class Source:
 class Step:
     """Write `tensor` to output shard `shard` as `out_dtype`: its base value, or `replacement`'s, with `rows`
     set, plus `terms` (nothing at all: copy it unchanged). A `tensor` whose name the base lacks is an alias of
-    a base tensor's bytes under a new name (an untied lm_head.weight). `quantized`: the tensor is a stored part
-    of a quantized weight, merged in format (the terms are the weight's), or the weight dequantized."""
+    a base tensor's bytes under a new name (an untied lm_head.weight, or BART's model.decoder.embed_tokens.weight).
+    `quantized`: the tensor is a stored part of a quantized weight, merged in format (the terms are the
+    weight's), or the weight dequantized."""
 
     tensor: TensorInfo
     shard: str
@@ -145,9 +148,9 @@ def plan_surgery(
     converts every floating-point tensor, None keeps each tensor's dtype. `allow_nonfinite` turns NaN/Inf
     in the adapter factors from errors into warnings (and lets the surgery carry those of the base).
     """
-    alias = tied_alias(base)
+    aliases = tied_aliases(base)
     quant, quant_findings = quantized_base(base, dtype)
-    tensors = {**base.tensors, alias.name: alias} if alias else base.tensors
+    tensors = {**base.tensors, **{alias.name: alias for alias in aliases}}
     tensors = {**tensors, **quant.logical(tensors)} if quant else tensors
     found = _Targets(tensors, BaseNames(tensors, base.config), {}, {}, quant_findings)
     model_type = (base.config or {}).get("model_type")
@@ -168,11 +171,11 @@ def plan_surgery(
     if experts:
         targets = {t for adapter in adapters for t in adapter.target_parameters}
         found.findings += moved_targets(sorted(targets), found.terms, base.tensors)
-    tie = untie(base, alias, lambda name: name in found.terms or _replaced(found, name))
-    if tie.alias is not None and tie.embedding is not None:  # trainable-token rows are tied in PEFT: lm_head gets them
+    tie = untie(base, aliases, lambda name: name in found.terms or _replaced(found, name))
+    if tie.embedding is not None:  # trainable-token rows are tied in PEFT: lm_head gets them
         rows = [s for s in found.sources.get(tie.embedding, []) if s.indices is not None]
-        found.sources.setdefault(tie.alias.name, []).extend(rows)
-    steps = _steps(base, found, dtype, tie.alias, quant)
+        found.sources.setdefault(OUTPUT_EMBEDDING, []).extend(rows)
+    steps = _steps(base, found, dtype, tie.aliases, quant)
     findings = (*found.findings, *((tie.finding,) if tie.finding else ()))
     config = (quant.config(tie.config or base.config) if quant else None) or tie.config
     quantized = quant.quantization if quant else None
@@ -281,9 +284,9 @@ def _replaced(found: _Targets, name: str) -> bool:
 
 
 def _steps(
-    base: Checkpoint, found: _Targets, dtype: str | None, alias: TensorInfo | None, quant: QuantizedBase | None
+    base: Checkpoint, found: _Targets, dtype: str | None, aliases: tuple[TensorInfo, ...], quant: QuantizedBase | None
 ) -> tuple[Step, ...]:
-    """One step per base tensor in shard and file order; an untied lm_head follows its embedding; the stored
+    """One step per base tensor in shard and file order; untied tensors follow the one they shared; the stored
     parts of a quantized weight take its terms (quantized_plan says which, and which are dropped)."""
     steps = []
     for shard in base.shards:
@@ -295,7 +298,7 @@ def _steps(
                     out_dtype = dtype if part.dequantize and dtype else info.dtype
                     steps.append(Step(route.tensor, shard.name, out_dtype, terms, quantized=part))
                 continue
-            for tensor in (info, alias) if alias and _same_bytes(info, alias) else (info,):
+            for tensor in (info, *(alias for alias in aliases if _same_bytes(info, alias))):
                 sources = found.sources.get(tensor.name, [])
                 whole = next((s for s in sources if s.indices is None), None)
                 rows = tuple(s for s in sources if s.indices is not None)

@@ -50,13 +50,14 @@ ALLOWED: dict[str, set[str]] = {
     "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names", "formats.sd_layouts"},
     "formats.writing": NORMAL_FORM | FORMATS_CORE | {"formats.peft_parameters"},
     "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "formats.quantization", "linalg"},
-    "ties": IO | {"formats.architectures"},
+    "ties": IO | {"formats.architectures", "formats.transformers_names"},
     "fit": NORMAL_FORM | {"formats.architectures", "formats.resolution", "lycoris"},
     "expert_fit": NORMAL_FORM | {"formats.moe", "formats.resolution"},
     "conflicts": {"errors", "plan"},
     "quantized_plan": IO | {"formats.quantization", "quantized"},
     "plan": NORMAL_FORM
-    | {"fit", "ties", "conflicts", "expert_fit", "quantized", "quantized_plan", "formats.moe", "formats.resolution"},
+    | {"fit", "ties", "conflicts", "expert_fit", "quantized", "quantized_plan", "formats.moe", "formats.resolution"}
+    | {"formats.architectures"},
     "terms": {"header", "experts", "linalg", "lycoris", "plan"},
     "quantized_steps": {"errors", "header", "plan", "requant", "terms"},
     "mirror": IO | {"plan", "writer"},
