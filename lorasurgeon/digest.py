@@ -73,7 +73,8 @@ def report_lines(report: Report) -> list[str]:
     for (parameter, count, rank), modules in experts.items():
         each = modules[0].parameters // count
         lines.append(
-            f"MoE experts: {parameter} in {len(modules)} layers, {count} experts each at rank {rank}: "
+            f"MoE experts: {parameter} in {len(modules)} layer{'s' if len(modules) > 1 else ''}, {count} experts "
+            f"each at rank {rank}: "
             f"{each:,} LoRA parameters per expert"
         )
     layers = per_layer((m.module, m.parameters) for m in report.modules if m.base_parameters)

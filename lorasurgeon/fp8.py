@@ -26,6 +26,7 @@ which `Fp8Merge.finite` reports.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,7 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 # Elements of W merged at a time (whole block rows): 16 MB of fp32 per temporary, a few of them at once.
 CHUNK_ELEMENTS = 1 << 22
+DeltaRows = Callable[[int, int, int], torch.Tensor]  # (matrix, first row, end row) -> fp32 rows of ΔW
 
 
 @dataclass(frozen=True)
@@ -94,12 +96,14 @@ def quantize_blocks(
 def merge_fp8_block(
     q: torch.Tensor,
     scale_inv: torch.Tensor,
-    delta: torch.Tensor,
+    delta: torch.Tensor | DeltaRows,
     block: tuple[int, int],
     power_of_two: bool = False,
 ) -> Fp8Merge:
     """W + ΔW in the stored layout, W = deq(q, s): q' float8_e4m3fn shaped like q, s' shaped and typed like
-    `scale_inv`. `delta` is fp32 ΔW shaped like q; it is not modified.
+    `scale_inv`. `delta` is fp32 ΔW shaped like q (not modified), or a function giving its rows
+    `delta(e, start, stop)` of matrix e of a stacked (E, m, n) weight (0 for a matrix), so that ΔW of a large
+    weight is never whole in memory.
 
     Each block keeps its stored scale, or takes the fresh one (amax / 448 of W + ΔW), whichever stores its
     W + ΔW closer (squared error; the stored scale on ties, so a block ΔW does not move keeps its bytes).
@@ -113,7 +117,8 @@ def merge_fp8_block(
     """
     *_, m, n = q.shape
     grid = grid_shape(tuple(q.shape), block)
-    qs, ds = q.reshape(-1, m, n), delta.reshape(-1, m, n)
+    qs = q.reshape(-1, m, n)
+    rows_of = delta if callable(delta) else _rows_of(delta.reshape(-1, m, n))
     ss = scale_inv.reshape(-1, grid[-2], grid[-1])
     out_q, out_s = torch.empty_like(qs), torch.empty_like(ss)
     rows = max(1, CHUNK_ELEMENTS // (block[0] * n)) * block[0]
@@ -124,7 +129,7 @@ def merge_fp8_block(
             cells = slice(start // block[0], -(-min(start + rows, m) // block[0]))
             part = slice(start, start + rows)
             out_q[e, part], out_s[e, cells], sums = _merge_rows(
-                qs[e, part], ss[e, cells], ds[e, part], block, power_of_two
+                qs[e, part], ss[e, cells], rows_of(e, start, min(start + rows, m)), block, power_of_two
             )
             totals += sums
             finite = finite and bool(torch.isfinite(out_s[e, cells]).all())
@@ -134,6 +139,10 @@ def merge_fp8_block(
     else:
         survival, error = math.sqrt(got / wanted), math.sqrt(missed / wanted)
     return Fp8Merge(out_q.reshape(q.shape), out_s.reshape(scale_inv.shape), survival, error, int(rescaled), finite)
+
+
+def _rows_of(deltas: torch.Tensor) -> DeltaRows:
+    return lambda e, start, stop: deltas[e, start:stop]
 
 
 def _merge_rows(

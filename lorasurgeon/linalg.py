@@ -52,9 +52,9 @@ def merge_blockwise(
     ok = True
     for start in range(0, rows, step):
         stop = min(start + step, rows)
-        block = _delta_rows(factors[0], start, stop)
+        block = delta_rows(factors[0], start, stop)
         for term in factors[1:]:
-            block.add_(_delta_rows(term, start, stop))
+            block.add_(delta_rows(term, start, stop))
         if sign < 0:
             block.neg_()
         block.add_(flat[start:stop])
@@ -63,7 +63,7 @@ def merge_blockwise(
     return out.reshape(weight.shape), ok
 
 
-def _delta_rows(factors: tuple[torch.Tensor, torch.Tensor, float, bool], start: int, stop: int) -> torch.Tensor:
+def delta_rows(factors: tuple[torch.Tensor, torch.Tensor, float, bool], start: int, stop: int) -> torch.Tensor:
     """Rows [start, stop) of scale · (B @ A), or of its transpose, in fp32."""
     a, b, scale, transpose = factors
     rows = (b @ a[:, start:stop]).T if transpose else b[start:stop] @ a

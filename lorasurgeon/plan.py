@@ -155,7 +155,8 @@ def plan_surgery(
     found = _Targets(tensors, BaseNames(tensors, base.config), {}, {}, quant_findings)
     model_type = (base.config or {}).get("model_type")
     for index, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
-        found.findings += [*adapter.notes, *(_ignored(key) for key in adapter.ignored)]
+        notes = adapter.notes if quant is None else ()  # what merging a QLoRA adapter into a 16-bit base means
+        found.findings += [*notes, *(_ignored(key) for key in adapter.ignored)]
         if adapter.empty:
             found.findings.append(Finding.of("error", f"{adapter.path}: the adapter selects no module to change"))
         skipped = found.names.skipped(adapter)

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from lorasurgeon import requant
+from lorasurgeon import linalg, requant
 from lorasurgeon.errors import NumericError
+from lorasurgeon.fp8 import DeltaRows
 from lorasurgeon.header import torch_dtype
 from lorasurgeon.plan import Plan, Step
-from lorasurgeon.terms import Factors
+from lorasurgeon.terms import Factors, blockwise, fused_term
 
 KEPT_BYTES = 64 << 20  # parts kept for a later step of the same weight; larger ones are recomputed
 LOST = 0.5  # a weight is flagged when its survival is below this, or its error above it
@@ -60,10 +61,11 @@ class Requantizer:
         where = str(base.path)
         device = self.factors.device
         parts = {local: base.read(base.tensors[stored]).to(device) for local, stored in weight.parts.items()}
-        delta = self.factors.summed(step, tuple(weight.shape)).mul_(self.sign) if step.terms else None
         if part.dequantize:
-            return requant.dequantize(weight, parts, delta, torch_dtype(step.out_dtype), where)
-        assert delta is not None  # the plan rewrites only touched weights in format
+            whole = self.factors.summed(step, tuple(weight.shape)).mul_(self.sign) if step.terms else None
+            return requant.dequantize(weight, parts, whole, torch_dtype(step.out_dtype), where)
+        rows = self._rows(step) if weight.method == "fp8-block" else None
+        delta = rows or self.factors.summed(step, tuple(weight.shape)).mul_(self.sign)
         merged = requant.merge_in_format(weight, parts, delta, where)
         if not merged.finite:
             raise NumericError(f"{where}: {weight.name}: merging the adapter in format gives non-finite scales")
@@ -79,3 +81,18 @@ class Requantizer:
             if stored != name and tensor.numel() * tensor.element_size() <= KEPT_BYTES:
                 self._kept[stored] = tensor
         return merged.tensors[name]
+
+    def _rows(self, step: Step) -> DeltaRows | None:
+        """ΔW's rows computed as the FP8 merge asks for them (never the whole ΔW of a large weight), when every
+        term is a pair of factors; None otherwise (LyCORIS, fused q/k/v rows: the whole ΔW)."""
+        if not all(blockwise(t) or fused_term(t) for t in step.terms):
+            return None
+        terms, factors, sign = step.terms, self.factors, self.sign
+
+        def rows(expert: int, start: int, stop: int) -> torch.Tensor:
+            total = linalg.delta_rows(factors.matrices(terms[0], expert if fused_term(terms[0]) else None), start, stop)
+            for term in terms[1:]:
+                total.add_(linalg.delta_rows(factors.matrices(term, expert if fused_term(term) else None), start, stop))
+            return total.neg_() if sign < 0 else total
+
+        return rows

@@ -181,7 +181,7 @@ def _adapter_report(path: Path, adapter: Adapter, fmt: str) -> Report:
             "error", f"{adapter.source.path}: {m.module} has rank {m.a.shape[0]} but {ADAPTER_CONFIG} says {m.rank}"
         )
         for m in (*adapter.modules, *adapter.unselected)
-        if not m.factors and adapter.rank_source == ADAPTER_CONFIG and m.a.shape[0] != m.rank
+        if not m.factors and adapter.rank_source == ADAPTER_CONFIG and m.a.shape[0] != m.rank * max(m.experts, 1)
     ]
     has_config = bool(adapter.config) or adapter.rank_source == ADAPTER_CONFIG
     config = {name: adapter.config[name] for name in CONFIG_FIELDS if name in adapter.config}

@@ -29,10 +29,11 @@ class Requantized:
 
 
 def merge_in_format(
-    weight: QuantizedWeight, parts: Mapping[str, torch.Tensor], delta: torch.Tensor, where: str
+    weight: QuantizedWeight, parts: Mapping[str, torch.Tensor], delta: torch.Tensor | fp8.DeltaRows, where: str
 ) -> Requantized:
     """deq(parts) + ΔW stored back in the weight's format, same tensor names, dtypes and shapes. `delta` is the
-    fp32 ΔW shaped like `weight.shape` (not modified); `where` names the checkpoint in errors."""
+    fp32 ΔW shaped like `weight.shape` (not modified), or for FP8 blocks a function of its rows (see
+    fp8.merge_fp8_block); `where` names the checkpoint in errors."""
     if weight.method == "fp8-block":
         assert weight.block is not None  # set for every fp8-block weight by formats/fp8_block.py
         merged = fp8.merge_fp8_block(
@@ -41,7 +42,8 @@ def merge_in_format(
         local = {"weight": merged.q, "weight_scale_inv": merged.scale_inv}
         survival, error, finite = merged.survival, merged.error, merged.finite
     else:
-        assert weight.scheme is not None  # set for every compressed-tensors weight
+        assert weight.scheme is not None
+        assert isinstance(delta, torch.Tensor)  # the library takes whole weights
         packed = compressed.merge_compressed(parts, weight.scheme, delta, f"{where}: {weight.name}")
         local, survival, error, finite = packed.tensors, packed.survival, packed.error, packed.finite
     return Requantized({weight.parts[name]: local[name] for name in weight.rewritten}, survival, error, finite)

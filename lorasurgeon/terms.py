@@ -94,9 +94,14 @@ def blockwise(term: Term) -> bool:
     return (plain or per_expert) and not (term.bias or term.dora) and term.rows is None
 
 
+def fused_term(term: Term) -> bool:
+    """Whether the term is an experts module's whole fused delta, (E, ·, ·)."""
+    return term.piece is not None and term.piece.expert is None and not term.bias
+
+
 def fused_experts(step: Step) -> bool:
     """Whether every term of the step is an experts module's whole fused delta (merged one expert at a time)."""
-    return bool(step.terms) and all(t.piece is not None and t.piece.expert is None and not t.bias for t in step.terms)
+    return bool(step.terms) and all(fused_term(t) for t in step.terms)
 
 
 def merge_fused(

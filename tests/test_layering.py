@@ -59,7 +59,7 @@ ALLOWED: dict[str, set[str]] = {
     | {"fit", "ties", "conflicts", "expert_fit", "quantized", "quantized_plan", "formats.moe", "formats.resolution"}
     | {"formats.architectures"},
     "terms": {"header", "experts", "linalg", "lycoris", "plan"},
-    "quantized_steps": {"errors", "header", "plan", "requant", "terms"},
+    "quantized_steps": {"errors", "fp8", "header", "linalg", "plan", "requant", "terms"},
     "mirror": IO | {"plan", "writer"},
     "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "quantized_steps", "terms", "writer"},
     "decomposition": {"errors", "linalg"},
