@@ -109,6 +109,7 @@ def layout_of(config: Mapping[str, object]) -> ExpertLayout | None:
 # class defines those it has: PEFT nests its wrappers in this order, so it names the parameter of each nesting
 # level without knowing the model (a test checks every experts class against it).
 PARAMETER_ORDER = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+FUSED_MATRICES = ("gate_up_proj", "down_proj")  # the 3-D ones, (E, ·, ·) whatever E is
 
 
 def nested_parameter(module: str, base_layers: int, target_parameters: Sequence[str]) -> tuple[str | None, str]:

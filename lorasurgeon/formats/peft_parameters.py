@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lorasurgeon.adapter import LoraModule
 from lorasurgeon.errors import MismatchError, UnsupportedError
-from lorasurgeon.formats.moe import PARAMETER_ORDER, nested_parameter
+from lorasurgeon.formats.moe import FUSED_MATRICES, PARAMETER_ORDER, nested_parameter
 from lorasurgeon.formats.peft_config import ADAPTER_CONFIG, LoraConfig
 
 BASE_LAYER = "base_layer"
@@ -50,10 +50,18 @@ def parameter_module(where: Path, settings: LoraConfig, lora: LoraModule, depth:
             f"number of experts at the rank {rank} {ADAPTER_CONFIG} gives {lora.module}.{parameter}"
         )
     scale = alpha / math.sqrt(rank) if settings.use_rslora else alpha / rank
-    experts = rows // rank  # 1: a 2-D parameter (a router's weight), a plain (out, in) LoRA
-    kind = "experts" if experts > 1 else lora.kind
+    experts = rows // rank
+    # A fused experts matrix (of any number of experts), or a 3-D parameter of several; else a 2-D parameter (a
+    # router's weight, gpt-oss' (E, 2I) biases), which PEFT adapts as a plain (out, in) matrix.
+    fused = parameter in FUSED_MATRICES or experts > 1
     return dataclasses.replace(
-        lora, rank=rank, alpha=alpha, scale=scale, parameter=parameter, kind=kind, experts=experts if experts > 1 else 0
+        lora,
+        rank=rank,
+        alpha=alpha,
+        scale=scale,
+        parameter=parameter,
+        kind="experts" if fused else lora.kind,
+        experts=experts if fused else 0,
     )
 
 
