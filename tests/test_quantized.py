@@ -11,6 +11,7 @@ and returns the survival figures its summary reports per quantized weight.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -337,6 +338,25 @@ def test_qlora_warning() -> None:
     assert warning is not None and warning.startswith("adapter: trained against a quantized base")
     assert qlora_warning({"base_model_name_or_path": "TheBloke/Llama-2-7B-GPTQ"}, None, "a") is not None
     assert qlora_warning({"base_model_name_or_path": "meta-llama/Llama-3.1-8B"}, "# card", "a") is None
+
+
+def test_check_warns_about_a_qlora_adapter(
+    tmp_path: Path, llama_dir: Path, llama_adapter: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check (and merge) into the 16-bit base says when the adapter's config or README records a quantized base;
+    the merge itself goes ahead."""
+    from builders import run_cli
+
+    adapter = tmp_path / "qlora"
+    shutil.copytree(llama_adapter, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": "unsloth/llama-3-8b-bnb-4bit"})
+    )
+    code, _, err = run_cli(["check", str(llama_dir), str(adapter)], capsys)
+    assert code == 0 and "trained against a quantized base" in err and "bnb-4bit" in err
+    code, _, err = run_cli(["check", str(llama_dir), str(llama_adapter)], capsys)
+    assert code == 0 and "quantized base" not in err  # guard: the plain adapter gets no such warning
 
 
 def test_peft_writes_no_quantization_into_an_adapter(llama_adapter: Path) -> None:
