@@ -23,6 +23,7 @@ from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import LorasurgeonError, Option
 from lorasurgeon.formats import load_adapter
 from lorasurgeon.formats.naming import COMPONENTS
+from lorasurgeon.progress import Progress
 from lorasurgeon.report import Report, make_report
 from lorasurgeon.rules import RULE_HELP, judge, parse_rule
 
@@ -34,11 +35,10 @@ if TYPE_CHECKING:
     from lorasurgeon.conversion import ConvertSummary
     from lorasurgeon.extraction import ExtractSummary
     from lorasurgeon.plan import Operation, Plan
-    from lorasurgeon.surgery import Progress, SurgerySummary
+    from lorasurgeon.surgery import SurgerySummary
 LAZY_TYPES = {
     "ConvertSummary": "lorasurgeon.conversion",
     "ExtractSummary": "lorasurgeon.extraction",
-    "Progress": "lorasurgeon.surgery",
     "SurgerySummary": "lorasurgeon.surgery",
 }
 
@@ -129,23 +129,19 @@ def merge(
 
     Each tensor gets the sum of its deltas in fp32, rounded once to its dtype (or `dtype`: keep, fp32,
     fp16, bf16). Raises MismatchError when the adapters do not fit, OutputError when `out` cannot be
-    written, NumericError when a result would not be finite.
+    written, NumericError when a result would not be finite. `on_progress` gets a Progress per phase and tensor.
     """
-    from lorasurgeon.surgery import SurgeryOptions, run
-
-    options = SurgeryOptions(scale, alpha, resolve_device(device), _dtype(dtype), force, dry_run, allow_nonfinite)
+    out_dtype, factors = _dtype(dtype), _weights(weights, len(adapters))
+    _check_device(device)
+    if on_progress:
+        on_progress(Progress(phase="planning"))
     with _opened(base, adapters, alpha) as (ckpt, loaded):
+        from lorasurgeon.surgery import SurgeryOptions, run  # torch: only once the inputs have been read
+
+        options = SurgeryOptions(scale, alpha, resolve_device(device), out_dtype, force, dry_run, allow_nonfinite)
         inputs = [Path(base), *(Path(a) for a in adapters)]
-        return run(
-            "merge",
-            ckpt,
-            loaded,
-            _output(ckpt, out, "merge"),
-            inputs,
-            _weights(weights, len(adapters)),
-            options,
-            on_progress,
-        )
+        target = _output(ckpt, out, "merge")
+        return run("merge", ckpt, loaded, target, inputs, factors, options, on_progress)
 
 
 def unmerge(
@@ -164,10 +160,14 @@ def unmerge(
 ) -> SurgerySummary:
     """Write merged − scale · ΔW to `out` (default: `<merged>-unmerged`). Exact only up to rounding:
     in bf16 a merge followed by an unmerge leaves about one ulp of difference on some elements."""
-    from lorasurgeon.surgery import SurgeryOptions, run
-
-    options = SurgeryOptions(scale, alpha, resolve_device(device), _dtype(dtype), force, dry_run, allow_nonfinite)
+    out_dtype = _dtype(dtype)
+    _check_device(device)
+    if on_progress:
+        on_progress(Progress(phase="planning"))
     with _opened(merged, [adapter], alpha) as (ckpt, loaded):
+        from lorasurgeon.surgery import SurgeryOptions, run  # torch: only once the inputs have been read
+
+        options = SurgeryOptions(scale, alpha, resolve_device(device), out_dtype, force, dry_run, allow_nonfinite)
         inputs = [Path(merged), Path(adapter)]
         return run("unmerge", ckpt, loaded, _output(ckpt, out, "unmerge"), inputs, [1.0], options, on_progress)
 
@@ -187,7 +187,11 @@ def extract(
     skip_mismatched: bool = False,
     curve: Sequence[int] = (),
     save_changed_vectors: bool = False,
+    base_name: str | None = None,
     device: str = "auto",
+    cluster: str | None = None,
+    threads: int | None = None,
+    resume: bool = False,
     force: bool = False,
     dry_run: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
@@ -198,15 +202,20 @@ def extract(
     ΔW is factorised by truncated SVD at `rank`, or at the smallest rank keeping `energy` of ‖ΔW‖²_F (at most
     `max_rank`); `method` is auto, exact or randomized (see lorasurgeon.extraction). `curve` adds the relative
     error at those ranks. `save_changed_vectors` stores the modules whose 1-D tensors (norms) changed as PEFT
-    modules_to_save. Raises MismatchError when names or shapes differ (unless `skip_mismatched`),
-    NothingChangedError (exit code 1) when no target differs, OutputError when `out` cannot be written.
+    modules_to_save. The adapter names its base as `base_name` (a Hub repo id, say), else `base` as given, and the
+    task type of its architecture, so that AutoPeftModel loads it. `cluster` ("ray" or "ray:ADDRESS") runs one
+    Ray task per matrix, reading the checkpoints from a path every node sees; `threads` is the torch threads per
+    matrix (default: this process's count; the factors are bit-identical for the same threads and device type,
+    here or on any worker); `resume` continues an interrupted run from the matrices it computed (checked against
+    the inputs' sizes and mtimes). Raises MismatchError when names or shapes differ (unless `skip_mismatched`),
+    NothingChangedError when no target differs, OutputError when `out` cannot be written.
 
     >>> extract("base/", "tuned/", "lora/", rank=16).total_error  # doctest: +SKIP
     0.41
     """
-    from lorasurgeon.decomposition import RankRule
-    from lorasurgeon.extraction import run as run_extract
+    from lorasurgeon.cluster import parse_cluster
     from lorasurgeon.pairing import ExtractOptions
+    from lorasurgeon.rank_rule import RankRule
 
     rule = RankRule(rank=rank, energy=energy, max_rank=max_rank, method=method, curve=tuple(curve))
     options = ExtractOptions(
@@ -216,11 +225,25 @@ def extract(
         include_embeddings=include_embeddings,
         skip_mismatched=skip_mismatched,
         save_changed_vectors=save_changed_vectors,
+        base_name=base_name,
     )
     options.validate(dry_run)
-    torch_device = resolve_device(device)
+    if threads is not None and threads < 1:
+        raise LorasurgeonError(Option("threads", threads), ": must be at least 1")
+    parsed = parse_cluster(cluster) if cluster else None
+    _check_device(device)
+    if on_progress:
+        on_progress(Progress(phase="planning"))
     out_path = Path(out) if out is not None else None
-    return run_extract(Path(base), Path(tuned), out_path, options, torch_device, force, dry_run, on_progress)
+    with Checkpoint.open(Path(base)) as base_ckpt, Checkpoint.open(Path(tuned)) as tuned_ckpt:
+        from lorasurgeon.extract_steps import Execution  # torch: only once the inputs have been read
+        from lorasurgeon.extraction import run as run_extract
+
+        torch_device = resolve_device(device)
+        execution = Execution(parsed, threads, resume)
+        return run_extract(
+            base_ckpt, tuned_ckpt, out_path, options, torch_device, force, dry_run, on_progress, execution
+        )
 
 
 def convert(
@@ -231,6 +254,7 @@ def convert(
     base: PathLike | None = None,
     component: str | None = None,
     alpha: float | None = None,
+    base_name: str | None = None,
     force: bool = False,
     dry_run: bool = False,
 ) -> ConvertSummary:
@@ -240,9 +264,11 @@ def convert(
     OUT is a PEFT directory or one .safetensors file (default `<adapter>-<to>` in the current directory).
     `base` resolves kohya names (required from kohya) and can name kohya modules; `component` (unet,
     text_encoder, ..., or a kohya prefix lora_unet, lora_te, lora_te1, lora_te2) names the component of a PEFT
-    adapter, or selects one component of a kohya or diffusers file. Raises UnsupportedError naming a tensor the
-    target cannot hold, MismatchError when a module does not resolve against `base`, OutputError when `out`
-    cannot be written.
+    adapter (without it, the layout of `base` names it: a diffusers `unet/` directory, ...), or selects one
+    component of a kohya or diffusers file. A PEFT output names its base (`base_name`, else `base`) and the task
+    type of its architecture, so that AutoPeftModel loads it. Raises UnsupportedError naming a tensor the target
+    cannot hold, MismatchError when a module does not resolve against `base`, OutputError when `out` cannot be
+    written.
 
     >>> convert("adapter/", "lora.safetensors", to="kohya", component="lora_unet").modules[0].name  # doctest: +SKIP
     'lora_unet_down_blocks_0_attentions_0_proj_in'
@@ -250,7 +276,7 @@ def convert(
     from lorasurgeon.conversion import ConvertOptions
     from lorasurgeon.conversion import run as run_convert
 
-    options = ConvertOptions(to, Path(base) if base is not None else None, component, alpha)
+    options = ConvertOptions(to, Path(base) if base is not None else None, component, alpha, base_name)
     return run_convert(Path(adapter), Path(out) if out is not None else None, options, force=force, dry_run=dry_run)
 
 
@@ -270,7 +296,15 @@ def _opened(
 
 
 def _output(ckpt: Checkpoint, out: PathLike | None, operation: Operation) -> Path:
-    return Path(out) if out is not None else default_output(ckpt, operation)
+    """OUT, which mirrors the base's layout: a directory for a directory or index, one file for one file."""
+    if out is None:
+        return default_output(ckpt, operation)
+    if ckpt.layout != "file" and Path(out).suffix == ".safetensors":
+        raise LorasurgeonError(
+            f"{out}: names one .safetensors file, but the base {ckpt.path} is a checkpoint directory or index, which "
+            "OUT mirrors as a directory; name OUT as a directory, or give the base's .safetensors file to write one"
+        )
+    return Path(out)
 
 
 def default_output(ckpt: Checkpoint, operation: Operation) -> Path:
@@ -282,15 +316,21 @@ def default_output(ckpt: Checkpoint, operation: Operation) -> Path:
 
 
 def resolve_device(device: str) -> torch.device:
+    """The torch device `device` (auto, cpu, cuda, cuda:N) names; raises LorasurgeonError when it is none or absent."""
+    _check_device(device)
     import torch
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LorasurgeonError(Option("device", device), ": CUDA is not available on this machine")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise LorasurgeonError(Option("device", device), ": expected auto, cpu or cuda")
     return torch.device(device)
+
+
+def _check_device(device: str) -> None:
+    """What can be said of `device` without torch (whose import takes seconds): that it names a device at all."""
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise LorasurgeonError(Option("device", device), ": expected auto, cpu or cuda")
 
 
 def _weights(weights: Sequence[float] | None, count: int) -> list[float]:

@@ -1,6 +1,7 @@
 """What cannot be combined on one tensor, or cannot be undone (shared FORMATS.md §2.7, §3, §4.5): replacement
-tensors and token rows against each other and against LoRA terms, DoRA modules against other terms, scales
-and unmerge. The plan asks once all terms and sources are gathered."""
+tensors and token rows against each other and against LoRA terms (PEFT's saved copies of a base weight aside),
+DoRA modules against other terms, scales and unmerge, and the tuners' own rules (tuner_placement). The plan asks
+once all terms and sources are gathered."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from lorasurgeon.errors import Finding
+from lorasurgeon.tuner_placement import combination_findings as tuner_findings
 
 if TYPE_CHECKING:  # the plan's nouns; the plan imports this module
     from lorasurgeon.plan import Operation, Source, Term
+    from lorasurgeon.tuner_placement import TunerTerm
 
 DORA_UNMERGE = (
     "it is a DoRA module: the merged weight W' = (m/‖W+ΔW‖)·(W+ΔW) has every output row of norm m, so the "
@@ -19,7 +22,10 @@ DORA_UNMERGE = (
 
 
 def combination_findings(
-    operation: Operation, sources: Mapping[str, list[Source]], terms: Mapping[str, list[Term]]
+    operation: Operation,
+    sources: Mapping[str, list[Source]],
+    terms: Mapping[str, list[Term]],
+    tuners: Mapping[str, list[TunerTerm]],
 ) -> list[Finding]:
     """What cannot be combined on one tensor, or cannot be undone (FORMATS.md §2.7, §3, §4.5)."""
     problems = []
@@ -27,7 +33,7 @@ def combination_findings(
         if operation == "unmerge":
             problem = "unmerge cannot restore it: the adapter holds its new values, not the original ones"
             problems += [Finding.against(s.tensor.name, name, problem) for s in found]
-        elif len(found) > 1 and not _disjoint_rows(found):
+        elif len(found) > 1 and not _disjoint_rows(found) and not all(s.saved_base for s in found):
             problems.append(Finding.against(found[1].tensor.name, name, "another adapter already sets these values"))
         elif any(s.indices is not None for s in found) and name in terms:
             problem = "trainable token rows and a LoRA on the same tensor cannot be merged in a defined order"
@@ -43,7 +49,7 @@ def combination_findings(
             problems.append(Finding.against(key, name, "a DoRA module must be the only adapter changing its weight"))
         elif abs(dora.factor - dora.module.scale) > 1e-12 * abs(dora.module.scale):
             problems.append(Finding.against(key, name, "a DoRA module can only be merged with weight 1 and scale 1"))
-    return problems
+    return problems + tuner_findings(operation, tuners, terms, sources)
 
 
 def _disjoint_rows(sources: list[Source]) -> bool:

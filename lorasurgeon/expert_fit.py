@@ -13,8 +13,9 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from lorasurgeon.adapter import LoraModule
+from lorasurgeon.adapter import Adapter, LoraModule
 from lorasurgeon.errors import Finding
+from lorasurgeon.fit import factor_findings, nonfinite_findings
 from lorasurgeon.formats import moe
 from lorasurgeon.formats.resolution import BaseNames
 from lorasurgeon.header import TensorInfo
@@ -49,9 +50,22 @@ class ExpertCount:
         return self.placed == self.targeted
 
 
-def place_experts(names: BaseNames, module: LoraModule) -> tuple[list[ExpertPlacement], list[Finding]]:
+def place_experts(
+    names: BaseNames, adapter: Adapter, module: LoraModule, allow_nonfinite: bool
+) -> tuple[list[ExpertPlacement], list[Finding]]:
     """The base tensors `module` changes, or the findings that say why it cannot be placed: an unknown expert
-    layout, another number of experts than config.json, a tensor of another shape, no tensor at all."""
+    layout, another number of experts than config.json, a tensor of another shape, no tensor at all, factors of
+    the wrong dtype or rank; NaN/Inf in its factors (warnings with `allow_nonfinite`, then it is placed)."""
+    placements, problems = _placements(names, module)
+    if not placements:
+        return [], problems
+    first = placements[0].tensor
+    problems = factor_findings(module, first, adapter.rank_source)
+    problems = problems or nonfinite_findings(adapter, module, first, allow_nonfinite)
+    return ([], problems) if any(p.severity == "error" for p in problems) else (placements, problems)
+
+
+def _placements(names: BaseNames, module: LoraModule) -> tuple[list[ExpertPlacement], list[Finding]]:
     config = names.config
     key = module.a.name
     layout = moe.layout_of(config)
@@ -95,6 +109,20 @@ def count_experts(placed: Iterable[tuple[LoraModule, moe.ExpertSlice]]) -> tuple
         ExpertCount(m.a.name, m.module, m.parameter, "per-expert" if len(t) > 1 else "fused", m.experts, len(e), len(t))
         for m, e, t in seen.values()
     )
+
+
+def self_test(
+    placed: Iterable[tuple[LoraModule, moe.ExpertSlice]],
+    targets: Iterable[str],
+    changed: Iterable[str],
+    tensors: Iterable[str],
+) -> tuple[tuple[ExpertCount, ...], list[Finding]]:
+    """The counts of every experts module's placed experts, an error for each that misses some, and DeepSeek's
+    moved targets (`targets`: the adapters' target_parameters; `changed`: the tensors some term changes;
+    `tensors`: the base's names)."""
+    counts = count_experts(placed)
+    moved = moved_targets(sorted(set(targets)), changed, tensors) if counts else []
+    return counts, incomplete(counts) + moved
 
 
 def incomplete(counts: Iterable[ExpertCount]) -> list[Finding]:

@@ -7,32 +7,34 @@ to back.
 
 Replacement tensors (modules_to_save, saved embeddings, bias="all"/"lora_only", trainable-token rows) take
 the base tensor's place: the output keeps the base tensor's name, shape and dtype (or --dtype), and the
-adapter's values are rounded once into it; a shape that differs from the base's is an error. When the base
-ties weights (lm_head to the input embedding, and the ties of transformers' tables) and the adapter changes one,
-the output unties them (FORMATS.md §4.1; lorasurgeon.ties).
+adapter's values are rounded once into it; a shape that differs from the base's is an error. PEFT's saved copy
+of a base weight under a LoRA (save_embedding_layers) is where merge starts, and what unmerge must give back. Tied
+weights follow lorasurgeon.ties (FORMATS.md §4.1): the output computes what PEFT's forward does.
 Names are resolved by lorasurgeon.formats (kohya names by sd-scripts' forward rule, never inverted), fits are
-checked by lorasurgeon.fit. The plan reads headers only: the factors' NaN/Inf counts come with the adapter.
+checked by lorasurgeon.fit; the modules of other PEFT tuners (IA3, OFT, VeRA, ...) are placed by
+lorasurgeon.tuner_placement. The plan reads headers only: the factors' NaN/Inf counts come with the adapter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lorasurgeon.adapter import Adapter, LoraModule
+from lorasurgeon.adapter import Adapter, LoraModule, repeated
 from lorasurgeon.checkpoint import Checkpoint
-from lorasurgeon.conflicts import combination_findings
+from lorasurgeon.conflicts import combination_findings as conflicts
 from lorasurgeon.errors import Finding
-from lorasurgeon.expert_fit import ExpertCount, count_experts, incomplete, moved_targets, place_experts
-from lorasurgeon.fit import bias_target, factor_findings, nonfinite_findings, place, source_problem
-from lorasurgeon.formats.architectures import OUTPUT_EMBEDDING
+from lorasurgeon.expert_fit import ExpertCount, place_experts, self_test
+from lorasurgeon.fit import bias_target, place, source_problem
 from lorasurgeon.formats.moe import ExpertSlice
 from lorasurgeon.formats.resolution import BaseNames
 from lorasurgeon.header import TensorInfo
+from lorasurgeon.model_config import output_config
 from lorasurgeon.quantized import Quantization, QuantizedPart
 from lorasurgeon.quantized_plan import QuantizedBase, quantized_base
-from lorasurgeon.ties import tied_aliases, untie
+from lorasurgeon.ties import Ties, Untie, followers, share, tied_weights, untie
+from lorasurgeon.tuner_placement import TunerTerm, place_tuners
 
 Operation = Literal["merge", "unmerge"]
 
@@ -69,15 +71,16 @@ class Source:
     adapter: int
     tensor: TensorInfo
     indices: tuple[int, ...] | None = None
+    saved_base: bool = False  # PEFT's saved copy of the base weight (Replacement.saved_base)
 
 
 @dataclass(frozen=True)
 class Step:
     """Write `tensor` to output shard `shard` as `out_dtype`: its base value, or `replacement`'s, with `rows`
-    set, plus `terms` (nothing at all: copy it unchanged). A `tensor` whose name the base lacks is an alias of
-    a base tensor's bytes under a new name (an untied lm_head.weight, or BART's model.decoder.embed_tokens.weight).
-    `quantized`: the tensor is a stored part of a quantized weight, merged in format (the terms are the
-    weight's), or the weight dequantized."""
+    set, plus `terms` and the `tuners`' changes (nothing at all: copy it unchanged). A `tensor` whose name the base
+    lacks is an alias of a base tensor's bytes under a new name (an untied head). `expected`: what an unmerge must
+    give back, up to rounding (PEFT's saved copy of the base weight). `quantized`: the tensor is a stored part of a
+    quantized weight, merged in format (the terms are the weight's), or the weight dequantized."""
 
     tensor: TensorInfo
     shard: str
@@ -85,11 +88,13 @@ class Step:
     terms: tuple[Term, ...]
     replacement: Source | None = None
     rows: tuple[Source, ...] = ()
+    expected: Source | None = None
+    tuners: tuple[TunerTerm, ...] = ()
     quantized: QuantizedPart | None = None
 
     @property
     def touched(self) -> bool:
-        return bool(self.terms or self.replacement or self.rows)
+        return bool(self.terms or self.replacement or self.rows or self.tuners)
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,7 @@ class _Targets:
     terms: dict[str, list[Term]]
     sources: dict[str, list[Source]]
     findings: list[Finding]
+    tuners: dict[str, list[TunerTerm]] = field(default_factory=dict)
 
 
 def plan_surgery(
@@ -148,15 +154,17 @@ def plan_surgery(
     converts every floating-point tensor, None keeps each tensor's dtype. `allow_nonfinite` turns NaN/Inf
     in the adapter factors from errors into warnings (and lets the surgery carry those of the base).
     """
-    aliases = tied_aliases(base)
+    ties = tied_weights(base)
     quant, quant_findings = quantized_base(base, dtype)
-    tensors = {**base.tensors, **{alias.name: alias for alias in aliases}}
+    tensors = {**base.tensors, **{a.name: a for a in ties.aliases}}
     tensors = {**tensors, **quant.logical(tensors)} if quant else tensors
     found = _Targets(tensors, BaseNames(tensors, base.config), {}, {}, quant_findings)
+    found.findings += repeated(adapters)
     model_type = (base.config or {}).get("model_type")
     for index, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
+        tied = followers(adapter, ties)  # PEFT gives them the embedding's LoRA (ensure_weight_tying)
         notes = adapter.notes if quant is None else ()  # what merging a QLoRA adapter into a 16-bit base means
-        found.findings += [*notes, *(_ignored(key) for key in adapter.ignored)]
+        found.findings += [*notes, *(_ignored(key) for key in adapter.ignored if key not in tied)]
         if adapter.empty:
             found.findings.append(Finding.of("error", f"{adapter.path}: the adapter selects no module to change"))
         skipped = found.names.skipped(adapter)
@@ -164,25 +172,52 @@ def plan_surgery(
         for module in adapter.modules:
             if module.module not in skipped:
                 _add_module(found, index, adapter, module, weight * scale, model_type, allow_nonfinite)
+        tuners, problems = place_tuners(found.tensors, index, adapter, weight * scale, model_type, allow_nonfinite)
+        found.findings += problems
+        for name, placed in tuners.items():
+            found.tuners.setdefault(name, []).extend(placed)
         _add_sources(found, index, adapter)
-    found.findings += combination_findings(operation, found.sources, found.terms)
+    expected = _expected(operation, found)
+    found.findings += conflicts(operation, found.sources, found.terms, found.tuners)
     pieces = [(t.module, t.piece) for terms in found.terms.values() for t in terms if t.piece is not None]
-    experts = count_experts(pieces)
-    found.findings += incomplete(experts)
-    if experts:
-        targets = {t for adapter in adapters for t in adapter.target_parameters}
-        found.findings += moved_targets(sorted(targets), found.terms, base.tensors)
-    tie = untie(base, aliases, lambda name: name in found.terms or _replaced(found, name))
-    if tie.embedding is not None:  # trainable-token rows are tied in PEFT: lm_head gets them
-        rows = [s for s in found.sources.get(tie.embedding, []) if s.indices is not None]
-        found.sources.setdefault(OUTPUT_EMBEDDING, []).extend(rows)
-    steps = _steps(base, found, dtype, tie.aliases, quant)
+    targets = [t for adapter in adapters for t in adapter.target_parameters]
+    experts, problems = self_test(pieces, targets, found.terms, base.tensors)
+    found.findings += problems
+    tie = _untie(base, ties, found, adapters)
+    steps = _steps(base, found, dtype, tie.aliases, expected, quant)
     findings = (*found.findings, *((tie.finding,) if tie.finding else ()))
-    config = (quant.config(tie.config or base.config) if quant else None) or tie.config
+    config = output_config(base.config, tie.config, dtype)
+    config = (quant.config(config or base.config) if quant else None) or config
     quantized = quant.quantization if quant else None
     return Plan(
         operation, base, tuple(adapters), tuple(weights), steps, findings, allow_nonfinite, config, experts, quantized
     )
+
+
+def _untie(base: Checkpoint, ties: Ties, found: _Targets, adapters: Sequence[Adapter]) -> Untie:
+    """Tied weights get what PEFT's forward gives them: trainable-token rows, and the LoRA and saved copies of an
+    adapter whose config ties them to the embedding's, follow the tie; any other difference unties."""
+    share(found.sources, ties, lambda s: s.indices is not None or adapters[s.adapter].tied_lora)
+    share(found.terms, ties, lambda t: adapters[t.adapter].tied_lora)
+
+    def gets(name: str) -> object:  # saved copies of the base weight are the base's own values
+        sources = [s for s in found.sources.get(name, []) if not s.saved_base]
+        return found.terms.get(name, []), sources, found.tuners.get(name, [])
+
+    return untie(base, ties, gets, lambda name: gets(name) != ([], [], []))
+
+
+def _expected(operation: Operation, found: _Targets) -> dict[str, Source]:
+    """Unmerge: PEFT's saved copies of base weights are no start value but what merged − ΔW must give back."""
+    if operation != "unmerge":
+        return {}
+    expected = {}
+    for name, sources in found.sources.items():
+        saved = [s for s in sources if s.saved_base]
+        if saved and name in found.terms:
+            expected[name] = saved[0]
+        found.sources[name] = [s for s in sources if not s.saved_base]
+    return expected
 
 
 def _add_module(
@@ -223,14 +258,8 @@ def _add_experts(
     found: _Targets, index: int, adapter: Adapter, module: LoraModule, weight: float, allow_nonfinite: bool
 ) -> None:
     """An experts module's terms: one per base tensor that takes a piece of its delta (lorasurgeon.expert_fit)."""
-    placements, problems = place_experts(found.names, module)
-    if placements:
-        first = placements[0].tensor
-        problems = factor_findings(module, first, adapter.rank_source)
-        problems = problems or nonfinite_findings(adapter, module, first, allow_nonfinite)
+    placements, problems = place_experts(found.names, adapter, module, allow_nonfinite)
     found.findings += problems
-    if any(p.severity == "error" for p in problems):
-        return
     for placed in placements:
         if any(t.adapter == index for t in found.terms.get(placed.tensor.name, [])):
             problem = "a second module of the adapter changes it too"
@@ -248,10 +277,10 @@ def _overlap(rows: tuple[int, int] | None, other: tuple[int, int] | None) -> boo
 
 def _add_sources(found: _Targets, index: int, adapter: Adapter) -> None:
     """Record the adapter's replacement tensors and trainable-token rows against the base tensors they set."""
-    wanted: list[tuple[str, str, TensorInfo, tuple[int, ...] | None]]
-    wanted = [(r.module, r.param, r.tensor, None) for r in adapter.replacements]
-    wanted += [(t.module, "weight", t.tensor, t.indices) for t in adapter.token_rows]
-    for module, param, tensor, indices in wanted:
+    wanted: list[tuple[str, str, TensorInfo, tuple[int, ...] | None, bool]]
+    wanted = [(r.module, r.param, r.tensor, None, r.saved_base) for r in adapter.replacements]
+    wanted += [(t.module, "weight", t.tensor, t.indices, False) for t in adapter.token_rows]
+    for module, param, tensor, indices, saved_base in wanted:
         names = found.names.named(module, param)
         if not names:
             missing = f"it sets {module}.{param}, which is not in the base"
@@ -262,7 +291,7 @@ def _add_sources(found: _Targets, index: int, adapter: Adapter) -> None:
         if problem:
             found.findings.append(Finding.against(tensor.name, info.name, problem))
         else:
-            found.sources.setdefault(info.name, []).append(Source(index, tensor, indices))
+            found.sources.setdefault(info.name, []).append(Source(index, tensor, indices, saved_base))
     found.findings += _unsaved(found, index, adapter)
 
 
@@ -280,15 +309,16 @@ def _unsaved(found: _Targets, index: int, adapter: Adapter) -> list[Finding]:
     ]
 
 
-def _replaced(found: _Targets, name: str) -> bool:
-    return any(s.indices is None for s in found.sources.get(name, []))
-
-
 def _steps(
-    base: Checkpoint, found: _Targets, dtype: str | None, aliases: tuple[TensorInfo, ...], quant: QuantizedBase | None
+    base: Checkpoint,
+    found: _Targets,
+    dtype: str | None,
+    aliases: tuple[TensorInfo, ...],
+    expected: Mapping[str, Source],
+    quant: QuantizedBase | None,
 ) -> tuple[Step, ...]:
-    """One step per base tensor in shard and file order; untied tensors follow the one they shared; the stored
-    parts of a quantized weight take its terms (quantized_plan says which, and which are dropped)."""
+    """One step per base tensor in shard and file order; untied weights follow the tensor they were tied to; the
+    stored parts of a quantized weight take its terms (quantized_plan says which, and which are dropped)."""
     steps = []
     for shard in base.shards:
         for info in shard.header.tensors:
@@ -299,13 +329,14 @@ def _steps(
                     out_dtype = dtype if part.dequantize and dtype else info.dtype
                     steps.append(Step(route.tensor, shard.name, out_dtype, terms, quantized=part))
                 continue
-            for tensor in (info, *(alias for alias in aliases if _same_bytes(info, alias))):
+            for tensor in (info, *(a for a in aliases if _same_bytes(info, a))):
                 sources = found.sources.get(tensor.name, [])
                 whole = next((s for s in sources if s.indices is None), None)
                 rows = tuple(s for s in sources if s.indices is not None)
                 out_dtype = dtype if dtype and tensor.is_float else tensor.dtype
                 terms = tuple(found.terms.get(tensor.name, ()))
-                steps.append(Step(tensor, shard.name, out_dtype, terms, whole, rows))
+                tuners = tuple(found.tuners.get(tensor.name, ()))
+                steps.append(Step(tensor, shard.name, out_dtype, terms, whole, rows, expected.get(tensor.name), tuners))
     return tuple(steps)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorasurgeon import linalg, requant
+from lorasurgeon import blocks, requant
 from lorasurgeon.errors import NumericError
 from lorasurgeon.fp8 import DeltaRows
 from lorasurgeon.header import torch_dtype
@@ -90,9 +90,23 @@ class Requantizer:
         terms, factors, sign = step.terms, self.factors, self.sign
 
         def rows(expert: int, start: int, stop: int) -> torch.Tensor:
-            total = linalg.delta_rows(factors.matrices(terms[0], expert if fused_term(terms[0]) else None), start, stop)
+            total = blocks.delta_rows(factors.matrices(terms[0], expert if fused_term(terms[0]) else None), start, stop)
             for term in terms[1:]:
-                total.add_(linalg.delta_rows(factors.matrices(term, expert if fused_term(term) else None), start, stop))
+                total.add_(blocks.delta_rows(factors.matrices(term, expert if fused_term(term) else None), start, stop))
             return total.neg_() if sign < 0 else total
 
         return rows
+
+
+@dataclass(frozen=True)
+class Work:
+    """What the steps of one merge share beyond buffers (lorasurgeon.workspace): the adapter factors read so far
+    (an experts module's A and B serve all its tensors), and the quantized weights' state and figures."""
+
+    factors: Factors
+    requantizer: Requantizer
+
+    @classmethod
+    def of(cls, plan: Plan, device: torch.device, sign: int) -> Work:
+        factors = Factors(plan, device)
+        return cls(factors, Requantizer(plan, factors, sign))

@@ -5,20 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from lorasurgeon import lycoris
 from lorasurgeon.checkpoint import Checkpoint
+from lorasurgeon.progress import Progress
 from lorasurgeon.report import ROLE_NAMES, ModuleReport, Report, TensorStats
-
-if TYPE_CHECKING:
-    from lorasurgeon.surgery import Progress
 
 
 def with_stats(report: Report, ckpt: Checkpoint, on_progress: Callable[[Progress], None] | None) -> Report:
     """One pass over the tensor data, one tensor at a time: per-tensor statistics, then per-module ΔW norms."""
     from lorasurgeon import linalg
-    from lorasurgeon.surgery import Progress
 
     infos = list(ckpt)
     total = sum(t.nbytes for t in infos)
@@ -27,7 +23,7 @@ def with_stats(report: Report, ckpt: Checkpoint, on_progress: Callable[[Progress
         stats.append(TensorStats(info.name, info.dtype, *linalg.tensor_stats(ckpt.read(info))))
         done += info.nbytes
         if on_progress:
-            on_progress(Progress(i, len(infos), done, total))
+            on_progress(Progress(i, len(infos), done, total, "reading"))
     modules = tuple(delta_norms(ckpt, m) for m in report.modules)
     return replace(report, stats=tuple(stats), modules=modules)
 

@@ -6,36 +6,30 @@ Only the tensor in hand (and its factors) is resident. Untouched tensors are cop
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lorasurgeon import linalg, lycoris
+from lorasurgeon import linalg, lycoris, terms, tuner_steps
 from lorasurgeon.adapter import Adapter
 from lorasurgeon.checkpoint import MODEL_CONFIG, Checkpoint
 from lorasurgeon.errors import MismatchError, NonfiniteWarning, NumericError, Option, Part
 from lorasurgeon.header import torch_dtype
 from lorasurgeon.mirror import copy_companions, output_bytes, output_index, output_metadata
-from lorasurgeon.plan import Operation, Plan, Step, plan_surgery
-from lorasurgeon.quantized_steps import Requantized, Requantizer
-from lorasurgeon.terms import Factors, blockwise, fused_experts, merge_fused, unchanged_experts
+from lorasurgeon.plan import Operation, Plan, Step, Term, plan_surgery
+from lorasurgeon.progress import Phase, Progress
+from lorasurgeon.quantized_steps import Requantized, Work
+from lorasurgeon.read_ahead import ReadAhead, computed
+from lorasurgeon.workspace import Workspace
 from lorasurgeon.writer import CheckpointWriter
 
 SIGNS = {"merge": 1, "unmerge": -1}
-READ_AHEAD_BYTES = 256 << 20
-
-
-@dataclass(frozen=True)
-class Progress:
-    tensors_done: int
-    tensors_total: int
-    bytes_done: int
-    bytes_total: int
+PHASES: dict[Operation, Phase] = {"merge": "merging", "unmerge": "unmerging"}
 
 
 @dataclass(frozen=True)
@@ -124,7 +118,7 @@ def execute(
     figures: list[Requantized] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Write every step of `plan` through `writer`; returns (files copied, weight files skipped), and puts the
-    survival figures of quantized weights merged in format into `figures`.
+    survival figures of the quantized weights merged in format into `figures`.
 
     Three things overlap: a reader thread reads the next computed tensor, this thread computes the current one,
     and the shard stream's worker writes the previous one (file I/O and torch ops release the GIL).
@@ -133,23 +127,28 @@ def execute(
     total_bytes = sum(s.tensor.nbytes for s in plan.steps)
     done_tensors = done_bytes = 0
     writer.reserve(output_bytes(plan))
-    work = Work.of(plan, device)
-    with ReadAhead(plan) as ahead, _torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
+    phase = PHASES[plan.operation]
+    if on_progress:
+        on_progress(Progress(0, len(plan.steps), 0, total_bytes, phase))
+    torch_threads = _torch_threads(1 if device.type == "cpu" else torch.get_num_threads())
+    work = Work.of(plan, device, SIGNS[plan.operation])
+    with Workspace(device) as workspace, ReadAhead(plan, workspace) as ahead, torch_threads:
         for shard in base.shards:
             steps = [s for s in plan.steps if s.shard == shard.name]
             entries = [(s.tensor.name, s.out_dtype, s.tensor.shape) for s in steps]
             with writer.shard(shard.name, entries, output_metadata(shard.header.metadata, plan)) as stream:
                 for step in steps:
                     if computed(step):
-                        stream.write(compute(plan, step, device, ahead.take(step), work))
+                        stream.write(compute(plan, step, device, ahead.take(step), workspace, work))
                     else:
                         stream.copy_from(base, step.tensor)
                     done_tensors += 1
                     done_bytes += step.tensor.nbytes
                     if on_progress:
-                        on_progress(Progress(done_tensors, len(plan.steps), done_bytes, total_bytes))
-    if figures is not None:
-        figures.extend(work.requantizer.figures.values())
+                        on_progress(Progress(done_tensors, len(plan.steps), done_bytes, total_bytes, phase))
+    (figures if figures is not None else []).extend(work.requantizer.figures.values())
+    if on_progress:
+        on_progress(Progress(phase="publishing"))
     if base.index_name:
         writer.write_json(base.index_name, output_index(plan))
     if plan.config is not None:
@@ -171,111 +170,47 @@ def _torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def computed(step: Step) -> bool:
-    """Whether the step's tensor is computed (and rounded), rather than copied byte for byte."""
-    return step.touched or step.quantized is not None or step.out_dtype != step.tensor.dtype
-
-
-@dataclass(frozen=True)
-class Work:
-    """What the steps of one run share: the adapter factors read so far, and the quantized weights' state."""
-
-    factors: Factors
-    requantizer: Requantizer
-
-    @classmethod
-    def of(cls, plan: Plan, device: torch.device) -> Work:
-        factors = Factors(plan, device)
-        return cls(factors, Requantizer(plan, factors, SIGNS[plan.operation]))
-
-
-class ReadAhead:
-    """Reads the base tensor of the next computed step on a worker thread while the current one is computed.
-
-    Only tensors of up to READ_AHEAD_BYTES are read ahead, so a huge one (an embedding) never sits in memory
-    beside another; they, and steps that start from an adapter's tensor, are read when their turn comes.
-    """
-
-    def __init__(self, plan: Plan) -> None:
-        self._plan = plan
-        self._pending: tuple[Step, Future[torch.Tensor]] | None = None
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorasurgeon-reader")
-        # id(step) -> the first later step to read ahead, or None
-        self._following: dict[int, Step | None] = {}
-        upcoming = None
-        for step in reversed(plan.steps):
-            self._following[id(step)] = upcoming
-            if computed(step) and _base_start(step) and step.tensor.nbytes <= READ_AHEAD_BYTES:
-                upcoming = step
-
-    def __enter__(self) -> ReadAhead:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._reader.shutdown(wait=True, cancel_futures=True)
-
-    def take(self, step: Step) -> torch.Tensor | None:
-        """`step`'s base tensor if it was read ahead (else None); starts reading the next one."""
-        weight = None
-        if self._pending is not None and self._pending[0] is step:
-            weight = self._pending[1].result()
-            self._pending = None
-        upcoming = self._following[id(step)]
-        if self._pending is None and upcoming is not None:
-            self._pending = (upcoming, self._reader.submit(self._plan.base.read, upcoming.tensor))
-        return weight
-
-
-def _base_start(step: Step) -> bool:
-    return step.replacement is None and not step.rows and step.quantized is None
-
-
 def compute(
-    plan: Plan, step: Step, device: torch.device, weight: torch.Tensor | None = None, work: Work | None = None
+    plan: Plan,
+    step: Step,
+    device: torch.device,
+    weight: torch.Tensor | None = None,
+    workspace: Workspace | None = None,
+    work: Work | None = None,
 ) -> torch.Tensor:
-    """The step's output tensor: W (or its replacement, with token rows set) ± Σ term deltas in fp32,
-    rescaled per output feature when the term is DoRA, rounded once to the output dtype; a quantized weight's
-    part merged in its format. `weight` is the base tensor when it has been read already."""
-    work = work or Work.of(plan, device)
+    """The step's output tensor: W (or its replacement, with token rows set) ± Σ term deltas in fp32 (LoRA and
+    additive tuners alike), rescaled per output feature when the term is DoRA, or changed by the one tuner product
+    the step may hold (tuner_steps), rounded once to the output dtype. `weight` is the base tensor when it has
+    been read already; `workspace` lends output buffers and compute threads; `work` holds the factors read so far
+    and the quantized weights' state (a quantized weight's part is merged in its format)."""
+    work = work or Work.of(plan, device, SIGNS[plan.operation])
     if step.quantized is not None:
         return work.requantizer.compute(step)
     weight = (_start(plan, step) if weight is None else weight).to(device)
     out_dtype = torch_dtype(step.out_dtype)
-    if not step.terms:  # copied in a new dtype, or replaced: values from the adapter are checked too
+    if not (step.terms or step.tuners):  # copied in a new dtype, or replaced: values from the adapter are checked too
         result = weight.to(out_dtype)
         if not linalg.fits(weight.float(), out_dtype):
             _check_finite(plan, step, weight, weight.float(), result)
         return result
-    sign, fit = SIGNS[plan.operation], False
-    if all(blockwise(t) for t in step.terms):
-        factors = [work.factors.matrices(term) for term in step.terms]
-        result, fit = linalg.merge_blockwise(weight, factors, sign, out_dtype)
-    elif fused_experts(step):
-        result, fit = merge_fused(work.factors, step, weight, sign, out_dtype)
-    if fit:
-        before = weight
-    else:  # not blockwise, or something is NaN, Inf or out of range: the whole-tensor route names it
-        # The terms are added in place: `weight` is a buffer of our own (read fresh), so an fp32 base is reused
-        # as it is, and a bf16/fp16 one is up-cast once and then dropped.
-        exact = weight.float()
-        del weight
-        result = _whole(plan, step, exact, work.factors, out_dtype)
-        before = _start(plan, step) if any(t.piece is not None for t in step.terms) else result
-    if any(t.piece is not None for t in step.terms):
-        _check_experts(step, before, result)
-    return result
-
-
-def _whole(plan: Plan, step: Step, exact: torch.Tensor, factors: Factors, out_dtype: torch.dtype) -> torch.Tensor:
-    """The whole-tensor route on fp32 W (`exact`, changed in place): the summed deltas added once, DoRA's
-    rescaling, one rounding."""
+    fast = _blockwise(plan, step, weight, out_dtype, workspace, work)
+    if fast is not None:
+        return fast
+    # The terms are added in place: `weight` is a buffer of our own (read fresh), so an fp32 base is reused
+    # as it is, and a bf16/fp16 one is up-cast once and then dropped.
+    exact = weight.float()
+    del weight
     # The weighted deltas are summed first and added once, so several adapters add no rounding between them.
-    delta = factors.summed(step)
-    linalg.add_delta_(exact, delta, SIGNS[plan.operation])
-    del delta
+    if step.terms or tuner_steps.has_sum(step):
+        delta = _summed_delta(plan, step, device)
+        linalg.add_delta_(exact, delta, SIGNS[plan.operation])
+        if step.expected is not None:
+            _check_restored(plan, step, exact, delta)
+        del delta
+    exact = tuner_steps.apply_products(plan, step, exact, device)
     dora = next((t for t in step.terms if t.dora), None)
     if dora is not None and dora.module.magnitude is not None:
-        magnitude = factors.read(dora.adapter, dora.module.magnitude)
+        magnitude = plan.adapters[dora.adapter].source.read(dora.module.magnitude).to(device)
         if dora.module.dora == "lycoris":  # LyCORIS' dora_scale: its own axis and an epsilon (FORMATS.md §5.3)
             exact = lycoris.weight_decompose(exact, magnitude)
         else:
@@ -283,18 +218,27 @@ def _whole(plan: Plan, step: Step, exact: torch.Tensor, factors: Factors, out_dt
     result = exact.to(out_dtype)
     if not linalg.fits(exact, out_dtype):
         _check_finite(plan, step, _start(plan, step), exact, result)
-    return result
+    return terms.checked(step, _start(plan, step), result) if any(t.piece for t in step.terms) else result
 
 
-def _check_experts(step: Step, before: torch.Tensor, result: torch.Tensor) -> None:
-    """The self-test: a targeted expert whose stored values the merge leaves as they were is an error."""
-    unchanged = unchanged_experts(step, before, result)
-    if unchanged:
-        raise NumericError(
-            f"{step.tensor.path.name}: {step.tensor.name}: the merge leaves {unchanged[0]} unchanged (its ΔW is "
-            f"zero, or below the {step.out_dtype} step everywhere); lorasurgeon never leaves a targeted expert "
-            "silently unchanged"
-        )
+def _blockwise(
+    plan: Plan, step: Step, weight: torch.Tensor, out_dtype: torch.dtype, workspace: Workspace | None, work: Work
+) -> torch.Tensor | None:
+    """The step's result merged a block of rows at a time, when its terms are factor pairs (an expert's slice of
+    them, or a fused experts tensor one expert at a time) and every value fits; None: take the whole-tensor
+    route, which finds and names a NaN, Inf or out-of-range value."""
+    if step.expected is not None or step.tuners:  # an unmerge's expected value is checked on the whole ΔW
+        return None
+    sign = SIGNS[plan.operation]
+    if all(terms.blockwise(t) for t in step.terms):  # LoRA pairs, or an expert's slice of them
+        factors = [work.factors.matrices(term) for term in step.terms]
+        out, parallel = (workspace.output(weight, out_dtype), workspace.parallel) if workspace else (None, None)
+        result, fit = linalg.merge_blockwise(weight, factors, sign, out_dtype, out=out, parallel=parallel)
+    elif terms.fused_experts(step):
+        result, fit = terms.merge_fused(work.factors, step, weight, sign, out_dtype)
+    else:
+        return None
+    return terms.checked(step, weight, result) if fit else None
 
 
 def _start(plan: Plan, step: Step) -> torch.Tensor:
@@ -311,6 +255,54 @@ def _start(plan: Plan, step: Step) -> torch.Tensor:
         indices = torch.tensor(rows.indices or (), dtype=torch.long)
         weight[indices] = plan.adapters[rows.adapter].source.read(rows.tensor).float()
     return weight
+
+
+def _summed_delta(plan: Plan, step: Step, device: torch.device) -> torch.Tensor:
+    """Σ of the step's term deltas in fp32; a term with `rows` (q, k or v of a fused in_proj_weight) fills only
+    those rows, so the three projections' deltas still meet in one tensor that is added once."""
+    whole = (_delta(plan, t, device) for t in step.terms if t.rows is None)
+    deltas = itertools.chain(whole, tuner_steps.deltas(plan, step, device))  # one at a time, as they are added
+    delta = next(deltas, None)
+    delta = torch.zeros(step.tensor.shape, device=device) if delta is None else delta
+    for other in deltas:
+        delta += other
+    for term in step.terms:
+        if term.rows is not None:
+            delta[term.rows[0] : term.rows[1]] += _delta(plan, term, device)
+    return delta
+
+
+def _delta(plan: Plan, term: Term, device: torch.device) -> torch.Tensor:
+    """One term's ΔW in fp32, laid out like the tensor it changes (a lora_B bias: factor · b)."""
+    source = plan.adapters[term.adapter].source
+    module = term.module
+    if term.piece is not None:  # an experts module's slice, or its whole fused delta
+        return terms.Factors(plan, device).delta(term)
+    if term.bias and module.bias is not None:
+        return source.read(module.bias).to(device).float().mul_(term.factor)
+    if module.factors:
+        factors = {role: source.read(info).to(device) for role, info in module.factors.items()}
+        return lycoris.delta(module.kind, factors, term.factor, term.shape)
+    a, b = source.read(module.a).to(device), source.read(module.b).to(device)
+    if module.kind == "conv":
+        return linalg.conv_delta(a, b, term.factor)
+    # flatten(1) squeezes 1×1 conv factors that the plan applies to a Linear base; matrices stay as they are.
+    return linalg.lora_delta(a.flatten(1), b.flatten(1), term.factor, term.transpose)
+
+
+def _check_restored(plan: Plan, step: Step, restored: torch.Tensor, delta: torch.Tensor) -> None:
+    """Unmerge: merged − ΔW must be the adapter's saved copy of the base weight, up to the rounding of a merge and
+    an unmerge; anything more means MERGED was not made from this adapter."""
+    if step.expected is None:
+        return
+    saved = plan.adapters[step.expected.adapter].source.read(step.expected.tensor).to(restored.device)
+    excess = linalg.rounding_excess(restored, saved, delta, (torch_dtype(step.tensor.dtype), saved.dtype))
+    if excess > 0:
+        raise MismatchError(
+            f"{step.tensor.path.name}: {step.tensor.name} minus the adapter's ΔW differs from "
+            f"{step.expected.tensor.name}, the adapter's saved copy of the base weight, by {excess:.3g} more than "
+            "rounding allows, so MERGED was not made by merging this adapter into that base"
+        )
 
 
 def _check_finite(plan: Plan, step: Step, weight: torch.Tensor, exact: torch.Tensor, result: torch.Tensor) -> None:

@@ -12,6 +12,7 @@ from collections import OrderedDict
 import torch
 
 from lorasurgeon import experts, linalg, lycoris
+from lorasurgeon.errors import NumericError
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.plan import Plan, Step, Term
 
@@ -133,3 +134,16 @@ def unchanged_experts(step: Step, before: torch.Tensor, after: torch.Tensor) -> 
         elif piece.expert is None:
             found += [f"expert {e} of {name}" for e in range(after.shape[0]) if torch.equal(rounded[e], after[e])]
     return found
+
+
+def checked(step: Step, before: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """`result`, once the self-test holds: a targeted expert whose stored values the merge leaves as they were
+    (`before`) is an error, never a silent fallback to the base weight."""
+    unchanged = unchanged_experts(step, before, result) if any(t.piece is not None for t in step.terms) else []
+    if unchanged:
+        raise NumericError(
+            f"{step.tensor.path.name}: {step.tensor.name}: the merge leaves {unchanged[0]} unchanged (its ΔW is "
+            f"zero, or below the {step.out_dtype} step everywhere); lorasurgeon never leaves a targeted expert "
+            "silently unchanged"
+        )
+    return result

@@ -1,79 +1,136 @@
-"""Tied weights (shared FORMATS.md §4.1): a tied checkpoint stores one tensor for several parameters, and
-transformers re-ties them on load while `tie_word_embeddings` holds: lm_head to the input embedding, and the
-ties transformers_names tables per family (BART's encoder and decoder embed_tokens and lm_head to
-`model.shared`, Whisper's proj_out to the decoder's embed_tokens).
+"""Tied weights (shared FORMATS.md §4.1): a tied checkpoint stores only the source of each tie (the input
+embedding, T5's `shared`, BERT's `cls.predictions.bias`), and transformers ties the targets to it on load. Which
+weights are tied, and under which names, is the architecture's: lorasurgeon.formats.model_classes, from
+transformers' own `_tied_weights_keys`.
 
-PEFT's adapter changes tied parameters separately (only trainable-token rows stay tied), so when it changes any
-of them, the output stores every tied parameter as its own tensor and sets tie_word_embeddings false; otherwise
-transformers would re-tie them on load and lose what the adapter did to one of them.
+The policy, the same for every tied pair: the merged model computes what PEFT's forward computes with the adapter
+loaded. There each tied weight gets only its own module's delta (a LoRA on the embedding does not change the head),
+so when the adapter would give tied weights different values, the output stores the targets as tensors of their
+own and sets tie_word_embeddings false (where the config honours it; T5's ties whatever it says, and transformers
+then unties tensors stored apart with different values). Tied weights that get the same values stay tied: trainable
+token rows, and a LoRA whose config ties it to the embedding's (PEFT's ensure_weight_tying). PEFT's own
+merge_and_unload instead adds every delta to the one shared tensor, changing all of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
+from lorasurgeon.adapter import Adapter
 from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import Finding
-from lorasurgeon.formats.architectures import OUTPUT_EMBEDDING, input_embedding
-from lorasurgeon.formats.transformers_names import checkpoint_names, convention_of
+from lorasurgeon.formats.architectures import INPUT_EMBEDDINGS, tensor_candidates
+from lorasurgeon.formats.model_classes import model_class, transformers_version
 from lorasurgeon.header import TensorInfo
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Ties:
+    """The tied weights of a base that its checkpoint does not store: each an `alias` (a TensorInfo of its source's
+    bytes under the target's name), `sources` mapping each alias name to its source's name; `stored`: the tied
+    pairs (target -> source) a checkpoint stores both of. `unknown` says why the ties cannot be known (None: they
+    are known); `forced`: the config ties whatever tie_word_embeddings says."""
+
+    aliases: tuple[TensorInfo, ...] = ()
+    sources: Mapping[str, str] = field(default_factory=dict)
+    stored: Mapping[str, str] = field(default_factory=dict)
+    unknown: str | None = None
+    forced: bool = False
 
 
 @dataclass(frozen=True)
 class Untie:
-    """What a merge into a tied base writes: the output config.json (None: the base's), the aliases of stored
-    bytes to write as tensors of their own (none: nothing is untied), the input embedding lm_head shares (whose
-    trainable-token rows lm_head gets too), and the warning that says so."""
+    """What a merge into a tied base writes: the output config.json (None: the base's), the aliases to write as
+    tensors of their own, and the finding that says so (an error when the ties cannot be known)."""
 
     config: dict[str, Any] | None = None
     aliases: tuple[TensorInfo, ...] = ()
-    embedding: str | None = None
     finding: Finding | None = None
 
 
-def tied_aliases(base: Checkpoint) -> tuple[TensorInfo, ...]:
-    """Every tied parameter the base does not store, as an alias of the bytes it is tied to (lm_head.weight of
-    the input embedding, BART's model.decoder.embed_tokens.weight of model.shared.weight, ...); none when
-    nothing is tied."""
-    config = base.config
-    if config is None:
-        return ()
-    aliases: dict[str, TensorInfo] = {}
-    embed = input_embedding(base.tensors)
-    if config.get("tie_word_embeddings", True) and embed is not None and OUTPUT_EMBEDDING not in base.tensors:
-        aliases[OUTPUT_EMBEDDING] = base.tensors[embed]._replace(name=OUTPUT_EMBEDDING)
-    convention = convention_of(config)
-    if convention is None or not config.get("tie_word_embeddings", convention.tie_default):
-        return tuple(aliases.values())
-    for member, source in convention.ties:
-        stored = checkpoint_names(config, source, base.tensors)
-        if member in aliases or stored.problem is not None or stored.tied_to is not None:
+def tied_weights(base: Checkpoint) -> Ties:
+    """The base's ties, from config.json `architectures` (none without a config.json: a bare file names no model,
+    and the one tensor it stores is what its loader ties)."""
+    if base.config is None:
+        return Ties()
+    found = model_class(base.config)
+    if found is None and base.config.get("tie_word_embeddings", True) is False:
+        return Ties()
+    if found is None:
+        named = (base.config.get("architectures") or ["none"])[0]
+        return Ties(unknown=f"its architecture ({named}, model type {base.config.get('model_type')})")
+    if base.config.get("tie_word_embeddings", True) is False and not found.forced_tie:
+        return Ties(forced=found.forced_tie)
+    aliases, sources, both = [], {}, {}
+    for target, source in found.tied.items():
+        stored = next((c for c in tensor_candidates(*source.rsplit(".", 1)) if c in base.tensors), None)
+        if stored is None:
             continue
-        if checkpoint_names({**config, "tie_word_embeddings": False}, member, base.tensors).problem is not None:
-            aliases[member] = base.tensors[stored.names[0]]._replace(name=member)
-    return tuple(aliases.values())
+        # a checkpoint without the base-model prefix (`wte.weight`) names the targets under it without it too
+        prefix = source[: len(source) - len(stored)]
+        name = target.removeprefix(prefix) if prefix and target.startswith(prefix) else target
+        kept = next((c for c in (name, *tensor_candidates(*target.rsplit(".", 1))) if c in base.tensors), None)
+        if kept is None:
+            aliases.append(base.tensors[stored]._replace(name=name))
+            sources[name] = stored
+        else:  # stored twice (mergekit writes both): equal until the merge changes one
+            both[kept] = stored
+    return Ties(tuple(aliases), sources, both, forced=found.forced_tie)
 
 
-def untie(base: Checkpoint, aliases: tuple[TensorInfo, ...], changed: Callable[[str], bool]) -> Untie:
-    """How a merge that changes the tensors `changed` says it changes treats a tied base."""
-    if base.config is None or not aliases:
+def followers(adapter: Adapter, ties: Ties) -> set[str]:
+    """The tensors of an adapter's unselected modules on tied weights that PEFT gives the embedding's LoRA instead
+    (ensure_weight_tying saves the head's copy but leaves it out of target_modules): not ignored, but tied."""
+    if not adapter.tied_lora:
+        return set()
+    tied = [m for m in adapter.unselected if any(c in ties.sources for c in tensor_candidates(m.module, "weight"))]
+    return {t.name for m in tied for t in m.tensors}
+
+
+def share(items: dict[str, list[T]], ties: Ties, keep: Callable[[T], bool]) -> None:
+    """Give every alias the items of its source that `keep` says follow the tie (trainable-token rows, a LoRA tied
+    to the embedding's), after its own."""
+    for alias, source in ties.sources.items():
+        shared = [item for item in items.get(source, []) if keep(item)]
+        if shared:
+            items.setdefault(alias, []).extend(shared)
+
+
+def untie(base: Checkpoint, ties: Ties, gets: Callable[[str], object], changed: Callable[[str], bool]) -> Untie:
+    """How a merge treats a tied base: `gets(name)` is what the merge does to a tensor (equal values: the same
+    result), `changed(name)` whether it does anything."""
+    if ties.unknown is not None:
+        return _unknown(base, ties.unknown, changed)
+    pairs = {**ties.sources, **ties.stored}
+    diverging = sorted(t for t, source in pairs.items() if gets(t) != gets(source))
+    written = tuple(a for a in ties.aliases if a.name in diverging) if ties.forced else ties.aliases
+    config = None if ties.forced or base.config is None else {**base.config, "tie_word_embeddings": False}
+    if not diverging or (config is None and not written):
         return Untie()
-    stored = {base.tensors[n].name for n in base.tensors for a in aliases if _same_bytes(base.tensors[n], a)}
-    names = [n for n in (*sorted(stored), *(a.name for a in aliases)) if changed(n)]
+    touched = sorted({n for t in diverging for n in (t, pairs[t]) if changed(n)})
+    stores = f"the output stores {', '.join(a.name for a in written)} as tensors of their own" if written else ""
+    sets = "sets tie_word_embeddings to false in config.json" if config is not None else ""
+    message = (
+        f"{', '.join(sorted({pairs[t] for t in diverging}))}: the base ties {', '.join(diverging)} to it and the "
+        f"adapter changes {' and '.join(touched)}; {' and '.join(filter(None, (stores, sets)))}, so each keeps the "
+        "value PEFT's forward gives it (PEFT's merge_and_unload would change all of them)"
+    )
+    return Untie(config, written, Finding.of("warning", message, base_key=touched[0] if touched else None))
+
+
+def _unknown(base: Checkpoint, why: str, changed: Callable[[str], bool]) -> Untie:
+    """Refuse a change to an input embedding of a base whose tied weights cannot be known."""
+    names = [n for n in base.tensors if changed(n) and n.rpartition(".")[0].rpartition(".")[2] in INPUT_EMBEDDINGS]
     if not names:
         return Untie()
     message = (
-        f"{' and '.join([*sorted(stored), *(a.name for a in aliases)])}: the base ties them and the adapter changes "
-        f"{' and '.join(names)}; the output stores {' and '.join(a.name for a in aliases)} as tensors of their own "
-        "and sets tie_word_embeddings to false in config.json, so each keeps the values the adapter gives it"
+        f"{names[0]}: the adapter changes this embedding, and the base may tie an output head to it, but "
+        f"{why} is not among the transformers {transformers_version()} classes lorasurgeon knows, so the head's "
+        "name cannot be known and an untied head could not be written; if the checkpoint ties nothing to it, "
+        f'say so with "tie_word_embeddings": false in {base.root / "config.json"}'
     )
-    finding = Finding.of("warning", message, base_key=names[0])
-    lm_head = next((a for a in aliases if a.name == OUTPUT_EMBEDDING), None)
-    embed = input_embedding(base.tensors) if lm_head is not None else None
-    return Untie({**base.config, "tie_word_embeddings": False}, aliases, embed, finding)
-
-
-def _same_bytes(info: TensorInfo, alias: TensorInfo) -> bool:
-    return (info.path, info.start) == (alias.path, alias.start)
+    return Untie(finding=Finding.of("error", message, base_key=names[0]))

@@ -23,80 +23,123 @@ ALLOWED: dict[str, set[str]] = {
     "header": {"errors"},
     "checkpoint": {"errors", "header"},
     "writer": IO,
-    "linalg": set(),
+    "blocks": set(),
+    "linalg": {"blocks"},
     "lycoris": set(),
+    "progress": set(),
+    "units": set(),
+    "rank_rule": {"errors"},
+    "tuner_maths": set(),
+    "rotations": set(),
+    "weight_products": set(),
     "fp8": set(),
     "experts": set(),
     "quantized": set(),
     "compressed": {"errors"},
     "requant": {"compressed", "fp8", "quantized"},
     "adapter": IO,
-    "formats.peft_parameters": {"adapter", "errors", "formats.moe", "formats.peft_config"},
+    "tuner_shapes": {"adapter", "lycoris"},
+    "tuner_kinds": {"adapter"},
+    "tuner_deltas": {"adapter", "lycoris", "tuner_maths"},
+    "tuner_products": {"adapter", "errors", "rotations", "weight_products", "tuner_kinds"},
+    "tuner_merge": {"adapter", "errors", "tuner_deltas", "tuner_kinds", "tuner_products", "tuner_shapes"},
     "formats.config_fields": {"errors"},
     "formats.architectures": {"errors", "header"},
     "formats.sd_layouts": set(),
+    "formats.peft_config": {"errors", "header", "formats.config_fields"},
+    "formats.peft_tuner_config": {"errors", "formats.config_fields", "formats.peft_config"},
+    "formats.peft_tuner_additive": {"lycoris", "formats.peft_tuner_config"},
+    "formats.peft_tuner_products": {"formats.peft_tuner_config"},
+    "formats.peft_tuner_inventory": {"formats.peft_tuner_config", "formats.peft_tuner_additive"}
+    | {"formats.peft_tuner_products"},
+    "formats.peft_tuners": NORMAL_FORM
+    | {"formats.peft_config", "formats.peft_tuner_config", "formats.peft_tuner_inventory"},
     "formats.transformers_names": set(),
     "formats.moe": {"formats.transformers_names"},
     "formats.fp8_block": {"errors", "header", "quantized"},
     "formats.compressed_checkpoint": {"errors", "header", "quantized"},
     "formats.quantization": {"errors", "header", "quantized", "formats.compressed_checkpoint", "formats.fp8_block"},
-    "formats.peft_config": {"errors", "header", "formats.config_fields"},
-    "formats.peft": NORMAL_FORM | {"formats.peft_config", "formats.peft_parameters", "writer"},
+    "formats.peft_parameters": {"adapter", "errors", "formats.moe", "formats.peft_config"},
+    "formats.peft": NORMAL_FORM | {"formats.peft_config", "writer"} | {"formats.peft_parameters"},
     "formats.kohya": NORMAL_FORM | {"formats.peft_config", "lycoris"},
     "formats.kohya_names": NORMAL_FORM | {"formats.kohya", "formats.sd_layouts"},
     "formats.diffusers": NORMAL_FORM | {"formats.kohya", "formats.peft", "formats.peft_config"},
     "formats.resolution": NORMAL_FORM
-    | {"formats.architectures", "formats.kohya", "formats.kohya_names", "formats.transformers_names"},
-    "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names", "formats.sd_layouts"},
-    "formats.writing": NORMAL_FORM | FORMATS_CORE | {"formats.peft_parameters"},
-    "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "formats.quantization", "linalg"},
-    "ties": IO | {"formats.architectures", "formats.transformers_names"},
+    | {"formats.architectures", "formats.kohya", "formats.kohya_names"}
+    | {"formats.transformers_names"},
+    "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names"} | {"formats.sd_layouts"},
+    "formats.writing": NORMAL_FORM | FORMATS_CORE | {"formats.model_classes"} | {"formats.peft_parameters"},
+    "formats": NORMAL_FORM
+    | FORMATS_CORE
+    | {"formats.naming", "formats.peft_tuners", "linalg"}
+    | {"formats.quantization"},
+    "formats.model_classes": set(),
+    "ties": NORMAL_FORM | {"formats.architectures", "formats.model_classes"},
     "fit": NORMAL_FORM | {"formats.architectures", "formats.resolution", "lycoris"},
-    "expert_fit": NORMAL_FORM | {"formats.moe", "formats.resolution"},
-    "conflicts": {"errors", "plan"},
+    "model_config": set(),
+    "tuner_placement": NORMAL_FORM | {"formats.architectures", "tuner_kinds", "tuner_shapes"},
+    "expert_fit": NORMAL_FORM | {"fit", "formats.moe", "formats.resolution"},
+    "conflicts": {"errors", "plan", "tuner_placement"},
     "quantized_plan": IO | {"formats.quantization", "quantized"},
     "plan": NORMAL_FORM
-    | {"fit", "ties", "conflicts", "expert_fit", "quantized", "quantized_plan", "formats.moe", "formats.resolution"}
-    | {"formats.architectures"},
-    "terms": {"header", "experts", "linalg", "lycoris", "plan"},
-    "quantized_steps": {"errors", "fp8", "header", "linalg", "plan", "requant", "terms"},
+    | {"fit", "ties", "model_config", "formats.architectures", "formats.resolution", "tuner_placement"}
+    | {"conflicts", "expert_fit", "quantized", "quantized_plan", "formats.moe"},
+    "tuner_steps": {"plan", "tuner_merge", "tuner_placement"},
     "mirror": IO | {"plan", "writer"},
-    "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "quantized_steps", "terms", "writer"},
-    "decomposition": {"errors", "linalg"},
-    "pairing": IO | {"decomposition", "formats.architectures"},
+    "workspace": IO,
+    "terms": {"errors", "header", "experts", "linalg", "lycoris", "plan"},
+    "quantized_steps": {"blocks", "errors", "fp8", "header", "plan", "requant", "terms"},
+    "read_ahead": {"plan", "workspace"},
+    "surgery": NORMAL_FORM
+    | {"linalg", "lycoris", "mirror", "plan", "progress", "tuner_steps", "writer", "workspace"}
+    | {"quantized_steps", "read_ahead", "terms"},
+    "decomposition": {"linalg", "rank_rule"},
+    "pairing": IO | {"rank_rule", "formats.architectures"},
+    "cluster": {"errors"},
+    "journal": IO,
+    "matrix_task": {"errors", "header", "decomposition", "rank_rule"},
+    "extract_steps": {"errors", "cluster", "decomposition", "journal", "matrix_task", "pairing", "progress"}
+    | {"formats.peft"}
+    | {"formats.moe"},
     "extraction": IO
-    | {"decomposition", "pairing", "surgery", "writer", "formats.architectures", "formats.moe", "formats.peft"}
-    | {"formats.peft_config"},
+    | {"decomposition", "pairing", "progress", "writer", "formats.architectures", "formats.peft"}
+    | {"formats.model_classes"}
+    | {"formats.peft_config", "cluster", "extract_steps", "journal"},
+    "tuner_lora": {"adapter", "tuner_deltas", "tuner_maths"},
+    "tuner_conversion": NORMAL_FORM
+    | {"plan", "writer", "formats", "formats.peft", "formats.peft_config", "tuner_deltas", "tuner_kinds"}
+    | {"tuner_lora", "tuner_placement"},
     "conversion": NORMAL_FORM
     | {"plan", "writer", "formats", "formats.kohya", "formats.naming", "formats.peft"}
-    | {"formats.peft_config", "formats.resolution", "formats.writing"},
+    | {"formats.peft_config", "formats.resolution", "formats.writing", "tuner_conversion"},
     "census": IO,
     "rules": {"errors", "header", "report"},
-    "stats": {"checkpoint", "experts", "linalg", "lycoris", "report", "surgery"},
+    "tuner_report": {"adapter", "formats.peft_tuner_inventory", "tuner_kinds"},
+    "stats": {"checkpoint", "experts", "linalg", "lycoris", "progress", "report"},
     "report": NORMAL_FORM
-    | {"census", "rules", "formats", "formats.moe", "formats.peft_config", "formats.quantization", "lycoris", "plan"}
-    | {"stats"}
-    | {"surgery"},
+    | {"census", "rules", "formats", "formats.peft_config", "linalg", "lycoris", "plan"}
+    | {"progress", "tuner_report"}
+    | {"formats.moe", "formats.quantization", "stats"},
     "__init__": NORMAL_FORM
     | {"formats", "formats.naming", "report", "rules", "plan", "surgery", "pairing"}
-    | {"decomposition", "extraction", "conversion"},
-    "documents": {"errors", "census", "expert_fit", "report", "plan", "surgery", "extraction", "conversion"},
+    | {"progress", "rank_rule", "extraction", "conversion", "cluster", "extract_steps"},
+    "documents": {"errors", "census", "report", "plan", "surgery", "extraction", "conversion", "cluster"}
+    | {"expert_fit"},
+    "progress_bar": {"progress", "units"},
+    "tables": set(),
+    "finding_groups": {"errors"},
     "digest": {"census", "expert_fit", "quantized_steps", "report"},
-    "render": {"errors", "census", "digest", "documents", "report", "plan", "surgery", "extraction", "conversion"},
+    "render": {"errors", "census", "documents", "report", "plan", "surgery", "extraction", "conversion", "cluster"}
+    | {"finding_groups", "progress", "progress_bar", "tables", "units"}
+    | {"digest"},
     "cli": {"__init__", "documents", "errors", "render"},
     "__main__": {"cli"},
 }
-NO_TORCH_AT_IMPORT = [
-    "header",
-    "plan",
-    "fit",
-    "ties",
-    "conflicts",
-    "expert_fit",
-    "quantized",
-    "quantized_plan",
-    *(m for m in ALLOWED if m.startswith("formats")),
-]
+NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", "model_config", "tuner_placement", "tuner_shapes", "tuner_kinds"]
+NO_TORCH_AT_IMPORT += ["pairing", "rank_rule", "progress", "progress_bar", "units", "tables", "finding_groups"]
+NO_TORCH_AT_IMPORT += ["conflicts", "expert_fit", "quantized", "quantized_plan"]
+NO_TORCH_AT_IMPORT += [m for m in ALLOWED if m.startswith("formats")]
+TERMINAL = {"render", "cli", "progress_bar", "tables"}  # the modules that may import rich or click
 
 
 def module_names() -> list[str]:
@@ -156,14 +199,14 @@ def test_imports_only_what_its_entry_allows(module: str) -> None:
     assert mine <= ALLOWED[module], f"{module} imports {sorted(mine - ALLOWED[module])}, which its entry does not allow"
 
 
-@pytest.mark.parametrize("module", ["linalg", "lycoris", "fp8", "experts"])
+@pytest.mark.parametrize("module", ["linalg", "blocks", "lycoris", "fp8", "experts"])
 def test_maths_imports_only_torch(module: str) -> None:
     assert imports(module)[1] <= {"torch", "__future__", "math", "collections", "dataclasses", "typing"}
 
 
 @pytest.mark.parametrize("module", sorted(ALLOWED))
 def test_only_render_and_cli_touch_the_terminal(module: str) -> None:
-    if module in ("render", "cli"):
+    if module in TERMINAL:
         return
     assert not imports(module)[1] & {"rich", "click"}, module
     tree = ast.parse(path_of(module).read_text())
@@ -180,7 +223,7 @@ def test_never_imports_torch_at_module_level(module: str) -> None:
     names |= {n.module or "" for n in top if isinstance(n, ast.ImportFrom)}
     assert not {n for n in names if n.split(".")[0] == "torch"}, module
     heavy = {"linalg", "surgery", "writer", "extraction", "decomposition", "conversion", "terms", "quantized_steps"}
-    heavy |= {"experts", "fp8", "requant", "compressed"}
+    heavy |= {"experts", "fp8", "requant", "compressed", "read_ahead"}
     mine = set().union(*(ours(n) for n in top))
     assert not mine & heavy, f"{module} imports {sorted(mine & heavy)} (which import torch) at module level"
 
@@ -200,6 +243,34 @@ def test_header_only_commands_never_import_torch(args: list[str]) -> None:
     root = PACKAGE.parent
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["extract", "samples/base", "samples/base", "--rank", "0"],
+        ["extract", "samples/base", "samples/base", "--energy", "2"],
+        ["extract", "samples/base", "no-such-dir", "--rank", "4"],
+        ["merge", "no-such-dir", "samples/adapter-lora"],
+        ["merge", "samples/base", "no-such-dir"],
+        ["unmerge", "no-such-dir", "samples/adapter-lora"],
+        ["merge", "samples/base", "samples/adapter-lora", "--device", "tpu"],
+        ["merge", "samples/base", "samples/adapter-lora", "--weight", "1", "--weight", "2"],
+        ["merge", "samples/base", "samples/adapter-lora", "--no-such-option"],
+    ],
+)
+def test_errors_that_need_no_tensor_data_come_before_torch(args: list[str]) -> None:
+    """A bad option or a missing path is said at once (exit 2), not after the seconds `import torch` takes."""
+    code = (
+        "import sys\nfrom lorasurgeon.cli import main\n"
+        f"try:\n    main({args!r})\nexcept SystemExit as e:\n    assert e.code == 2, e.code\n"
+        "else:\n    raise AssertionError('no error')\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    root = PACKAGE.parent
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Error:" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_architecture_names_exactly_the_modules() -> None:
