@@ -74,7 +74,7 @@ ALLOWED: dict[str, set[str]] = {
     | {"formats.naming", "formats.peft_tuners", "linalg"}
     | {"formats.quantization"},
     "formats.model_classes": set(),
-    "ties": NORMAL_FORM | {"formats.architectures", "formats.model_classes"},
+    "ties": NORMAL_FORM | {"formats.architectures", "formats.model_classes", "formats.transformers_names"},
     "fit": NORMAL_FORM | {"formats.architectures", "formats.resolution", "lycoris"},
     "model_config": set(),
     "tuner_placement": NORMAL_FORM | {"formats.architectures", "tuner_kinds", "tuner_shapes"},
