@@ -20,7 +20,7 @@ from lorasurgeon.header import TensorInfo
 
 AdapterFormat = Literal["peft", "kohya", "diffusers"]
 ADAPTER_FORMATS: tuple[AdapterFormat, ...] = ("peft", "kohya", "diffusers")
-Kind = Literal["linear", "conv", "embedding", "loha", "lokr", "locon-tucker"]
+Kind = Literal["linear", "conv", "embedding", "experts", "loha", "lokr", "locon-tucker"]
 DoraStyle = Literal["peft", "lycoris"]
 Naming = Literal["path", "kohya"]
 # How a base layer stores its weight: nn.Linear (out, in); transformers Conv1D (in, out); nn.ConvNd
@@ -38,7 +38,10 @@ class LoraModule:
     in messages. `magnitude` is the DoRA magnitude, applied as PEFT's lora_magnitude_vector or as LyCORIS'
     dora_scale (`dora`); `bias` the lora_B bias. `naming` says what `module` is: a module path in the model
     ("path"; a diffusers file's starts with its `component`), or a kohya name that sd-scripts' forward rule
-    resolves against the base's tensor names ("kohya").
+    resolves against the base's tensor names ("kohya"). `parameter` is the module's parameter it changes
+    ("weight"; a `target_parameters` adapter may name another one). "experts" is LoRA on a fused MoE parameter
+    of `experts` experts (A (r·E, in), B (out, r·E); see lorasurgeon.experts), `parameter` its name in memory
+    (`gate_up_proj`, `down_proj`), placed on the base's fused or per-expert tensors by formats/moe.py.
     """
 
     module: str
@@ -55,11 +58,13 @@ class LoraModule:
     dora: DoraStyle = "peft"
     component: str = ""
     naming: Naming = "path"
+    parameter: str = "weight"
+    experts: int = 0
 
     @property
     def target(self) -> str:
         """The checkpoint tensor this module changes (before prefix resolution)."""
-        return f"{self.module}.weight"
+        return f"{self.module}.{self.parameter}"
 
     @property
     def tensors(self) -> tuple[TensorInfo, ...]:
@@ -150,7 +155,9 @@ class Adapter:
     when nothing says the LoRA scale (no config, no alphas, no alpha given). `tied_lora`: the LoRA of weights tied
     to the input embedding is the embedding's (PEFT's ensure_weight_tying). `nonfinite` maps factor tensor names to
     their NaN/Inf counts once the values have been scanned. A lenient load (strict=False) also fills `refused`
-    and `problems`: what the merge would refuse, and why.
+    and `problems`: what the merge would refuse, and why. `notes` are warnings about the adapter as a whole that
+    every command shows (trained against a quantized base, say). `target_parameters` are the parameter names
+    (or path suffixes) the config targets directly, as PEFT's target_parameters lists them.
     """
 
     path: Path
@@ -170,6 +177,8 @@ class Adapter:
     nonfinite: Mapping[str, int] = field(default_factory=dict)
     refused: tuple[Refused, ...] = ()
     problems: tuple[Finding, ...] = ()
+    notes: tuple[Finding, ...] = ()
+    target_parameters: tuple[str, ...] = ()
     tuner: str = ""
     tuner_modules: tuple[TunerModule, ...] = ()
     tuner_unselected: tuple[TunerModule, ...] = ()

@@ -128,3 +128,14 @@ def _ranges(indices: list[int]) -> str:
         else:
             runs.append([i])
     return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def per_layer(modules: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """LoRA parameters per numbered block (layer) from (module path, parameters) pairs: the first numbered path
+    segment is the layer (`model.layers.3.mlp.experts` -> "3"); modules outside any block are left out."""
+    layers: dict[str, int] = {}
+    for module, parameters in modules:
+        match = BLOCK.match(f"{module}.")
+        if match:
+            layers[match.group(2)] = layers.get(match.group(2), 0) + parameters
+    return dict(sorted(layers.items(), key=lambda item: int(item[0])))

@@ -5,17 +5,19 @@ are described field by field in report.schema.json). Messages are in the command
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from lorasurgeon.census import Count
+from lorasurgeon.census import Count, per_layer
 from lorasurgeon.errors import Finding
 from lorasurgeon.report import SCHEMA_VERSION, CheckResult, ModuleReport, Report
 
 if TYPE_CHECKING:  # not imported at run time: they load torch, which `report` does not need
     from lorasurgeon.cluster import WorkReport
     from lorasurgeon.conversion import ConvertSummary
+    from lorasurgeon.expert_fit import ExpertCount
     from lorasurgeon.extraction import ExtractSummary
     from lorasurgeon.plan import Plan
     from lorasurgeon.surgery import SurgerySummary
@@ -42,6 +44,8 @@ def plan_doc(plan: Plan) -> dict[str, Any]:
             "kind": term.module.kind,
             "dora": term.dora,
             "bias": term.bias,
+            "parameter": term.module.parameter,
+            "expert": term.piece.expert if term.piece else None,
         }
         for step in plan.steps
         for term in step.terms
@@ -89,7 +93,26 @@ def plan_doc(plan: Plan) -> dict[str, Any]:
         ],
         "modules": modules,
         "replaced": replaced,
+        "experts": [experts_doc(c) for c in plan.experts],
         "findings": [finding_doc(f) for f in plan.findings],
+    }
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no infinity: a figure of a weight whose ΔW is zero but whose stored values changed is null."""
+    return value if math.isfinite(value) else None
+
+
+def experts_doc(count: ExpertCount) -> dict[str, Any]:
+    """The self-test of one MoE experts module (one per layer and fused parameter): every targeted expert
+    touched, or the plan has an error."""
+    return {
+        "module": count.module,
+        "parameter": count.parameter,
+        "layout": count.layout,
+        "experts_targeted": count.targeted,
+        "experts_touched": count.placed,
+        "tensors": count.tensors,
     }
 
 
@@ -117,6 +140,12 @@ def summary_doc(summary: SurgerySummary) -> dict[str, Any]:
         "skipped_files": list(summary.skipped_files),
         "removed_temporaries": list(summary.removed_temporaries),
         "warnings": [finding_doc(f) for f in plan.warnings],
+        "experts": [experts_doc(c) for c in plan.experts],
+        "quantization": plan.quantization.label if plan.quantization else None,
+        "requantized": [
+            {"tensor": f.tensor, "survival": _finite(f.survival), "error": _finite(f.error), "lost": f.lost}
+            for f in summary.requantized
+        ],
         "steps": [
             {
                 "tensor": s.tensor.name,
@@ -171,6 +200,7 @@ def _adapter_doc(report: Report) -> dict[str, Any]:
         "base_parameters": base,
         "reduction": 1 - lora / base if base else None,
         "targets": report.targets,
+        "per_layer": per_layer((m.module, m.parameters) for m in report.modules if m.base_parameters),
         "modules": [_module_doc(m) for m in report.modules],
     }
 
@@ -193,7 +223,8 @@ def _count_doc(c: Count) -> dict[str, int]:
 def _module_doc(m: ModuleReport) -> dict[str, Any]:
     doc = asdict(m)
     doc["base_shape"] = list(m.base_shape) if m.base_shape else None
-    return doc | {"base_parameters": m.base_parameters, "reduction": m.reduction}
+    per_expert = m.parameters // m.experts if m.experts else None
+    return doc | {"base_parameters": m.base_parameters, "reduction": m.reduction, "parameters_per_expert": per_expert}
 
 
 def extract_doc(summary: ExtractSummary) -> dict[str, Any]:

@@ -13,8 +13,9 @@ import torch
 
 from lorasurgeon.cluster import Cluster, Resources, WorkReport, run_steps
 from lorasurgeon.decomposition import MatrixResult
-from lorasurgeon.errors import NothingChangedError
+from lorasurgeon.errors import NothingChangedError, UnsupportedError
 from lorasurgeon.formats import peft
+from lorasurgeon.formats.moe import is_fused_experts
 from lorasurgeon.journal import Journal
 from lorasurgeon.matrix_task import (
     MatrixOutcome,
@@ -87,6 +88,13 @@ def decompose_pairs(
         if o is not None and o.b is not None and o.a is not None:
             factors.update(peft.factor_tensors(task.module, task.kind, o.b, o.a))
     changed = _changed_others(plan, device, on_progress)
+    fused = [c for c in changed if len(c.shape) == 3 and is_fused_experts(c.name)]
+    if fused:
+        raise UnsupportedError(
+            f"{plan.tuned.path}: {fused[0].name} (fused MoE experts, {len(fused)} such tensors changed) cannot be "
+            "extracted yet: extract decomposes experts stored per expert (the layout save_pretrained writes for "
+            "Mixtral, Qwen-MoE, DeepSeek, OLMoE), whose per-expert LoRA PEFT loads onto the fused model"
+        )
     if not results:
         differ = f"; only {len(changed)} other tensors differ (e.g. {changed[0].name})" if changed else ""
         raise NothingChangedError(

@@ -46,7 +46,7 @@ def factor_findings(module: LoraModule, info: TensorInfo, rank_source: str) -> l
     if a.shape[0] != b.shape[1]:
         problem = f"lora_B has rank {b.shape[1]} but lora_A has rank {a.shape[0]}"
         problems.append(Finding.against(b.name, info.name, problem))
-    elif a.shape[0] != module.rank:
+    elif a.shape[0] != module.rank * max(module.experts, 1):  # an experts module's A is (r·E, in)
         problems.append(
             Finding.against(a.name, info.name, f"has rank {a.shape[0]} but {rank_source} says {module.rank}")
         )
@@ -136,6 +136,34 @@ def _linear(module: LoraModule, info: TensorInfo, model_type: str | None) -> tup
     return transpose, None
 
 
+def bias_target(names: BaseNames, module: str, bias: TensorInfo) -> tuple[TensorInfo | None, str]:
+    """The base bias a lora_B bias is added to (FORMATS.md §2.6); PEFT refuses a layer without one."""
+    found = names.named(module, "bias")
+    if not found:
+        return None, "lora_bias needs a bias in the base layer, and this layer has none (PEFT refuses it too)"
+    info = names.tensors[found[0]]
+    if info.shape != bias.shape:
+        return None, f"lora_B.bias has shape {list(bias.shape)} but {info.name} has {list(info.shape)}"
+    return info, ""
+
+
+def source_problem(info: TensorInfo, tensor: TensorInfo, indices: tuple[int, ...] | None) -> str | None:
+    """Why an adapter tensor cannot replace base tensor `info` (or set its rows `indices`), if it cannot."""
+    if not tensor.is_float or not info.is_float:
+        return f"replacing a {info.dtype} tensor with {tensor.dtype} values is not supported"
+    if indices is None:
+        if tensor.shape != info.shape:
+            return (
+                f"replacement has shape {list(tensor.shape)} but the base tensor has {list(info.shape)} "
+                "(a resized vocabulary must be resized in the base first)"
+            )
+        return None
+    if tensor.shape[1:] != info.shape[1:] or not all(0 <= i < info.shape[0] for i in indices):
+        largest = max(indices, default=0)
+        return f"trainable token rows {list(tensor.shape)} (largest index {largest}) do not fit {list(info.shape)}"
+    return None
+
+
 Placement = tuple[TensorInfo, bool, LoraModule, tuple[int, int] | None]
 
 
@@ -168,10 +196,10 @@ def place(
     if problem:
         where = "" if rows is None else f" (rows {rows[0]}:{rows[1]} of the fused q/k/v tensor)"
         return None, [Finding.against(module.a.name, info.name, problem + where)]
-    return (info, transpose, module, rows), _nonfinite_findings(adapter, module, info, allow_nonfinite)
+    return (info, transpose, module, rows), nonfinite_findings(adapter, module, info, allow_nonfinite)
 
 
-def _nonfinite_findings(adapter: Adapter, module: LoraModule, info: TensorInfo, allow: bool) -> list[Finding]:
+def nonfinite_findings(adapter: Adapter, module: LoraModule, info: TensorInfo, allow: bool) -> list[Finding]:
     """NaN/Inf in a factor (counted when the adapter was loaded) spreads over whole rows or columns of ΔW: an
     error, or with `allow` a warning."""
     problems = []

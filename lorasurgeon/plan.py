@@ -23,21 +23,20 @@ from typing import Any, Literal
 
 from lorasurgeon.adapter import Adapter, LoraModule, repeated
 from lorasurgeon.checkpoint import Checkpoint
+from lorasurgeon.conflicts import combination_findings as conflicts
 from lorasurgeon.errors import Finding
-from lorasurgeon.fit import place
-from lorasurgeon.formats.architectures import quantized_findings, tensor_candidates
+from lorasurgeon.expert_fit import ExpertCount, place_experts, self_test
+from lorasurgeon.fit import bias_target, place, source_problem
+from lorasurgeon.formats.moe import ExpertSlice
 from lorasurgeon.formats.resolution import BaseNames
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.model_config import output_config
+from lorasurgeon.quantized import Quantization, QuantizedPart
+from lorasurgeon.quantized_plan import QuantizedBase, quantized_base
 from lorasurgeon.ties import Ties, Untie, followers, share, tied_weights, untie
-from lorasurgeon.tuner_placement import TunerTerm, combination_findings, place_tuners
+from lorasurgeon.tuner_placement import TunerTerm, place_tuners
 
 Operation = Literal["merge", "unmerge"]
-
-DORA_UNMERGE = (
-    "it is a DoRA module: the merged weight W' = (m/‖W+ΔW‖)·(W+ΔW) has every output row of norm m, so the "
-    "per-row norms of the original W are gone and W cannot be recovered from the merged checkpoint"
-)
 
 
 @dataclass(frozen=True)
@@ -48,6 +47,7 @@ class Term:
     with a DoRA magnitude rescales the step's sum (the plan lets no other term share such a step). With `rows`
     (start, stop), ΔW changes only those rows of the step's tensor (q, k or v of a fused OpenCLIP in_proj_weight).
     `shape` is the changed tensor's (or rows'), in which a LyCORIS ΔW (rebuilt from flattened factors) is laid out.
+    An "experts" module's term has `piece`: the expert (and its rows) the tensor takes, or the whole fused delta.
     """
 
     adapter: int
@@ -57,6 +57,7 @@ class Term:
     bias: bool = False
     rows: tuple[int, int] | None = None
     shape: tuple[int, ...] = ()
+    piece: ExpertSlice | None = None
 
     @property
     def dora(self) -> bool:
@@ -78,7 +79,8 @@ class Step:
     """Write `tensor` to output shard `shard` as `out_dtype`: its base value, or `replacement`'s, with `rows`
     set, plus `terms` and the `tuners`' changes (nothing at all: copy it unchanged). A `tensor` whose name the base
     lacks is an alias of a base tensor's bytes under a new name (an untied head). `expected`: what an unmerge must
-    give back, up to rounding (PEFT's saved copy of the base weight)."""
+    give back, up to rounding (PEFT's saved copy of the base weight). `quantized`: the tensor is a stored part of a
+    quantized weight, merged in format (the terms are the weight's), or the weight dequantized."""
 
     tensor: TensorInfo
     shard: str
@@ -88,6 +90,7 @@ class Step:
     rows: tuple[Source, ...] = ()
     expected: Source | None = None
     tuners: tuple[TunerTerm, ...] = ()
+    quantized: QuantizedPart | None = None
 
     @property
     def touched(self) -> bool:
@@ -104,6 +107,8 @@ class Plan:
     findings: tuple[Finding, ...]
     allow_nonfinite: bool = False  # NaN/Inf in inputs: warnings instead of errors
     config: dict[str, Any] | None = None  # the output config.json, when it must differ from the base's
+    experts: tuple[ExpertCount, ...] = ()  # per experts module: the experts its terms cover (the self-test)
+    quantization: Quantization | None = None
 
     @property
     def errors(self) -> list[Finding]:
@@ -118,7 +123,7 @@ class Plan:
         return [
             s
             for s in self.steps
-            if s.touched or s.out_dtype != s.tensor.dtype or s.tensor.name not in self.base.tensors
+            if s.touched or s.quantized or s.out_dtype != s.tensor.dtype or s.tensor.name not in self.base.tensors
         ]
 
 
@@ -150,13 +155,16 @@ def plan_surgery(
     in the adapter factors from errors into warnings (and lets the surgery carry those of the base).
     """
     ties = tied_weights(base)
+    quant, quant_findings = quantized_base(base, dtype)
     tensors = {**base.tensors, **{a.name: a for a in ties.aliases}}
-    found = _Targets(tensors, BaseNames(tensors), {}, {}, quantized_findings(base.config, base.tensors, base.root))
+    tensors = {**tensors, **quant.logical(tensors)} if quant else tensors
+    found = _Targets(tensors, BaseNames(tensors, base.config), {}, {}, quant_findings)
     found.findings += repeated(adapters)
     model_type = (base.config or {}).get("model_type")
     for index, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
         tied = followers(adapter, ties)  # PEFT gives them the embedding's LoRA (ensure_weight_tying)
-        found.findings += [_ignored(key) for key in adapter.ignored if key not in tied]
+        notes = adapter.notes if quant is None else ()  # what merging a QLoRA adapter into a 16-bit base means
+        found.findings += [*notes, *(_ignored(key) for key in adapter.ignored if key not in tied)]
         if adapter.empty:
             found.findings.append(Finding.of("error", f"{adapter.path}: the adapter selects no module to change"))
         skipped = found.names.skipped(adapter)
@@ -170,12 +178,20 @@ def plan_surgery(
             found.tuners.setdefault(name, []).extend(placed)
         _add_sources(found, index, adapter)
     expected = _expected(operation, found)
-    found.findings += _combination_findings(operation, found)
+    found.findings += conflicts(operation, found.sources, found.terms, found.tuners)
+    pieces = [(t.module, t.piece) for terms in found.terms.values() for t in terms if t.piece is not None]
+    targets = [t for adapter in adapters for t in adapter.target_parameters]
+    experts, problems = self_test(pieces, targets, found.terms, base.tensors)
+    found.findings += problems
     tie = _untie(base, ties, found, adapters)
-    steps = _steps(base, found, dtype, tie.aliases, expected)
+    steps = _steps(base, found, dtype, tie.aliases, expected, quant)
     findings = (*found.findings, *((tie.finding,) if tie.finding else ()))
     config = output_config(base.config, tie.config, dtype)
-    return Plan(operation, base, tuple(adapters), tuple(weights), steps, findings, allow_nonfinite, config)
+    config = (quant.config(config or base.config) if quant else None) or config
+    quantized = quant.quantization if quant else None
+    return Plan(
+        operation, base, tuple(adapters), tuple(weights), steps, findings, allow_nonfinite, config, experts, quantized
+    )
 
 
 def _untie(base: Checkpoint, ties: Ties, found: _Targets, adapters: Sequence[Adapter]) -> Untie:
@@ -214,6 +230,9 @@ def _add_module(
     allow_nonfinite: bool,
 ) -> None:
     """Resolve one module's weight (and lora_B bias) target and record its terms, or the findings against it."""
+    if module.kind == "experts":
+        _add_experts(found, index, adapter, module, weight, allow_nonfinite)
+        return
     target, problems = place(found.names, adapter, module, model_type, allow_nonfinite)
     found.findings += problems
     if target is None or any(p.severity == "error" for p in problems):
@@ -228,27 +247,32 @@ def _add_module(
     term = Term(index, module, weight * module.scale, transpose, rows=rows, shape=shape)
     found.terms.setdefault(info.name, []).append(term)
     if module.bias is not None:
-        bias, problem = _bias_target(found.tensors, module.module, module.bias)
+        bias, problem = bias_target(found.names, module.module, module.bias)
         if bias is None:
             found.findings.append(Finding.against(module.bias.name, info.name, problem))
         else:
             found.terms.setdefault(bias.name, []).append(Term(index, module, weight * module.scale, False, True))
 
 
+def _add_experts(
+    found: _Targets, index: int, adapter: Adapter, module: LoraModule, weight: float, allow_nonfinite: bool
+) -> None:
+    """An experts module's terms: one per base tensor that takes a piece of its delta (lorasurgeon.expert_fit)."""
+    placements, problems = place_experts(found.names, adapter, module, allow_nonfinite)
+    found.findings += problems
+    for placed in placements:
+        if any(t.adapter == index for t in found.terms.get(placed.tensor.name, [])):
+            problem = "a second module of the adapter changes it too"
+            found.findings.append(Finding.against(module.a.name, placed.tensor.name, problem))
+            return
+        shape, piece = placed.tensor.shape, placed.piece
+        term = Term(index, module, weight * module.scale, placed.transpose, shape=shape, piece=piece)
+        found.terms.setdefault(placed.tensor.name, []).append(term)
+
+
 def _overlap(rows: tuple[int, int] | None, other: tuple[int, int] | None) -> bool:
     """Whether two terms change common rows of one tensor (None: all of them)."""
     return rows is None or other is None or (rows[0] < other[1] and other[0] < rows[1])
-
-
-def _bias_target(tensors: Mapping[str, TensorInfo], module: str, bias: TensorInfo) -> tuple[TensorInfo | None, str]:
-    """The base bias a lora_B bias is added to (FORMATS.md §2.6); PEFT refuses a layer without one."""
-    names = [c for c in tensor_candidates(module, "bias") if c in tensors]
-    if not names:
-        return None, "lora_bias needs a bias in the base layer, and this layer has none (PEFT refuses it too)"
-    info = tensors[names[0]]
-    if info.shape != bias.shape:
-        return None, f"lora_B.bias has shape {list(bias.shape)} but {info.name} has {list(info.shape)}"
-    return info, ""
 
 
 def _add_sources(found: _Targets, index: int, adapter: Adapter) -> None:
@@ -257,13 +281,13 @@ def _add_sources(found: _Targets, index: int, adapter: Adapter) -> None:
     wanted = [(r.module, r.param, r.tensor, None, r.saved_base) for r in adapter.replacements]
     wanted += [(t.module, "weight", t.tensor, t.indices, False) for t in adapter.token_rows]
     for module, param, tensor, indices, saved_base in wanted:
-        names = [c for c in tensor_candidates(module, param) if c in found.tensors]
+        names = found.names.named(module, param)
         if not names:
             missing = f"it sets {module}.{param}, which is not in the base"
             found.findings.append(Finding.against(tensor.name, None, missing))
             continue
         info = found.tensors[names[0]]
-        problem = _source_problem(info, tensor, indices)
+        problem = source_problem(info, tensor, indices)
         if problem:
             found.findings.append(Finding.against(tensor.name, info.name, problem))
         else:
@@ -285,67 +309,26 @@ def _unsaved(found: _Targets, index: int, adapter: Adapter) -> list[Finding]:
     ]
 
 
-def _source_problem(info: TensorInfo, tensor: TensorInfo, indices: tuple[int, ...] | None) -> str | None:
-    if not tensor.is_float or not info.is_float:
-        return f"replacing a {info.dtype} tensor with {tensor.dtype} values is not supported"
-    if indices is None:
-        if tensor.shape != info.shape:
-            return (
-                f"replacement has shape {list(tensor.shape)} but the base tensor has {list(info.shape)} "
-                "(a resized vocabulary must be resized in the base first)"
-            )
-        return None
-    if tensor.shape[1:] != info.shape[1:] or not all(0 <= i < info.shape[0] for i in indices):
-        largest = max(indices, default=0)
-        return f"trainable token rows {list(tensor.shape)} (largest index {largest}) do not fit {list(info.shape)}"
-    return None
-
-
-def _combination_findings(operation: Operation, found: _Targets) -> list[Finding]:
-    """What cannot be combined on one tensor, or cannot be undone (FORMATS.md §2.7, §3, §4.5)."""
-    problems = []
-    for name, sources in found.sources.items():
-        if operation == "unmerge":
-            problem = "unmerge cannot restore it: the adapter holds its new values, not the original ones"
-            problems += [Finding.against(s.tensor.name, name, problem) for s in sources]
-        elif len(sources) > 1 and not _disjoint_rows(sources) and not all(s.saved_base for s in sources):
-            problems.append(Finding.against(sources[1].tensor.name, name, "another adapter already sets these values"))
-        elif any(s.indices is not None for s in sources) and name in found.terms:
-            problem = "trainable token rows and a LoRA on the same tensor cannot be merged in a defined order"
-            problems.append(Finding.against(sources[0].tensor.name, name, problem))
-    for name, terms in found.terms.items():
-        dora = next((t for t in terms if t.dora), None)
-        if dora is None:
-            continue
-        key = dora.module.a.name
-        if operation == "unmerge":
-            problems.append(Finding.against(key, name, f"DoRA cannot be unmerged: {DORA_UNMERGE}"))
-        elif len([t for t in terms if not t.bias]) > 1:
-            problems.append(Finding.against(key, name, "a DoRA module must be the only adapter changing its weight"))
-        elif abs(dora.factor - dora.module.scale) > 1e-12 * abs(dora.module.scale):
-            problems.append(Finding.against(key, name, "a DoRA module can only be merged with weight 1 and scale 1"))
-    return problems + combination_findings(operation, found.tuners, found.terms, found.sources)
-
-
-def _disjoint_rows(sources: list[Source]) -> bool:
-    """True when the sources only set rows, and no row twice (a whole replacement conflicts with anything)."""
-    if any(s.indices is None for s in sources):
-        return False
-    rows = [i for s in sources for i in s.indices or ()]
-    return len(rows) == len(set(rows))
-
-
 def _steps(
     base: Checkpoint,
     found: _Targets,
     dtype: str | None,
     aliases: tuple[TensorInfo, ...],
     expected: Mapping[str, Source],
+    quant: QuantizedBase | None,
 ) -> tuple[Step, ...]:
-    """One step per base tensor in shard and file order; untied weights follow the tensor they were tied to."""
+    """One step per base tensor in shard and file order; untied weights follow the tensor they were tied to; the
+    stored parts of a quantized weight take its terms (quantized_plan says which, and which are dropped)."""
     steps = []
     for shard in base.shards:
         for info in shard.header.tensors:
+            route = quant.route(info, found.terms) if quant else None
+            if route is not None:
+                if route.part is not None and route.tensor is not None:
+                    part, terms = route.part, tuple(found.terms.get(route.part.weight.name, ()))
+                    out_dtype = dtype if part.dequantize and dtype else info.dtype
+                    steps.append(Step(route.tensor, shard.name, out_dtype, terms, quantized=part))
+                continue
             for tensor in (info, *(a for a in aliases if _same_bytes(info, a))):
                 sources = found.sources.get(tensor.name, [])
                 whole = next((s for s in sources if s.indices is None), None)

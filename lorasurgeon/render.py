@@ -15,6 +15,7 @@ from rich.console import Console
 
 from lorasurgeon import progress_bar as bars
 from lorasurgeon.census import Count
+from lorasurgeon.digest import expert_lines, report_lines, requant_lines
 from lorasurgeon.documents import extract_doc, plan_doc, summary_doc
 from lorasurgeon.errors import Finding, UnsupportedError
 from lorasurgeon.finding_groups import group_findings
@@ -49,7 +50,7 @@ def show_check(plan: Plan) -> None:
     several = len(paths) > 1  # one adapter is named in the title, not on every row
     title = f"{plan.base.path}: {len(plan.base.tensors)} tensors" + ("" if several else f"; adapter {paths[0]}")
     rows = []
-    for row in doc["modules"]:
+    for row in (r for r in doc["modules"] if r["expert"] is None and r["kind"] != "experts"):  # experts: counted
         shape = "x".join(map(str, row["shape"])) + (" (T)" if row["transposed"] else "")
         rank = row["kind"] if row["rank"] is None else str(row["rank"])  # another tuner than LoRA: its name
         cells = [row["base_key"], shape, rank, _num(row["alpha"]), _num(row["scale"])]
@@ -57,6 +58,8 @@ def show_check(plan: Plan) -> None:
     columns = [Column("base tensor", "name"), *map(Column, ("shape", "rank", "alpha", "scale"))]
     if rows:
         stderr.print(Fitted([Column("adapter", "name"), *columns] if several else columns, rows, title))
+    for line in expert_lines(plan.experts):
+        stderr.print(line, soft_wrap=True)
     show_findings(plan.findings)
     problems = f" ({len(plan.errors)} problems; --json lists each)" if len(plan.errors) > 1 else ""
     verdict = "[green]fits[/]" if not plan.errors else f"[red]does not fit[/]{problems}"
@@ -82,6 +85,9 @@ def show_summary(summary: SurgerySummary) -> None:
         f"{size(summary.bytes_written)}, {summary.seconds:.1f} s on {summary.device})",
         soft_wrap=True,
     )
+    label = summary.plan.quantization.label if summary.plan.quantization else ""
+    for line in [*expert_lines(summary.plan.experts), *requant_lines(summary.requantized, label)]:
+        stderr.print(line if "mostly lost" not in line else f"[yellow]warning:[/] {line}", soft_wrap=True)
     for path in summary.removed_temporaries:
         stderr.print(f"removed {path}, left by an interrupted run", soft_wrap=True)
     for name in summary.skipped_files:
@@ -196,6 +202,8 @@ def show_report(report: Report) -> None:
     for title, columns, rows in report_tables(report):
         stderr.print(f"[bold]{title}[/]", soft_wrap=True)
         stderr.print(Fitted([Column(c, _report_kind(i, c)) for i, c in enumerate(columns)], rows))
+    for line in report_lines(report):
+        stderr.print(line, soft_wrap=True)
     show_findings(report.findings)
     if report.check:
         show_findings(report.check.findings)

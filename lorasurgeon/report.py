@@ -20,7 +20,9 @@ from lorasurgeon.census import Count, census, groups
 from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import Finding, InputError, LorasurgeonError, MismatchError, Option, UnsupportedError
 from lorasurgeon.formats import detect, load_adapter
+from lorasurgeon.formats.moe import stored_layout
 from lorasurgeon.formats.peft_config import ADAPTER_CONFIG
+from lorasurgeon.formats.quantization import detect_quantization
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.progress import Progress
 from lorasurgeon.tuner_report import TunerReport, describe, tuner_config
@@ -62,6 +64,8 @@ class ModuleReport:
     delta_norm: float | None = None  # stats: ‖scale·BA‖_F (null when the scale is unknown)
     delta_spectral_norm: float | None = None
     stable_rank: float | None = None
+    parameter: str = "weight"  # the module's parameter it changes (a fused MoE parameter: gate_up_proj, ...)
+    experts: int | None = None  # LoRA on a fused experts parameter: how many experts (base_shape is (E, ·, ·))
 
     @property
     def base_parameters(self) -> int | None:
@@ -126,6 +130,8 @@ def make_report(
 ) -> Report:
     """Describe `path` (a checkpoint in any layout, or an adapter); see the module docstring. The data pass
     runs with `stats`."""
+    from lorasurgeon.stats import with_stats  # reads tensors, with torch: only with `stats`
+
     found = detect(path)
     if found == "checkpoint":
         if base is not None:
@@ -134,23 +140,37 @@ def make_report(
             )
         with Checkpoint.open(path) as ckpt:
             report = _checkpoint_report(path, ckpt)
-            return _with_stats(report, ckpt, on_progress) if stats else report
+            return with_stats(report, ckpt, on_progress) if stats else report
     adapter = load_adapter(path, strict=False)
     with adapter.source:
         report = _adapter_report(path, adapter, found)
         if base is not None:
             report = replace(report, check=_check(path, base))
-        return _with_stats(report, adapter.source, on_progress) if stats else report
+        return with_stats(report, adapter.source, on_progress) if stats else report
 
 
 def _checkpoint_report(path: Path, ckpt: Checkpoint) -> Report:
     infos = list(ckpt)
     counted = census(ckpt, infos)
     config = {"model_type": ckpt.config.get("model_type")} if ckpt.config else {}
+    config |= _layouts(ckpt)
     return Report(
         "checkpoint", str(path), ckpt.layout, counted.totals, counted.by_dtype, counted.categories, groups(infos),
         counted.shards, counted.metadata, config=config,
     )  # fmt: skip
+
+
+def _layouts(ckpt: Checkpoint) -> dict[str, str]:
+    """How the checkpoint stores MoE experts (fused or per-expert) and its quantization, when either applies."""
+    found = {}
+    experts = stored_layout(ckpt.tensors)
+    if experts:
+        found["experts_layout"] = experts
+    try:
+        quantization = detect_quantization(ckpt.config, ckpt.tensors, str(ckpt.path))
+    except InputError as e:
+        return found | {"quantization": f"inconsistent: {e}"}
+    return found | ({"quantization": quantization.label} if quantization else {})
 
 
 def _adapter_report(path: Path, adapter: Adapter, fmt: str) -> Report:
@@ -163,7 +183,7 @@ def _adapter_report(path: Path, adapter: Adapter, fmt: str) -> Report:
             "error", f"{adapter.source.path}: {m.module} has rank {m.a.shape[0]} but {ADAPTER_CONFIG} says {m.rank}"
         )
         for m in (*adapter.modules, *adapter.unselected)
-        if not m.factors and adapter.rank_source == ADAPTER_CONFIG and m.a.shape[0] != m.rank
+        if not m.factors and adapter.rank_source == ADAPTER_CONFIG and m.a.shape[0] != m.rank * max(m.experts, 1)
     ]
     has_config = bool(adapter.config) or adapter.rank_source == ADAPTER_CONFIG
     config = {name: adapter.config[name] for name in CONFIG_FIELDS if name in adapter.config}
@@ -194,7 +214,8 @@ def _modules(adapter: Adapter) -> tuple[ModuleReport, ...]:
         described[module] = replace(row, tensors=dict(sorted(names.items())), parameters=numel)
 
     for m in (*adapter.modules, *adapter.unselected):
-        add(m.module, m.kind, _roles(m), **_shape_and_scale(adapter, m))
+        name = m.module if m.parameter == "weight" else f"{m.module}.{m.parameter}"  # nested wrappers: one each
+        add(name, m.kind, _roles(m), parameter=m.parameter, **_shape_and_scale(adapter, m))
     for r in adapter.replacements:
         add(r.module, "replacement", {f"replacement:{r.param}": r.tensor})
     for rows in adapter.token_rows:
@@ -228,6 +249,8 @@ def _shape_and_scale(adapter: Adapter, m: LoraModule) -> dict[str, Any]:
         fit = lycoris.layout(m.kind, {role: f.shape for role, f in m.factors.items()})
         return {} if fit.problem else {"rank": m.rank, "base_shape": fit.shape, **known}
     a, b = m.a.shape, m.b.shape
+    if m.experts:  # PEFT's (E, out, in); a transposed experts class (gpt-oss) stores (E, in, out)
+        return {"rank": m.rank, "base_shape": (m.experts, b[0], a[1]), "experts": m.experts, **known}
     shape = (a[1], b[0]) if m.kind == "embedding" else (b[0], *a[1:])  # embedding (V, d); weight (out, in, *k)
     return {"rank": a[0], "base_shape": shape, **known}
 
@@ -251,49 +274,3 @@ def _check(path: Path, base_path: Path) -> CheckResult:
             touched = {s.tensor.name for s in plan.changed if s.tensor.name in base.tensors}
         total = sum(t.numel for t in base.tensors.values())
         return CheckResult(str(base_path), findings, sum(base.tensors[n].numel for n in touched), total)
-
-
-def _with_stats(report: Report, ckpt: Checkpoint, on_progress: Callable[[Progress], None] | None) -> Report:
-    """One pass over the tensor data, one tensor at a time: per-tensor statistics, then per-module ΔW norms."""
-    from lorasurgeon import linalg
-
-    infos = list(ckpt)
-    total = sum(t.nbytes for t in infos)
-    stats, done = [], 0
-    for i, info in enumerate(infos, 1):
-        stats.append(TensorStats(info.name, info.dtype, *linalg.tensor_stats(ckpt.read(info))))
-        done += info.nbytes
-        if on_progress:
-            on_progress(Progress(i, len(infos), done, total, "reading"))
-    modules = tuple(_delta_norms(ckpt, m) for m in report.modules)
-    return replace(report, stats=tuple(stats), modules=modules)
-
-
-def _delta_norms(ckpt: Checkpoint, m: ModuleReport) -> ModuleReport:
-    from lorasurgeon import linalg
-
-    if m.rank is None or m.base_shape is None:
-        return m
-    if m.kind in lycoris.ALGORITHMS:
-        renamed = {v: k for k, v in ROLE_NAMES.items()}
-        factors = {renamed.get(r, r): ckpt.read(ckpt.tensors[k]) for r, k in m.tensors.items()}
-        factors.pop("dora_scale", None)
-        if any(linalg.nonfinite_count(f) for f in factors.values()):
-            return m
-        fro, spectral, stable = lycoris.delta_norms(lycoris.delta(m.kind, factors, 1.0, m.base_shape))
-    else:
-        prefix = "lora_embedding_" if m.kind == "embedding" else "lora_"
-        a_info, b_info = ckpt.tensors[m.tensors[prefix + "A"]], ckpt.tensors[m.tensors[prefix + "B"]]
-        if a_info.shape[0] != b_info.shape[1]:  # ranks that disagree give no product (check says so)
-            return m
-        a, b = ckpt.read(a_info), ckpt.read(b_info)
-        if linalg.nonfinite_count(a) or linalg.nonfinite_count(b):
-            return m  # the NaN/Inf are counted in the tensor statistics; a norm of them means nothing
-        fro, spectral, stable = linalg.lora_delta_norms(a, b)
-    scale = abs(m.scale) if m.scale is not None else None
-    return replace(
-        m,
-        delta_norm=None if scale is None else scale * fro,
-        delta_spectral_norm=None if scale is None else scale * spectral,
-        stable_rank=stable,
-    )

@@ -10,13 +10,12 @@ import itertools
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lorasurgeon import linalg, lycoris, tuner_steps
+from lorasurgeon import linalg, lycoris, terms, tuner_steps
 from lorasurgeon.adapter import Adapter
 from lorasurgeon.checkpoint import MODEL_CONFIG, Checkpoint
 from lorasurgeon.errors import MismatchError, NonfiniteWarning, NumericError, Option, Part
@@ -24,13 +23,13 @@ from lorasurgeon.header import torch_dtype
 from lorasurgeon.mirror import copy_companions, output_bytes, output_index, output_metadata
 from lorasurgeon.plan import Operation, Plan, Step, Term, plan_surgery
 from lorasurgeon.progress import Phase, Progress
+from lorasurgeon.quantized_steps import Requantized, Work
+from lorasurgeon.read_ahead import ReadAhead, computed
 from lorasurgeon.workspace import Workspace
 from lorasurgeon.writer import CheckpointWriter
 
 SIGNS = {"merge": 1, "unmerge": -1}
 PHASES: dict[Operation, Phase] = {"merge": "merging", "unmerge": "unmerging"}
-READ_AHEAD_BYTES = 256 << 20
-FACTOR_KINDS = ("linear", "conv", "embedding")  # ΔW = B @ A, up to a reshape or a transpose
 
 
 @dataclass(frozen=True)
@@ -63,6 +62,7 @@ class SurgerySummary:
     copied_files: tuple[str, ...] = ()
     skipped_files: tuple[str, ...] = ()
     removed_temporaries: tuple[str, ...] = ()
+    requantized: tuple[Requantized, ...] = ()  # quantized weights merged in format, with their survival figures
 
 
 def run(
@@ -85,12 +85,13 @@ def run(
         raise MismatchError(*plan.errors[0].parts, *more)
     copied: list[str] = []
     skipped: list[str] = []
+    figures: list[Requantized] = []
     written = 0
     stale: list[Path] = []
     if not options.dry_run:
         is_dir = base.layout != "file"
         with CheckpointWriter(out, is_dir=is_dir, inputs=inputs, force=options.force) as writer:
-            copied, skipped = execute(plan, writer, options.device, on_progress)
+            copied, skipped = execute(plan, writer, options.device, on_progress, figures)
         written, stale = writer.bytes_written, writer.removed_stale
     return SurgerySummary(
         operation=operation,
@@ -105,13 +106,19 @@ def run(
         copied_files=tuple(copied),
         skipped_files=tuple(skipped),
         removed_temporaries=tuple(str(p) for p in stale),
+        requantized=tuple(figures),
     )
 
 
 def execute(
-    plan: Plan, writer: CheckpointWriter, device: torch.device, on_progress: Callable[[Progress], None] | None = None
+    plan: Plan,
+    writer: CheckpointWriter,
+    device: torch.device,
+    on_progress: Callable[[Progress], None] | None = None,
+    figures: list[Requantized] | None = None,
 ) -> tuple[list[str], list[str]]:
-    """Write every step of `plan` through `writer`; returns (files copied, weight files skipped).
+    """Write every step of `plan` through `writer`; returns (files copied, weight files skipped), and puts the
+    survival figures of the quantized weights merged in format into `figures`.
 
     Three things overlap: a reader thread reads the next computed tensor, this thread computes the current one,
     and the shard stream's worker writes the previous one (file I/O and torch ops release the GIL).
@@ -124,6 +131,7 @@ def execute(
     if on_progress:
         on_progress(Progress(0, len(plan.steps), 0, total_bytes, phase))
     torch_threads = _torch_threads(1 if device.type == "cpu" else torch.get_num_threads())
+    work = Work.of(plan, device, SIGNS[plan.operation])
     with Workspace(device) as workspace, ReadAhead(plan, workspace) as ahead, torch_threads:
         for shard in base.shards:
             steps = [s for s in plan.steps if s.shard == shard.name]
@@ -131,13 +139,14 @@ def execute(
             with writer.shard(shard.name, entries, output_metadata(shard.header.metadata, plan)) as stream:
                 for step in steps:
                     if computed(step):
-                        stream.write(compute(plan, step, device, ahead.take(step), workspace))
+                        stream.write(compute(plan, step, device, ahead.take(step), workspace, work))
                     else:
                         stream.copy_from(base, step.tensor)
                     done_tensors += 1
                     done_bytes += step.tensor.nbytes
                     if on_progress:
                         on_progress(Progress(done_tensors, len(plan.steps), done_bytes, total_bytes, phase))
+    (figures if figures is not None else []).extend(work.requantizer.figures.values())
     if on_progress:
         on_progress(Progress(phase="publishing"))
     if base.index_name:
@@ -161,64 +170,22 @@ def _torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def computed(step: Step) -> bool:
-    """Whether the step's tensor is computed (and rounded), rather than copied byte for byte."""
-    return step.touched or step.out_dtype != step.tensor.dtype
-
-
-class ReadAhead:
-    """Reads the base tensor of the next computed step on a worker thread while the current one is computed.
-
-    Only tensors of up to READ_AHEAD_BYTES are read ahead, so a huge one (an embedding) never sits in memory
-    beside another; they, and steps that start from an adapter's tensor, are read when their turn comes.
-    """
-
-    def __init__(self, plan: Plan, workspace: Workspace) -> None:
-        self._plan = plan
-        self._workspace = workspace  # reads go into its ring of buffers
-        self._pending: tuple[Step, Future[torch.Tensor]] | None = None
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorasurgeon-reader")
-        # id(step) -> the first later step to read ahead, or None
-        self._following: dict[int, Step | None] = {}
-        upcoming = None
-        for step in reversed(plan.steps):
-            self._following[id(step)] = upcoming
-            if computed(step) and _base_start(step) and step.tensor.nbytes <= READ_AHEAD_BYTES:
-                upcoming = step
-
-    def __enter__(self) -> ReadAhead:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._reader.shutdown(wait=True, cancel_futures=True)
-
-    def take(self, step: Step) -> torch.Tensor | None:
-        """`step`'s base tensor if it was read ahead (else None); starts reading the next one."""
-        weight = None
-        if self._pending is not None and self._pending[0] is step:
-            weight = self._pending[1].result()
-            self._pending = None
-        upcoming = self._following[id(step)]
-        if self._pending is None and upcoming is not None:
-            self._pending = (upcoming, self._reader.submit(self._workspace.read, self._plan.base, upcoming.tensor))
-        return weight
-
-
-def _base_start(step: Step) -> bool:
-    return step.replacement is None and not step.rows
-
-
 def compute(
     plan: Plan,
     step: Step,
     device: torch.device,
     weight: torch.Tensor | None = None,
     workspace: Workspace | None = None,
+    work: Work | None = None,
 ) -> torch.Tensor:
     """The step's output tensor: W (or its replacement, with token rows set) ± Σ term deltas in fp32 (LoRA and
     additive tuners alike), rescaled per output feature when the term is DoRA, or changed by the one tuner product
     the step may hold (tuner_steps), rounded once to the output dtype. `weight` is the base tensor when it has
-    been read already; `workspace` lends output buffers and compute threads."""
+    been read already; `workspace` lends output buffers and compute threads; `work` holds the factors read so far
+    and the quantized weights' state (a quantized weight's part is merged in its format)."""
+    work = work or Work.of(plan, device, SIGNS[plan.operation])
+    if step.quantized is not None:
+        return work.requantizer.compute(step)
     weight = (_start(plan, step) if weight is None else weight).to(device)
     out_dtype = torch_dtype(step.out_dtype)
     if not (step.terms or step.tuners):  # copied in a new dtype, or replaced: values from the adapter are checked too
@@ -226,17 +193,9 @@ def compute(
         if not linalg.fits(weight.float(), out_dtype):
             _check_finite(plan, step, weight, weight.float(), result)
         return result
-    blockwise = step.expected is None and not step.tuners  # an unmerge's expected value is checked on the whole ΔW
-    if blockwise and all(
-        t.module.kind in FACTOR_KINDS and not (t.bias or t.dora) and t.rows is None for t in step.terms
-    ):
-        factors = [_factors(plan, term, device) for term in step.terms]
-        out, parallel = (workspace.output(weight, out_dtype), workspace.parallel) if workspace else (None, None)
-        sign = SIGNS[plan.operation]
-        result, fit = linalg.merge_blockwise(weight, factors, sign, out_dtype, out=out, parallel=parallel)
-        if fit:
-            return result
-        # Something is NaN, Inf or out of range: the whole-tensor route below finds and names it.
+    fast = _blockwise(plan, step, weight, out_dtype, workspace, work)
+    if fast is not None:
+        return fast
     # The terms are added in place: `weight` is a buffer of our own (read fresh), so an fp32 base is reused
     # as it is, and a bf16/fp16 one is up-cast once and then dropped.
     exact = weight.float()
@@ -259,7 +218,27 @@ def compute(
     result = exact.to(out_dtype)
     if not linalg.fits(exact, out_dtype):
         _check_finite(plan, step, _start(plan, step), exact, result)
-    return result
+    return terms.checked(step, _start(plan, step), result) if any(t.piece for t in step.terms) else result
+
+
+def _blockwise(
+    plan: Plan, step: Step, weight: torch.Tensor, out_dtype: torch.dtype, workspace: Workspace | None, work: Work
+) -> torch.Tensor | None:
+    """The step's result merged a block of rows at a time, when its terms are factor pairs (an expert's slice of
+    them, or a fused experts tensor one expert at a time) and every value fits; None: take the whole-tensor
+    route, which finds and names a NaN, Inf or out-of-range value."""
+    if step.expected is not None or step.tuners:  # an unmerge's expected value is checked on the whole ΔW
+        return None
+    sign = SIGNS[plan.operation]
+    if all(terms.blockwise(t) for t in step.terms):  # LoRA pairs, or an expert's slice of them
+        factors = [work.factors.matrices(term) for term in step.terms]
+        out, parallel = (workspace.output(weight, out_dtype), workspace.parallel) if workspace else (None, None)
+        result, fit = linalg.merge_blockwise(weight, factors, sign, out_dtype, out=out, parallel=parallel)
+    elif terms.fused_experts(step):
+        result, fit = terms.merge_fused(work.factors, step, weight, sign, out_dtype)
+    else:
+        return None
+    return terms.checked(step, weight, result) if fit else None
 
 
 def _start(plan: Plan, step: Step) -> torch.Tensor:
@@ -297,6 +276,8 @@ def _delta(plan: Plan, term: Term, device: torch.device) -> torch.Tensor:
     """One term's ΔW in fp32, laid out like the tensor it changes (a lora_B bias: factor · b)."""
     source = plan.adapters[term.adapter].source
     module = term.module
+    if term.piece is not None:  # an experts module's slice, or its whole fused delta
+        return terms.Factors(plan, device).delta(term)
     if term.bias and module.bias is not None:
         return source.read(module.bias).to(device).float().mul_(term.factor)
     if module.factors:
@@ -307,13 +288,6 @@ def _delta(plan: Plan, term: Term, device: torch.device) -> torch.Tensor:
         return linalg.conv_delta(a, b, term.factor)
     # flatten(1) squeezes 1×1 conv factors that the plan applies to a Linear base; matrices stay as they are.
     return linalg.lora_delta(a.flatten(1), b.flatten(1), term.factor, term.transpose)
-
-
-def _factors(plan: Plan, term: Term, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
-    """(A, B, factor, transpose) of a LoRA term as fp32 matrices: (r, in·∏k) and (out, r)."""
-    source = plan.adapters[term.adapter].source
-    a, b = source.read(term.module.a).to(device).float(), source.read(term.module.b).to(device).float()
-    return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), term.factor, term.transpose
 
 
 def _check_restored(plan: Plan, step: Step, restored: torch.Tensor, delta: torch.Tensor) -> None:

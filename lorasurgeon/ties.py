@@ -23,6 +23,7 @@ from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import Finding
 from lorasurgeon.formats.architectures import INPUT_EMBEDDINGS, tensor_candidates
 from lorasurgeon.formats.model_classes import model_class, transformers_version
+from lorasurgeon.formats.transformers_names import convention_of
 from lorasurgeon.header import TensorInfo
 
 T = TypeVar("T")
@@ -66,7 +67,7 @@ def tied_weights(base: Checkpoint) -> Ties:
     if base.config.get("tie_word_embeddings", True) is False and not found.forced_tie:
         return Ties(forced=found.forced_tie)
     aliases, sources, both = [], {}, {}
-    for target, source in found.tied.items():
+    for target, source in _ties(base.config, found.tied).items():
         stored = next((c for c in tensor_candidates(*source.rsplit(".", 1)) if c in base.tensors), None)
         if stored is None:
             continue
@@ -80,6 +81,14 @@ def tied_weights(base: Checkpoint) -> Ties:
         else:  # stored twice (mergekit writes both): equal until the merge changes one
             both[kept] = stored
     return Ties(tuple(aliases), sources, both, forced=found.forced_tie)
+
+
+def _ties(config: Mapping[str, Any], tied: Mapping[str, str]) -> dict[str, str]:
+    """The class's own ties (target -> source), and those of its submodules that transformers_names tables (BART's
+    encoder and decoder embed_tokens to model.shared, which the class' _tied_weights_keys leave to BartModel)."""
+    convention = convention_of(config)
+    nested = {t: s for t, s in convention.ties if t not in tied} if convention is not None else {}
+    return {**tied, **nested}
 
 
 def followers(adapter: Adapter, ties: Ties) -> set[str]:

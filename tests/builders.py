@@ -85,7 +85,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint file, index or directory, read with the safetensors library."""
     path = Path(path)
     if path.is_dir():
-        index = next(path.glob("*.safetensors.index.json"), None)
+        index = next(iter(sorted(path.glob("*.safetensors.index.json"))), None)  # glob exhausted: no open scandir
         files = (
             [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
             if index

@@ -352,12 +352,17 @@ def test_refuses_quantized_base(tmp_path: Path, llama_dir: Path, llama_adapter: 
     tensors["model.layers.0.mlp.down_proj.weight.absmax"] = torch.ones(4)
     save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
     (base / "config.json").write_text((llama_dir / "config.json").read_text())
-    message = refused(base, llama_adapter, tmp_path / "out", "quantizer's 'absmax' tensor")
-    assert "model.layers.0.mlp.down_proj.weight.absmax" in message
+    message = refused(base, llama_adapter, tmp_path / "out", r"is quantized with bitsandbytes 4-bit \(NF4/FP4\)")
+    assert "model.layers.0.mlp.down_proj.weight.absmax" in message and "original 16-bit model" in message
     config = json.loads((llama_dir / "config.json").read_text())
     (base / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq"}}))
     save_file(read_tensors(llama_dir), base / "model.safetensors", metadata={"format": "pt"})
-    refused(base, llama_adapter, tmp_path / "out", r"config.json: the base is quantized \(quantization_config, gptq\)")
+    refused(
+        base,
+        llama_adapter,
+        tmp_path / "out",
+        r"bnb: is quantized with GPTQ \(quantization_config.quant_method 'gptq'\)",
+    )
 
 
 def test_refuses_magnitude_without_use_dora(tmp_path: Path, llama_dir: Path) -> None:

@@ -41,6 +41,11 @@ ALLOWED: dict[str, set[str]] = {
     "tuner_maths": set(),
     "rotations": set(),
     "weight_products": set(),
+    "fp8": set(),
+    "experts": set(),
+    "quantized": set(),
+    "compressed": {"errors"},
+    "requant": {"compressed", "fp8", "quantized"},
     "adapter": IO,
     "tuner_shapes": {"adapter", "lycoris"},
     "tuner_kinds": {"adapter"},
@@ -58,32 +63,53 @@ ALLOWED: dict[str, set[str]] = {
     | {"formats.peft_tuner_products"},
     "formats.peft_tuners": NORMAL_FORM
     | {"formats.peft_config", "formats.peft_tuner_config", "formats.peft_tuner_inventory"},
-    "formats.peft": NORMAL_FORM | {"formats.peft_config", "writer"},
+    "formats.transformers_names": set(),
+    "formats.moe": {"formats.transformers_names"},
+    "formats.fp8_block": {"errors", "header", "quantized"},
+    "formats.compressed_checkpoint": {"errors", "header", "quantized"},
+    "formats.quantization": {"errors", "header", "quantized", "formats.compressed_checkpoint", "formats.fp8_block"},
+    "formats.peft_parameters": {"adapter", "errors", "formats.moe", "formats.peft_config"},
+    "formats.peft": NORMAL_FORM | {"formats.peft_config", "writer"} | {"formats.peft_parameters"},
     "formats.kohya": NORMAL_FORM | {"formats.peft_config", "lycoris"},
     "formats.kohya_names": NORMAL_FORM | {"formats.kohya", "formats.sd_layouts"},
     "formats.diffusers": NORMAL_FORM | {"formats.kohya", "formats.peft", "formats.peft_config"},
-    "formats.resolution": NORMAL_FORM | {"formats.architectures", "formats.kohya", "formats.kohya_names"},
-    "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names"},
-    "formats.writing": NORMAL_FORM | FORMATS_CORE | {"formats.model_classes"},
-    "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "formats.peft_tuners", "linalg"},
+    "formats.resolution": NORMAL_FORM
+    | {"formats.architectures", "formats.kohya", "formats.kohya_names"}
+    | {"formats.transformers_names"},
+    "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names"} | {"formats.sd_layouts"},
+    "formats.writing": NORMAL_FORM | FORMATS_CORE | {"formats.model_classes"} | {"formats.peft_parameters"},
+    "formats": NORMAL_FORM
+    | FORMATS_CORE
+    | {"formats.naming", "formats.peft_tuners", "linalg"}
+    | {"formats.quantization"},
     "formats.model_classes": set(),
-    "ties": NORMAL_FORM | {"formats.architectures", "formats.model_classes"},
+    "ties": NORMAL_FORM | {"formats.architectures", "formats.model_classes", "formats.transformers_names"},
     "fit": NORMAL_FORM | {"formats.architectures", "formats.resolution", "lycoris"},
     "model_config": set(),
     "tuner_placement": NORMAL_FORM | {"formats.architectures", "tuner_kinds", "tuner_shapes"},
+    "expert_fit": NORMAL_FORM | {"fit", "formats.moe", "formats.resolution"},
+    "conflicts": {"errors", "plan", "tuner_placement"},
+    "quantized_plan": IO | {"formats.quantization", "quantized"},
     "plan": NORMAL_FORM
-    | {"fit", "ties", "model_config", "formats.architectures", "formats.resolution", "tuner_placement"},
+    | {"fit", "ties", "model_config", "formats.architectures", "formats.resolution", "tuner_placement"}
+    | {"conflicts", "expert_fit", "quantized", "quantized_plan", "formats.moe"},
     "tuner_steps": {"plan", "tuner_merge", "tuner_placement"},
     "mirror": IO | {"layout", "plan", "writer"},
     "workspace": IO,
-    "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "progress", "tuner_steps", "writer", "workspace"},
+    "terms": {"errors", "header", "experts", "linalg", "lycoris", "plan"},
+    "quantized_steps": {"blocks", "errors", "fp8", "header", "plan", "requant", "terms"},
+    "read_ahead": {"plan", "workspace"},
+    "surgery": NORMAL_FORM
+    | {"linalg", "lycoris", "mirror", "plan", "progress", "tuner_steps", "writer", "workspace"}
+    | {"quantized_steps", "read_ahead", "terms"},
     "decomposition": {"linalg", "rank_rule"},
     "pairing": IO | {"rank_rule", "formats.architectures"},
     "cluster": {"errors"},
     "journal": IO,
     "matrix_task": {"errors", "header", "decomposition", "rank_rule"},
     "extract_steps": {"errors", "cluster", "decomposition", "journal", "matrix_task", "pairing", "progress"}
-    | {"formats.peft"},
+    | {"formats.peft"}
+    | {"formats.moe"},
     "extraction": IO
     | {"decomposition", "pairing", "progress", "writer", "formats.architectures", "formats.peft"}
     | {"formats.model_classes"}
@@ -98,23 +124,29 @@ ALLOWED: dict[str, set[str]] = {
     "census": IO,
     "rules": {"errors", "header", "report"},
     "tuner_report": {"adapter", "formats.peft_tuner_inventory", "tuner_kinds"},
+    "stats": {"checkpoint", "experts", "linalg", "lycoris", "progress", "report"},
     "report": NORMAL_FORM
     | {"census", "rules", "formats", "formats.peft_config", "linalg", "lycoris", "plan"}
-    | {"progress", "tuner_report"},
+    | {"progress", "tuner_report"}
+    | {"formats.moe", "formats.quantization", "stats"},
     "__init__": NORMAL_FORM
     | {"formats", "formats.naming", "report", "rules", "plan", "surgery", "pairing"}
     | {"progress", "rank_rule", "extraction", "conversion", "cluster", "extract_steps"},
-    "documents": {"errors", "census", "report", "plan", "surgery", "extraction", "conversion", "cluster"},
+    "documents": {"errors", "census", "report", "plan", "surgery", "extraction", "conversion", "cluster"}
+    | {"expert_fit"},
     "progress_bar": {"progress", "units"},
     "tables": set(),
     "finding_groups": {"errors"},
+    "digest": {"census", "expert_fit", "quantized_steps", "report"},
     "render": {"errors", "census", "documents", "report", "plan", "surgery", "extraction", "conversion", "cluster"}
-    | {"finding_groups", "progress", "progress_bar", "tables", "units"},
+    | {"finding_groups", "progress", "progress_bar", "tables", "units"}
+    | {"digest"},
     "cli": {"__init__", "documents", "errors", "interrupts", "render"},
     "__main__": {"cli", "interrupts"},
 }
 NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", "model_config", "tuner_placement", "tuner_shapes", "tuner_kinds"]
 NO_TORCH_AT_IMPORT += ["pairing", "rank_rule", "progress", "progress_bar", "units", "tables", "finding_groups"]
+NO_TORCH_AT_IMPORT += ["conflicts", "expert_fit", "quantized", "quantized_plan"]
 NO_TORCH_AT_IMPORT += [m for m in ALLOWED if m.startswith("formats")]
 TERMINAL = {"render", "cli", "progress_bar", "tables"}  # the modules that may import rich or click
 
@@ -176,7 +208,7 @@ def test_imports_only_what_its_entry_allows(module: str) -> None:
     assert mine <= ALLOWED[module], f"{module} imports {sorted(mine - ALLOWED[module])}, which its entry does not allow"
 
 
-@pytest.mark.parametrize("module", ["linalg", "blocks", "lycoris"])
+@pytest.mark.parametrize("module", ["linalg", "blocks", "lycoris", "fp8", "experts"])
 def test_maths_imports_only_torch(module: str) -> None:
     assert imports(module)[1] <= {"torch", "__future__", "math", "collections", "dataclasses", "typing"}
 
@@ -199,7 +231,8 @@ def test_never_imports_torch_at_module_level(module: str) -> None:
     names = {a.name for n in top if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module or "" for n in top if isinstance(n, ast.ImportFrom)}
     assert not {n for n in names if n.split(".")[0] == "torch"}, module
-    heavy = {"linalg", "surgery", "writer", "extraction", "decomposition", "conversion"}
+    heavy = {"linalg", "surgery", "writer", "extraction", "decomposition", "conversion", "terms", "quantized_steps"}
+    heavy |= {"experts", "fp8", "requant", "compressed", "read_ahead"}
     mine = set().union(*(ours(n) for n in top))
     assert not mine & heavy, f"{module} imports {sorted(mine & heavy)} (which import torch) at module level"
 

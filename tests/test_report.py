@@ -237,6 +237,7 @@ def test_golden_sample_numbers_by_hand() -> None:
     adapter = json.loads((GOLDEN / "report-adapter-lora.json").read_text())["adapter"]
     per_layer = 8 * (64 + 64) * 2 + 8 * (64 + 32) * 2 + 8 * (64 + 128) * 3  # r·(in + out) per projection
     assert adapter["lora_parameters"] == 2 * per_layer == 16384
+    assert adapter["per_layer"] == {"0": per_layer, "1": per_layer}
     assert adapter["base_parameters"] == 2 * (block - 128) == 73728
     assert adapter["reduction"] == pytest.approx(1 - 16384 / 73728)
     assert {m["scale"] for m in adapter["modules"]} == {16 / 8}

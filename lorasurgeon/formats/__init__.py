@@ -19,10 +19,11 @@ from typing import Literal
 
 from lorasurgeon.adapter import ADAPTER_FORMATS, Adapter, AdapterFormat
 from lorasurgeon.checkpoint import Checkpoint, read_json, refuse_pickle
-from lorasurgeon.errors import InputError, Refusals
+from lorasurgeon.errors import Finding, InputError, Refusals
 from lorasurgeon.formats import diffusers, kohya, peft, peft_tuners
 from lorasurgeon.formats.naming import COMPONENTS
 from lorasurgeon.formats.peft_config import ADAPTER_CONFIG, LoraConfig, refusal
+from lorasurgeon.formats.quantization import qlora_warning
 from lorasurgeon.header import FLOAT_DTYPES
 
 __all__ = ["ADAPTER_FORMATS", "COMPONENTS", "AdapterFormat", "Detected", "detect", "load_adapter", "locate"]
@@ -73,7 +74,17 @@ def _read(path: Path, source: Checkpoint, config_path: Path | None, alpha: float
         refusals.add(peft.missing_config(source.path), severity="warning")
     settings = LoraConfig.parse(config_path or source.path, config or {}, alpha)
     adapter = peft.read(path, source, settings, config, refusals)
-    return dataclasses.replace(adapter, scale_known=config is not None or alpha is not None)
+    notes = _qlora_note(config_path, config) if config_path is not None and config is not None else ()
+    return dataclasses.replace(adapter, scale_known=config is not None or alpha is not None, notes=notes)
+
+
+def _qlora_note(config_path: Path, config: dict[str, object]) -> tuple[Finding, ...]:
+    """The warning for an adapter trained against a quantized base (QLoRA), which adapter_config.json's base
+    name or PEFT's old README record."""
+    readme = config_path.parent / "README.md"
+    text = readme.read_text(errors="replace") if readme.is_file() else None
+    warning = qlora_warning(config, text, str(config_path.parent))
+    return (Finding.of("warning", warning),) if warning else ()
 
 
 def not_an_adapter(source: Checkpoint) -> InputError:

@@ -77,8 +77,10 @@ def own_name(name: str, tensor: str) -> bool:
     (model.diffusion_model. -> lora_unet), not the component-file reading of the whole tensor name."""
     prefix = next((p for p in LAYOUT_PREFIXES if p and tensor.startswith(p)), "")
     component = prefix_of(name)
-    path = tensor[len(prefix) :].removesuffix(".weight").replace(".", "_")
-    return component in LAYOUT_PREFIXES[prefix] and name == f"{component}_{path}"
+    path = tensor[len(prefix) :].removesuffix(".weight")
+    if component in sd_layouts.TEXT_PREFIXES:  # a transformers-5 text encoder: the name with text_model
+        path = sd_layouts.text_model_path(path)
+    return component in LAYOUT_PREFIXES[prefix] and name == f"{component}_{path.replace('.', '_')}"
 
 
 def inner_path(tensor: str) -> str:

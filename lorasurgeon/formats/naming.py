@@ -18,7 +18,7 @@ from typing import Any
 
 from lorasurgeon.adapter import Adapter, AdapterFormat, LoraModule
 from lorasurgeon.errors import LorasurgeonError, MismatchError, Option, UnsupportedError
-from lorasurgeon.formats import kohya_names
+from lorasurgeon.formats import kohya_names, sd_layouts
 from lorasurgeon.formats.kohya import PREFIX_COMPONENTS, prefix_of
 
 PIPELINE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer", "prior")
@@ -63,11 +63,12 @@ def target_names(
         names = [_diffusers_name(adapter, m, base, component) for m in modules]
     else:
         names = [_kohya_name(adapter, m, base, _kohya_prefix(adapter, m, component)) for m in modules]
-    seen: dict[str, LoraModule] = {}
+    seen: dict[tuple[str, str], LoraModule] = {}
     for name, m in zip(names, modules, strict=True):
-        if name in seen:
-            raise UnsupportedError(f"{seen[name].a.name} and {m.a.name} would both be named {name} in the {to} file")
-        seen[name] = m
+        key = (name, m.parameter)  # PEFT's nested wrappers of one module's parameters share its name
+        if key in seen:
+            raise UnsupportedError(f"{seen[key].a.name} and {m.a.name} would both be named {name} in the {to} file")
+        seen[key] = m
     return names
 
 
@@ -104,7 +105,8 @@ def _diffusers_name(adapter: Adapter, module: LoraModule, base: Targets | None, 
     """`<component>.<module path>`: the file's own name, the kohya prefix's component and BASE's path, or
     `component` and the PEFT module path."""
     if adapter.format == "diffusers":
-        return module.module
+        component, _, path = module.module.partition(".")
+        return f"{component}.{_text_model(component, path)}"
     if adapter.format == "kohya":
         prefix = prefix_of(module.module)
         tensor = _base_tensor(adapter, module, base)
@@ -118,14 +120,20 @@ def _diffusers_name(adapter: Adapter, module: LoraModule, base: Targets | None, 
                 f"{module.a.name} -> {tensor}: BASE stores the U-Net under SAI names (input_blocks, ...), which "
                 "are not diffusers module paths; convert against the diffusers-layout unet/ checkpoint instead"
             )
-        return f"{module.component}.{kohya_names.inner_path(tensor)}"
+        return f"{module.component}.{_text_model(module.component, kohya_names.inner_path(tensor))}"
     if component is None:
         raise LorasurgeonError(
             f"{adapter.path}: a diffusers file names every module under its pipeline component; pass ",
             Option("component"),
             f" ({', '.join(PIPELINE_COMPONENTS)}) to say which this adapter is for",
         )
-    return f"{COMPONENTS[component]}.{module.module}"
+    return f"{COMPONENTS[component]}.{_text_model(COMPONENTS[component], module.module)}"
+
+
+def _text_model(component: str, path: str) -> str:
+    """A text encoder's module path with `text_model.` (what ComfyUI's key map and older diffusers know; diffusers
+    strips it for a transformers-5 model that has none)."""
+    return sd_layouts.text_model_path(path) if component.startswith("text_encoder") else path
 
 
 def _kohya_prefix(adapter: Adapter, module: LoraModule, component: str | None) -> str | None:
@@ -175,4 +183,6 @@ def _kohya_name(adapter: Adapter, module: LoraModule, base: Targets | None, pref
             " with a checkpoint whose layout gives it",
         )
     path = module.module.partition(".")[2] if adapter.format == "diffusers" else module.module
+    if prefix in sd_layouts.TEXT_PREFIXES:  # ComfyUI's key map knows text encoders by their text_model names
+        path = sd_layouts.text_model_path(path)
     return f"{prefix}_{path.replace('.', '_')}"

@@ -19,6 +19,7 @@ from lorasurgeon.adapter import Adapter, Kind, LoraModule, Refused, Replacement,
 from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import InputError, LorasurgeonError, MismatchError, Option, Refusals
 from lorasurgeon.formats.peft_config import ADAPTER_CONFIG, LoraConfig
+from lorasurgeon.formats.peft_parameters import depth_of, parameter_module, wraps_parameters
 from lorasurgeon.header import TensorInfo, dtype_name
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ def read(
     """A PEFT adapter file read with `settings` (from its adapter_config.json, or defaults when `config` is None:
     every module selected, ranks from the file)."""
     contents = _Contents(has_config=config is not None)
-    parts: dict[str, dict[str, TensorInfo]] = {}
+    parts: dict[tuple[str, int], dict[str, TensorInfo]] = {}  # (module, nesting level of a wrapped parameter)
     for info in source:
         key = split_key(info.name)
         if key.role == "replacement":
@@ -101,9 +102,10 @@ def read(
                 continue
             contents.rows.append(TokenRows(key.module, info, indices))
         else:
-            parts.setdefault(key.module, {})[key.role] = info
-    for module, found in parts.items():
-        contents.add(source.path, settings, module, found, refusals)
+            depth = depth_of(info.name) if wraps_parameters(settings, key.module) else 0
+            parts.setdefault((key.module, depth), {})[key.role] = info
+    for (module, depth), found in parts.items():
+        contents.add(source.path, settings, module, found, refusals, depth)
     return Adapter(
         path,
         "peft",
@@ -118,6 +120,7 @@ def read(
         rank_source=ADAPTER_CONFIG if config is not None else "the command line",
         tied_lora=settings.ensure_weight_tying,
         refused=tuple(contents.refused),
+        target_parameters=tuple(settings.target_parameters),
     )
 
 
@@ -133,16 +136,24 @@ class _Contents:
     refused: list[Refused] = field(default_factory=list)
 
     def add(
-        self, where: Path, settings: LoraConfig, module: str, found: dict[str, TensorInfo], refusals: Refusals
+        self,
+        where: Path,
+        settings: LoraConfig,
+        module: str,
+        found: dict[str, TensorInfo],
+        refusals: Refusals,
+        depth: int = 0,
     ) -> None:
+        wrapped = self.has_config and wraps_parameters(settings, module)
         try:
             a, b, kind = factors(where, found)
             lora = read_module(where, settings, module, found, (a, b, kind), refusals, has_config=self.has_config)
+            lora = parameter_module(where, settings, lora, depth) if wrapped else lora
         except LorasurgeonError as e:
             refusals.add(e)
             self.refused.append(Refused(module, "unpaired", dict(found)))
             return
-        selected = not self.has_config or settings.selects(module)
+        selected = not self.has_config or wrapped or settings.selects(module)
         (self.modules if selected else self.unselected).append(lora)
 
 

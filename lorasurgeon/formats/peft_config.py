@@ -8,6 +8,7 @@ exactly is an UnsupportedError naming it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import Counter
@@ -27,7 +28,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 YET = "which lorasurgeon cannot merge yet"
 UNSUPPORTED_FIELDS: dict[str, tuple[str, str]] = {
     "layer_replication": ("layer replication (layer_replication)", "which PEFT cannot merge either"),
-    "target_parameters": ("LoRA on raw parameters (target_parameters)", YET),
     "alora_invocation_tokens": ("activated LoRA (alora_invocation_tokens)", "which cannot be merged at all"),
     "velora_config": ("VeLoRA (velora_config)", YET),
     "kasa_config": ("KaSA (kasa_config)", YET),
@@ -55,6 +55,7 @@ class LoraConfig:
     alpha_pattern: dict[str, float]
     selection: Selection
     token_indices: list[int] | dict[str, list[int]] | None
+    target_parameters: list[str] = dataclasses.field(default_factory=list)
     ensure_weight_tying: bool = False
 
     @property
@@ -79,6 +80,7 @@ class LoraConfig:
             selection=Selection.parse(field),
             token_indices=field.token_indices("trainable_token_indices"),
             ensure_weight_tying=field.boolean("ensure_weight_tying"),
+            target_parameters=_listed(field.names("target_parameters")),
         )
 
     def selects(self, module: str) -> bool:
@@ -148,6 +150,10 @@ class Selection:
             return True
         index = layer_index(module, self.layers_pattern)
         return index is not None and (index == wanted if isinstance(wanted, int) else index in wanted)
+
+
+def _listed(value: str | list[str] | None) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or ())
 
 
 def refusal(where: Path, config: Mapping[str, Any]) -> UnsupportedError | None:

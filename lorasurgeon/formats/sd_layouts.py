@@ -58,6 +58,13 @@ FUSED_WEIGHT = "attn.in_proj_weight"
 FUSED_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 # The SD1 single-file text encoder (Hugging Face CLIP); very old files store it without the `text_model.` level.
 SD1_TEXT = "cond_stage_model.transformer."
+SDXL_TEXT1 = "conditioner.embedders.0.transformer."
+# transformers 5 holds and saves a CLIPTextModel without `text_model.` (`encoder.layers.*`); sd-scripts, diffusers'
+# conversions and ComfyUI's key map name its modules with it. Both names resolve in both stored layouts, as
+# diffusers applies both (it strips `text_model.` when the model has none); convert writes the `text_model` one.
+TEXT_MODEL = "text_model."
+FLAT_TEXT = "encoder.layers."
+TEXT_PREFIXES = ("lora_te", "lora_te1", "lora_te2")
 
 
 def kohya_paths(tensor_names: Sequence[str]) -> list[tuple[str, str, str]]:
@@ -175,4 +182,27 @@ def _text_paths(name: str) -> list[tuple[str, str]]:
     inner = name.removeprefix(SD1_TEXT)
     if name.startswith(SD1_TEXT) and not inner.startswith("text_model.") and name.endswith(".weight"):
         return [("lora_te", "text_model." + inner.removesuffix(".weight"))]
+    return _text_model_aliases(name)
+
+
+def _text_model_aliases(name: str) -> list[tuple[str, str]]:
+    """The other reading of a CLIP text encoder weight: with `text_model.` for a transformers-5 file
+    (`encoder.layers.0.self_attn.q_proj`), without it for a `text_model.*` one (single files: their component)."""
+    path = name.removesuffix(".weight")
+    if path == name:
+        return []
+    if path.startswith(FLAT_TEXT):
+        return [(component, TEXT_MODEL + path) for component in TEXT_PREFIXES]
+    if path.startswith(TEXT_MODEL + FLAT_TEXT):
+        return [(component, path.removeprefix(TEXT_MODEL)) for component in TEXT_PREFIXES]
+    for prefix, component in ((SD1_TEXT, "lora_te"), (SDXL_TEXT1, "lora_te1")):
+        inner = path.removeprefix(prefix)
+        if path.startswith(prefix) and inner.startswith(TEXT_MODEL + FLAT_TEXT):
+            return [(component, inner.removeprefix(TEXT_MODEL))]
     return []
+
+
+def text_model_path(path: str) -> str:
+    """A CLIP text encoder module path as sd-scripts, diffusers and ComfyUI name it: `text_model.` put back on a
+    transformers-5 path (`encoder.layers.0.mlp.fc1` -> `text_model.encoder.layers.0.mlp.fc1`)."""
+    return TEXT_MODEL + path if path.startswith(FLAT_TEXT) else path

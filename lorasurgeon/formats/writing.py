@@ -19,6 +19,7 @@ from lorasurgeon.formats import diffusers, kohya
 from lorasurgeon.formats.model_classes import auto_mapping, task_type
 from lorasurgeon.formats.peft import PEFT_PREFIX
 from lorasurgeon.formats.peft_config import adapter_config, written
+from lorasurgeon.formats.peft_parameters import nesting
 from lorasurgeon.header import TensorInfo
 
 FACTOR_KEYS = {
@@ -59,6 +60,11 @@ CANNOT: dict[tuple[str, str], str] = {
         for target in ADAPTER_FORMATS
     },
     ("diffusers", "tokens"): f"holds trainable token rows; {NO_LORA_KEY}",
+    **{
+        (target, "parameter"): "is LoRA on a module's raw parameter (PEFT target_parameters, such as fused MoE "
+        f"experts), which {target} files cannot hold: keep it a PEFT adapter"
+        for target in ("kohya", "diffusers")
+    },
 }
 
 
@@ -95,6 +101,8 @@ def _unheld(m: LoraModule, to: AdapterFormat) -> list[tuple[str, str]]:
         return [(m.magnitude.name, "dora_scale")]
     if to == "peft":
         return []
+    if m.parameter != "weight" or m.kind == "experts":
+        return [(m.a.name, "parameter")]
     parts = [(m.a.name, "conv1d")] if m.fan_in_fan_out else []
     parts += [(m.a.name, "embedding")] if m.kind == "embedding" else []
     if to == "kohya":
@@ -202,9 +210,12 @@ def metadata(
 def entries(adapter: Adapter, modules: list[Converted], to: AdapterFormat) -> list[tuple[str, TensorInfo | float]]:
     """The output's tensors in order: source tensors copied byte for byte, and kohya's float32 alphas (numbers)."""
     out: list[tuple[str, TensorInfo | float]] = []
+    depths = nesting([c.module for c in modules])
     for c in modules:
         m = c.module
-        prefix = PEFT_PREFIX + c.name if to == "peft" else c.name
+        prefix = (
+            PEFT_PREFIX + c.name + ".base_layer" * depths.get((m.module, m.parameter), 0) if to == "peft" else c.name
+        )
         a_key, b_key = FACTOR_KEYS["kohya" if to == "kohya" else "embedding" if m.kind == "embedding" else "linear"]
         out += [(f"{prefix}.{a_key}", m.a), (f"{prefix}.{b_key}", m.b)]
         if to == "kohya":
