@@ -14,14 +14,15 @@ B with column scales i^-0.5 so the spectrum decays, cut to `--new-rank`:
   - dense (kohya's resize_lora.py): ΔW = B @ A in fp32, `torch.linalg.svd(ΔW)` (full_matrices=True, its
     default), keep the top k. Run on ONE module of each distinct shape (or every module with --dense-all) and
     scaled by the number of modules of that shape; the output says which.
-  Errors ‖ΔW − B'A'‖_F are measured densely on the sampled modules for both routes and divided by the
+  Errors ‖ΔW − B'A'‖_F are measured densely (fp64) on the sampled modules for both routes and divided by the
   Eckart–Young optimum √(Σ_{i>k} σᵢ²) from the dense route's own σ (fp32: ratios carry ~1e-6 of rounding).
 Part 2, federated: `--clients` rank-`--client-rank` clients per module (a shared component plus a per-client
 drift, weights = random sample counts, normalised: FedAvg), streamed one client at a time into
 `stacked_sum.StackedSum`, then `svd()` and `truncate` to `--new-rank`; total time against the scaled dense
 resize route of part 1 ("one dense SVD route"). Checked on the first module against a dense fp64 sum and its
-svdvals, with FedIT's naive A/B-average error printed for it. Peak RSS for `--rss-clients` client counts, each
-in a fresh child process over `--rss-layers` layers, shows how memory grows with the number of clients.
+svdvals (after the peak RSS was read), with FedIT's naive A/B-average error printed for it. Peak RSS for
+`--rss-clients` client counts, each in a fresh child process over `--rss-layers` layers, shows how memory
+grows with the number of clients.
 
 Every part runs in a child process of this (small, torch-free) one, which reports its own peak RSS
 (getrusage); this process only prints. Timings exclude generating the factors.
@@ -63,21 +64,39 @@ def adapter_factors(m: int, n: int, rank: int, seed: int) -> tuple[Any, Any]:
     return b, a
 
 
-def dense_route(b: Any, a: Any, scale: float, k: int) -> tuple[float, Any, Any, Any, Any]:
+Seconds = tuple[float, float]  # (wall, CPU of this process): on a shared machine the CPU time is the steadier
+
+
+def clock() -> Seconds:
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: Seconds) -> Seconds:
+    now = clock()
+    return now[0] - start[0], now[1] - start[1]
+
+
+def add(total: Seconds, more: Seconds, times: int = 1) -> Seconds:
+    return total[0] + times * more[0], total[1] + times * more[1]
+
+
+def dense_route(b: Any, a: Any, scale: float, k: int) -> tuple[Seconds, Any, Any, Any, Any]:
     """kohya's resize: (seconds, ΔW, B', A', σ) with ΔW formed in fp32 and a full SVD of it."""
     import torch
 
-    started = time.perf_counter()
+    start = clock()
     delta = (b @ a).mul_(scale)  # (m, r) @ (r, n) -> (m, n)
     u, sigma, vh = torch.linalg.svd(delta)  # full_matrices=True, as resize_lora.py calls it
     b_new, a_new = u[:, :k] * sigma[:k], vh[:k]
-    return time.perf_counter() - started, delta, b_new, a_new, sigma
+    return since(start), delta, b_new, a_new, sigma
 
 
-def relative_error(delta: Any, b: Any, a: Any) -> float:
+def error_ratio(delta: Any, b: Any, a: Any, sigma: Any, k: int) -> float:
+    """‖ΔW − B·A‖_F / √(Σ_{i>k} σᵢ²), the residual in fp64 (an fp32 norm of 45M entries is off by ~1e-4)."""
     import torch
 
-    return float(torch.linalg.matrix_norm(delta - (b.float() @ a.float())) / torch.linalg.matrix_norm(delta))
+    residual = float(torch.linalg.matrix_norm(delta.double() - b.double() @ a.double()))
+    return residual / float(sigma[k:].double().square().sum().sqrt())
 
 
 def part_resize(args: argparse.Namespace) -> dict[str, Any]:
@@ -85,19 +104,19 @@ def part_resize(args: argparse.Namespace) -> dict[str, Any]:
 
     scale, k = 0.5, args.new_rank  # alpha = rank / 2
     table = shapes(args.hidden, args.intermediate)
-    ours_total, worst_error = 0.0, 0.0
-    ours_by_shape: dict[tuple[int, int], list[float]] = {}
+    ours_total, worst_error = (0.0, 0.0), 0.0
+    ours_by_shape: dict[tuple[int, int], list[Seconds]] = {}
     for layer in range(args.layers):
         for index, (name, (m, n)) in enumerate(table.items()):
             b, a = adapter_factors(m, n, args.rank, seed=layer * 7 + index)
-            started = time.perf_counter()
+            start = clock()
             out = factored.resize(b, a, scale, k)
-            seconds = time.perf_counter() - started
-            ours_total += seconds
+            seconds = since(start)
+            ours_total = add(ours_total, seconds)
             ours_by_shape.setdefault((m, n), []).append(seconds)
             worst_error = max(worst_error, factored.module_row(name, args.rank, out.sigma, k).error)
     ours_rss = peak_rss_mib()
-    rows, dense_total = [], 0.0
+    rows, dense_total = [], (0.0, 0.0)
     sampled: dict[tuple[int, int], int] = {}
     for layer in range(args.layers if args.dense_all else 1):
         for index, (name, (m, n)) in enumerate(table.items()):
@@ -109,11 +128,12 @@ def part_resize(args: argparse.Namespace) -> dict[str, Any]:
             ours = factored.resize(b, a, scale, k)
             optimum = float(sigma[k:].double().square().sum().sqrt() / sigma.double().square().sum().sqrt())
             count = len(ours_by_shape[(m, n)]) if not args.dense_all else 1
-            dense_total += seconds * count
+            dense_total = add(dense_total, seconds, count)
+            mean = [sum(t[i] for t in ours_by_shape[(m, n)]) / len(ours_by_shape[(m, n)]) for i in (0, 1)]
             rows.append({"module": f"layers.{layer}.{name}", "shape": f"{m}x{n}", "dense_s": seconds,
-                         "ours_s": sum(ours_by_shape[(m, n)]) / len(ours_by_shape[(m, n)]), "scaled_by": count,
-                         "optimum": optimum, "dense_ratio": relative_error(delta, b_dense, a_dense) / optimum,
-                         "ours_ratio": relative_error(delta, ours.b, ours.a) / optimum})  # fmt: skip
+                         "ours_s": mean, "scaled_by": count,
+                         "optimum": optimum, "dense_ratio": error_ratio(delta, b_dense, a_dense, sigma, k),
+                         "ours_ratio": error_ratio(delta, ours.b, ours.a, sigma, k)})  # fmt: skip
             del delta, b_dense, a_dense
     return {"modules": args.layers * 7, "ours_total_s": ours_total, "dense_total_s": dense_total,
             "dense_sampled": not args.dense_all, "rows": rows, "ours_rss_mib": ours_rss,
@@ -139,7 +159,7 @@ def part_federated(args: argparse.Namespace) -> dict[str, Any]:
 
     counts = torch.randint(100, 1000, (args.clients,), generator=torch.Generator().manual_seed(0)).double()
     weights = (counts / counts.sum()).tolist()
-    scale, total, check = 2.0, 0.0, {}
+    scale, total, check = 2.0, (0.0, 0.0), dict[str, Any]()
     for layer in range(args.layers):
         for index, (m, n) in enumerate(shapes(args.hidden, args.intermediate).values()):
             first = layer == 0 and index == 0 and args.check
@@ -148,19 +168,22 @@ def part_federated(args: argparse.Namespace) -> dict[str, Any]:
             a_mean = torch.zeros(args.client_rank, n, dtype=torch.float64) if first else None
             for client, w in enumerate(weights):
                 b, a = client_factors(m, n, args.client_rank, layer * 7 + index, client)
-                started = time.perf_counter()
+                start = clock()
                 acc.add(b, a, w * scale)
-                total += time.perf_counter() - started
+                total = add(total, since(start))
                 if b_mean is not None and a_mean is not None:
                     b_mean += w * scale * b.double()
                     a_mean += w * a.double()
-            started = time.perf_counter()
+            start = clock()
             out = factored.truncate(*acc.svd(keep=args.new_rank), args.new_rank)
-            total += time.perf_counter() - started
+            total = add(total, since(start))
             if b_mean is not None and a_mean is not None:
-                check = federated_check(args, m, n, weights, scale, out, naive_relative_error(acc, b_mean, a_mean))
-    return {"clients": args.clients, "modules": args.layers * 7, "total_s": total, "peak_rss_mib": peak_rss_mib(),
-            **check}  # fmt: skip
+                check = {"naive": naive_relative_error(acc, b_mean, a_mean), "out": out, "shape": (m, n)}
+    result = {"clients": args.clients, "modules": args.layers * 7, "total_s": total, "peak_rss_mib": peak_rss_mib()}
+    if check:  # after the peak RSS was read: the dense check's fp64 (m, n) sum is no part of the aggregation
+        m, n = check["shape"]
+        result.update(federated_check(args, m, n, weights, scale, check["out"], check["naive"]))
+    return result
 
 
 def federated_check(
@@ -197,38 +220,43 @@ def child(part: str, args: argparse.Namespace, **overrides: Any) -> dict[str, An
     return result
 
 
+def pair(seconds: Seconds) -> str:
+    return f"{seconds[0]:.2f} / {seconds[1]:.2f}"
+
+
 def report(args: argparse.Namespace) -> None:
     print(f"# resize / federated benchmark ({platform.machine()}, {os.cpu_count()} CPUs; hidden {args.hidden}, "
-          f"intermediate {args.intermediate}, {args.layers} layers)\n")  # fmt: skip
+          f"intermediate {args.intermediate}, {args.layers} layers; times are wall s / CPU s)\n")  # fmt: skip
     r = child("resize", args)
     how = "one module of each shape, scaled by its count" if r["dense_sampled"] else "every module"
     print(f"## resize rank {args.rank} -> {args.new_rank}, {r['modules']} modules (dense route on {how})\n")
     print("| module | shape | dense s | ours s (mean of shape) | x modules | optimum rel. err | dense / opt "
-          "| ours / opt |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+          "| ours / opt |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
     for row in r["rows"]:
-        print(f"| {row['module']} | {row['shape']} | {row['dense_s']:.2f} | {row['ours_s']:.4f} | {row['scaled_by']} "
-              f"| {row['optimum']:.4f} | {row['dense_ratio']:.6f} | {row['ours_ratio']:.6f} |")  # fmt: skip
-    print(f"\nours, all {r['modules']} modules: {r['ours_total_s']:.2f} s (peak RSS {r['ours_rss_mib']:.0f} MiB); "
-          f"dense route{' (scaled)' if r['dense_sampled'] else ''}: {r['dense_total_s']:.1f} s "
-          f"(peak RSS with it {r['peak_rss_mib']:.0f} MiB); time ratio {r['dense_total_s'] / r['ours_total_s']:.1f}x; "
-          f"worst error ratio {max(row['ours_ratio'] for row in r['rows']):.6f}\n")  # fmt: skip
+        print(f"| {row['module']} | {row['shape']} | {pair(row['dense_s'])} | {pair(row['ours_s'])} | "
+              f"{row['scaled_by']} | {row['optimum']:.4f} | {row['dense_ratio']:.6f} | "
+              f"{row['ours_ratio']:.6f} |")  # fmt: skip
+    dense, ours = r["dense_total_s"], r["ours_total_s"]
+    print(f"\nours, all {r['modules']} modules: {pair(ours)} s (peak RSS {r['ours_rss_mib']:.0f} MiB); dense route"
+          f"{' (scaled)' if r['dense_sampled'] else ''}: {pair(dense)} s (peak RSS with it {r['peak_rss_mib']:.0f} "
+          f"MiB); dense / ours: {dense[0] / ours[0]:.1f}x wall, {dense[1] / ours[1]:.1f}x CPU; worst error ratio "
+          f"{max(row['ours_ratio'] for row in r['rows']):.6f}\n")  # fmt: skip
     if args.skip_federated:
         return
     f = child("federated", args, check=True)
     print(f"## federated mean of {f['clients']} rank-{args.client_rank} clients -> rank {args.new_rank}, "
           f"{f['modules']} modules\n")  # fmt: skip
-    print(f"streamed, exact: {f['total_s']:.1f} s, peak RSS {f['peak_rss_mib']:.0f} MiB; against the dense resize "
-          f"route above: {r['dense_total_s'] / f['total_s']:.1f}x faster")  # fmt: skip
-    print(
-        f"first module: error / Eckart-Young optimum (dense fp64) {f['check_error_ratio']:.8f} (relative error "
-        f"{f['check_relative_error']:.4f}); FedIT's A/B average would be off by {f['fedit_relative_error']:.4f}\n"
-    )
+    fed = f["total_s"]
+    print(f"streamed, exact: {pair(fed)} s, peak RSS {f['peak_rss_mib']:.0f} MiB; the dense resize route above "
+          f"takes {dense[0] / fed[0]:.1f}x (wall), {dense[1] / fed[1]:.1f}x (CPU) as long")  # fmt: skip
+    print(f"first module: error / Eckart-Young optimum (dense fp64) {f['check_error_ratio']:.8f} (relative error "
+          f"{f['check_relative_error']:.4f}); FedIT's A/B average would be off by "
+          f"{f['fedit_relative_error']:.4f}\n")  # fmt: skip
     print(f"peak RSS against the number of clients ({args.rss_layers} layer(s), fresh process each):\n")
     print("| clients | stacked rank of the largest module | algebra s | peak RSS MiB |\n|---|---|---|---|")
     for clients in args.rss_clients:
         s = child("federated", args, clients=clients, layers=args.rss_layers)
-        print(f"| {clients} | {clients * args.client_rank} | {s['total_s']:.1f} | {s['peak_rss_mib']:.0f} |")
+        print(f"| {clients} | {clients * args.client_rank} | {pair(s['total_s'])} | {s['peak_rss_mib']:.0f} |")
 
 
 def main() -> None:

@@ -9,8 +9,10 @@ Definitions (Yadav et al. 2023, "TIES-Merging"; Yu et al. 2024, "DARE"), with PE
 (peft/utils/merge_utils.py, 0.21.2) where the papers leave a choice:
 - trim: keep the ⌊density·numel⌋ entries of largest |x|; ties at the threshold keep the lowest flat indices.
 - elect: per entry, γ = sign(Σᵢ τᵢ) ("total", the TIES paper's mass) or sign(Σᵢ sign τᵢ) ("frequency"), over
-  the *unweighted* trimmed τᵢ, with γ = +1 where that sum is 0 (PEFT). mergekit elects on the weighted τᵢ.
+  the *unweighted* trimmed τᵢ, with γ = +1 where that sum is 0 (PEFT).
 - disjoint merge: Σ_{i: sign τᵢ = γ} wᵢ·τᵢ / #{i: sign τᵢ = γ} (zeros agree with no sign; 0 where none do).
+  With all wᵢ = 1 this is the paper's. mergekit (merge_methods/generalized_task_arithmetic.py) differs when
+  weights differ: it elects on the weighted wᵢ·τᵢ and divides by Σ wᵢ over the agreeing i, not by their count.
 - DARE: keep each entry with probability `density` (drop p = 1 − density) and rescale kept ones by
   1/density, so E[result] = τ. The mask depends only on (seed, module name, adapter index) and the shape, so
   any process, device or order of modules draws identical bits (PEFT draws from the global RNG).
