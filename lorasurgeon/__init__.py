@@ -31,11 +31,13 @@ from lorasurgeon.rules import RULE_HELP, judge, parse_rule
 if TYPE_CHECKING:
     import torch
 
+    from lorasurgeon.algebra import AlgebraSummary
     from lorasurgeon.conversion import ConvertSummary
     from lorasurgeon.extraction import ExtractSummary
     from lorasurgeon.plan import Operation, Plan
     from lorasurgeon.surgery import Progress, SurgerySummary
 LAZY_TYPES = {
+    "AlgebraSummary": "lorasurgeon.algebra",
     "ConvertSummary": "lorasurgeon.conversion",
     "ExtractSummary": "lorasurgeon.extraction",
     "Progress": "lorasurgeon.surgery",
@@ -46,7 +48,9 @@ __all__ = [
     "ADAPTER_FORMATS",
     "COMPONENTS",
     "DTYPE_CHOICES",
+    "METHODS",
     "RULE_HELP",
+    "AlgebraSummary",
     "ConvertSummary",
     "ExtractSummary",
     "LorasurgeonError",
@@ -54,13 +58,16 @@ __all__ = [
     "Report",
     "SurgerySummary",
     "check",
+    "combine",
     "convert",
     "extract",
     "merge",
     "report",
+    "resize",
     "unmerge",
 ]
 
+METHODS = ("cat", "svd", "ties", "dare", "dare_ties", "magnitude_prune")  # combine's, as lorasurgeon.combination
 DTYPE_CHOICES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 PathLike = str | Path
 try:
@@ -252,6 +259,38 @@ def convert(
 
     options = ConvertOptions(to, Path(base) if base is not None else None, component, alpha)
     return run_convert(Path(adapter), Path(out) if out is not None else None, options, force=force, dry_run=dry_run)
+
+
+def resize(
+    adapter: PathLike, out: PathLike | None = None, *, rank: int | None = None, energy: float | None = None,
+    ratio: float | None = None, fro: float | None = None, params: int | None = None, to: str | None = None,
+    device: str = "auto", force: bool = False,
+) -> AlgebraSummary:  # fmt: skip
+    """Write `adapter` with smaller ranks, in its format or `to` (default OUT `<adapter>-resized`): per module the
+    best rank-k factors of its own ΔW, exact, from its factors (never the dense ΔW). k by one rule (rank_rules,
+    budget): `rank`; `energy`; `ratio` (σ_k/σ₁ ≥ 1/X); `fro`; or `params`, one budget minimising the total squared
+    error. Raises UnsupportedError naming a module it cannot resize exactly, LorasurgeonError for a rank above it."""
+    from lorasurgeon.algebra import resize_options, run
+
+    options = resize_options({"rank": rank, "energy": energy, "ratio": ratio, "fro": fro, "params": params}, to)
+    return run("resize", [adapter], [1.0], out, options, resolve_device(device), force)
+
+
+def combine(
+    adapters: Sequence[PathLike], out: PathLike, *, weights: Sequence[float] | None = None,
+    weights_file: PathLike | None = None, mean: bool = False, method: str | None = None, rank: int | None = None,
+    energy: float | None = None, density: float | None = None, seed: int = 0, report_naive: bool = False,
+    to: str | None = None, device: str = "auto", force: bool = False,
+) -> AlgebraSummary:  # fmt: skip
+    """Write Σ weightᵢ·ΔWᵢ as one adapter over the union of modules (a missing one is 0). Weights: `weights`, or
+    `weights_file` (JSON or CSV of path → weight), default 1; `mean` divides by their sum (FedAvg). `method`: cat
+    (exact, the default), svd (the exact sum cut to `rank`/`energy`, the default with either), ties, dare, dare_ties
+    or magnitude_prune (dense per module, at `density`, DARE from `seed`); `report_naive`: FedIT's error too."""
+    from lorasurgeon.algebra import combine_options, combine_weights, run
+
+    options = combine_options(method, {"rank": rank, "energy": energy}, density, seed, report_naive, to)
+    chosen = combine_weights(adapters, weights, weights_file, mean)
+    return run("combine", adapters, chosen, out, options, resolve_device(device), force)
 
 
 @contextlib.contextmanager

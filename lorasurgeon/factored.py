@@ -49,8 +49,8 @@ def core_svd(
     core = (r_b @ r_a.T).mul_(scale)  # (p, r) @ (r, q) -> (p, q)
     u_core, sigma, vh_core = torch.linalg.svd(core, full_matrices=False)  # (p, k), (k,), (k, q)
     j = min(len(sigma), len(sigma) if keep is None else keep(sigma) if callable(keep) else keep)
-    u = _times_q(reflectors_b, tau_b, u_core[:, :j])  # Q_B (m, p) @ (p, j) -> (m, j)
-    v = _times_q(reflectors_a, tau_a, vh_core[:j].T)  # Q_A (n, q) @ (q, j) -> (n, j)
+    u = apply_q(reflectors_b, tau_b, u_core[:, :j])  # Q_B (m, p) @ (p, j) -> (m, j)
+    v = apply_q(reflectors_a, tau_a, vh_core[:j].T)  # Q_A (n, q) @ (q, j) -> (n, j)
     return u, sigma, v.T
 
 
@@ -60,7 +60,7 @@ def _householder(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return reflectors, tau, reflectors[: min(x.shape)].triu()
 
 
-def _times_q(reflectors: torch.Tensor, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def apply_q(reflectors: torch.Tensor, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Q·y for the reduced Q (rows, p) of `_householder`, y (p, j): the full Q applied to y padded with zeros."""
     padded = y.new_zeros(reflectors.shape[0], y.shape[1])
     padded[: y.shape[0]] = y

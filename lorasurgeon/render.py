@@ -21,6 +21,7 @@ from lorasurgeon.errors import Finding, UnsupportedError
 from lorasurgeon.report import ModuleReport, Report
 
 if TYPE_CHECKING:  # not imported at run time: they load torch, which `report` does not need
+    from lorasurgeon.algebra import AlgebraSummary
     from lorasurgeon.conversion import ConvertSummary
     from lorasurgeon.extraction import ExtractSummary
     from lorasurgeon.plan import Plan
@@ -290,6 +291,29 @@ def show_convert(summary: ConvertSummary) -> None:
     stderr.print(
         f"convert: {verb} {summary.output} ({summary.target_format} from {summary.source.format}, "
         f"{len(summary.modules)} modules, A and B bytes unchanged{size})",
+        soft_wrap=True,
+    )
+
+
+def show_algebra(summary: AlgebraSummary) -> None:
+    """The resize / combine table on stderr: per module the ranks, retained energy and relative error (and FedIT's
+    with --report-naive), a total row, then what was written."""
+    show_findings(summary.warnings)
+    naive = any(m.naive is not None for m in summary.modules)
+    table = Table(title=f"{summary.operation} ({summary.method}, {summary.rule})", title_justify="left")
+    for column in ("module", "old rank", "new rank", "retained", "rel. error", *(["FedIT error"] if naive else [])):
+        table.add_column(column, justify="left" if column == "module" else "right")
+    for m in summary.modules:
+        fedit = [] if not naive else ["n/a" if m.naive is None else f"{m.naive:.4f}"]
+        table.add_row(m.row.name, str(m.row.old_rank), str(m.row.new_rank), f"{m.row.retained:.4f}",
+                      f"{m.row.error:.4f}", *fedit)  # fmt: skip
+    error = summary.total_error
+    total = [f"total ({len(summary.modules)} modules)", "", "", f"{1 - error**2:.4f}", f"{error:.4f}"]
+    table.add_row(*total, *([""] if naive else []), style="bold")
+    stderr.print(table)
+    stderr.print(
+        f"{summary.operation}: wrote {summary.output} ({summary.target_format}, {len(summary.modules)} modules, "
+        f"{summary.params:,} parameters, {summary.bytes_written / 1e6:.1f} MB, {summary.seconds:.1f} s)",
         soft_wrap=True,
     )
 

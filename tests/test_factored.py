@@ -254,10 +254,14 @@ def test_fedit_error_of_different_clients_matches_the_dense_one() -> None:
     for (b, a, s), w in zip(terms, weights, strict=True):
         acc.add(b, a, w * s)
     assert naive_relative_error(acc, b_mean, a_mean) == pytest.approx(got, abs=TIGHT * 64)
-    # The naive term went into scratch columns only (here past saturation, so the sum was re-compressed first).
-    assert acc.stacked_rank == 7
+    assert acc.stacked_rank == 12  # the naive term did not enter the sum
     fro = float(torch.linalg.matrix_norm(exact).item())
     assert abs(acc.frobenius() - fro) <= TIGHT * 64 * fro
+    # The command's route: the same number from the one in-place QR that also truncates the sum.
+    result, naive = acc.truncated(3, naive=(b_mean, a_mean))
+    assert naive == pytest.approx(got, abs=TIGHT * 64)
+    optimum = float(torch.linalg.svdvals(exact)[3:].square().sum().sqrt())
+    assert float(torch.linalg.matrix_norm(result.b @ result.a - exact)) <= optimum * (1 + 1e-12) + TIGHT * fro
 
 
 def test_terms_of_other_shapes_are_refused() -> None:
