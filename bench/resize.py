@@ -18,11 +18,11 @@ B with column scales i^-0.5 so the spectrum decays, cut to `--new-rank`:
   Eckart–Young optimum √(Σ_{i>k} σᵢ²) from the dense route's own σ (fp32: ratios carry ~1e-6 of rounding).
 Part 2, federated: `--clients` rank-`--client-rank` clients per module (a shared component plus a per-client
 drift, weights = random sample counts, normalised: FedAvg), streamed one client at a time into
-`stacked_sum.StackedSum`, then `svd()` and `truncate` to `--new-rank`; total time against the scaled dense
-resize route of part 1 ("one dense SVD route"). Checked on the first module against a dense fp64 sum and its
-svdvals (after the peak RSS was read), with FedIT's naive A/B-average error printed for it. Peak RSS for
-`--rss-clients` client counts, each in a fresh child process over `--rss-layers` layers, shows how memory
-grows with the number of clients.
+`stacked_sum.StackedSum`, then `truncated` to `--new-rank` (the command's route; FedIT's error from the same
+QR); total time against the scaled dense resize route of part 1 ("one dense SVD route"). Checked on the first
+module against a dense fp64 sum and its svdvals (after the peak RSS was read), with FedIT's naive A/B-average
+error printed for it. Peak RSS for `--rss-clients` client counts, each in a fresh child process over
+`--rss-layers` layers, shows how memory grows with the number of clients.
 
 Every part runs in a child process of this (small, torch-free) one, which reports its own peak RSS
 (getrusage); this process only prints. Timings exclude generating the factors.
@@ -154,8 +154,7 @@ def client_factors(m: int, n: int, rank: int, module_seed: int, client: int) -> 
 def part_federated(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from lorasurgeon import factored
-    from lorasurgeon.stacked_sum import StackedSum, naive_relative_error
+    from lorasurgeon.stacked_sum import StackedSum
 
     counts = torch.randint(100, 1000, (args.clients,), generator=torch.Generator().manual_seed(0)).double()
     weights = (counts / counts.sum()).tolist()
@@ -175,10 +174,11 @@ def part_federated(args: argparse.Namespace) -> dict[str, Any]:
                     b_mean += w * scale * b.double()
                     a_mean += w * a.double()
             start = clock()
-            out = factored.truncate(*acc.svd(keep=args.new_rank), args.new_rank)
+            naive = (b_mean, a_mean) if b_mean is not None and a_mean is not None else None
+            out, fedit = acc.truncated(args.new_rank, naive=naive)  # the command's route: the QRs in place
             total = add(total, since(start))
-            if b_mean is not None and a_mean is not None:
-                check = {"naive": naive_relative_error(acc, b_mean, a_mean), "out": out, "shape": (m, n)}
+            if naive is not None:
+                check = {"naive": fedit, "out": out, "shape": (m, n)}
     result = {"clients": args.clients, "modules": args.layers * 7, "total_s": total, "peak_rss_mib": peak_rss_mib()}
     if check:  # after the peak RSS was read: the dense check's fp64 (m, n) sum is no part of the aggregation
         m, n = check["shape"]

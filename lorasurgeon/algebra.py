@@ -100,6 +100,8 @@ def run(
     unless every module computes."""
     started = time.perf_counter()
     paths = [Path(p) for p in inputs]
+    if not paths:
+        raise LorasurgeonError(f"there is no adapter to {operation}: give at least one ADAPTER (an empty client list?)")
     adapters: list[Adapter] = []
     try:
         for path in paths:

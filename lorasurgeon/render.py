@@ -300,7 +300,8 @@ def show_algebra(summary: AlgebraSummary) -> None:
     with --report-naive), a total row, then what was written."""
     show_findings(summary.warnings)
     naive = any(m.naive is not None for m in summary.modules)
-    table = Table(title=f"{summary.operation} ({summary.method}, {summary.rule})", title_justify="left")
+    how = f"{summary.method}, {summary.rule}" if summary.operation == "combine" else summary.rule
+    table = Table(title=f"{summary.operation} ({how})", title_justify="left")
     for column in ("module", "old rank", "new rank", "retained", "rel. error", *(["FedIT error"] if naive else [])):
         table.add_column(column, justify="left" if column == "module" else "right")
     for m in summary.modules:

@@ -152,6 +152,7 @@ def _decompose(
         norm = float(torch.linalg.matrix_norm(core).item())
         off = float(torch.linalg.matrix_norm((r_p * difference) @ r_q.T).item())
         naive_error = off / norm if norm > 0 else 0.0 if off == 0 else math.inf
+    del r_p  # R×R numbers fewer at the SVD, the peak
     _, sigma, vh_core = torch.linalg.svd(core, full_matrices=False)  # (k,), (k, q)
     j = min(len(sigma), len(sigma) if keep is None else keep(sigma) if callable(keep) else keep)
     v = apply_q(reflectors, tau, vh_core[:j].T)  # Q_Q (S, q) @ (q, j) -> (S, j)
@@ -185,13 +186,13 @@ def _factorise(
     return _tsqr_r(tall, wide.shape[0], wide), r_q, reflectors, tau
 
 
-def _tsqr_r(tall: Sequence[torch.Tensor], rank: int, like: torch.Tensor) -> torch.Tensor:
+def _tsqr_r(tall: Sequence[torch.Tensor], rank: int, like: torch.Tensor, step: int | None = None) -> torch.Tensor:
     """R of the (L, rank) stack [P₁ … P_N] (fp64, (min(L, rank), rank)) from blocks of its rows: each block under
     the running R in one (≤ rank + step, rank) Fortran-ordered buffer, QR'd in place (TSQR)."""
     rows = int(tall[0].shape[0]) if tall else 0
     if rank == 0 or rows == 0:
         return like.new_zeros(0, rank)
-    step = max(rank, 256)
+    step = step or max(rank, 256)
     buffer = like.new_zeros(rank, rank + step)  # its transpose (rank + step, rank) is Fortran-ordered
     tau = like.new_empty(rank)
     held = 0  # rows of the running R at the top of the buffer's transpose

@@ -219,6 +219,34 @@ def test_stacked_sum_is_the_exact_weighted_sum(
     assert abs(acc.frobenius() - fro) <= TIGHT * size * 8 + 1e-300
 
 
+@settings(max_examples=120, deadline=None)
+@given(case=clients(), keep=st.integers(1, 12), bf16=st.booleans())
+def test_truncated_sum_is_the_optimum_whatever_the_orientation(
+    case: tuple[list[tuple[torch.Tensor, torch.Tensor, float]], list[float]], keep: int, bf16: bool
+) -> None:
+    """The command's route (`truncated`: in-place QR of the smaller side, TSQR of the larger held as given, the
+    larger side's vectors from ΔW·V): m > n and m < n alike, bf16 or fp32 factors, past saturation too; the
+    product is the Eckart–Young optimum of the exact sum and σ is its spectrum."""
+    terms, weights = case
+    if bf16:  # the larger side is kept in its own dtype: the exact sum is the one of the bf16 values
+        terms = [(b.bfloat16(), a.bfloat16(), s) for b, a, s in terms]
+    m, n = terms[0][0].shape[0], terms[0][1].shape[1]
+    expected = sum(w * dense(b, a, s) for (b, a, s), w in zip(terms, weights, strict=True))
+    assert isinstance(expected, torch.Tensor)
+    acc = StackedSum(m, n, capacity=3)
+    for (b, a, s), w in zip(terms, weights, strict=True):
+        acc.add(b, a, w * s)
+    result, naive = acc.truncated(keep)
+    sigma = torch.linalg.svdvals(expected)
+    size = sum(abs(w) * spectral(dense(b, a, s)) for (b, a, s), w in zip(terms, weights, strict=True))
+    k = min(keep, len(result.sigma))
+    assert result.b.shape == (m, k) and result.a.shape == (k, n) and naive != naive  # nan: no naive term
+    optimum = float(sigma[k:].square().sum().sqrt())
+    assert float(torch.linalg.matrix_norm(result.b @ result.a - expected)) <= optimum + TIGHT * size * 8 + 1e-300
+    assert torch.allclose(result.sigma, sigma[: len(result.sigma)], rtol=0, atol=TIGHT * size + 1e-300)
+    assert acc.stacked_rank == 0  # consumed
+
+
 @settings(max_examples=60, deadline=None)
 @given(case=factors(rank=4), count=st.integers(1, 9), data=st.data())
 def test_federated_mean_of_identical_clients_is_that_client(

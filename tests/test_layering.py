@@ -42,6 +42,9 @@ ALLOWED: dict[str, set[str]] = {
     "formats.resolution": NORMAL_FORM | {"formats.architectures", "formats.kohya", "formats.kohya_names"},
     "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names"},
     "formats.writing": NORMAL_FORM | FORMATS_CORE,
+    "formats.computed": NORMAL_FORM
+    | {"formats.diffusers", "formats.kohya", "formats.peft", "formats.naming", "formats.peft_config"}
+    | {"formats.writing", "writer"},
     "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "linalg"},
     "ties": IO | {"formats.architectures"},
     "fit": NORMAL_FORM | {"formats.architectures", "formats.resolution", "lycoris"},
@@ -57,19 +60,26 @@ ALLOWED: dict[str, set[str]] = {
     | {"plan", "writer", "formats", "formats.kohya", "formats.naming", "formats.peft"}
     | {"formats.peft_config", "formats.resolution", "formats.writing"},
     "census": IO,
+    "client_weights": {"errors"},
+    "combination": NORMAL_FORM | {"formats.computed", "formats.writing"},
+    "combined_module": {"adapter", "combination", "dense_merge", "factored", "stacked_sum"},
+    "algebra": NORMAL_FORM
+    | {"budget", "client_weights", "combination", "combined_module", "dense_merge", "factored", "rank_rules"}
+    | {"formats", "formats.computed", "writer"},
     "rules": {"errors", "header", "report"},
     "report": NORMAL_FORM
     | {"census", "rules", "formats", "formats.peft_config", "linalg", "lycoris", "plan"}
     | {"surgery"},
     "__init__": NORMAL_FORM
     | {"formats", "formats.naming", "report", "rules", "plan", "surgery", "pairing"}
-    | {"decomposition", "extraction", "conversion"},
-    "documents": {"errors", "census", "report", "plan", "surgery", "extraction", "conversion"},
-    "render": {"errors", "census", "documents", "report", "plan", "surgery", "extraction", "conversion"},
+    | {"decomposition", "extraction", "conversion", "algebra"},
+    "documents": {"errors", "census", "report", "plan", "surgery", "extraction", "conversion", "algebra"},
+    "render": {"errors", "census", "documents", "report", "plan", "surgery", "extraction", "conversion", "algebra"},
     "cli": {"__init__", "documents", "errors", "render"},
     "__main__": {"cli"},
 }
-NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", *(m for m in ALLOWED if m.startswith("formats"))]
+NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", "combination", "client_weights"]
+NO_TORCH_AT_IMPORT += [m for m in ALLOWED if m.startswith("formats")]
 
 
 def module_names() -> list[str]:

@@ -168,7 +168,7 @@ def write(
         record = json.loads(plan.metadata["lorasurgeon"])
         peft.write_adapter(writer, factors, plan.config, record, full)  # r = lora_alpha: nothing more is folded
         return
-    for (a_key, _, _), alpha in zip(plan.keys, plan.alphas, strict=True):
+    for (a_key, _, _), alpha in zip(plan.keys, plan.alphas, strict=True) if to == "kohya" else ():
         factors[a_key.removesuffix(".lora_down.weight") + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)
     entries = [(key, "F32", tuple(t.shape)) for key, t in factors.items()]
     with writer.shard(peft.ADAPTER_WEIGHTS, entries, plan.metadata) as stream:
