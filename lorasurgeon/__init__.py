@@ -20,27 +20,31 @@ from typing import TYPE_CHECKING, Any
 
 from lorasurgeon.adapter import ADAPTER_FORMATS, Adapter
 from lorasurgeon.checkpoint import Checkpoint
+from lorasurgeon.devices import check_device as _check_device
+from lorasurgeon.devices import resolve_device
 from lorasurgeon.errors import LorasurgeonError, Option
 from lorasurgeon.formats import load_adapter
 from lorasurgeon.formats.naming import COMPONENTS
+from lorasurgeon.progress import Progress
 from lorasurgeon.report import Report, make_report
 from lorasurgeon.rules import RULE_HELP, judge, parse_rule
 
 # The modules that compute load torch, whose import takes seconds; a header-only `report` needs none of them,
 # so they are imported inside the functions that use them, and the types below on first use (__getattr__).
 if TYPE_CHECKING:
-    import torch
-
-    from lorasurgeon.algebra import AlgebraSummary
+    from lorasurgeon.algebra import AlgebraSummary, combine, resize
+    from lorasurgeon.combination import METHODS
     from lorasurgeon.conversion import ConvertSummary
     from lorasurgeon.extraction import ExtractSummary
     from lorasurgeon.plan import Operation, Plan
-    from lorasurgeon.surgery import Progress, SurgerySummary
-LAZY_TYPES = {
+    from lorasurgeon.surgery import SurgerySummary
+LAZY_TYPES = {  # and two functions: resize and combine are lorasurgeon.algebra's, with their full signatures
     "AlgebraSummary": "lorasurgeon.algebra",
+    "METHODS": "lorasurgeon.combination",
+    "combine": "lorasurgeon.algebra",
+    "resize": "lorasurgeon.algebra",
     "ConvertSummary": "lorasurgeon.conversion",
     "ExtractSummary": "lorasurgeon.extraction",
-    "Progress": "lorasurgeon.surgery",
     "SurgerySummary": "lorasurgeon.surgery",
 }
 
@@ -67,7 +71,6 @@ __all__ = [
     "unmerge",
 ]
 
-METHODS = ("cat", "svd", "ties", "dare", "dare_ties", "magnitude_prune")  # combine's, as lorasurgeon.combination
 DTYPE_CHOICES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 PathLike = str | Path
 try:
@@ -136,23 +139,19 @@ def merge(
 
     Each tensor gets the sum of its deltas in fp32, rounded once to its dtype (or `dtype`: keep, fp32,
     fp16, bf16). Raises MismatchError when the adapters do not fit, OutputError when `out` cannot be
-    written, NumericError when a result would not be finite.
+    written, NumericError when a result would not be finite. `on_progress` gets a Progress per phase and tensor.
     """
-    from lorasurgeon.surgery import SurgeryOptions, run
-
-    options = SurgeryOptions(scale, alpha, resolve_device(device), _dtype(dtype), force, dry_run, allow_nonfinite)
+    out_dtype, factors = _dtype(dtype), _weights(weights, len(adapters))
+    _check_device(device)
+    if on_progress:
+        on_progress(Progress(phase="planning"))
     with _opened(base, adapters, alpha) as (ckpt, loaded):
+        from lorasurgeon.surgery import SurgeryOptions, run  # torch: only once the inputs have been read
+
+        options = SurgeryOptions(scale, alpha, resolve_device(device), out_dtype, force, dry_run, allow_nonfinite)
         inputs = [Path(base), *(Path(a) for a in adapters)]
-        return run(
-            "merge",
-            ckpt,
-            loaded,
-            _output(ckpt, out, "merge"),
-            inputs,
-            _weights(weights, len(adapters)),
-            options,
-            on_progress,
-        )
+        target = _output(ckpt, out, "merge")
+        return run("merge", ckpt, loaded, target, inputs, factors, options, on_progress)
 
 
 def unmerge(
@@ -171,10 +170,14 @@ def unmerge(
 ) -> SurgerySummary:
     """Write merged − scale · ΔW to `out` (default: `<merged>-unmerged`). Exact only up to rounding:
     in bf16 a merge followed by an unmerge leaves about one ulp of difference on some elements."""
-    from lorasurgeon.surgery import SurgeryOptions, run
-
-    options = SurgeryOptions(scale, alpha, resolve_device(device), _dtype(dtype), force, dry_run, allow_nonfinite)
+    out_dtype = _dtype(dtype)
+    _check_device(device)
+    if on_progress:
+        on_progress(Progress(phase="planning"))
     with _opened(merged, [adapter], alpha) as (ckpt, loaded):
+        from lorasurgeon.surgery import SurgeryOptions, run  # torch: only once the inputs have been read
+
+        options = SurgeryOptions(scale, alpha, resolve_device(device), out_dtype, force, dry_run, allow_nonfinite)
         inputs = [Path(merged), Path(adapter)]
         return run("unmerge", ckpt, loaded, _output(ckpt, out, "unmerge"), inputs, [1.0], options, on_progress)
 
@@ -194,6 +197,7 @@ def extract(
     skip_mismatched: bool = False,
     curve: Sequence[int] = (),
     save_changed_vectors: bool = False,
+    base_name: str | None = None,
     device: str = "auto",
     force: bool = False,
     dry_run: bool = False,
@@ -205,15 +209,16 @@ def extract(
     ΔW is factorised by truncated SVD at `rank`, or at the smallest rank keeping `energy` of ‖ΔW‖²_F (at most
     `max_rank`); `method` is auto, exact or randomized (see lorasurgeon.extraction). `curve` adds the relative
     error at those ranks. `save_changed_vectors` stores the modules whose 1-D tensors (norms) changed as PEFT
-    modules_to_save. Raises MismatchError when names or shapes differ (unless `skip_mismatched`),
-    NothingChangedError (exit code 1) when no target differs, OutputError when `out` cannot be written.
+    modules_to_save. The adapter names its base as `base_name` (a Hub repo id, say), else `base` as given, and the
+    task type of its architecture, so that AutoPeftModel loads it. Raises MismatchError when names or shapes differ
+    (unless `skip_mismatched`), NothingChangedError when no target differs, OutputError when `out` cannot be
+    written.
 
     >>> extract("base/", "tuned/", "lora/", rank=16).total_error  # doctest: +SKIP
     0.41
     """
-    from lorasurgeon.decomposition import RankRule
-    from lorasurgeon.extraction import run as run_extract
     from lorasurgeon.pairing import ExtractOptions
+    from lorasurgeon.rank_rule import RankRule
 
     rule = RankRule(rank=rank, energy=energy, max_rank=max_rank, method=method, curve=tuple(curve))
     options = ExtractOptions(
@@ -223,11 +228,18 @@ def extract(
         include_embeddings=include_embeddings,
         skip_mismatched=skip_mismatched,
         save_changed_vectors=save_changed_vectors,
+        base_name=base_name,
     )
     options.validate(dry_run)
-    torch_device = resolve_device(device)
+    _check_device(device)
+    if on_progress:
+        on_progress(Progress(phase="planning"))
     out_path = Path(out) if out is not None else None
-    return run_extract(Path(base), Path(tuned), out_path, options, torch_device, force, dry_run, on_progress)
+    with Checkpoint.open(Path(base)) as base_ckpt, Checkpoint.open(Path(tuned)) as tuned_ckpt:
+        from lorasurgeon.extraction import run as run_extract  # torch: only once the inputs have been read
+
+        torch_device = resolve_device(device)
+        return run_extract(base_ckpt, tuned_ckpt, out_path, options, torch_device, force, dry_run, on_progress)
 
 
 def convert(
@@ -238,6 +250,7 @@ def convert(
     base: PathLike | None = None,
     component: str | None = None,
     alpha: float | None = None,
+    base_name: str | None = None,
     force: bool = False,
     dry_run: bool = False,
 ) -> ConvertSummary:
@@ -247,9 +260,11 @@ def convert(
     OUT is a PEFT directory or one .safetensors file (default `<adapter>-<to>` in the current directory).
     `base` resolves kohya names (required from kohya) and can name kohya modules; `component` (unet,
     text_encoder, ..., or a kohya prefix lora_unet, lora_te, lora_te1, lora_te2) names the component of a PEFT
-    adapter, or selects one component of a kohya or diffusers file. Raises UnsupportedError naming a tensor the
-    target cannot hold, MismatchError when a module does not resolve against `base`, OutputError when `out`
-    cannot be written.
+    adapter (without it, the layout of `base` names it: a diffusers `unet/` directory, ...), or selects one
+    component of a kohya or diffusers file. A PEFT output names its base (`base_name`, else `base`) and the task
+    type of its architecture, so that AutoPeftModel loads it. Raises UnsupportedError naming a tensor the target
+    cannot hold, MismatchError when a module does not resolve against `base`, OutputError when `out` cannot be
+    written.
 
     >>> convert("adapter/", "lora.safetensors", to="kohya", component="lora_unet").modules[0].name  # doctest: +SKIP
     'lora_unet_down_blocks_0_attentions_0_proj_in'
@@ -257,40 +272,8 @@ def convert(
     from lorasurgeon.conversion import ConvertOptions
     from lorasurgeon.conversion import run as run_convert
 
-    options = ConvertOptions(to, Path(base) if base is not None else None, component, alpha)
+    options = ConvertOptions(to, Path(base) if base is not None else None, component, alpha, base_name)
     return run_convert(Path(adapter), Path(out) if out is not None else None, options, force=force, dry_run=dry_run)
-
-
-def resize(
-    adapter: PathLike, out: PathLike | None = None, *, rank: int | None = None, energy: float | None = None,
-    ratio: float | None = None, fro: float | None = None, params: int | None = None, to: str | None = None,
-    device: str = "auto", force: bool = False,
-) -> AlgebraSummary:  # fmt: skip
-    """Write `adapter` with smaller ranks, in its format or `to` (default OUT `<adapter>-resized`): per module the
-    best rank-k factors of its own ΔW, exact, from its factors (never the dense ΔW). k by one rule (rank_rules,
-    budget): `rank`; `energy`; `ratio` (σ_k/σ₁ ≥ 1/X); `fro`; or `params`, one budget minimising the total squared
-    error. Raises UnsupportedError naming a module it cannot resize exactly, LorasurgeonError for a rank above it."""
-    from lorasurgeon.algebra import resize_options, run
-
-    options = resize_options({"rank": rank, "energy": energy, "ratio": ratio, "fro": fro, "params": params}, to)
-    return run("resize", [adapter], [1.0], out, options, resolve_device(device), force)
-
-
-def combine(
-    adapters: Sequence[PathLike], out: PathLike, *, weights: Sequence[float] | None = None,
-    weights_file: PathLike | None = None, mean: bool = False, method: str | None = None, rank: int | None = None,
-    energy: float | None = None, density: float | None = None, seed: int = 0, report_naive: bool = False,
-    to: str | None = None, device: str = "auto", force: bool = False,
-) -> AlgebraSummary:  # fmt: skip
-    """Write Σ weightᵢ·ΔWᵢ as one adapter over the union of modules (a missing one is 0). Weights: `weights`, or
-    `weights_file` (JSON or CSV of path → weight), default 1; `mean` divides by their sum (FedAvg). `method`: cat
-    (exact, the default), svd (the exact sum cut to `rank`/`energy`, the default with either), ties, dare, dare_ties
-    or magnitude_prune (dense per module, at `density`, DARE from `seed`); `report_naive`: FedIT's error too."""
-    from lorasurgeon.algebra import combine_options, combine_weights, run
-
-    options = combine_options(method, {"rank": rank, "energy": energy}, density, seed, report_naive, to)
-    chosen = combine_weights(adapters, weights, weights_file, mean)
-    return run("combine", adapters, chosen, out, options, resolve_device(device), force)
 
 
 @contextlib.contextmanager
@@ -309,7 +292,15 @@ def _opened(
 
 
 def _output(ckpt: Checkpoint, out: PathLike | None, operation: Operation) -> Path:
-    return Path(out) if out is not None else default_output(ckpt, operation)
+    """OUT, which mirrors the base's layout: a directory for a directory or index, one file for one file."""
+    if out is None:
+        return default_output(ckpt, operation)
+    if ckpt.layout != "file" and Path(out).suffix == ".safetensors":
+        raise LorasurgeonError(
+            f"{out}: names one .safetensors file, but the base {ckpt.path} is a checkpoint directory or index, which "
+            "OUT mirrors as a directory; name OUT as a directory, or give the base's .safetensors file to write one"
+        )
+    return Path(out)
 
 
 def default_output(ckpt: Checkpoint, operation: Operation) -> Path:
@@ -318,18 +309,6 @@ def default_output(ckpt: Checkpoint, operation: Operation) -> Path:
     if ckpt.layout == "file":
         return Path(f"{ckpt.path.stem}{suffix}.safetensors")
     return Path(f"{ckpt.root.resolve().name}{suffix}")
-
-
-def resolve_device(device: str) -> torch.device:
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LorasurgeonError(Option("device", device), ": CUDA is not available on this machine")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise LorasurgeonError(Option("device", device), ": expected auto, cpu or cuda")
-    return torch.device(device)
 
 
 def _weights(weights: Sequence[float] | None, count: int) -> list[float]:

@@ -15,7 +15,6 @@ single-alpha form. By method:
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,35 +23,21 @@ from typing import Any, Literal
 
 import torch
 
-from lorasurgeon.adapter import ADAPTER_FORMATS, Adapter, AdapterFormat
+from lorasurgeon.adapter import Adapter, AdapterFormat
+from lorasurgeon.algebra_options import AlgebraOptions, combine_options, combine_weights, resize_options
 from lorasurgeon.budget import allocate_budget
-from lorasurgeon.client_weights import read_weights
-from lorasurgeon.combination import DENSE_METHODS, METHODS, Combination, Job, Method, plan_combination
+from lorasurgeon.combination import DENSE_METHODS, Combination, Job, Method, plan_combination
 from lorasurgeon.combined_module import Keep, ModuleResult, compute, read_factors
-from lorasurgeon.dense_merge import check_density
+from lorasurgeon.devices import resolve_device
 from lorasurgeon.errors import Finding, LorasurgeonError, Option, UnsupportedError
 from lorasurgeon.factored import Factored, spectrum
 from lorasurgeon.formats import computed, load_adapter
 from lorasurgeon.header import torch_dtype
-from lorasurgeon.rank_rules import RankRule, choose_rank
+from lorasurgeon.spectrum_rules import SpectrumRule, choose_rank
 from lorasurgeon.writer import CheckpointWriter
 
 Operation = Literal["resize", "combine"]
-
-
-@dataclass(frozen=True)
-class AlgebraOptions:
-    """How to combine: `method`; the rank `rule` (None: cat, or the largest input rank) or one `params` budget
-    (resize); `density` and `seed` for the dense methods; `report_naive` FedIT's error per module; OUT's format
-    `to` (None: the first adapter's)."""
-
-    method: Method = "svd"
-    rule: RankRule | None = None
-    params: int | None = None
-    density: float | None = None
-    seed: int = 0
-    report_naive: bool = False
-    to: AdapterFormat | None = None
+PathLike = str | Path
 
 
 @dataclass(frozen=True)
@@ -164,7 +149,7 @@ def _keeps(plan: Combination, adapters: Sequence[Adapter], options: AlgebraOptio
         ranks = allocate_budget(spectra, costs, options.params, min_rank=1)
         return [_fixed(k) for k in ranks]
     largest = max(t.rank for j in plan.jobs for t in j.terms)
-    rule = options.rule or RankRule("rank", largest)
+    rule = options.rule or SpectrumRule("rank", largest)
     bound = max(min(j.rows, j.columns) if options.method in DENSE_METHODS else j.stacked_rank for j in plan.jobs)
     if rule.kind == "rank" and rule.value > bound:
         what = "rank of its modules' ΔW" if options.method in DENSE_METHODS else "stacked rank (Σ rᵢ of a module)"
@@ -208,79 +193,44 @@ def _full(plan: Combination, adapters: Sequence[Adapter]) -> dict[str, torch.Ten
     return out
 
 
-def resize_options(rules: dict[str, float | None], to: str | None) -> AlgebraOptions:
-    """AlgebraOptions of `resize` from its rank rules (exactly one of rank, energy, ratio, fro, params given)."""
-    given = {name: value for name, value in rules.items() if value is not None}
-    if len(given) != 1:
-        metavars = {"rank": "R", "energy": "F", "ratio": "X", "fro": "F", "params": "N"}
-        parts: list[str | Option] = ["resize needs exactly one of "]
-        for i, name in enumerate(rules):
-            parts += [Option(name, metavar=metavars.get(name, "…")), ", " if i < len(rules) - 1 else ""]
-        raise LorasurgeonError(*parts, f" (given: {', '.join(given) or 'none'})")
-    (name, value), target = next(iter(given.items())), _target(to)
-    if name == "params":
-        if value != int(value) or value < 1:
-            raise LorasurgeonError(Option("params", value), ": must be a whole number of parameters, at least 1")
-        return AlgebraOptions(params=int(value), to=target)
-    return AlgebraOptions(rule=RankRule(name, value), to=target)  # type: ignore[arg-type]
+def resize(
+    adapter: PathLike, out: PathLike | None = None, *, rank: int | None = None, energy: float | None = None,
+    ratio: float | None = None, fro: float | None = None, params: int | None = None, to: str | None = None,
+    device: str = "cpu", force: bool = False,
+) -> AlgebraSummary:  # fmt: skip
+    """Write `adapter` (PEFT, kohya or diffusers) with smaller ranks, in its format or `to` (default OUT
+    `<adapter>-resized` in the current directory): per module the best rank-k factors of its own ΔW (Eckart–Young),
+    exactly, from its factors (never the dense ΔW). k by exactly one rule (spectrum_rules, budget): `rank`;
+    `energy` F, the smallest k keeping F of ‖ΔW‖²_F; `ratio` X, σ_k/σ₁ ≥ 1/X; `fro` F, √ of the kept energy ≥ F;
+    or `params` N, one budget for all modules minimising the total squared error. Raises UnsupportedError naming
+    a module it cannot resize exactly (LyCORIS, DoRA), LorasurgeonError for a rank above every module's,
+    OutputError when `out` cannot be written.
+
+    >>> resize("adapter/", "small/", rank=4).modules[0].row.new_rank  # doctest: +SKIP
+    4
+    """
+    options = resize_options({"rank": rank, "energy": energy, "ratio": ratio, "fro": fro, "params": params}, to)
+    return run("resize", [adapter], [1.0], out, options, resolve_device(device), force)
 
 
-def combine_options(
-    method: str | None,
-    rules: dict[str, float | None],
-    density: float | None,
-    seed: int,
-    report_naive: bool,
-    to: str | None,
-) -> AlgebraOptions:
-    """AlgebraOptions of `combine`: the method defaults to svd when a rank rule is given, else cat."""
-    given = {name: value for name, value in rules.items() if value is not None}
-    if len(given) > 1:
-        raise LorasurgeonError(Option("rank", metavar="R"), " and ", Option("energy", metavar="F"), " are exclusive")
-    chosen = method or ("svd" if given else "cat")
-    if chosen not in METHODS:
-        raise LorasurgeonError(Option("method", chosen), f": expected one of {', '.join(METHODS)}")
-    if chosen == "cat" and given:
-        raise LorasurgeonError(
-            Option("method", "cat"), " keeps every term at rank Σ rᵢ; re-compress with ", Option("method", "svd")
-        )
-    dense = chosen in DENSE_METHODS
-    if dense != (density is not None):
-        needs = "needs" if dense else "is only for ties, dare, dare_ties and magnitude_prune, not"
-        raise LorasurgeonError(Option("density", metavar="D"), f" {needs} ", Option("method", chosen))
-    if report_naive and dense:
-        raise LorasurgeonError(Option("report_naive", flag=True), " compares FedIT with the exact sum of cat or svd")
-    if density is not None:
-        check_density(density)
-    rule = RankRule(*next(iter(given.items()))) if given else None  # type: ignore[arg-type]
-    return AlgebraOptions(next(m for m in METHODS if m == chosen), rule, None, density, seed, report_naive, _target(to))
+def combine(
+    adapters: Sequence[PathLike], out: PathLike, *, weights: Sequence[float] | None = None,
+    weights_file: PathLike | None = None, mean: bool = False, method: str | None = None, rank: int | None = None,
+    energy: float | None = None, density: float | None = None, seed: int = 0, report_naive: bool = False,
+    to: str | None = None, device: str = "cpu", force: bool = False,
+) -> AlgebraSummary:  # fmt: skip
+    """Write Σ weightᵢ·ΔWᵢ of the adapters as one adapter over the union of their modules (a module missing from
+    an adapter contributes 0). Weights: `weights` (one per adapter) or `weights_file` (JSON or CSV of path →
+    weight, e.g. sample counts), default 1; `mean` divides them by their sum (FedAvg). `method`: cat (exact, rank
+    Σ rᵢ; the default), svd (the exact sum re-compressed to `rank` or `energy`; the default when either is given),
+    or ties, dare, dare_ties, magnitude_prune at `density` (on each module's dense ΔWᵢ; DARE's masks from `seed`).
+    `report_naive` adds FedIT's error (A and B averaged apart) per module. Raises MismatchError for adapters of
+    different bases, LorasurgeonError for weights that do not match them, UnsupportedError naming what has no
+    defined sum.
 
-
-def combine_weights(
-    inputs: Sequence[str | Path], weights: Sequence[float] | None, weights_file: str | Path | None, mean: bool
-) -> list[float]:
-    """Each adapter's weight: `weights` (one per adapter), `weights_file` (client_weights), or 1; with `mean`
-    divided by their sum (FedAvg)."""
-    if weights and weights_file is not None:
-        raise LorasurgeonError(
-            Option("weights", cli="weight"), " and ", Option("weights_file", cli="weights"), " exclude each other"
-        )
-    paths = [Path(p) for p in inputs]
-    if weights_file is not None:
-        chosen = read_weights(Path(weights_file), paths)
-    else:
-        chosen = [float(w) for w in weights] if weights else [1.0] * len(paths)
-    if mean:
-        total = sum(chosen)
-        if total == 0 or not math.isfinite(total):
-            raise LorasurgeonError(Option("mean", flag=True), f": the weights sum to {total}, so they have no mean")
-        chosen = [w / total for w in chosen]
-    return chosen
-
-
-def _target(to: str | None) -> AdapterFormat | None:
-    if to is None:
-        return None
-    if to not in ADAPTER_FORMATS:
-        raise LorasurgeonError(Option("to", to), f": expected one of {', '.join(ADAPTER_FORMATS)}")
-    return next(f for f in ADAPTER_FORMATS if f == to)
+    >>> combine(["c1/", "c2/"], "global/", weights=[120, 80], mean=True, rank=16).total_error  # doctest: +SKIP
+    0.012
+    """
+    options = combine_options(method, {"rank": rank, "energy": energy}, density, seed, report_naive, to)
+    chosen = combine_weights(adapters, weights, weights_file, mean)
+    return run("combine", adapters, chosen, out, options, resolve_device(device), force)

@@ -9,9 +9,10 @@ import signal
 import sys
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -37,8 +38,20 @@ ALLOW_NONFINITE = click.option(
     "--allow-nonfinite", is_flag=True, help="Write NaN/Inf from the inputs through, warning by tensor name."
 )
 JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
-OUT = click.option("-o", "--out", type=click.Path(path_type=Path), help="Output path (default: <base>-merged).")
+FC = TypeVar("FC", bound=Callable[..., Any])
+
+
+def output_option(default: str) -> Callable[[FC], FC]:
+    return click.option("-o", "--out", type=click.Path(path_type=Path), help=f"Output path (default: {default}).")
+
+
+OUT = output_option("<base>-merged")
 EXISTING = click.Path(exists=False, path_type=Path)
+BASE_NAME = click.option(
+    "--base-name",
+    metavar="NAME",
+    help="base_model_name_or_path to record in adapter_config.json (a Hub repo id; default: BASE as given).",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -92,7 +105,7 @@ def merge(base: Path, adapters: tuple[Path, ...], out: Path | None, weights: tup
 @cli.command()
 @click.argument("merged", type=EXISTING)
 @click.argument("adapter", type=EXISTING)
-@OUT
+@output_option("<merged>-unmerged")
 @SCALE
 @ALPHA
 @DEVICE
@@ -171,7 +184,7 @@ def _ranks(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
     default="auto",
     show_default=True,
     help="exact: full SVD (the optimum); randomized: range finder + power iterations, checked for convergence; "
-    "auto: exact for small matrices or unbounded ranks, randomized otherwise.",
+    "auto: the cheaper one, randomized once the smaller side is 5x the sketch (exact for unbounded ranks).",
 )
 @DEVICE
 @click.option("--skip-mismatched", is_flag=True, help="Skip tensors on one side only or of different shapes.")
@@ -181,6 +194,7 @@ def _ranks(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
     is_flag=True,
     help="Store modules whose 1-D tensors changed (norms) in full, as PEFT modules_to_save.",
 )
+@BASE_NAME
 @click.option("--curve", callback=_ranks, metavar="R1,R2,...", help="Also report the relative error at these ranks.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Draw spectra and error-vs-rank to a PNG (matplotlib).")
 @FORCE
@@ -218,9 +232,11 @@ def extract(base: Path, tuned: Path, out: Path | None, plot: Path | None, **opti
 @click.option(
     "--component",
     type=click.Choice(list(lorasurgeon.COMPONENTS)),
-    help="The pipeline component (or kohya prefix) of a PEFT adapter; for kohya and diffusers files, convert only it.",
+    help="The pipeline component (or kohya prefix) of a PEFT adapter (default: the layout of --base, a diffusers "
+    "unet/ directory, say); for kohya and diffusers files, convert only it.",
 )
 @ALPHA
+@BASE_NAME
 @FORCE
 @DRY_RUN
 @JSON
@@ -236,6 +252,7 @@ def convert(adapter: Path, out: Path | None, **options: Any) -> None:
 
 TO = click.option("--to", type=click.Choice(lorasurgeon.ADAPTER_FORMATS), help="OUT's format (default: the input's).")
 RANK = click.option("--rank", type=int, help="Rank of every module (at most its own).")
+CPU = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto (the algebra is small).")
 ENERGY = click.option("--energy", type=float, help="Per module, the smallest rank keeping this fraction of ‖ΔW‖².")
 
 
@@ -248,7 +265,7 @@ ENERGY = click.option("--energy", type=float, help="Per module, the smallest ran
 @click.option("--fro", type=float, help="Per module, the smallest rank keeping this fraction of ‖ΔW‖_F.")
 @click.option("--params", type=int, help="One budget of N parameters, ranks chosen together for the least error.")
 @TO
-@DEVICE
+@CPU
 @FORCE
 @JSON
 def resize(adapter: Path, out: Path | None, **options: Any) -> None:
@@ -274,7 +291,7 @@ def resize(adapter: Path, out: Path | None, **options: Any) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="DARE's seed.")
 @click.option("--report-naive", is_flag=True, help="Also show how far FedIT's A/B averaging is from the exact sum.")
 @TO
-@DEVICE
+@CPU
 @FORCE
 @JSON
 def combine(adapters: tuple[Path, ...], out: Path, **options: Any) -> None:

@@ -14,11 +14,13 @@ change (lorasurgeon.formats.naming) and the way each format states the scale (ne
   keys with the components' LoraConfigs in its `lora_adapter_metadata`, as diffusers' own save_lora_weights
   writes it; no `.alpha` tensors (diffusers' SD/SDXL loaders reject every key without "lora" in it).
 
-What the target cannot hold (formats.writing.CANNOT) is refused by tensor name before anything is written.
+What the target cannot hold (formats.writing.CANNOT) is refused by tensor name before anything is written. An
+adapter of another PEFT tuner converts where its ΔW has an exact LoRA form (lorasurgeon.tuner_conversion).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -30,13 +32,14 @@ from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import Finding, LorasurgeonError, MismatchError, Option
 from lorasurgeon.formats import load_adapter, writing
 from lorasurgeon.formats.kohya import prefix_of
-from lorasurgeon.formats.naming import COMPONENTS, Targets, target_names
+from lorasurgeon.formats.naming import COMPONENTS, Targets, layout_component, target_names
 from lorasurgeon.formats.peft import ADAPTER_WEIGHTS
 from lorasurgeon.formats.peft_config import ADAPTER_CONFIG
 from lorasurgeon.formats.resolution import kohya_names_of
-from lorasurgeon.formats.writing import Converted
+from lorasurgeon.formats.writing import BaseModel, Converted
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.plan import plan_surgery
+from lorasurgeon.tuner_conversion import as_lora
 from lorasurgeon.writer import CheckpointWriter
 
 
@@ -62,12 +65,13 @@ class ConvertSummary:
 @dataclass(frozen=True)
 class ConvertOptions:
     """What to convert to: the format `to`, BASE to resolve names against, the pipeline `component`, an `alpha`
-    for files without one."""
+    for files without one, and `base_name`, the base_model_name_or_path a PEFT output records (default: BASE)."""
 
     to: str
     base: Path | None = None
     component: str | None = None
     alpha: float | None = None
+    base_name: str | None = None
 
     def validate(self) -> AdapterFormat:
         if self.to not in ADAPTER_FORMATS:
@@ -83,15 +87,20 @@ def run(adapter_path: Path, out: Path | None, options: ConvertOptions, *, force:
     started = time.perf_counter()
     to, base = options.validate(), options.base
     adapter = load_adapter(adapter_path, options.alpha)
+    scratch = contextlib.ExitStack()
     try:
+        if adapter.tuner_modules:  # a PEFT tuner other than LoRA: its exact LoRA form, where it has one
+            adapter = as_lora(adapter, base, scratch)
         modules, left_out = _select(adapter, options.component)
         refused = writing.refusal(adapter, modules, to)
         if refused is not None:
             raise refused
-        found = _targets(adapter, modules, base) if base is not None else None
-        names = target_names(adapter, modules, to, options.component, found)
+        found, described = (
+            (None, BaseModel(options.base_name, True)) if base is None else _targets(adapter, modules, base, options)
+        )
+        names = target_names(adapter, modules, to, options.component or (found.component if found else None), found)
         converted = writing.converted(modules, names, to)
-        config = writing.config(adapter, converted, to, options.alpha)
+        config = writing.config(adapter, converted, to, options.alpha, described)
         metadata = writing.metadata(adapter, converted, to, config, base.name if base else None)
         target = _output(adapter, out, to)
         written = 0
@@ -104,6 +113,7 @@ def run(adapter_path: Path, out: Path | None, options: ConvertOptions, *, force:
             written = writer.bytes_written
     finally:
         adapter.source.close()
+        scratch.close()
     carried = [r.tensor.name for r in adapter.replacements] + [t.tensor.name for t in adapter.token_rows]
     return ConvertSummary(
         adapter=str(adapter_path),
@@ -143,12 +153,18 @@ def _select(adapter: Adapter, component: str | None) -> tuple[list[LoraModule], 
     return modules, [*left_out, (f"it is not of component {component}", others)]
 
 
-def _targets(adapter: Adapter, modules: list[LoraModule], base_path: Path) -> Targets:
-    """Every module's tensor in BASE, found as a merge finds it; MismatchError when one does not resolve or fit."""
+def _targets(
+    adapter: Adapter, modules: list[LoraModule], base_path: Path, options: ConvertOptions
+) -> tuple[Targets, BaseModel]:
+    """Every module's tensor in BASE, found as a merge finds it (MismatchError when one does not resolve or fit),
+    the component BASE's layout says it is, and what a PEFT output says of BASE."""
     selected = dataclasses.replace(adapter, modules=tuple(modules), unselected=())
     with Checkpoint.open(base_path) as base:
         plan = plan_surgery("merge", base, [selected], [1.0], allow_nonfinite=True)  # NaNs are copied, not merged
         kohya = kohya_names_of(list(base.tensors))
+        component = layout_component(base.root, base.config)
+        name = options.base_name or str(base_path)
+        described = BaseModel.of(name, options.base_name is not None, base.config)
     if plan.errors:
         more = f" (and {len(plan.errors) - 1} more problems)" if len(plan.errors) > 1 else ""
         raise MismatchError(*plan.errors[0].parts, f" (BASE {base_path}){more}")
@@ -161,7 +177,7 @@ def _targets(adapter: Adapter, modules: list[LoraModule], base_path: Path) -> Ta
             Option("component"),
             " to convert only the modules of one component",
         )
-    return Targets(targets, kohya)
+    return Targets(targets, kohya, component), described
 
 
 def _write(

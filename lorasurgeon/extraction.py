@@ -21,11 +21,11 @@ from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.decomposition import MatrixResult, decompose
 from lorasurgeon.errors import Finding, NothingChangedError, NumericError
 from lorasurgeon.formats import peft
-from lorasurgeon.formats.architectures import task_type
+from lorasurgeon.formats.model_classes import auto_mapping, task_type
 from lorasurgeon.formats.peft_config import WrittenModule, adapter_config, target_modules_for
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.pairing import ExtractOptions, ExtractPlan, plan_extract
-from lorasurgeon.surgery import Progress
+from lorasurgeon.progress import Progress
 from lorasurgeon.writer import CheckpointWriter
 
 
@@ -51,10 +51,11 @@ def decompose_pairs(
     generator = torch.Generator(device=device).manual_seed(options.rule.seed)
     results: list[MatrixResult] = []
     factors: dict[str, torch.Tensor] = {}
-    total = len(plan.pairs) + len(plan.others)
+    total = len(plan.pairs)
     work = sum(p.base.nbytes + p.tuned.nbytes for p in plan.pairs)
-    work += sum(b.nbytes + t.nbytes for b, t in plan.others)
     done = 0
+    if on_progress:  # the first SVD can take a while: say so before it starts
+        on_progress(Progress(0, total, 0, work, "decomposing"))
     for index, pair in enumerate(plan.pairs):
         delta = read_delta(plan, pair.base, pair.tuned, device)
         if pair.transpose:
@@ -68,8 +69,8 @@ def decompose_pairs(
         del delta
         done += pair.base.nbytes + pair.tuned.nbytes
         if on_progress:
-            on_progress(Progress(index + 1, total, done, work))
-    changed = _changed_others(plan, device, on_progress, (len(plan.pairs), total, done, work))
+            on_progress(Progress(index + 1, total, done, work, "decomposing"))
+    changed = _changed_others(plan, device, on_progress)
     if not results:
         differ = f"; only {len(changed)} other tensors differ (e.g. {changed[0].name})" if changed else ""
         raise NothingChangedError(
@@ -89,12 +90,10 @@ def read_delta(plan: ExtractPlan, base: TensorInfo, tuned: TensorInfo, device: t
 
 
 def _changed_others(
-    plan: ExtractPlan,
-    device: torch.device,
-    on_progress: Callable[[Progress], None] | None,
-    counts: tuple[int, int, int, int],
+    plan: ExtractPlan, device: torch.device, on_progress: Callable[[Progress], None] | None
 ) -> list[ChangedTensor]:
-    index, total, done, work = counts
+    total, work = len(plan.others), sum(b.nbytes + t.nbytes for b, t in plan.others)
+    index = done = 0
     changed = []
     for b, t in plan.others:
         old, new = plan.base.read(b), plan.tuned.read(t)
@@ -109,27 +108,28 @@ def _changed_others(
             changed.append(ChangedTensor(t.name, t.shape, float(diff)))
         index, done = index + 1, done + b.nbytes + t.nbytes
         if on_progress:
-            on_progress(Progress(index, total, done, work))
+            on_progress(Progress(index, total, done, work, "comparing"))
     return changed
 
 
 def config_of(
-    plan: ExtractPlan, results: list[MatrixResult], options: ExtractOptions, saved_modules: list[str]
+    plan: ExtractPlan, results: list[MatrixResult], options: ExtractOptions, saved_modules: list[str], base: str
 ) -> dict[str, Any]:
     """adapter_config.json: scale alpha / r the same for every module (alpha = r when no alpha is given), targeting
-    exactly the extracted modules of BASE (PEFT loads the adapter onto BASE)."""
+    exactly the extracted modules of BASE (PEFT loads the adapter onto BASE), which it names (`base`, as given, or
+    options.base_name) with the task type of its architecture, so that AutoPeftModel loads it."""
     default_rank = options.rule.rank or Counter(r.rank for r in results).most_common(1)[0][0]
     scale = 1.0 if options.alpha is None else options.alpha / default_rank
     config = plan.base.config or plan.tuned.config or {}
-    name = config.get("_name_or_path")
     paths = [n.removesuffix(".weight") for n, i in {**plan.tuned.tensors, **plan.base.tensors}.items() if _matrix(n, i)]
     return adapter_config(
         [WrittenModule(r.module, r.rank, scale * r.rank) for r in results],
         target_modules=target_modules_for([r.module for r in results], paths),
         fan_in_fan_out=any(p.transpose and p.kind == "linear" for p in plan.pairs),
         modules_to_save=saved_modules,
-        base_model=name if isinstance(name, str) and name else None,
+        base_model=options.base_name or base,
         task_type=task_type(config),
+        auto_mapping=auto_mapping(config),
     )
 
 
@@ -161,8 +161,8 @@ def default_output(tuned: Checkpoint) -> Path:
 
 
 def run(
-    base: Path,
-    tuned: Path,
+    base_ckpt: Checkpoint,
+    tuned_ckpt: Checkpoint,
     out: Path | None,
     options: ExtractOptions,
     device: torch.device,
@@ -170,38 +170,41 @@ def run(
     dry_run: bool,
     on_progress: Callable[[Progress], None] | None,
 ) -> ExtractSummary:
-    """plan -> decompose -> write, for lorasurgeon.extract(); OUT is checked before any SVD is computed."""
+    """plan -> decompose -> write, for lorasurgeon.extract() (which opened BASE and TUNED, and closes them); OUT is
+    checked before any SVD is computed."""
     started = time.perf_counter()
+    base, tuned = base_ckpt.path, tuned_ckpt.path
     if base.resolve() == tuned.resolve():
         raise NothingChangedError(f"{tuned}: BASE and TUNED are the same checkpoint, so there is nothing to extract")
-    with Checkpoint.open(base) as base_ckpt, Checkpoint.open(tuned) as tuned_ckpt:
-        plan = plan_extract(base_ckpt, tuned_ckpt, options)
-        target = out if out is not None else default_output(tuned_ckpt)
-        writer = None if dry_run else CheckpointWriter(target, is_dir=True, inputs=[base, tuned], force=force)
-        results, factors, changed = decompose_pairs(plan, options, device, on_progress)
-        saved, full = changed_vectors(plan, changed, results) if options.save_changed_vectors else ([], {})
-        config = config_of(plan, results, options, saved)
-        if writer is not None:
-            record = {"operation": "extract", "base": base_ckpt.path.name, "tuned": tuned_ckpt.path.name}
-            with writer:
-                peft.write_adapter(writer, factors, config, record, full)
-        extracted = {r.module for r in results}
-        return ExtractSummary(
-            base=str(base),
-            tuned=str(tuned),
-            output=str(target),
-            dry_run=dry_run,
-            device=str(device),
-            matrices=tuple(results),
-            unchanged=tuple(p.tuned.name for p in plan.pairs if p.module not in extracted),
-            saved_modules=tuple(saved),
-            changed_other=tuple(changed),
-            warnings=plan.findings,
-            curve=options.rule.curve,
-            config=config,
-            bytes_written=writer.bytes_written if writer is not None else 0,
-            seconds=time.perf_counter() - started,
-        )
+    plan = plan_extract(base_ckpt, tuned_ckpt, options)
+    target = out if out is not None else default_output(tuned_ckpt)
+    writer = None if dry_run else CheckpointWriter(target, is_dir=True, inputs=[base, tuned], force=force)
+    results, factors, changed = decompose_pairs(plan, options, device, on_progress)
+    saved, full = changed_vectors(plan, changed, results) if options.save_changed_vectors else ([], {})
+    config = config_of(plan, results, options, saved, str(base))
+    if writer is not None:
+        if on_progress:
+            on_progress(Progress(phase="publishing"))
+        record = {"operation": "extract", "base": base_ckpt.path.name, "tuned": tuned_ckpt.path.name}
+        with writer:
+            peft.write_adapter(writer, factors, config, record, full)
+    extracted = {r.module for r in results}
+    return ExtractSummary(
+        base=str(base),
+        tuned=str(tuned),
+        output=str(target),
+        dry_run=dry_run,
+        device=str(device),
+        matrices=tuple(results),
+        unchanged=tuple(p.tuned.name for p in plan.pairs if p.module not in extracted),
+        saved_modules=tuple(saved),
+        changed_other=tuple(changed),
+        warnings=plan.findings,
+        curve=options.rule.curve,
+        config=config,
+        bytes_written=writer.bytes_written if writer is not None else 0,
+        seconds=time.perf_counter() - started,
+    )
 
 
 @dataclass(frozen=True)

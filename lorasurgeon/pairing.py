@@ -9,16 +9,17 @@ import re
 from dataclasses import dataclass, field
 
 from lorasurgeon.checkpoint import Checkpoint
-from lorasurgeon.decomposition import RankRule
 from lorasurgeon.errors import Finding, LorasurgeonError, MismatchError, Option, Severity, UnsupportedError
 from lorasurgeon.formats.architectures import EMBEDDINGS, HEADS, is_conv1d
 from lorasurgeon.header import TensorInfo
+from lorasurgeon.rank_rule import RankRule
 
 
 @dataclass(frozen=True)
 class ExtractOptions:
     """What to extract and how: the SVD `rule`, `alpha` (default alpha = r, scale 1), the `targets` (globs or
-    `re:` regexes on module paths), and what else to include; `validate` names the first bad option."""
+    `re:` regexes on module paths), what else to include, and `base_name`, the base_model_name_or_path to record
+    (default: BASE as given); `validate` names the first bad option."""
 
     rule: RankRule = field(default_factory=RankRule)
     alpha: float | None = None
@@ -26,6 +27,7 @@ class ExtractOptions:
     include_embeddings: bool = False
     skip_mismatched: bool = False
     save_changed_vectors: bool = False
+    base_name: str | None = None
 
     def validate(self, dry_run: bool) -> None:
         self.rule.validate(dry_run)

@@ -7,69 +7,69 @@ import contextlib
 import importlib.util
 import itertools
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
+from lorasurgeon import progress_bar as bars
 from lorasurgeon.census import Count
 from lorasurgeon.documents import extract_doc, plan_doc, summary_doc
 from lorasurgeon.errors import Finding, UnsupportedError
+from lorasurgeon.finding_groups import group_findings
+from lorasurgeon.progress import Progress
 from lorasurgeon.report import ModuleReport, Report
+from lorasurgeon.tables import Column, Fitted, Kind
+from lorasurgeon.units import size
 
 if TYPE_CHECKING:  # not imported at run time: they load torch, which `report` does not need
     from lorasurgeon.algebra import AlgebraSummary
     from lorasurgeon.conversion import ConvertSummary
     from lorasurgeon.extraction import ExtractSummary
     from lorasurgeon.plan import Plan
-    from lorasurgeon.surgery import Progress as SurgeryProgress
     from lorasurgeon.surgery import SurgerySummary
 
 # Wide when piped (CI logs, README examples), so tensor names are not cut.
 stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+REPORT_TEXT = {"metadata"}  # report columns of words, which may wrap; the rest are numbers or labels
+REPORT_LABELS = {"dtype", "kind"}
 
 
-@contextlib.contextmanager
-def progress_bar(label: str) -> Iterator[Callable[[SurgeryProgress], None] | None]:
-    """A progress callback drawing tensors and bytes on a terminal; None (silent) when stderr is piped."""
-    if not stderr.is_terminal:
-        yield None
-        return
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=stderr, transient=True) as bar:
-        task = bar.add_task(label, total=None)
-
-        def update(p: SurgeryProgress) -> None:
-            bar.update(task, total=p.bytes_total, completed=p.bytes_done, description=f"{label} {p.tensors_done}")
-
-        yield update
+def progress_bar(label: str) -> contextlib.AbstractContextManager[Callable[[Progress], None] | None]:
+    """A progress callback drawing phases, tensors and bytes on stderr (lorasurgeon.progress_bar); None (silent)
+    when stderr is piped."""
+    return bars.progress_bar(label, stderr)
 
 
 def show_check(plan: Plan) -> None:
-    """The check table: one row per adapted module, then the findings."""
-    table = Table(title=f"{plan.base.path}: {len(plan.base.tensors)} tensors", title_justify="left")
-    for column in ("adapter", "base tensor", "shape", "rank", "alpha", "scale"):
-        table.add_column(column, justify="right" if column in ("rank", "alpha", "scale") else "left")
+    """The check table: one row per adapted module (none when nothing fits), then the findings, grouped by kind."""
     doc = plan_doc(plan)
+    paths = [a["path"] for a in doc["adapters"]]
+    several = len(paths) > 1  # one adapter is named in the title, not on every row
+    title = f"{plan.base.path}: {len(plan.base.tensors)} tensors" + ("" if several else f"; adapter {paths[0]}")
+    rows = []
     for row in doc["modules"]:
-        transposed = " (T)" if row["transposed"] else ""
-        shape = "x".join(map(str, row["shape"])) + transposed
-        table.add_row(
-            row["adapter"], row["base_key"], shape, str(row["rank"]), f"{row['alpha']:g}", f"{row['scale']:.4g}"
-        )
-    stderr.print(table)
+        shape = "x".join(map(str, row["shape"])) + (" (T)" if row["transposed"] else "")
+        rank = row["kind"] if row["rank"] is None else str(row["rank"])  # another tuner than LoRA: its name
+        cells = [row["base_key"], shape, rank, _num(row["alpha"]), _num(row["scale"])]
+        rows.append([row["adapter"], *cells] if several else cells)
+    columns = [Column("base tensor", "name"), *map(Column, ("shape", "rank", "alpha", "scale"))]
+    if rows:
+        stderr.print(Fitted([Column("adapter", "name"), *columns] if several else columns, rows, title))
     show_findings(plan.findings)
-    verdict = "[green]fits[/]" if not plan.errors else f"[red]does not fit[/] ({len(plan.errors)} problems)"
+    problems = f" ({len(plan.errors)} problems; --json lists each)" if len(plan.errors) > 1 else ""
+    verdict = "[green]fits[/]" if not plan.errors else f"[red]does not fit[/]{problems}"
     stderr.print(f"{len(doc['modules'])} modules checked: the adapter {verdict}")
 
 
 def show_findings(findings: tuple[Finding, ...] | list[Finding]) -> None:
-    for f in findings:
+    """One line per finding, or per kind where several are alike (the first one, and how many; --json has all)."""
+    for group in group_findings(findings):
+        f = group.first
         colour = "red" if f.severity == "error" else "yellow"
-        stderr.print(f"[{colour}]{f.severity}:[/] {f.words('cli')}", soft_wrap=True)
+        alike = f" ({group.count} like this)" if group.count > 1 else ""
+        stderr.print(f"[{colour}]{f.severity}{alike}:[/] {f.words('cli')}", soft_wrap=True)
 
 
 def show_summary(summary: SurgerySummary) -> None:
@@ -79,7 +79,7 @@ def show_summary(summary: SurgerySummary) -> None:
         return
     stderr.print(
         f"{summary.operation}: wrote {summary.output} ({summary.changed} of {summary.tensors} tensors changed, "
-        f"{summary.bytes_written / 1e6:.1f} MB, {summary.seconds:.1f} s on {summary.device})",
+        f"{size(summary.bytes_written)}, {summary.seconds:.1f} s on {summary.device})",
         soft_wrap=True,
     )
     for path in summary.removed_temporaries:
@@ -89,12 +89,10 @@ def show_summary(summary: SurgerySummary) -> None:
 
 
 def show_plan(summary: SurgerySummary) -> None:
-    table = Table(title=f"dry run: {summary.operation} into {summary.output} (nothing written)", title_justify="left")
-    for column in ("shard", "tensor", "dtype", "adapters"):
-        table.add_column(column)
-    for row in summary_doc(summary)["steps"]:
-        table.add_row(row["shard"], row["tensor"], row["dtype"], ", ".join(row["adapters"]))
-    stderr.print(table)
+    title = f"dry run: {summary.operation} into {summary.output} (nothing written)"
+    columns = [Column("shard", "name"), Column("tensor", "name"), Column("dtype", "label"), Column("adapters", "text")]
+    rows = [[r["shard"], r["tensor"], r["dtype"], ", ".join(r["adapters"])] for r in summary_doc(summary)["steps"]]
+    stderr.print(Fitted(columns, rows, title))
     stderr.print(f"{summary.changed} of {summary.tensors} tensors would change; the rest are copied byte for byte")
 
 
@@ -109,6 +107,11 @@ def report_tables(report: Report) -> list[tuple[str, list[str], list[list[str]]]
             [f"{c.name} ×{c.repeat} [{c.indices}]" if c.indices else c.name, *_count_row(c)[1:]] for c in report.groups
         ]
         tables.append(("groups (per block)", ["group", "tensors", "parameters", "bytes"], rows))
+    if report.tuner is not None:  # a PEFT tuner other than LoRA: what it is, and what lorasurgeon does with it
+        tuner = report.tuner
+        facts = {"is": tuner.what, "changes": tuner.changes, "merge": tuner.merge, "unmerge": tuner.unmerge}
+        facts["convert"] = tuner.convert
+        tables.append((f"{tuner.name} ({tuner.peft_type})", ["", ""], [[k, v] for k, v in facts.items()]))
     if report.kind == "adapter":
         tables.append(_targets_table(report))
     shard_rows = [[*_count_row(c), _meta(c.metadata)] for c in report.shards]
@@ -121,19 +124,11 @@ def report_tables(report: Report) -> list[tuple[str, list[str], list[list[str]]]
 
 
 def _count_row(c: Count) -> list[str]:
-    return [c.name, str(c.tensors), f"{c.parameters:,}", _size(c.bytes)]
+    return [c.name, str(c.tensors), f"{c.parameters:,}", size(c.bytes)]
 
 
 def _rows(counts: tuple[Count, ...]) -> list[list[str]]:
     return [_count_row(c) for c in counts]
-
-
-def _size(n: int) -> str:
-    return next(
-        f"{n / 1000**i:.1f} {unit}"
-        for i, unit in reversed(list(enumerate(["B", "kB", "MB", "GB", "TB"])))
-        if n >= 1000**i or i == 0
-    )
 
 
 def _meta(metadata: dict[str, str]) -> str:
@@ -165,6 +160,8 @@ def _targets_table(report: Report) -> tuple[str, list[str], list[list[str]]]:
     lora, base = report.lora_parameters
     title = f"LoRA: {lora:,} parameters adapting {base:,} base parameters"
     title += f" ({1 - lora / base:.2%} fewer)" if base else ""
+    if report.tuner is not None:
+        title = f"{report.tuner.name}: {sum(m.parameters for m in report.modules):,} parameters"
     columns = ["target", "matrices", "kind", "rank", "alpha", "scale", "base shape", "LoRA", "base", "reduction"]
     return title, columns, rows
 
@@ -198,12 +195,7 @@ def show_report(report: Report) -> None:
     """The report as rich tables on stderr, then its findings, the check and the rules that fired."""
     for title, columns, rows in report_tables(report):
         stderr.print(f"[bold]{title}[/]", soft_wrap=True)
-        table = Table()
-        for i, column in enumerate(columns):
-            table.add_column(column, justify="left" if i == 0 else "right")
-        for row in rows:
-            table.add_row(*row)
-        stderr.print(table)
+        stderr.print(Fitted([Column(c, _report_kind(i, c)) for i, c in enumerate(columns)], rows))
     show_findings(report.findings)
     if report.check:
         show_findings(report.check.findings)
@@ -213,6 +205,12 @@ def show_report(report: Report) -> None:
             f"parameters ({c.touched_parameters / max(c.base_parameters, 1):.2%})"
         )
     show_fired(report)
+
+
+def _report_kind(index: int, column: str) -> Kind:
+    if index == 0:
+        return "name"
+    return "text" if column in REPORT_TEXT else "label" if column in REPORT_LABELS else "number"
 
 
 def show_fired(report: Report) -> None:
@@ -241,24 +239,24 @@ def show_extract(summary: ExtractSummary) -> None:
     """The extract table on stderr: one row per matrix, a total row, then what the adapter leaves out."""
     show_findings(summary.warnings)
     doc = extract_doc(summary)
-    table = Table(title=f"extract: {summary.tuned} − {summary.base}", title_justify="left")
-    curve = [f"err@{r}" for r in summary.curve]
-    for column in ("tensor", "shape", "rank", "method", "energy", "rel. error", *curve, "params"):
-        table.add_column(column, justify="left" if column in ("tensor", "method") else "right")
+    curve = [Column(f"err@{r}") for r in summary.curve]
+    columns = [Column("tensor", "name"), Column("shape"), Column("rank"), Column("method", "label")]
+    columns += [Column("energy"), Column("rel. error"), *curve, Column("params")]
+    rows = []
     for m in doc["matrices"]:
         shape = "x".join(map(str, m["shape"]))
         share = m["adapter_params"] / (m["shape"][0] * m["shape"][1])
-        table.add_row(
+        rows.append([
             m["tensor"], shape, str(m["rank"]), m["method"], f"{m['captured_energy']:.4f}",
             f"{m['relative_error']:.4f}", *(f"{e:.4f}" for e in m["curve"]), f"{share:.1%}",
-        )  # fmt: skip
+        ])  # fmt: skip
     total = doc["total"]
     share = total["adapter_params"] / max(total["replaced_params"], 1)
-    table.add_row(
+    last = [
         f"total ({total['matrices']} matrices)", "", "", "", f"{total['captured_energy']:.4f}",
-        f"{total['relative_error']:.4f}", *(f"{e:.4f}" for e in total["curve"]), f"{share:.1%}", style="bold",
-    )  # fmt: skip
-    stderr.print(table)
+        f"{total['relative_error']:.4f}", *(f"{e:.4f}" for e in total["curve"]), f"{share:.1%}",
+    ]  # fmt: skip
+    stderr.print(Fitted(columns, rows, f"extract: {summary.tuned} − {summary.base}", total=last))
     for c in summary.changed_other:
         shape = "x".join(map(str, c.shape))
         saved = c.name.rpartition(".")[0] in summary.saved_modules
@@ -271,7 +269,7 @@ def show_extract(summary: ExtractSummary) -> None:
     else:
         stderr.print(
             f"extract: wrote {summary.output} ({len(summary.matrices)} matrices, "
-            f"{summary.bytes_written / 1e6:.1f} MB, {summary.seconds:.1f} s on {summary.device})",
+            f"{size(summary.bytes_written)}, {summary.seconds:.1f} s on {summary.device})",
             soft_wrap=True,
         )
 
@@ -280,17 +278,16 @@ def show_convert(summary: ConvertSummary) -> None:
     """One line saying what was written; with --dry-run, the table of old and new names first."""
     show_findings(summary.warnings)
     if summary.dry_run:
-        table = Table(title=f"dry run: convert to {summary.target_format} into {summary.output}", title_justify="left")
-        for column in ("module", summary.target_format, "rank", "alpha", "scale"):
-            table.add_column(column, justify="right" if column in ("rank", "alpha", "scale") else "left")
-        for c in summary.modules:
-            table.add_row(c.module.module, c.name, str(c.module.rank), f"{c.alpha:.6g}", f"{c.module.scale:.6g}")
-        stderr.print(table)
+        title = f"dry run: convert to {summary.target_format} into {summary.output}"
+        columns = [Column("module", "name"), Column(summary.target_format, "name"), *map(Column, ("rank", "alpha"))]
+        rows = [[c.module.module, c.name, str(c.module.rank), f"{c.alpha:.6g}", f"{c.module.scale:.6g}"]
+                for c in summary.modules]  # fmt: skip
+        stderr.print(Fitted([*columns, Column("scale")], rows, title))
     verb = "would write" if summary.dry_run else "wrote"
-    size = "" if summary.dry_run else f", {summary.bytes_written / 1e6:.1f} MB, {summary.seconds:.1f} s"
+    written = "" if summary.dry_run else f", {size(summary.bytes_written)}, {summary.seconds:.1f} s"
     stderr.print(
         f"convert: {verb} {summary.output} ({summary.target_format} from {summary.source.format}, "
-        f"{len(summary.modules)} modules, A and B bytes unchanged{size})",
+        f"{len(summary.modules)} modules, A and B bytes unchanged{written})",
         soft_wrap=True,
     )
 
@@ -300,21 +297,20 @@ def show_algebra(summary: AlgebraSummary) -> None:
     with --report-naive), a total row, then what was written."""
     show_findings(summary.warnings)
     naive = any(m.naive is not None for m in summary.modules)
-    how = f"{summary.method}, {summary.rule}" if summary.operation == "combine" else summary.rule
-    table = Table(title=f"{summary.operation} ({how})", title_justify="left")
-    for column in ("module", "old rank", "new rank", "retained", "rel. error", *(["FedIT error"] if naive else [])):
-        table.add_column(column, justify="left" if column == "module" else "right")
-    for m in summary.modules:
-        fedit = [] if not naive else ["n/a" if m.naive is None else f"{m.naive:.4f}"]
-        table.add_row(m.row.name, str(m.row.old_rank), str(m.row.new_rank), f"{m.row.retained:.4f}",
-                      f"{m.row.error:.4f}", *fedit)  # fmt: skip
+    columns = [Column("module", "name"), Column("old rank"), Column("new rank"), Column("retained")]
+    columns += [Column("rel. error"), *([Column("FedIT error")] if naive else [])]
+    rows = [
+        [m.row.name, str(m.row.old_rank), str(m.row.new_rank), f"{m.row.retained:.4f}", f"{m.row.error:.4f}",
+         *([] if not naive else ["n/a" if m.naive is None else f"{m.naive:.4f}"])]
+        for m in summary.modules
+    ]  # fmt: skip
     error = summary.total_error
     total = [f"total ({len(summary.modules)} modules)", "", "", f"{1 - error**2:.4f}", f"{error:.4f}"]
-    table.add_row(*total, *([""] if naive else []), style="bold")
-    stderr.print(table)
+    how = f"{summary.method}, {summary.rule}" if summary.operation == "combine" else summary.rule
+    stderr.print(Fitted(columns, rows, f"{summary.operation} ({how})", total=total + ([""] if naive else [])))
     stderr.print(
         f"{summary.operation}: wrote {summary.output} ({summary.target_format}, {len(summary.modules)} modules, "
-        f"{summary.params:,} parameters, {summary.bytes_written / 1e6:.1f} MB, {summary.seconds:.1f} s)",
+        f"{summary.params:,} parameters, {size(summary.bytes_written)}, {summary.seconds:.1f} s)",
         soft_wrap=True,
     )
 

@@ -22,10 +22,11 @@ from lorasurgeon.errors import Finding, InputError, LorasurgeonError, MismatchEr
 from lorasurgeon.formats import detect, load_adapter
 from lorasurgeon.formats.peft_config import ADAPTER_CONFIG
 from lorasurgeon.header import TensorInfo
+from lorasurgeon.progress import Progress
+from lorasurgeon.tuner_report import TunerReport, describe, tuner_config
 
 if TYPE_CHECKING:
     from lorasurgeon.rules import Hit
-    from lorasurgeon.surgery import Progress
 
 SCHEMA_VERSION = "1"
 CONFIG_FIELDS = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
@@ -100,6 +101,7 @@ class Report:
     check: CheckResult | None = None
     stats: tuple[TensorStats, ...] | None = None
     fired: tuple[Hit, ...] = ()
+    tuner: TunerReport | None = None  # a PEFT tuner other than LoRA: what it is, and what lorasurgeon does with it
 
     @property
     def lora_parameters(self) -> tuple[int, int]:
@@ -165,10 +167,11 @@ def _adapter_report(path: Path, adapter: Adapter, fmt: str) -> Report:
     ]
     has_config = bool(adapter.config) or adapter.rank_source == ADAPTER_CONFIG
     config = {name: adapter.config[name] for name in CONFIG_FIELDS if name in adapter.config}
+    config = tuner_config(adapter) if adapter.tuner else config
     return Report(
         "adapter", str(path), fmt, counted.totals, counted.by_dtype, counted.categories, (),
         counted.shards, counted.metadata, config=config | {"has_config": has_config}, modules=modules,
-        findings=tuple(findings),
+        findings=tuple(findings), tuner=describe(adapter),
     )  # fmt: skip
 
 
@@ -196,6 +199,10 @@ def _modules(adapter: Adapter) -> tuple[ModuleReport, ...]:
         add(r.module, "replacement", {f"replacement:{r.param}": r.tensor})
     for rows in adapter.token_rows:
         add(rows.module, "tokens", {"trainable_tokens_delta": rows.tensor})
+    for t in (*adapter.tuner_modules, *adapter.tuner_unselected):  # another PEFT tuner: its own roles, its rank
+        add(t.module, t.tuner.lower(), t.factors, rank=t.params.get("rank"))
+    for role, info in adapter.shared.items():  # tensors every module of the tuner reads (VeRA's projections)
+        add(role, "shared", {role: info})
     for refused in adapter.refused:
         add(refused.module, refused.kind, refused.tensors)
     return tuple(described[name] for name in sorted(described))
@@ -249,7 +256,6 @@ def _check(path: Path, base_path: Path) -> CheckResult:
 def _with_stats(report: Report, ckpt: Checkpoint, on_progress: Callable[[Progress], None] | None) -> Report:
     """One pass over the tensor data, one tensor at a time: per-tensor statistics, then per-module ΔW norms."""
     from lorasurgeon import linalg
-    from lorasurgeon.surgery import Progress
 
     infos = list(ckpt)
     total = sum(t.nbytes for t in infos)
@@ -258,7 +264,7 @@ def _with_stats(report: Report, ckpt: Checkpoint, on_progress: Callable[[Progres
         stats.append(TensorStats(info.name, info.dtype, *linalg.tensor_stats(ckpt.read(info))))
         done += info.nbytes
         if on_progress:
-            on_progress(Progress(i, len(infos), done, total))
+            on_progress(Progress(i, len(infos), done, total, "reading"))
     modules = tuple(_delta_norms(ckpt, m) for m in report.modules)
     return replace(report, stats=tuple(stats), modules=modules)
 

@@ -6,6 +6,7 @@ Only the tensor in hand (and its factors) is resident. Untouched tensors are cop
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -15,26 +16,20 @@ from pathlib import Path
 
 import torch
 
-from lorasurgeon import linalg, lycoris
+from lorasurgeon import linalg, lycoris, tuner_steps
 from lorasurgeon.adapter import Adapter
 from lorasurgeon.checkpoint import MODEL_CONFIG, Checkpoint
 from lorasurgeon.errors import MismatchError, NonfiniteWarning, NumericError, Option, Part
 from lorasurgeon.header import torch_dtype
 from lorasurgeon.mirror import copy_companions, output_bytes, output_index, output_metadata
 from lorasurgeon.plan import Operation, Plan, Step, Term, plan_surgery
+from lorasurgeon.progress import Phase, Progress
 from lorasurgeon.writer import CheckpointWriter
 
 SIGNS = {"merge": 1, "unmerge": -1}
+PHASES: dict[Operation, Phase] = {"merge": "merging", "unmerge": "unmerging"}
 READ_AHEAD_BYTES = 256 << 20
 FACTOR_KINDS = ("linear", "conv", "embedding")  # ΔW = B @ A, up to a reshape or a transpose
-
-
-@dataclass(frozen=True)
-class Progress:
-    tensors_done: int
-    tensors_total: int
-    bytes_done: int
-    bytes_total: int
 
 
 @dataclass(frozen=True)
@@ -124,6 +119,9 @@ def execute(
     total_bytes = sum(s.tensor.nbytes for s in plan.steps)
     done_tensors = done_bytes = 0
     writer.reserve(output_bytes(plan))
+    phase = PHASES[plan.operation]
+    if on_progress:
+        on_progress(Progress(0, len(plan.steps), 0, total_bytes, phase))
     with ReadAhead(plan) as ahead, _torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
         for shard in base.shards:
             steps = [s for s in plan.steps if s.shard == shard.name]
@@ -137,7 +135,9 @@ def execute(
                     done_tensors += 1
                     done_bytes += step.tensor.nbytes
                     if on_progress:
-                        on_progress(Progress(done_tensors, len(plan.steps), done_bytes, total_bytes))
+                        on_progress(Progress(done_tensors, len(plan.steps), done_bytes, total_bytes, phase))
+    if on_progress:
+        on_progress(Progress(phase="publishing"))
     if base.index_name:
         writer.write_json(base.index_name, output_index(plan))
     if plan.config is not None:
@@ -206,17 +206,21 @@ def _base_start(step: Step) -> bool:
 
 
 def compute(plan: Plan, step: Step, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The step's output tensor: W (or its replacement, with token rows set) ± Σ term deltas in fp32,
-    rescaled per output feature when the term is DoRA, rounded once to the output dtype. `weight` is the
-    base tensor when it has been read already."""
+    """The step's output tensor: W (or its replacement, with token rows set) ± Σ term deltas in fp32 (LoRA and
+    additive tuners alike), rescaled per output feature when the term is DoRA, or changed by the one tuner product
+    the step may hold (tuner_steps), rounded once to the output dtype. `weight` is the base tensor when it has
+    been read already."""
     weight = (_start(plan, step) if weight is None else weight).to(device)
     out_dtype = torch_dtype(step.out_dtype)
-    if not step.terms:  # copied in a new dtype, or replaced: values from the adapter are checked too
+    if not (step.terms or step.tuners):  # copied in a new dtype, or replaced: values from the adapter are checked too
         result = weight.to(out_dtype)
         if not linalg.fits(weight.float(), out_dtype):
             _check_finite(plan, step, weight, weight.float(), result)
         return result
-    if all(t.module.kind in FACTOR_KINDS and not (t.bias or t.dora) and t.rows is None for t in step.terms):
+    blockwise = step.expected is None and not step.tuners  # an unmerge's expected value is checked on the whole ΔW
+    if blockwise and all(
+        t.module.kind in FACTOR_KINDS and not (t.bias or t.dora) and t.rows is None for t in step.terms
+    ):
         factors = [_factors(plan, term, device) for term in step.terms]
         result, fit = linalg.merge_blockwise(weight, factors, SIGNS[plan.operation], out_dtype)
         if fit:
@@ -227,9 +231,13 @@ def compute(plan: Plan, step: Step, device: torch.device, weight: torch.Tensor |
     exact = weight.float()
     del weight
     # The weighted deltas are summed first and added once, so several adapters add no rounding between them.
-    delta = _summed_delta(plan, step, device)
-    linalg.add_delta_(exact, delta, SIGNS[plan.operation])
-    del delta
+    if step.terms or tuner_steps.has_sum(step):
+        delta = _summed_delta(plan, step, device)
+        linalg.add_delta_(exact, delta, SIGNS[plan.operation])
+        if step.expected is not None:
+            _check_restored(plan, step, exact, delta)
+        del delta
+    exact = tuner_steps.apply_products(plan, step, exact, device)
     dora = next((t for t in step.terms if t.dora), None)
     if dora is not None and dora.module.magnitude is not None:
         magnitude = plan.adapters[dora.adapter].source.read(dora.module.magnitude).to(device)
@@ -262,10 +270,12 @@ def _start(plan: Plan, step: Step) -> torch.Tensor:
 def _summed_delta(plan: Plan, step: Step, device: torch.device) -> torch.Tensor:
     """Σ of the step's term deltas in fp32; a term with `rows` (q, k or v of a fused in_proj_weight) fills only
     those rows, so the three projections' deltas still meet in one tensor that is added once."""
-    whole = [t for t in step.terms if t.rows is None]
-    delta = _delta(plan, whole[0], device) if whole else torch.zeros(step.tensor.shape, device=device)
-    for term in whole[1:]:
-        delta += _delta(plan, term, device)
+    whole = (_delta(plan, t, device) for t in step.terms if t.rows is None)
+    deltas = itertools.chain(whole, tuner_steps.deltas(plan, step, device))  # one at a time, as they are added
+    delta = next(deltas, None)
+    delta = torch.zeros(step.tensor.shape, device=device) if delta is None else delta
+    for other in deltas:
+        delta += other
     for term in step.terms:
         if term.rows is not None:
             delta[term.rows[0] : term.rows[1]] += _delta(plan, term, device)
@@ -293,6 +303,21 @@ def _factors(plan: Plan, term: Term, device: torch.device) -> tuple[torch.Tensor
     source = plan.adapters[term.adapter].source
     a, b = source.read(term.module.a).to(device).float(), source.read(term.module.b).to(device).float()
     return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), term.factor, term.transpose
+
+
+def _check_restored(plan: Plan, step: Step, restored: torch.Tensor, delta: torch.Tensor) -> None:
+    """Unmerge: merged − ΔW must be the adapter's saved copy of the base weight, up to the rounding of a merge and
+    an unmerge; anything more means MERGED was not made from this adapter."""
+    if step.expected is None:
+        return
+    saved = plan.adapters[step.expected.adapter].source.read(step.expected.tensor).to(restored.device)
+    excess = linalg.rounding_excess(restored, saved, delta, (torch_dtype(step.tensor.dtype), saved.dtype))
+    if excess > 0:
+        raise MismatchError(
+            f"{step.tensor.path.name}: {step.tensor.name} minus the adapter's ΔW differs from "
+            f"{step.expected.tensor.name}, the adapter's saved copy of the base weight, by {excess:.3g} more than "
+            "rounding allows, so MERGED was not made by merging this adapter into that base"
+        )
 
 
 def _check_finite(plan: Plan, step: Step, weight: torch.Tensor, exact: torch.Tensor, result: torch.Tensor) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from builders import read_tensors, run_cli, save_adapter
-from test_rank_rules import by_definition
+from test_spectrum_rules import by_definition
 
 import lorasurgeon
 from lorasurgeon.budget import allocate_budget

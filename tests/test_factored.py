@@ -12,11 +12,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_rank_rules import by_definition
+from test_spectrum_rules import by_definition
 
 from lorasurgeon import factored
 from lorasurgeon.errors import MismatchError
-from lorasurgeon.rank_rules import RankRule, choose_rank
+from lorasurgeon.spectrum_rules import SpectrumRule, choose_rank
 from lorasurgeon.stacked_sum import StackedSum, fedit_error, naive_relative_error
 
 TIGHT = 2.0**-40
@@ -130,13 +130,13 @@ def test_truncation_error_is_the_eckart_young_optimum(
 @given(
     case=factors(),
     rule=st.one_of(
-        st.builds(RankRule, st.just("rank"), st.integers(1, 12).map(float)),
-        st.builds(RankRule, st.sampled_from(["energy", "fro"]), st.floats(0.05, 0.999)),
-        st.builds(RankRule, st.just("ratio"), st.floats(1, 1e6)),
+        st.builds(SpectrumRule, st.just("rank"), st.integers(1, 12).map(float)),
+        st.builds(SpectrumRule, st.sampled_from(["energy", "fro"]), st.floats(0.05, 0.999)),
+        st.builds(SpectrumRule, st.just("ratio"), st.floats(1, 1e6)),
     ),
 )
 def test_every_resize_rule_keeps_its_rank_at_the_optimal_error(
-    case: tuple[torch.Tensor, torch.Tensor, float], rule: RankRule
+    case: tuple[torch.Tensor, torch.Tensor, float], rule: SpectrumRule
 ) -> None:
     """The rank a rule picks on our spectrum is the rule recomputed on the dense fp64 svdvals, and the
     resized factors' error is the Eckart–Young optimum at that rank."""

@@ -22,17 +22,19 @@ from lorasurgeon.header import TensorInfo
 
 ADAPTER_CONFIG = "adapter_config.json"
 
-# Config fields whose non-default value means the adapter is not plain LoRA; each is refused by name.
-UNSUPPORTED_FIELDS: dict[str, str] = {
-    "layer_replication": "layer replication (layer_replication), which PEFT cannot merge either",
-    "target_parameters": "LoRA on raw parameters (target_parameters)",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens), which cannot be merged",
-    "velora_config": "VeLoRA (velora_config)",
-    "kasa_config": "KaSA (kasa_config)",
-    "use_bdlora": "BD-LoRA (use_bdlora)",
-    "arrow_config": "Arrow routing (arrow_config)",
-    "monteclora_config": "MonteCLoRA (monteclora_config)",
-    "use_qalora": "QA-LoRA (use_qalora)",
+# Config fields whose non-default value means the adapter is not plain LoRA; each is refused by name, with what
+# keeps it from being merged (by default: lorasurgeon does not merge it yet).
+YET = "which lorasurgeon cannot merge yet"
+UNSUPPORTED_FIELDS: dict[str, tuple[str, str]] = {
+    "layer_replication": ("layer replication (layer_replication)", "which PEFT cannot merge either"),
+    "target_parameters": ("LoRA on raw parameters (target_parameters)", YET),
+    "alora_invocation_tokens": ("activated LoRA (alora_invocation_tokens)", "which cannot be merged at all"),
+    "velora_config": ("VeLoRA (velora_config)", YET),
+    "kasa_config": ("KaSA (kasa_config)", YET),
+    "use_bdlora": ("BD-LoRA (use_bdlora)", YET),
+    "arrow_config": ("Arrow routing (arrow_config)", YET),
+    "monteclora_config": ("MonteCLoRA (monteclora_config)", YET),
+    "use_qalora": ("QA-LoRA (use_qalora)", YET),
 }
 # init_lora_weights values whose adapter only reproduces the fine-tune on top of a base that training rewrote
 # (PiSSA/OLoRA/CorDA/LoRA-GA subtract s·B₀A₀ from W; LoftQ quantizes it).
@@ -51,12 +53,13 @@ class LoraConfig:
     lora_bias: bool
     rank_pattern: dict[str, float]
     alpha_pattern: dict[str, float]
-    target_modules: str | list[str] | None
-    exclude_modules: str | list[str] | None
-    layers_to_transform: int | list[int] | None
-    layers_pattern: str | list[str] | None
-    modules_to_save: list[str]
+    selection: Selection
     token_indices: list[int] | dict[str, list[int]] | None
+    ensure_weight_tying: bool = False
+
+    @property
+    def modules_to_save(self) -> list[str]:
+        return self.selection.modules_to_save
 
     @classmethod
     def parse(cls, where: Path, config: Mapping[str, Any], alpha: float | None) -> LoraConfig:
@@ -64,7 +67,6 @@ class LoraConfig:
         Fields are checked for type only: what lorasurgeon cannot merge is `refusal`'s to say."""
         field = FieldReader(where, config)
         alpha_pattern = field.patterns("alpha_pattern", positive_integers=False)
-        saved = field.names("modules_to_save")
         return cls(
             rank=field.integer("r", 8),
             alpha=alpha if alpha is not None else field.number("lora_alpha", 8),
@@ -74,12 +76,61 @@ class LoraConfig:
             lora_bias=field.boolean("lora_bias"),
             rank_pattern=field.patterns("rank_pattern", positive_integers=True),
             alpha_pattern={k: alpha for k in alpha_pattern} if alpha is not None else alpha_pattern,
+            selection=Selection.parse(field),
+            token_indices=field.token_indices("trainable_token_indices"),
+            ensure_weight_tying=field.boolean("ensure_weight_tying"),
+        )
+
+    def selects(self, module: str) -> bool:
+        return self.selection.selects(module)
+
+    def rank_alpha(self, module: str) -> tuple[int, float]:
+        rank = pattern_value(self.rank_pattern, module)
+        alpha = pattern_value(self.alpha_pattern, module)
+        return int(rank if rank is not None else self.rank), float(alpha if alpha is not None else self.alpha)
+
+    def rows_for(self, where: Path, module: str, info: TensorInfo) -> tuple[int, ...]:
+        """The token indices of `module`'s trainable_tokens_delta, as the config lists them (FORMATS.md §4.5)."""
+        return token_rows(self.token_indices, "trainable_token_indices", where, module, info)
+
+
+def token_rows(
+    spec: list[int] | dict[str, list[int]] | None, name: str, where: Path, module: str, info: TensorInfo
+) -> tuple[int, ...]:
+    """The rows `info` (a trainable_tokens_delta of `module`) sets, as the config field `name` lists them: one list
+    for every module, or lists by module name (FORMATS.md §4.5)."""
+    if isinstance(spec, dict):
+        found = [v for k, v in spec.items() if module == k or module.endswith("." + k)]
+    else:
+        found = [spec] if spec else []
+    if not found:
+        raise MismatchError(
+            f"{where}: {info.name} holds trainable token rows but no {ADAPTER_CONFIG} {name} entry names {module}"
+        )
+    if len(found[0]) != info.shape[0]:
+        raise MismatchError(f"{where}: {info.name} holds {info.shape[0]} rows but {name} lists {len(found[0])}")
+    return tuple(found[0])
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The config fields that select the modules PEFT adapts, of every tuner alike."""
+
+    target_modules: str | list[str] | None
+    exclude_modules: str | list[str] | None
+    layers_to_transform: int | list[int] | None
+    layers_pattern: str | list[str] | None
+    modules_to_save: list[str]
+
+    @classmethod
+    def parse(cls, field: FieldReader) -> Selection:
+        saved = field.names("modules_to_save")
+        return cls(
             target_modules=field.regex_or_names("target_modules"),
             exclude_modules=field.regex_or_names("exclude_modules"),
             layers_to_transform=field.layers("layers_to_transform"),
             layers_pattern=field.names("layers_pattern"),
             modules_to_save=[saved] if isinstance(saved, str) else list(saved or ()),
-            token_indices=field.token_indices("trainable_token_indices"),
         )
 
     def selects(self, module: str) -> bool:
@@ -98,29 +149,6 @@ class LoraConfig:
         index = layer_index(module, self.layers_pattern)
         return index is not None and (index == wanted if isinstance(wanted, int) else index in wanted)
 
-    def rank_alpha(self, module: str) -> tuple[int, float]:
-        rank = pattern_value(self.rank_pattern, module)
-        alpha = pattern_value(self.alpha_pattern, module)
-        return int(rank if rank is not None else self.rank), float(alpha if alpha is not None else self.alpha)
-
-    def rows_for(self, where: Path, module: str, info: TensorInfo) -> tuple[int, ...]:
-        """The token indices of `module`'s trainable_tokens_delta, as the config lists them (FORMATS.md §4.5)."""
-        spec = self.token_indices
-        if isinstance(spec, dict):
-            found = [v for k, v in spec.items() if module == k or module.endswith("." + k)]
-        else:
-            found = [spec] if spec else []
-        if not found:
-            raise MismatchError(
-                f"{where}: {info.name} holds trainable token rows but no {ADAPTER_CONFIG} "
-                f"trainable_token_indices entry names {module}"
-            )
-        if len(found[0]) != info.shape[0]:
-            raise MismatchError(
-                f"{where}: {info.name} holds {info.shape[0]} rows but trainable_token_indices lists {len(found[0])}"
-            )
-        return tuple(found[0])
-
 
 def refusal(where: Path, config: Mapping[str, Any]) -> UnsupportedError | None:
     """The UnsupportedError naming every config field that makes the adapter more than LoRA we can merge."""
@@ -136,10 +164,14 @@ def refusal(where: Path, config: Mapping[str, Any]) -> UnsupportedError | None:
         )
     found = [label for name, label in UNSUPPORTED_FIELDS.items() if config.get(name) not in (None, False, [], {})]
     if isinstance(init, str) and init.lower().startswith("mica"):
-        found.append(f"the MiCA variant (init_lora_weights={init!r})")
-    if found:
-        return UnsupportedError(f"{where}: the adapter uses {', '.join(found)}, which lorasurgeon cannot merge yet")
-    return None
+        found.append((f"the MiCA variant (init_lora_weights={init!r})", YET))
+    if not found:
+        return None
+    reasons: dict[str, list[str]] = {}  # each reason once, after everything it is the reason for
+    for label, reason in found:
+        reasons.setdefault(reason, []).append(label)
+    said = "; and ".join(f"{' and '.join(labels)}, {reason}" for reason, labels in reasons.items())
+    return UnsupportedError(f"{where}: the adapter uses {said}")
 
 
 def module_selected(target: str | Sequence[str] | None, module: str) -> bool:
@@ -165,10 +197,11 @@ def layer_index(module: str, layers_pattern: str | Sequence[str] | None) -> int 
     return int(match.group(1)) if match else None
 
 
-def pattern_value(patterns: Mapping[str, float], module: str) -> float | None:
-    """The value of the first pattern key (in the file's order) that matches a dotted suffix of `module`."""
+def pattern_value(patterns: Mapping[str, float], module: str, *, dotted: bool = False) -> float | None:
+    """The value of the first pattern key (in the file's order) that matches a dotted suffix of `module`
+    (PEFT's get_pattern_key); `dotted`: FourierFT's and C3A's older rule, where a dot must come before the key."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if re.match(rf".*\.{key}$" if dotted else rf"(.*\.)?({key})$", module):
             return value
     return None
 
@@ -214,11 +247,13 @@ def adapter_config(
     modules_to_save: list[str] | None = None,
     base_model: str | None = None,
     task_type: str | None = None,
+    auto_mapping: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """adapter_config.json with long-standing keys only (FORMATS.md §6.4) that gives every module its rank and
     alpha: r and lora_alpha are the most common ones, the others `rank_pattern` / `alpha_pattern` entries keyed
     `^<module path>`, anchored so that a key never also matches a longer path ending in it (PEFT ≥ 0.15 and
-    diffusers match keys this way; an unanchored full path fails on PEFT ≤ 0.14 just the same)."""
+    diffusers match keys this way; an unanchored full path fails on PEFT ≤ 0.14 just the same). `base_model` and
+    `task_type` (or, without one, `auto_mapping`: the base's class and library) let AutoPeftModel build the base."""
     rank = Counter(m.rank for m in modules).most_common(1)[0][0]
     alpha = Counter(m.alpha for m in modules).most_common(1)[0][0]
     config: dict[str, Any] = {
@@ -241,6 +276,8 @@ def adapter_config(
     }
     if lora_bias:
         config["lora_bias"] = True  # a newer key (PEFT 0.14), written only when needed
+    if task_type is None and auto_mapping is not None:
+        config["auto_mapping"] = auto_mapping  # PEFT writes it for adapters without a task type
     return config
 
 

@@ -9,13 +9,14 @@ every module exactly the scale it had; nothing is folded into B.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from lorasurgeon.adapter import ADAPTER_FORMATS, Adapter, AdapterFormat, LoraModule
 from lorasurgeon.errors import Finding, UnsupportedError
 from lorasurgeon.formats import diffusers, kohya
+from lorasurgeon.formats.model_classes import auto_mapping, task_type
 from lorasurgeon.formats.peft import PEFT_PREFIX
 from lorasurgeon.formats.peft_config import adapter_config, written
 from lorasurgeon.header import TensorInfo
@@ -125,20 +126,51 @@ def _groups(modules: list[Converted], to: AdapterFormat) -> dict[str, list[Conve
     return groups
 
 
-def config(adapter: Adapter, modules: list[Converted], to: AdapterFormat, alpha: float | None) -> dict[str, Any] | None:
-    """adapter_config.json (a PEFT source's own, with `alpha` applied) or the diffusers metadata, unpacked."""
+@dataclass(frozen=True)
+class BaseModel:
+    """What adapter_config.json says of the base, so that AutoPeftModel can build it: its name (`given`: by the user,
+    so it replaces a source's own), the task type of its architecture, or without one PEFT's auto_mapping."""
+
+    name: str | None = None
+    given: bool = False
+    task_type: str | None = None
+    auto_mapping: dict[str, str] | None = None
+
+    @classmethod
+    def of(cls, name: str | None, given: bool, config: Mapping[str, Any] | None) -> BaseModel:
+        task = task_type(config) if config else None
+        return cls(name, given, task, auto_mapping(config) if config and task is None else None)
+
+    def described(self, config: dict[str, Any]) -> dict[str, Any]:
+        """`config` with what this says filled in where the config says nothing (the name also where given)."""
+        out = dict(config)
+        if self.name is not None and (out.get("base_model_name_or_path") is None or self.given):
+            out["base_model_name_or_path"] = self.name
+        if out.get("task_type") is None and self.task_type is not None:
+            out["task_type"] = self.task_type
+        if out.get("task_type") is None and out.get("auto_mapping") is None and self.auto_mapping is not None:
+            out["auto_mapping"] = self.auto_mapping
+        return out
+
+
+def config(
+    adapter: Adapter, modules: list[Converted], to: AdapterFormat, alpha: float | None, base: BaseModel = BaseModel()
+) -> dict[str, Any] | None:
+    """adapter_config.json (a PEFT source's own, with `alpha` applied), naming `base`, or the diffusers metadata,
+    unpacked."""
     if to == "kohya":
         return None
     if to == "peft" and adapter.config:
-        if alpha is None:
-            return dict(adapter.config)
-        patterns = {k: alpha for k in adapter.config.get("alpha_pattern") or {}}
-        return {**adapter.config, "lora_alpha": alpha, "alpha_pattern": patterns}
+        own = dict(adapter.config)
+        if alpha is not None:
+            patterns = {k: alpha for k in adapter.config.get("alpha_pattern") or {}}
+            own |= {"lora_alpha": alpha, "alpha_pattern": patterns}
+        return base.described(own)
     configs = {}
     for component, group in _groups(modules, to).items():
         paths = [c.name.partition(".")[2] if to == "diffusers" else c.name for c in group]
         configs[component] = peft_config_for(paths, [c.module for c in group])
-    return configs[""] if to == "peft" else diffusers.packed(configs)
+    return base.described(configs[""]) if to == "peft" else diffusers.packed(configs)
 
 
 def peft_config_for(paths: list[str], modules: list[LoraModule]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Rank rules (rank_rules.py) recomputed from their definitions, their off-by-one cases, kohya's relation, and
+"""Rank rules (spectrum_rules.py) recomputed from their definitions, their off-by-one cases, kohya's relation, and
 the global budget (budget.py) against brute force."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from lorasurgeon.budget import allocate_budget, class_items, greedy_prefix
 from lorasurgeon.errors import LorasurgeonError
-from lorasurgeon.rank_rules import RankRule, choose_rank
+from lorasurgeon.spectrum_rules import SpectrumRule, choose_rank
 
 spectra = st.lists(st.floats(0, 100), min_size=0, max_size=12).map(
     lambda xs: torch.tensor(sorted(xs, reverse=True), dtype=torch.float64)
@@ -39,14 +39,14 @@ def by_definition(sigma: list[float], kind: str, value: float) -> int:
 @given(
     sigma=spectra,
     rule=st.one_of(
-        st.builds(RankRule, st.just("rank"), st.integers(1, 16).map(float)),
-        st.builds(RankRule, st.just("energy"), st.floats(1e-6, 1)),
-        st.builds(RankRule, st.just("fro"), st.floats(1e-6, 1)),
-        st.builds(RankRule, st.just("ratio"), st.floats(1, 1e6)),
+        st.builds(SpectrumRule, st.just("rank"), st.integers(1, 16).map(float)),
+        st.builds(SpectrumRule, st.just("energy"), st.floats(1e-6, 1)),
+        st.builds(SpectrumRule, st.just("fro"), st.floats(1e-6, 1)),
+        st.builds(SpectrumRule, st.just("ratio"), st.floats(1, 1e6)),
     ),
     min_rank=st.integers(0, 2),
 )
-def test_each_rule_is_its_definition(sigma: torch.Tensor, rule: RankRule, min_rank: int) -> None:
+def test_each_rule_is_its_definition(sigma: torch.Tensor, rule: SpectrumRule, min_rank: int) -> None:
     expected = min(max(by_definition(sigma.tolist(), rule.kind, rule.value), min_rank), len(sigma))
     assert choose_rank(sigma, rule, min_rank) == expected
 
@@ -73,12 +73,12 @@ def test_each_rule_is_its_definition(sigma: torch.Tensor, rule: RankRule, min_ra
     ],
 )
 def test_off_by_one_cases(sigma: list[float], kind: str, value: float, k: int) -> None:
-    assert choose_rank(torch.tensor(sigma, dtype=torch.float64), RankRule(kind, value), min_rank=0) == k  # type: ignore[arg-type]
+    assert choose_rank(torch.tensor(sigma, dtype=torch.float64), SpectrumRule(kind, value), min_rank=0) == k  # type: ignore[arg-type]
 
 
 def test_min_rank_floors_but_never_exceeds_the_spectrum() -> None:
-    assert choose_rank(torch.zeros(3, dtype=torch.float64), RankRule("energy", 0.9), min_rank=1) == 1
-    assert choose_rank(torch.zeros(0, dtype=torch.float64), RankRule("energy", 0.9), min_rank=1) == 0
+    assert choose_rank(torch.zeros(3, dtype=torch.float64), SpectrumRule("energy", 0.9), min_rank=1) == 1
+    assert choose_rank(torch.zeros(0, dtype=torch.float64), SpectrumRule("energy", 0.9), min_rank=1) == 0
 
 
 def kohya_rank(sigma: torch.Tensor, kind: str, value: float, cap: int) -> int:
@@ -105,7 +105,7 @@ def kohya_rank(sigma: torch.Tensor, kind: str, value: float, cap: int) -> int:
 def test_kohya_keeps_one_more_than_our_rule(sigma: torch.Tensor, kind: str, value: float) -> None:
     """kohya = ours + 1 (capped) away from its clamps and from exact ties at the ratio threshold."""
     value = 1 / value if kind == "ratio" else value
-    ours = choose_rank(sigma, RankRule(kind, value), min_rank=0)  # type: ignore[arg-type]
+    ours = choose_rank(sigma, SpectrumRule(kind, value), min_rank=0)  # type: ignore[arg-type]
     cap = len(sigma)
     tie = kind == "ratio" and bool((sigma == sigma[0] / value).any())
     if 1 <= ours <= len(sigma) - 1 and not tie:
@@ -124,7 +124,7 @@ def test_kohya_keeps_one_more_than_our_rule(sigma: torch.Tensor, kind: str, valu
 )
 def test_bad_rule_values_are_refused(kind: str, value: float, message: str) -> None:
     with pytest.raises(LorasurgeonError, match=message):
-        RankRule(kind, value)  # type: ignore[arg-type]
+        SpectrumRule(kind, value)  # type: ignore[arg-type]
 
 
 # --- the global budget --------------------------------------------------------------------------------------
@@ -208,6 +208,6 @@ def test_fro_and_energy_one_stop_at_the_last_nonzero_value(sigma: torch.Tensor) 
     """F = 1 is reached where the energy is complete, not past it: torch's fp64 sqrt (√2 one ulp low) once made
     [1, 1, 0] keep 3 under --fro 1, and a pow-rounded √total made a spectrum keep 1."""
     last = max(i + 1 for i, s in enumerate(sigma.tolist()) if s * s > 0)
-    assert choose_rank(sigma, RankRule("fro", 1.0), 0) <= last
-    assert choose_rank(sigma, RankRule("energy", 1.0), 0) <= last
-    assert choose_rank(torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64), RankRule("fro", 1.0), 0) == 2
+    assert choose_rank(sigma, SpectrumRule("fro", 1.0), 0) <= last
+    assert choose_rank(sigma, SpectrumRule("energy", 1.0), 0) <= last
+    assert choose_rank(torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64), SpectrumRule("fro", 1.0), 0) == 2

@@ -25,17 +25,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from lorasurgeon.errors import LorasurgeonError
+
+if TYPE_CHECKING:  # torch-free at import: the options are validated before torch loads (algebra_options)
+    import torch
 
 RuleKind = Literal["rank", "energy", "ratio", "fro"]
 
 
 @dataclass(frozen=True)
-class RankRule:
+class SpectrumRule:
     """One per-module rank rule and its parameter (see the module docstring); validated on construction."""
 
     kind: RuleKind
@@ -50,8 +51,10 @@ class RankRule:
             raise LorasurgeonError(f"--ratio {self.value}: must be at least 1 (σ_k/σ₁ ≥ 1/X)")
 
 
-def choose_rank(sigma: torch.Tensor, rule: RankRule, min_rank: int = 1) -> int:
+def choose_rank(sigma: torch.Tensor, rule: SpectrumRule, min_rank: int = 1) -> int:
     """k for one module's complete spectrum `sigma` under `rule`, then raised to `min_rank`, at most len σ."""
+    import torch
+
     s = sigma.double()
     if rule.kind == "rank":
         k = int(rule.value)
