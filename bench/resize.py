@@ -2,7 +2,7 @@
 
     python bench/resize.py [--layers 32] [--hidden 4096] [--intermediate 11008] [--rank 128] [--new-rank 16]
                            [--clients 100] [--client-rank 16] [--rss-clients 25,50,100] [--rss-layers 1]
-                           [--dense-all] [--skip-federated] [--quick]
+                           [--dense-all] [--skip-federated] [--skip-resize] [--quick]
 
 Maths only: adapters are generated in memory (seeded), no files are read or written, so both routes see the
 same fp32 factors and the timings are of the algebra the `resize` / `combine` commands will run per module.
@@ -10,7 +10,8 @@ same fp32 factors and the timings are of the algebra the `resize` / `combine` co
 Part 1, resize: a rank-`--rank` adapter on the 7 projections of every layer of a Llama-shaped model
 (q/k/v/o hidden², gate/up intermediate×hidden, down hidden×intermediate; 224 modules at the defaults),
 B with column scales i^-0.5 so the spectrum decays, cut to `--new-rank`:
-  - ours: `factored.core_svd` (fp64 QR of B and Aᵀ, SVD of the r×r core) + `factored.truncate`, every module;
+  - ours: the command's route (`stacked_sum.StackedSum` of one term, `truncated`: fp64 QR of the smaller factor in
+    place, TSQR of the larger, SVD of the r×r core), every module;
   - dense (kohya's resize_lora.py): ΔW = B @ A in fp32, `torch.linalg.svd(ΔW)` (full_matrices=True, its
     default), keep the top k. Run on ONE module of each distinct shape (or every module with --dense-all) and
     scaled by the number of modules of that shape; the output says which.
@@ -99,6 +100,15 @@ def error_ratio(delta: Any, b: Any, a: Any, sigma: Any, k: int) -> float:
     return residual / float(sigma[k:].double().square().sum().sqrt())
 
 
+def command_route(b: Any, a: Any, scale: float, k: int) -> Any:
+    """What `lorasurgeon resize --rank k` runs per module: a one-term StackedSum, truncated (its QRs in place)."""
+    from lorasurgeon.stacked_sum import StackedSum
+
+    total = StackedSum(b.shape[0], a.shape[1], capacity=b.shape[1])
+    total.add(b, a, scale)
+    return total.truncated(k)[0]
+
+
 def part_resize(args: argparse.Namespace) -> dict[str, Any]:
     from lorasurgeon import factored
 
@@ -110,7 +120,7 @@ def part_resize(args: argparse.Namespace) -> dict[str, Any]:
         for index, (name, (m, n)) in enumerate(table.items()):
             b, a = adapter_factors(m, n, args.rank, seed=layer * 7 + index)
             start = clock()
-            out = factored.resize(b, a, scale, k)
+            out = command_route(b, a, scale, k)
             seconds = since(start)
             ours_total = add(ours_total, seconds)
             ours_by_shape.setdefault((m, n), []).append(seconds)
@@ -125,7 +135,7 @@ def part_resize(args: argparse.Namespace) -> dict[str, Any]:
             sampled[(m, n)] = sampled.get((m, n), 0) + 1
             b, a = adapter_factors(m, n, args.rank, seed=layer * 7 + index)
             seconds, delta, b_dense, a_dense, sigma = dense_route(b, a, scale, k)
-            ours = factored.resize(b, a, scale, k)
+            ours = command_route(b, a, scale, k)
             optimum = float(sigma[k:].double().square().sum().sqrt() / sigma.double().square().sum().sqrt())
             count = len(ours_by_shape[(m, n)]) if not args.dense_all else 1
             dense_total = add(dense_total, seconds, count)
@@ -224,9 +234,8 @@ def pair(seconds: Seconds) -> str:
     return f"{seconds[0]:.2f} / {seconds[1]:.2f}"
 
 
-def report(args: argparse.Namespace) -> None:
-    print(f"# resize / federated benchmark ({platform.machine()}, {os.cpu_count()} CPUs; hidden {args.hidden}, "
-          f"intermediate {args.intermediate}, {args.layers} layers; times are wall s / CPU s)\n")  # fmt: skip
+def resize_report(args: argparse.Namespace) -> Seconds:
+    """Part 1's table; returns the dense route's (scaled) seconds."""
     r = child("resize", args)
     how = "one module of each shape, scaled by its count" if r["dense_sampled"] else "every module"
     print(f"## resize rank {args.rank} -> {args.new_rank}, {r['modules']} modules (dense route on {how})\n")
@@ -241,14 +250,26 @@ def report(args: argparse.Namespace) -> None:
           f"{' (scaled)' if r['dense_sampled'] else ''}: {pair(dense)} s (peak RSS with it {r['peak_rss_mib']:.0f} "
           f"MiB); dense / ours: {dense[0] / ours[0]:.1f}x wall, {dense[1] / ours[1]:.1f}x CPU; worst error ratio "
           f"{max(row['ours_ratio'] for row in r['rows']):.6f}\n")  # fmt: skip
+    return dense
+
+
+def report(args: argparse.Namespace) -> None:
+    print(f"# resize / federated benchmark ({platform.machine()}, {os.cpu_count()} CPUs; hidden {args.hidden}, "
+          f"intermediate {args.intermediate}, {args.layers} layers; times are wall s / CPU s)\n")  # fmt: skip
+    dense = None
+    if not args.skip_resize:
+        dense = resize_report(args)
     if args.skip_federated:
         return
     f = child("federated", args, check=True)
     print(f"## federated mean of {f['clients']} rank-{args.client_rank} clients -> rank {args.new_rank}, "
           f"{f['modules']} modules\n")  # fmt: skip
     fed = f["total_s"]
-    print(f"streamed, exact: {pair(fed)} s, peak RSS {f['peak_rss_mib']:.0f} MiB; the dense resize route above "
-          f"takes {dense[0] / fed[0]:.1f}x (wall), {dense[1] / fed[1]:.1f}x (CPU) as long")  # fmt: skip
+    print(f"streamed, exact: {pair(fed)} s, peak RSS {f['peak_rss_mib']:.0f} MiB", end="")
+    if dense is not None:
+        print(f"; the dense resize route above takes {dense[0] / fed[0]:.1f}x (wall), {dense[1] / fed[1]:.1f}x (CPU) "
+              "as long", end="")  # fmt: skip
+    print()
     print(f"first module: error / Eckart-Young optimum (dense fp64) {f['check_error_ratio']:.8f} (relative error "
           f"{f['check_relative_error']:.4f}); FedIT's A/B average would be off by "
           f"{f['fedit_relative_error']:.4f}\n")  # fmt: skip
@@ -273,6 +294,7 @@ def main() -> None:
     parser.add_argument("--rss-layers", type=int, default=1)
     parser.add_argument("--dense-all", action="store_true", help="run the dense route on every module")
     parser.add_argument("--skip-federated", action="store_true")
+    parser.add_argument("--skip-resize", action="store_true", help="only the federated part (no dense route)")
     parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="hidden 512, intermediate 1376, 4 layers, 20 clients")
     args = parser.parse_args()
