@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from lorasurgeon.adapter import ADAPTER_FORMATS, Adapter
 from lorasurgeon.checkpoint import Checkpoint
+from lorasurgeon.devices import check_device as _check_device
+from lorasurgeon.devices import resolve_device
 from lorasurgeon.errors import LorasurgeonError, Option
 from lorasurgeon.formats import load_adapter
 from lorasurgeon.formats.naming import COMPONENTS
@@ -30,13 +32,17 @@ from lorasurgeon.version import __version__
 # The modules that compute load torch, whose import takes seconds; a header-only `report` needs none of them,
 # so they are imported inside the functions that use them, and the types below on first use (__getattr__).
 if TYPE_CHECKING:
-    import torch
-
+    from lorasurgeon.algebra import AlgebraSummary, combine, resize
+    from lorasurgeon.combination import METHODS
     from lorasurgeon.conversion import ConvertSummary
     from lorasurgeon.extraction import ExtractSummary
     from lorasurgeon.plan import Operation, Plan
     from lorasurgeon.surgery import SurgerySummary
-LAZY_TYPES = {
+LAZY_TYPES = {  # and two functions: resize and combine are lorasurgeon.algebra's, with their full signatures
+    "AlgebraSummary": "lorasurgeon.algebra",
+    "METHODS": "lorasurgeon.combination",
+    "combine": "lorasurgeon.algebra",
+    "resize": "lorasurgeon.algebra",
     "ConvertSummary": "lorasurgeon.conversion",
     "ExtractSummary": "lorasurgeon.extraction",
     "SurgerySummary": "lorasurgeon.surgery",
@@ -46,7 +52,9 @@ __all__ = [
     "ADAPTER_FORMATS",
     "COMPONENTS",
     "DTYPE_CHOICES",
+    "METHODS",
     "RULE_HELP",
+    "AlgebraSummary",
     "ConvertSummary",
     "ExtractSummary",
     "LorasurgeonError",
@@ -55,10 +63,12 @@ __all__ = [
     "SurgerySummary",
     "__version__",
     "check",
+    "combine",
     "convert",
     "extract",
     "merge",
     "report",
+    "resize",
     "unmerge",
 ]
 
@@ -310,24 +320,6 @@ def default_output(ckpt: Checkpoint, operation: Operation) -> Path:
     if ckpt.layout == "file":
         return Path(f"{ckpt.path.stem}{suffix}.safetensors")
     return Path(f"{ckpt.root.resolve().name}{suffix}")
-
-
-def resolve_device(device: str) -> torch.device:
-    """The torch device `device` (auto, cpu, cuda, cuda:N) names; raises LorasurgeonError when it is none or absent."""
-    _check_device(device)
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LorasurgeonError(Option("device", device), ": CUDA is not available on this machine")
-    return torch.device(device)
-
-
-def _check_device(device: str) -> None:
-    """What can be said of `device` without torch (whose import takes seconds): that it names a device at all."""
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise LorasurgeonError(Option("device", device), ": expected auto, cpu or cuda")
 
 
 def _weights(weights: Sequence[float] | None, count: int) -> list[float]:

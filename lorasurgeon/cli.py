@@ -59,7 +59,7 @@ BASE_NAME = click.option(
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
-    """LoRA surgery on safetensors checkpoints: check, merge, unmerge, extract, report, convert."""
+    """LoRA surgery on safetensors checkpoints: check, merge, unmerge, extract, report, convert, resize, combine."""
     ctx.obj = {"debug": debug}
 
 
@@ -261,6 +261,60 @@ def convert(adapter: Path, out: Path | None, **options: Any) -> None:
     as_json = options.pop("as_json")
     summary = lorasurgeon.convert(adapter, out, **options)
     documents.emit_json(documents.convert_doc(summary)) if as_json else render.show_convert(summary)
+
+
+TO = click.option("--to", type=click.Choice(lorasurgeon.ADAPTER_FORMATS), help="OUT's format (default: the input's).")
+RANK = click.option("--rank", type=int, help="Rank of every module (at most its own).")
+CPU = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto (the algebra is small).")
+ENERGY = click.option("--energy", type=float, help="Per module, the smallest rank keeping this fraction of ‖ΔW‖².")
+
+
+@cli.command()
+@click.argument("adapter", type=EXISTING)
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Output (default: <adapter>-resized).")
+@RANK
+@ENERGY
+@click.option("--ratio", type=float, help="Per module, keep σ_k with σ_k/σ₁ ≥ 1/X (kohya's sv_ratio).")
+@click.option("--fro", type=float, help="Per module, the smallest rank keeping this fraction of ‖ΔW‖_F.")
+@click.option("--params", type=int, help="One budget of N parameters, ranks chosen together for the least error.")
+@TO
+@CPU
+@FORCE
+@JSON
+def resize(adapter: Path, out: Path | None, **options: Any) -> None:
+    """Cut ADAPTER's ranks: per module the best factors of its own ΔW, exactly, never forming the dense ΔW.
+
+    Example: lorasurgeon resize adapter/ --rank 16 -o adapter-r16/
+    """
+    as_json = options.pop("as_json")
+    summary = lorasurgeon.resize(adapter, out, **options)
+    documents.emit_json(documents.algebra_doc(summary)) if as_json else render.show_algebra(summary)
+
+
+@cli.command()
+@click.argument("adapters", nargs=-1, required=True, type=EXISTING)
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The combined adapter.")
+@click.option("--weight", "weights", type=float, multiple=True, help="Weight of each adapter, once per adapter.")
+@click.option("--weights", "weights_file", type=EXISTING, help="JSON or CSV of adapter path -> weight.")
+@click.option("--mean", is_flag=True, help="Divide the weights by their sum (FedAvg).")
+@click.option("--method", type=click.Choice(lorasurgeon.METHODS), help="Default: cat, or svd with --rank/--energy.")
+@RANK
+@ENERGY
+@click.option("--density", type=float, help="Fraction of entries ties/dare/magnitude_prune keep.")
+@click.option("--seed", type=int, default=0, show_default=True, help="DARE's seed.")
+@click.option("--report-naive", is_flag=True, help="Also show how far FedIT's A/B averaging is from the exact sum.")
+@TO
+@CPU
+@FORCE
+@JSON
+def combine(adapters: tuple[Path, ...], out: Path, **options: Any) -> None:
+    """Write the weighted sum of ADAPTERS' ΔW as one adapter: exact (cat), re-compressed (svd), or TIES/DARE.
+
+    Example: lorasurgeon combine clients/*/ --weights counts.json --mean --rank 16 -o global/
+    """
+    as_json = options.pop("as_json")
+    summary = lorasurgeon.combine(adapters, out, **options)
+    documents.emit_json(documents.algebra_doc(summary)) if as_json else render.show_algebra(summary)
 
 
 def main(argv: list[str] | None = None) -> None:

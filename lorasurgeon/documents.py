@@ -15,6 +15,7 @@ from lorasurgeon.errors import Finding
 from lorasurgeon.report import SCHEMA_VERSION, CheckResult, ModuleReport, Report
 
 if TYPE_CHECKING:  # not imported at run time: they load torch, which `report` does not need
+    from lorasurgeon.algebra import AlgebraSummary
     from lorasurgeon.cluster import WorkReport
     from lorasurgeon.conversion import ConvertSummary
     from lorasurgeon.expert_fit import ExpertCount
@@ -98,9 +99,10 @@ def plan_doc(plan: Plan) -> dict[str, Any]:
     }
 
 
-def _finite(value: float) -> float | None:
-    """JSON has no infinity: a figure of a weight whose ΔW is zero but whose stored values changed is null."""
-    return value if math.isfinite(value) else None
+def _finite(value: float | None) -> float | None:
+    """JSON has no NaN or Infinity: an undefined number (a figure of a weight whose ΔW is zero but whose stored
+    values changed, say) is null."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def experts_doc(count: ExpertCount) -> dict[str, Any]:
@@ -313,4 +315,43 @@ def convert_doc(summary: ConvertSummary) -> dict[str, Any]:
         "warnings": [finding_doc(f) for f in summary.warnings],
         "config": summary.config,
         "metadata": summary.metadata,
+    }
+
+
+def algebra_doc(summary: AlgebraSummary) -> dict[str, Any]:
+    """The `resize --json` / `combine --json` document: per module the ranks, retained energy and relative error
+    (‖ΔW − ΔW′‖_F / ‖ΔW‖_F, exact from the spectrum), FedIT's error with --report-naive; null where undefined."""
+    return {
+        "operation": summary.operation,
+        "adapters": [{"path": p, "weight": w} for p, w in zip(summary.adapters, summary.weights, strict=True)],
+        "method": summary.method,
+        "rule": summary.rule,
+        "from": summary.source_format,
+        "to": summary.target_format,
+        "output": summary.output,
+        "device": summary.device,
+        "seconds": round(summary.seconds, 3),
+        "bytes_written": summary.bytes_written,
+        "total": {
+            "modules": len(summary.modules),
+            "relative_error": summary.total_error,
+            "retained_energy": 1.0 - summary.total_error**2,
+            "params": summary.params,
+        },
+        "modules": [
+            {
+                "module": m.row.name,
+                "old_rank": m.row.old_rank,
+                "new_rank": m.row.new_rank,
+                "retained_energy": m.row.retained,
+                "relative_error": m.row.error,
+                "delta_norm": _finite(m.norm),
+                "params": m.params,
+                "naive_relative_error": _finite(m.naive),
+            }
+            for m in summary.modules
+        ],
+        "full_tensors": list(summary.full),
+        "warnings": [finding_doc(f) for f in summary.warnings],
+        "config": summary.config,
     }

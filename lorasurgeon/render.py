@@ -25,6 +25,7 @@ from lorasurgeon.tables import Column, Fitted, Kind
 from lorasurgeon.units import size
 
 if TYPE_CHECKING:  # not imported at run time: they load torch, which `report` does not need
+    from lorasurgeon.algebra import AlgebraSummary
     from lorasurgeon.cluster import WorkReport
     from lorasurgeon.conversion import ConvertSummary
     from lorasurgeon.extraction import ExtractSummary
@@ -308,6 +309,29 @@ def show_convert(summary: ConvertSummary) -> None:
     stderr.print(
         f"convert: {verb} {summary.output} ({summary.target_format} from {summary.source.format}, "
         f"{len(summary.modules)} modules, A and B bytes unchanged{written})",
+        soft_wrap=True,
+    )
+
+
+def show_algebra(summary: AlgebraSummary) -> None:
+    """The resize / combine table on stderr: per module the ranks, retained energy and relative error (and FedIT's
+    with --report-naive), a total row, then what was written."""
+    show_findings(summary.warnings)
+    naive = any(m.naive is not None for m in summary.modules)
+    columns = [Column("module", "name"), Column("old rank"), Column("new rank"), Column("retained")]
+    columns += [Column("rel. error"), *([Column("FedIT error")] if naive else [])]
+    rows = [
+        [m.row.name, str(m.row.old_rank), str(m.row.new_rank), f"{m.row.retained:.4f}", f"{m.row.error:.4f}",
+         *([] if not naive else ["n/a" if m.naive is None else f"{m.naive:.4f}"])]
+        for m in summary.modules
+    ]  # fmt: skip
+    error = summary.total_error
+    total = [f"total ({len(summary.modules)} modules)", "", "", f"{1 - error**2:.4f}", f"{error:.4f}"]
+    how = f"{summary.method}, {summary.rule}" if summary.operation == "combine" else summary.rule
+    stderr.print(Fitted(columns, rows, f"{summary.operation} ({how})", total=total + ([""] if naive else [])))
+    stderr.print(
+        f"{summary.operation}: wrote {summary.output} ({summary.target_format}, {len(summary.modules)} modules, "
+        f"{summary.params:,} parameters, {size(summary.bytes_written)}, {summary.seconds:.1f} s)",
         soft_wrap=True,
     )
 
