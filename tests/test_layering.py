@@ -13,11 +13,17 @@ import pytest
 PACKAGE = Path(__file__).parent.parent / "lorasurgeon"
 ORDER = [
     "errors",
+    "adapter_facts",
+    "runtime_checks",
+    "runtime_rules",
+    "runtimes",
     "header",
     "sd_names",
     "keys",
     "lora_config",
     "linalg",
+    "lowering",
+    "verdict",
     "lycoris",
     "checkpoint",
     "writer",
