@@ -6,7 +6,7 @@ applies to satisfy it (lowering.py), or None when nothing exact exists (refused 
 
 Versions read (sources are quoted by file and line of these copies):
 - vLLM 0.33.0 (PyPI wheel): vllm/lora/peft_helper.py, vllm/config/lora.py, vllm/lora/lora_model.py,
-  vllm/lora/utils.py. The snapshot e745baf of vllm/lora/peft_helper.py (an early 0.7-era copy) refused only
+  vllm/lora/utils.py. An older vllm/lora/peft_helper.py (snapshot e745baf, release not known) refused only
   modules_to_save and DoRA and scaled every module by lora_alpha/r: no rank_pattern/alpha_pattern. Which
   release first read the patterns is not pinned down, hence the `reads_patterns` option (default False).
 - SGLang 0.5.23 (PyPI wheel): python/sglang/srt/lora/{lora.py, lora_config.py, lora_manager.py, mem_pool.py}.
