@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
@@ -25,6 +25,9 @@ from lorasurgeon.formats import load_adapter
 from lorasurgeon.formats.naming import COMPONENTS
 from lorasurgeon.report import Report, make_report
 from lorasurgeon.rules import RULE_HELP, judge, parse_rule
+from lorasurgeon.runtime_rules import RULES
+
+RUNTIMES = tuple(RULES)
 
 # The modules that compute load torch, whose import takes seconds; a header-only `report` needs none of them,
 # so they are imported inside the functions that use them, and the types below on first use (__getattr__).
@@ -35,11 +38,13 @@ if TYPE_CHECKING:
     from lorasurgeon.extraction import ExtractSummary
     from lorasurgeon.plan import Operation, Plan
     from lorasurgeon.surgery import Progress, SurgerySummary
+    from lorasurgeon.verification import VerifySummary
 LAZY_TYPES = {
     "ConvertSummary": "lorasurgeon.conversion",
     "ExtractSummary": "lorasurgeon.extraction",
     "Progress": "lorasurgeon.surgery",
     "SurgerySummary": "lorasurgeon.surgery",
+    "VerifySummary": "lorasurgeon.verification",
 }
 
 __all__ = [
@@ -47,18 +52,21 @@ __all__ = [
     "COMPONENTS",
     "DTYPE_CHOICES",
     "RULE_HELP",
+    "RUNTIMES",
     "ConvertSummary",
     "ExtractSummary",
     "LorasurgeonError",
     "Progress",
     "Report",
     "SurgerySummary",
+    "VerifySummary",
     "check",
     "convert",
     "extract",
     "merge",
     "report",
     "unmerge",
+    "verify",
 ]
 
 DTYPE_CHOICES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
@@ -75,15 +83,49 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'lorasurgeon' has no attribute {name!r}")
 
 
-def check(base: PathLike, adapters: Sequence[PathLike], *, alpha: float | None = None) -> Plan:
+def check(
+    base: PathLike,
+    adapters: Sequence[PathLike],
+    *,
+    alpha: float | None = None,
+    target: str | None = None,
+    server: Mapping[str, Any] | None = None,
+) -> Plan:
     """Check that the adapters fit the base checkpoint; returns the Plan, whose `findings` say what is wrong.
 
-    Raises LorasurgeonError only for input that cannot be read at all.
+    `target` (one of RUNTIMES) also judges each adapter by that runtime's rules (lorasurgeon.runtimes), one error
+    per module and rule broken, naming the rule and its source; `server` gives the server's options (runtimes.OPTIONS:
+    max_lora_rank, world_size, ...). Raises LorasurgeonError for unreadable input or an unknown runtime or option.
     """
     from lorasurgeon.plan import plan_surgery
 
     with _opened(base, adapters, alpha) as (ckpt, loaded):
-        return plan_surgery("merge", ckpt, loaded, [1.0] * len(loaded))
+        plan = plan_surgery("merge", ckpt, loaded, [1.0] * len(loaded))
+        if target is None:
+            return plan
+        from lorasurgeon.runtimes import judge_adapters
+
+        return replace(plan, findings=(*plan.findings, *judge_adapters(target, loaded, ckpt, server or {})))
+
+
+def verify(
+    merged: PathLike,
+    base: PathLike,
+    adapters: Sequence[PathLike],
+    *,
+    weights: Sequence[float] | None = None,
+    alpha: float | None = None,
+    tolerance: int = 1,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> VerifySummary:
+    """Prove that `merged` is round(base + Σ weight_i · ΔW_i) within `tolerance` ulps of each tensor's dtype, and
+    that its config.json, generation config and tokenizer files agree; every tensor gets a verdict
+    (lorasurgeon.verification) and `ok` is True only when all are proven. Raises MismatchError when the adapters
+    do not fit the base."""
+    from lorasurgeon.verification import run as run_verify
+
+    with _opened(base, adapters, alpha) as (ckpt, loaded):
+        return run_verify(Path(merged), ckpt, loaded, _weights(weights, len(adapters)), tolerance, on_progress)
 
 
 def report(
@@ -135,17 +177,8 @@ def merge(
 
     options = SurgeryOptions(scale, alpha, resolve_device(device), _dtype(dtype), force, dry_run, allow_nonfinite)
     with _opened(base, adapters, alpha) as (ckpt, loaded):
-        inputs = [Path(base), *(Path(a) for a in adapters)]
-        return run(
-            "merge",
-            ckpt,
-            loaded,
-            _output(ckpt, out, "merge"),
-            inputs,
-            _weights(weights, len(adapters)),
-            options,
-            on_progress,
-        )
+        inputs, target = [Path(base), *(Path(a) for a in adapters)], _output(ckpt, out, "merge")
+        return run("merge", ckpt, loaded, target, inputs, _weights(weights, len(adapters)), options, on_progress)
 
 
 def unmerge(
@@ -187,6 +220,7 @@ def extract(
     skip_mismatched: bool = False,
     curve: Sequence[int] = (),
     save_changed_vectors: bool = False,
+    patterns: bool = False,
     device: str = "auto",
     force: bool = False,
     dry_run: bool = False,
@@ -198,7 +232,9 @@ def extract(
     ΔW is factorised by truncated SVD at `rank`, or at the smallest rank keeping `energy` of ‖ΔW‖²_F (at most
     `max_rank`); `method` is auto, exact or randomized (see lorasurgeon.extraction). `curve` adds the relative
     error at those ranks. `save_changed_vectors` stores the modules whose 1-D tensors (norms) changed as PEFT
-    modules_to_save. Raises MismatchError when names or shapes differ (unless `skip_mismatched`),
+    modules_to_save. The config has one lora_alpha and each module's lora_alpha / rᵢ folded into its factors, as
+    every runtime reads it; `patterns` writes PEFT's rank_pattern / alpha_pattern form instead (PEFT only; see
+    lorasurgeon.formats.scale_form). Raises MismatchError when names or shapes differ (unless `skip_mismatched`),
     NothingChangedError (exit code 1) when no target differs, OutputError when `out` cannot be written.
 
     >>> extract("base/", "tuned/", "lora/", rank=16).total_error  # doctest: +SKIP
@@ -209,14 +245,8 @@ def extract(
     from lorasurgeon.pairing import ExtractOptions
 
     rule = RankRule(rank=rank, energy=energy, max_rank=max_rank, method=method, curve=tuple(curve))
-    options = ExtractOptions(
-        rule=rule,
-        alpha=alpha,
-        targets=tuple(targets),
-        include_embeddings=include_embeddings,
-        skip_mismatched=skip_mismatched,
-        save_changed_vectors=save_changed_vectors,
-    )
+    flags = (include_embeddings, skip_mismatched, save_changed_vectors, patterns)
+    options = ExtractOptions(rule, alpha, tuple(targets), *flags)
     options.validate(dry_run)
     torch_device = resolve_device(device)
     out_path = Path(out) if out is not None else None
@@ -227,22 +257,26 @@ def convert(
     adapter: PathLike,
     out: PathLike | None = None,
     *,
-    to: str,
+    to: str | None = None,
     base: PathLike | None = None,
     component: str | None = None,
     alpha: float | None = None,
+    patterns: bool = False,
+    runtime: str | None = None,
+    server: Mapping[str, Any] | None = None,
     force: bool = False,
     dry_run: bool = False,
 ) -> ConvertSummary:
     """Write `adapter` (PEFT, kohya or diffusers) in the format `to` (peft, kohya, diffusers) with the same ΔW.
 
-    A and B are copied byte for byte; names and the scale convention are rewritten (see lorasurgeon.conversion).
-    OUT is a PEFT directory or one .safetensors file (default `<adapter>-<to>` in the current directory).
-    `base` resolves kohya names (required from kohya) and can name kohya modules; `component` (unet,
-    text_encoder, ..., or a kohya prefix lora_unet, lora_te, lora_te1, lora_te2) names the component of a PEFT
-    adapter, or selects one component of a kohya or diffusers file. Raises UnsupportedError naming a tensor the
-    target cannot hold, MismatchError when a module does not resolve against `base`, OutputError when `out`
-    cannot be written.
+    Names and the scale convention are rewritten (lorasurgeon.conversion). PEFT configs get one lora_alpha and
+    B′ = B·sᵢ·rᵢ/α where it does not give a module its scale (`folded`); other factors, all with `patterns`
+    (PEFT's own patterns), are copied byte for byte. `runtime` (one of RUNTIMES) lowers it for that runtime and
+    its `server` options (as `check`), refusing what has no exact lowering. OUT is a PEFT directory or one
+    .safetensors file (default `<adapter>-<to>`). `base` resolves kohya names (required from kohya); `component`
+    (unet, text_encoder, ..., or lora_unet, lora_te, lora_te1, lora_te2) names a PEFT adapter's component or picks
+    one of a kohya or diffusers file. Raises UnsupportedError naming a tensor the target cannot hold,
+    MismatchError when a module does not resolve against `base`, OutputError when `out` cannot be written.
 
     >>> convert("adapter/", "lora.safetensors", to="kohya", component="lora_unet").modules[0].name  # doctest: +SKIP
     'lora_unet_down_blocks_0_attentions_0_proj_in'
@@ -250,7 +284,8 @@ def convert(
     from lorasurgeon.conversion import ConvertOptions
     from lorasurgeon.conversion import run as run_convert
 
-    options = ConvertOptions(to, Path(base) if base is not None else None, component, alpha)
+    where = Path(base) if base is not None else None
+    options = ConvertOptions(to, where, component, alpha, patterns, runtime, server or {})
     return run_convert(Path(adapter), Path(out) if out is not None else None, options, force=force, dry_run=dry_run)
 
 

@@ -1,17 +1,28 @@
 """AdapterFacts: a small, format-independent description of an adapter, for the runtime rules (runtimes.py).
 
-The caller builds it from the normal form (adapter.Adapter and its config) plus what it knows of the base
-model (vocabulary size, layer count, tied embeddings). Nothing here reads files or tensors.
+`facts_of` builds it from the normal form (adapter.Adapter and its config) plus what the base's headers and
+config.json say (vocabulary size, layer count, tied embeddings); `config_facts` reads the config-level fields
+from an adapter_config.json, for an adapter about to be written as well. No tensor data is read.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
-ModuleKind = Literal["linear", "conv", "embedding"]
-AdapterFormat = Literal["peft", "kohya", "diffusers"]
+from lorasurgeon.adapter import Adapter, AdapterFormat, LoraModule
+from lorasurgeon.adapter import Kind as ModuleKind
+from lorasurgeon.checkpoint import Checkpoint
+from lorasurgeon.formats import states_scales
+from lorasurgeon.formats.architectures import input_embedding
+
+# Config fields of PEFT variants that some runtimes refuse (runtime_rules.py), reported when set.
+VARIANTS = ("alora_invocation_tokens", "layer_replication", "use_bdlora", "use_qalora")
+ADDED_TOKENS = "added_tokens.json"  # a tokenizer's added tokens, which PEFT saves beside an adapter
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -85,3 +96,85 @@ class AdapterFacts:
     def max_rank(self) -> int:
         """The largest module rank (the config's r when there are no modules)."""
         return max((m.rank for m in self.modules), default=self.r)
+
+
+def facts_of(adapter: Adapter, base: Checkpoint | None = None, paths: Sequence[str] | None = None) -> AdapterFacts:
+    """The facts of `adapter` (modules named by `paths` when given, else by their own names), with the base's when
+    `base` is given (a runtime rule that needs them passes without them)."""
+    names = list(paths) if paths is not None else [m.module for m in adapter.modules]
+    modules = tuple(module_facts(m, name) for m, name in zip(adapter.modules, names, strict=True))
+    ranks = Counter(m.rank for m in adapter.modules).most_common(1)
+    alphas = Counter(m.alpha for m in adapter.modules).most_common(1)
+    defaults = {"r": ranks[0][0] if ranks else 8, "lora_alpha": alphas[0][0] if alphas else 8.0}
+    vocab = base_vocab(base) if base is not None else None
+    return AdapterFacts(
+        modules,
+        format=adapter.format,
+        **config_facts({**defaults, **adapter.config}),
+        use_rslora=adapter.use_rslora,
+        modules_to_save=tuple(adapter.saved_modules),
+        full_tensors=tuple(f"{r.module}.{r.param}" for r in adapter.replacements),
+        trainable_tokens=tuple(t.module for t in adapter.token_rows),
+        base_vocab=vocab,
+        num_layers=_layers(base.config) if base is not None and base.config else None,
+        tied_embeddings=base is not None and tied(base),
+        added_tokens=_added_tokens(adapter, vocab),
+        scale_metadata=states_scales(adapter),
+    )
+
+
+def module_facts(module: LoraModule, path: str) -> ModuleFacts:
+    """One module's facts; an embedding's `vocab` is A's column count (A is (r, V))."""
+    vocab = module.a.shape[1] if module.kind == "embedding" else None
+    dora, bias = module.magnitude is not None, module.bias is not None
+    return ModuleFacts(path, module.kind, module.rank, module.alpha, module.scale, dora, bias, vocab)
+
+
+def config_facts(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The AdapterFacts fields an adapter_config.json decides (PEFT's defaults where a field is absent)."""
+    set_fields = frozenset(k for k, v in config.items() if v not in (None, False, [], {}, ""))
+    return {
+        "peft_type": str(config.get("peft_type", "LORA")),
+        "r": int(config.get("r", 8)),
+        "lora_alpha": float(config.get("lora_alpha", 8)),
+        "rank_pattern": bool(config.get("rank_pattern")),
+        "alpha_pattern": bool(config.get("alpha_pattern")),
+        "init_lora_weights": config.get("init_lora_weights", True),
+        "bias": str(config.get("bias", "none")),
+        "variants": tuple(v for v in VARIANTS if v in set_fields),
+        "config_fields": set_fields,
+    }
+
+
+def base_vocab(base: Checkpoint) -> int | None:
+    """The base's vocabulary: config.json's vocab_size, else the input embedding's rows."""
+    size = (base.config or {}).get("vocab_size")
+    if isinstance(size, int):
+        return size
+    embed = input_embedding(base.tensors)
+    return base.tensors[embed].shape[0] if embed is not None else None
+
+
+def tied(base: Checkpoint) -> bool:
+    """Whether transformers ties the base's lm_head to its input embedding on load (tie_word_embeddings defaults
+    to true in transformers' configs)."""
+    config = base.config or {}
+    return bool(config) and bool(config.get("tie_word_embeddings", True)) and input_embedding(base.tensors) is not None
+
+
+def _layers(config: Mapping[str, Any]) -> int | None:
+    count = config.get("num_hidden_layers", config.get("n_layer"))
+    return count if isinstance(count, int) else None
+
+
+def _added_tokens(adapter: Adapter, vocab: int | None) -> int:
+    """Tokens past the base vocabulary in the added_tokens.json saved beside the adapter (all of them when the
+    base's vocabulary is unknown)."""
+    path = adapter.path / ADDED_TOKENS if adapter.path.is_dir() else adapter.path.with_name(ADDED_TOKENS)
+    if not path.is_file():
+        return 0
+    try:
+        ids = json.loads(path.read_text()).values()
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return sum(1 for i in ids if isinstance(i, int) and (vocab is None or i >= vocab))

@@ -8,6 +8,7 @@ small factors; the PEFT writer (lorasurgeon.formats.peft) publishes the adapter 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -22,7 +23,8 @@ from lorasurgeon.decomposition import MatrixResult, decompose
 from lorasurgeon.errors import Finding, NothingChangedError, NumericError
 from lorasurgeon.formats import peft
 from lorasurgeon.formats.architectures import task_type
-from lorasurgeon.formats.peft_config import WrittenModule, adapter_config, target_modules_for
+from lorasurgeon.formats.peft_config import adapter_config, target_modules_for
+from lorasurgeon.formats.scale_form import ScaleForm, scale_form
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.pairing import ExtractOptions, ExtractPlan, plan_extract
 from lorasurgeon.surgery import Progress
@@ -115,22 +117,42 @@ def _changed_others(
 
 def config_of(
     plan: ExtractPlan, results: list[MatrixResult], options: ExtractOptions, saved_modules: list[str]
-) -> dict[str, Any]:
-    """adapter_config.json: scale alpha / r the same for every module (alpha = r when no alpha is given), targeting
-    exactly the extracted modules of BASE (PEFT loads the adapter onto BASE)."""
-    default_rank = options.rule.rank or Counter(r.rank for r in results).most_common(1)[0][0]
-    scale = 1.0 if options.alpha is None else options.alpha / default_rank
+) -> tuple[dict[str, Any], ScaleForm, float]:
+    """adapter_config.json targeting exactly the extracted modules of BASE (PEFT loads the adapter onto BASE), the
+    scale form it states (formats.scale_form) and the scale s the modules are stated at before any fold. By
+    default one lora_alpha (`alpha`, else the most frequent rank) with each module's rᵢ/α folded into its factors
+    (s = 1); with `patterns`, s = alpha / r the same for every module through rank_pattern and alpha_pattern."""
+    paths = [r.module for r in results]
+    scale = 1.0
+    if options.patterns:
+        default_rank = options.rule.rank or Counter(r.rank for r in results).most_common(1)[0][0]
+        scale = 1.0 if options.alpha is None else options.alpha / default_rank
+        form = scale_form(paths, [(r.rank, scale * r.rank, scale) for r in results], patterns=True)
+    else:
+        form = scale_form(paths, [(r.rank, float(r.rank), 1.0) for r in results], alpha=options.alpha)
     config = plan.base.config or plan.tuned.config or {}
     name = config.get("_name_or_path")
-    paths = [n.removesuffix(".weight") for n, i in {**plan.tuned.tensors, **plan.base.tensors}.items() if _matrix(n, i)]
-    return adapter_config(
-        [WrittenModule(r.module, r.rank, scale * r.rank) for r in results],
-        target_modules=target_modules_for([r.module for r in results], paths),
+    model = [n.removesuffix(".weight") for n, i in {**plan.tuned.tensors, **plan.base.tensors}.items() if _matrix(n, i)]
+    doc = adapter_config(
+        form.modules,
+        target_modules=target_modules_for(paths, model),
+        use_rslora=form.use_rslora,
         fan_in_fan_out=any(p.transpose and p.kind == "linear" for p in plan.pairs),
         modules_to_save=saved_modules,
         base_model=name if isinstance(name, str) and name else None,
         task_type=task_type(config),
     )
+    return doc, form, scale
+
+
+def multipliers(results: list[MatrixResult], form: ScaleForm, stated: float) -> dict[str, float]:
+    """What each factor is multiplied by so that the config's scale gives back B·A = ΔW: √(cᵢ/s) on both A and B
+    (s the scale the modules were stated at, cᵢ the fold), which keeps the two factors balanced."""
+    out = {}
+    for result, factor in zip(results, form.factors, strict=True):
+        for key in peft.factor_keys(result.module, result.kind):
+            out[key] = math.sqrt(factor / stated)
+    return out
 
 
 def _matrix(name: str, info: TensorInfo) -> bool:
@@ -180,11 +202,11 @@ def run(
         writer = None if dry_run else CheckpointWriter(target, is_dir=True, inputs=[base, tuned], force=force)
         results, factors, changed = decompose_pairs(plan, options, device, on_progress)
         saved, full = changed_vectors(plan, changed, results) if options.save_changed_vectors else ([], {})
-        config = config_of(plan, results, options, saved)
+        config, form, stated = config_of(plan, results, options, saved)
         if writer is not None:
             record = {"operation": "extract", "base": base_ckpt.path.name, "tuned": tuned_ckpt.path.name}
             with writer:
-                peft.write_adapter(writer, factors, config, record, full)
+                peft.write_adapter(writer, factors, config, record, full, multipliers(results, form, stated))
         extracted = {r.module for r in results}
         return ExtractSummary(
             base=str(base),
@@ -199,6 +221,7 @@ def run(
             warnings=plan.findings,
             curve=options.rule.curve,
             config=config,
+            folded=form.folded,
             bytes_written=writer.bytes_written if writer is not None else 0,
             seconds=time.perf_counter() - started,
         )
@@ -220,6 +243,7 @@ class ExtractSummary:
     warnings: tuple[Finding, ...]
     curve: tuple[int, ...]
     config: dict[str, Any]
+    folded: tuple[str, ...]  # modules whose factors carry lora_alpha / rᵢ ≠ 1 (the single-alpha form)
     bytes_written: int
     seconds: float
 

@@ -4,15 +4,15 @@ Pure torch, no I/O. Shapes follow PEFT: A is (r, in) (conv: (r, in, *k); embeddi
 (conv: (out, r, 1, ...); embedding: (d, r)); ΔW = s·B@A (embedding: s·(B@A)ᵀ). What cannot be lowered
 exactly is refused by name (here for token rows; the per-runtime refusals are in runtimes.py).
 
-- `pad_rank` + `padded_alpha`: zero rows of A and zero columns of B up to r′, with α′ = α·r′/r (α·√(r′/r) under
-  rsLoRA) so that the scale is kept. B′A′ = BA exactly (the extra terms are products with zeros); the scale
-  α′/r′ equals α/r up to one float64 rounding.
-- `fold_scale`: B′ = round(B·c), c = s/ŝ, for a runtime that will apply the scale ŝ where PEFT applies s.
-  llama.cpp applies ŝ = lora_alpha / rank-of-the-tensor to every module (one alpha, no alpha_pattern, no
-  rsLoRA), so writing one lora_alpha α and B′ = B·(sᵢ·rᵢ/α) gives every module its ΔW: ŝᵢ·B′A = sᵢ·BA.
-  Exact up to one rounding of B to its stored dtype (c is a float64; B·c is formed in fp64 and rounded once):
-  |B′ − c·B| ≤ ½ ulp(c·B) elementwise, so each ΔW element is off by at most ~2⁻ᵖ·sᵢ·Σₖ|Bᵢₖ·Aₖⱼ| (p = 24
-  for an fp32 B, 8 for bf16). c = 1 leaves B bit for bit; runtimes.common_alpha picks α so that most modules get c = 1.
+- `pad_rank`: zero rows of A and zero columns of B up to r′. B′A′ = BA exactly (the extra terms are products
+  with zeros); the caller states the scale for r′ (formats.scale_form with `rank`).
+- `fold`: B′ = round(B·c), for a reader that applies ŝ where PEFT applies s (c = s/ŝ). llama.cpp applies
+  ŝ = lora_alpha / rank-of-the-tensor to every module (one alpha, no alpha_pattern, no rsLoRA), so writing one
+  lora_alpha α and B′ = B·(sᵢ·rᵢ/α) gives every module its ΔW: ŝᵢ·B′A = sᵢ·BA. Exact up to one rounding of B
+  to its stored dtype (c is a float64; B·c is formed in fp64 and rounded once): |B′ − c·B| ≤ ½ ulp(c·B)
+  elementwise, so each ΔW element is off by at most ~2⁻ᵖ·sᵢ·Σₖ|Bᵢₖ·Aₖⱼ| (p = 24 for an fp32 B, 8 for bf16).
+  c = 1 leaves B bit for bit; formats.scale_form picks α so that most modules get c = 1.
+- `lowered`: one factor as `convert` writes it, padded and folded (formats.writing.Lowered says how).
 - `token_rows_to_lora`: PEFT trainable tokens (new full rows of the embedding, not deltas) as an embedding
   LoRA of rank k (one-hot A, B = the row differences) or, for an untied lm_head, a Linear LoRA. It needs the
   base rows E[indices] from BASE: ΔE rows = new − old.
@@ -29,40 +29,40 @@ import torch
 from lorasurgeon.errors import UnsupportedError
 
 
-def padded_alpha(alpha: float, rank: int, new_rank: int, rslora: bool) -> float:
-    """The alpha that keeps a module's scale when its rank goes from `rank` to `new_rank`."""
-    return alpha * math.sqrt(new_rank / rank) if rslora else alpha * new_rank / rank
+def pad_rank(factor: torch.Tensor, new_rank: int, dim: int) -> torch.Tensor:
+    """`factor` with zeros appended along its rank axis `dim` (0 for A (r, in, *k), 1 for B (out, r, *1)) up to
+    `new_rank`, in its own dtype; padding both factors leaves B′A′ == BA exactly.
 
-
-def pad_rank(a: torch.Tensor, b: torch.Tensor, new_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A with zero rows and B with zero columns up to `new_rank` (same dtypes); B′A′ == BA exactly.
-
-    Raises UnsupportedError when `new_rank` is below the current rank (that is `resize`, not a lowering).
+    Raises UnsupportedError when `new_rank` is below the rank (that is `resize`, not a lowering).
     """
-    rank = a.shape[0]
-    if new_rank < rank or b.shape[1] != rank:
-        raise UnsupportedError(f"cannot pad a rank-{rank} LoRA (B has {b.shape[1]} columns) to rank {new_rank}")
+    rank = factor.shape[dim]
+    if new_rank < rank:
+        raise UnsupportedError(f"cannot pad a rank-{rank} LoRA factor to rank {new_rank}")
     if new_rank == rank:
-        return a, b
-    extra = new_rank - rank
-    a_pad = torch.cat([a, a.new_zeros((extra, *a.shape[1:]))], dim=0)  # (r′, in, *k)
-    b_pad = torch.cat([b, b.new_zeros((b.shape[0], extra, *b.shape[2:]))], dim=1)  # (out, r′, *1)
-    return a_pad, b_pad
+        return factor
+    shape = list(factor.shape)
+    shape[dim] = new_rank - rank
+    return torch.cat([factor, factor.new_zeros(shape)], dim=dim)  # (r′, in, *k) or (out, r′, *1)
 
 
-def fold_scale(b: torch.Tensor, scale: float, applied: float, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """B′ = round(B·(scale/applied)) to `dtype` (default B's own): with B′ the runtime's scale `applied` gives
-    the ΔW that PEFT's `scale` gives with B. Returns B itself when the factor is 1 and the dtype unchanged.
+def fold(b: torch.Tensor, factor: float) -> torch.Tensor:
+    """B′ = round(B·factor) to B's dtype, formed in fp64 and rounded once; B itself when the factor is 1.
 
-    Raises UnsupportedError when `applied` is 0 or a factor is not finite.
+    Raises UnsupportedError when the factor is not finite.
     """
-    if applied == 0.0 or not math.isfinite(scale / applied):
-        raise UnsupportedError(f"cannot fold a scale of {scale} into B for a runtime applying {applied}")
-    factor = scale / applied
-    dtype = dtype or b.dtype
-    if factor == 1.0 and dtype == b.dtype:
+    if not math.isfinite(factor):
+        raise UnsupportedError(f"cannot fold a factor of {factor} into B")
+    if factor == 1.0:
         return b
-    return (b.double() * factor).to(dtype)  # one rounding, from fp64
+    return (b.double() * factor).to(b.dtype)
+
+
+def lowered(tensor: torch.Tensor, role: Literal["a", "b", "bias"], rank: int, factor: float) -> torch.Tensor:
+    """One factor as convert writes it: A padded to `rank` rows; B padded to `rank` columns and folded by
+    `factor`; a lora_B bias folded by `factor`."""
+    if role == "a":
+        return pad_rank(tensor, rank, 0)
+    return fold(pad_rank(tensor, rank, 1) if role == "b" else tensor, factor)
 
 
 def token_rows_to_lora(

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from lorasurgeon import views
 from lorasurgeon.census import Count
 from lorasurgeon.documents import extract_doc, plan_doc, summary_doc
 from lorasurgeon.errors import Finding, UnsupportedError
@@ -26,6 +27,7 @@ if TYPE_CHECKING:  # not imported at run time: they load torch, which `report` d
     from lorasurgeon.plan import Plan
     from lorasurgeon.surgery import Progress as SurgeryProgress
     from lorasurgeon.surgery import SurgerySummary
+    from lorasurgeon.verification import VerifySummary
 
 # Wide when piped (CI logs, README examples), so tensor names are not cut.
 stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
@@ -47,8 +49,8 @@ def progress_bar(label: str) -> Iterator[Callable[[SurgeryProgress], None] | Non
         yield update
 
 
-def show_check(plan: Plan) -> None:
-    """The check table: one row per adapted module, then the findings."""
+def show_check(plan: Plan, target: str | None = None) -> None:
+    """The check table: one row per adapted module, then the findings (with `target`, the runtime's too)."""
     table = Table(title=f"{plan.base.path}: {len(plan.base.tensors)} tensors", title_justify="left")
     for column in ("adapter", "base tensor", "shape", "rank", "alpha", "scale"):
         table.add_column(column, justify="right" if column in ("rank", "alpha", "scale") else "left")
@@ -62,7 +64,8 @@ def show_check(plan: Plan) -> None:
     stderr.print(table)
     show_findings(plan.findings)
     verdict = "[green]fits[/]" if not plan.errors else f"[red]does not fit[/] ({len(plan.errors)} problems)"
-    stderr.print(f"{len(doc['modules'])} modules checked: the adapter {verdict}")
+    runs = f" and {target} reads it as PEFT does" if target and not plan.errors else f" on {target}" if target else ""
+    stderr.print(f"{len(doc['modules'])} modules checked: the adapter {verdict}{runs}")
 
 
 def show_findings(findings: tuple[Finding, ...] | list[Finding]) -> None:
@@ -97,7 +100,7 @@ def show_plan(summary: SurgerySummary) -> None:
     stderr.print(f"{summary.changed} of {summary.tensors} tensors would change; the rest are copied byte for byte")
 
 
-def report_tables(report: Report) -> list[tuple[str, list[str], list[list[str]]]]:
+def report_tables(report: Report) -> views.Tables:
     """The report as (title, columns, rows) tables, shared by the rich and the Markdown renderings."""
     t = report.totals
     title = f"{report.path}: {report.kind} ({report.format}), {t.tensors} tensors, {t.parameters:,} parameters"
@@ -195,14 +198,7 @@ def _num(v: float | None) -> str:
 
 def show_report(report: Report) -> None:
     """The report as rich tables on stderr, then its findings, the check and the rules that fired."""
-    for title, columns, rows in report_tables(report):
-        stderr.print(f"[bold]{title}[/]", soft_wrap=True)
-        table = Table()
-        for i, column in enumerate(columns):
-            table.add_column(column, justify="left" if i == 0 else "right")
-        for row in rows:
-            table.add_row(*row)
-        stderr.print(table)
+    print_tables(report_tables(report))
     show_findings(report.findings)
     if report.check:
         show_findings(report.check.findings)
@@ -214,6 +210,18 @@ def show_report(report: Report) -> None:
     show_fired(report)
 
 
+def print_tables(tables: views.Tables) -> None:
+    """(title, columns, rows) tables on stderr, the first column left-aligned, the others right."""
+    for title, columns, rows in tables:
+        stderr.print(f"[bold]{title}[/]", soft_wrap=True)
+        table = Table()
+        for i, column in enumerate(columns):
+            table.add_column(column, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        stderr.print(table)
+
+
 def show_fired(report: Report) -> None:
     for hit in report.fired:
         stderr.print(f"[red]fail-on {hit.rule}:[/] {hit.reason}", soft_wrap=True)
@@ -221,11 +229,7 @@ def show_fired(report: Report) -> None:
 
 def report_markdown(report: Report) -> str:
     """The report as GitHub Markdown (for a CI job summary)."""
-    lines = []
-    for title, columns, rows in report_tables(report):
-        lines += [f"**{title}**", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-        lines.append("")
+    lines = views.markdown_tables(report_tables(report))
     findings = [*report.findings, *(report.check.findings if report.check else ())]
     lines += [f"- **{f.severity}**: {f.words('cli')}" for f in findings]
     lines += [f"- **fail-on `{h.rule}`**: {h.reason}" for h in report.fired]
@@ -234,6 +238,14 @@ def report_markdown(report: Report) -> str:
         lines.append(f"- touches {c.touched_parameters:,} of {c.base_parameters:,} base parameters of `{c.base}`")
     lines.append(f"\n**{'passed' if not report.fired else 'failed: ' + ', '.join(h.rule for h in report.fired)}**")
     return "\n".join(lines) + "\n"
+
+
+def show_verify(summary: VerifySummary) -> None:
+    """The verify tables, each problem, and the verdict, on stderr."""
+    print_tables(views.verify_tables(summary))
+    for problem in summary.problems:
+        stderr.print(f"[red]problem:[/] {problem.message}", soft_wrap=True)
+    stderr.print(views.verify_verdict(summary), soft_wrap=True)
 
 
 def show_extract(summary: ExtractSummary) -> None:
@@ -265,6 +277,8 @@ def show_extract(summary: ExtractSummary) -> None:
         stderr.print(f"{where} {c.name} ({shape}) changed by up to {c.max_change:.3g}")
     if summary.unchanged:
         stderr.print(f"{len(summary.unchanged)} target matrices are unchanged and have no LoRA factors")
+    for note in views.extract_notes(summary):
+        stderr.print(note, soft_wrap=True)
     if summary.dry_run:
         stderr.print("dry run: no adapter written")
     else:
@@ -283,15 +297,10 @@ def show_convert(summary: ConvertSummary) -> None:
         for column in ("module", summary.target_format, "rank", "alpha", "scale"):
             table.add_column(column, justify="right" if column in ("rank", "alpha", "scale") else "left")
         for c in summary.modules:
-            table.add_row(c.module.module, c.name, str(c.module.rank), f"{c.alpha:.6g}", f"{c.module.scale:.6g}")
+            table.add_row(c.module.module, c.name, str(c.rank), f"{c.alpha:.6g}", f"{c.module.scale:.6g}")
         stderr.print(table)
-    verb = "would write" if summary.dry_run else "wrote"
-    size = "" if summary.dry_run else f", {summary.bytes_written / 1e6:.1f} MB, {summary.seconds:.1f} s"
-    stderr.print(
-        f"convert: {verb} {summary.output} ({summary.target_format} from {summary.source.format}, "
-        f"{len(summary.modules)} modules, A and B bytes unchanged{size})",
-        soft_wrap=True,
-    )
+    for line in views.convert_lines(summary):
+        stderr.print(line, soft_wrap=True)
 
 
 def require_matplotlib() -> None:

@@ -1,9 +1,11 @@
 """The rule tables of runtimes.py: one per runtime, each rule read from that runtime's source (versions and
-files in runtimes.py's docstring), with the predicate that checks it and the exact lowering that satisfies it.
+files in runtimes.py's docstring), with the versions it was read in, the predicate that checks it and the exact
+lowering that satisfies it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,22 +20,23 @@ Lowering = Literal["convert", "fold", "uniform", "token_rows", "fill_layers", "m
 
 @dataclass(frozen=True)
 class Rule:
-    """One thing a runtime refuses or gets wrong: `check` yields each violation, `source` is where it was read."""
+    """One thing a runtime refuses or gets wrong: `check` yields each violation, `source` is where it was read and
+    `versions` the releases it was read in and holds for (as far as known: earlier ones were not all checked)."""
 
     id: str
     description: str
     source: str
     check: c.Check
     lowering: Lowering | None = None
+    versions: str = ""
 
 
-VLLM = "vllm 0.33.0"
-PEFT_HELPER = f"{VLLM} vllm/lora/peft_helper.py"
-SGLANG = "sglang 0.5.23 python/sglang/srt/lora"
-LLAMA = "llama.cpp (llama-cpp-python 0.3.36 vendor/llama.cpp)"
-CONVERT = f"{LLAMA} convert_lora_to_gguf.py"
-LORAX = "predibase/lorax server/lorax_server/adapters/lora.py @ 03679f33 LoraWeights.load"
-TGI = "huggingface/text-generation-inference server/text_generation_server/adapters/lora.py @ 45d95bdc prepare_weights"
+# Sources are file paths (and lines) in the releases VERSIONS names.
+PEFT_HELPER = "vllm/lora/peft_helper.py"
+SGLANG = "python/sglang/srt/lora"
+CONVERT = "convert_lora_to_gguf.py"
+LORAX = "server/lorax_server/adapters/lora.py LoraWeights.load"
+TGI = "server/text_generation_server/adapters/lora.py prepare_weights"
 
 
 def _sgmv_rules(runtime: str, source: str, loader: str) -> tuple[Rule, ...]:
@@ -95,7 +98,17 @@ def _sgmv_rules(runtime: str, source: str, loader: str) -> tuple[Rule, ...]:
     )
 
 
-RULES: dict[str, tuple[Rule, ...]] = {
+# The releases each table was read in; a rule that holds for a narrower range says so itself.
+VERSIONS = {
+    "vllm": "read in vLLM 0.33.0",
+    "sglang": "read in SGLang 0.5.23",
+    "llamacpp": "read in llama.cpp as vendored by llama-cpp-python 0.3.36 and at ggml-org/llama.cpp 0b03adaa",
+    "tgi": "read in TGI at 45d95bdc",
+    "lorax": "read in LoRAX at 03679f33",
+    "diffusers": "read in diffusers 0.42.1; lora_adapter_metadata is read from 0.34 on",
+    "peft": "read in PEFT's tags v0.6 to v0.18 and 0.21.2",
+}
+TABLES: dict[str, tuple[Rule, ...]] = {
     "vllm": (
         Rule(
             "vllm.format",
@@ -107,7 +120,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
         Rule(
             "vllm.max-lora-rank",
             "max(r, module ranks) ≤ max_lora_rank, one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (default 16)",
-            f"{PEFT_HELPER}:188-198; {VLLM} vllm/config/lora.py:27,34",
+            f"{PEFT_HELPER}:188-198; vllm/config/lora.py:27,34",
             c.vllm_max_rank,
         ),
         Rule(
@@ -117,6 +130,8 @@ RULES: dict[str, tuple[Rule, ...]] = {
             f"{PEFT_HELPER}:113-153 (0.33.0 reads them); e745baf __post_init__",
             c.applies_scale(c.vllm_scale, "lora_alpha / r"),
             "uniform",
+            "read in vLLM 0.33.0 (patterns read) and at e745baf (not read; the first release that reads them is "
+            "not known, hence reads_patterns)",
         ),
         Rule(
             "vllm.modules-to-save",
@@ -127,7 +142,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
         Rule(
             "vllm.full-tensors",
             "only lora_A/B, lora_embedding_A/B and classifier / score tensors",
-            f"{VLLM} vllm/lora/utils.py:219-233 parse_fine_tuned_lora_name",
+            "vllm/lora/utils.py:219-233 parse_fine_tuned_lora_name",
             c.vllm_full_tensors,
         ),
         Rule("vllm.dora", "no DoRA", f"{PEFT_HELPER}:66-67", c.no_dora),
@@ -151,14 +166,14 @@ RULES: dict[str, tuple[Rule, ...]] = {
         Rule(
             "vllm.trainable-tokens",
             "no trainable tokens (trainable_tokens_delta is an unsupported LoRA weight)",
-            f"{VLLM} vllm/lora/utils.py:233; vllm-project/vllm#36501",
+            "vllm/lora/utils.py:233; vllm-project/vllm#36501",
             c.no_trainable_tokens,
             "token_rows",
         ),
         Rule(
             "vllm.extra-vocab",
             "no tokens past the base vocabulary (LoRA extra vocabulary was removed)",
-            f"{VLLM} vllm/lora/lora_model.py:160-168; vllm/config/lora.py lora_extra_vocab_size deprecation",
+            "vllm/lora/lora_model.py:160-168; vllm/config/lora.py lora_extra_vocab_size deprecation",
             c.no_added_tokens,
         ),
     ),
@@ -224,7 +239,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
             "llamacpp.scale",
             "one alpha; scale = lora_alpha / rank of the tensor (adapter_scale if alpha is 0): no "
             "alpha_pattern, no rsLoRA",
-            f"{CONVERT}:53,427-428,528; {LLAMA} src/llama-adapter.h:53-57",
+            f"{CONVERT}:53,427-428,528; src/llama-adapter.h:53-57",
             c.applies_scale(c.tensor_rank_scale, "lora_alpha / rank"),
             "fold",
         ),
@@ -233,7 +248,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
         Rule(
             "llamacpp.full-tensors",
             "no full tensors: embeddings / lm_head exit, norms are kept but unused at load",
-            f"{CONVERT}:472-484; {LLAMA} src/llama-adapter.cpp:290-295",
+            f"{CONVERT}:472-484; src/llama-adapter.cpp:290-295",
             c.no_full_tensors,
         ),
         Rule(
@@ -251,12 +266,12 @@ RULES: dict[str, tuple[Rule, ...]] = {
         ),
     ),
     "tgi": _sgmv_rules("tgi", TGI, "text_generation_server/utils/sgmv (punica-sgmv kernel)"),
-    "lorax": _sgmv_rules("lorax", LORAX, "server/lorax_server/utils/sgmv.py @ 0e057f08 pad_to_min_rank"),
+    "lorax": _sgmv_rules("lorax", LORAX, "server/lorax_server/utils/sgmv.py pad_to_min_rank (at 0e057f08)"),
     "diffusers": (
         Rule(
             "diffusers.scale-metadata",
             "without lora_adapter_metadata or alphas, every module gets alpha = rank",
-            "diffusers 0.42.1 utils/peft_utils.py:153-208 get_peft_kwargs, :491-511; loaders/lora_base.py:65",
+            "utils/peft_utils.py:153-208 get_peft_kwargs, :491-511; loaders/lora_base.py:65",
             c.scale_metadata,
             "metadata",
         ),
@@ -265,15 +280,19 @@ RULES: dict[str, tuple[Rule, ...]] = {
         Rule(
             "peft.format",
             "PeftModel.from_pretrained reads PEFT adapter directories",
-            "peft src/peft/peft_model.py",
+            "src/peft/peft_model.py",
             c.peft_format,
             "convert",
         ),
         Rule(
             "peft.fields",
             "a config field newer than the loading PEFT is dropped with a warning",
-            "peft src/peft/config.py (tags v0.6-v0.18), /work/shared/FORMATS.md §1.2",
+            "src/peft/config.py (FORMATS.md §1.2)",
             c.peft_fields,
         ),
     ),
+}
+RULES: dict[str, tuple[Rule, ...]] = {
+    runtime: tuple(dataclasses.replace(r, versions=r.versions or VERSIONS[runtime]) for r in rules)
+    for runtime, rules in TABLES.items()
 }

@@ -21,14 +21,16 @@ Versions read (sources are quoted by file and line of these copies):
 
 from __future__ import annotations
 
-import collections
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from lorasurgeon import runtime_checks as c
-from lorasurgeon.adapter_facts import AdapterFacts
-from lorasurgeon.errors import Finding, UnsupportedError
+from lorasurgeon.adapter import Adapter
+from lorasurgeon.adapter_facts import AdapterFacts, facts_of
+from lorasurgeon.checkpoint import Checkpoint
+from lorasurgeon.errors import Finding, Option, UnsupportedError
 from lorasurgeon.runtime_rules import RULES, Lowering, Rule
 
 # Server options per runtime and their defaults; judge refuses any other name.
@@ -51,30 +53,55 @@ def rules_for(runtime: str) -> tuple[Rule, ...]:
 
 
 def server_options(runtime: str, given: Mapping[str, Any]) -> dict[str, Any]:
-    """The runtime's defaults updated with `given`; raises UnsupportedError naming an unknown option or an
-    invalid vLLM max_lora_rank."""
+    """The runtime's defaults updated with `given` (a peft_version may be a "0.14" string); raises UnsupportedError
+    naming an unknown option or an invalid vLLM max_lora_rank."""
     rules_for(runtime)
     unknown = sorted(set(given) - OPTIONS[runtime].keys())
     if unknown:
         known = ", ".join(OPTIONS[runtime]) or "none"
-        raise UnsupportedError(f"{runtime} has no server option {unknown[0]!r} (its options: {known})")
+        raise UnsupportedError(Option(unknown[0]), f" is no server option of {runtime} (its options: {known})")
     options = {**OPTIONS[runtime], **given}
     if runtime == "vllm" and options["max_lora_rank"] not in c.VLLM_MAX_LORA_RANKS:
         allowed = ", ".join(map(str, c.VLLM_MAX_LORA_RANKS))
-        raise UnsupportedError(f"vLLM refuses max_lora_rank {options['max_lora_rank']}: it must be one of {allowed}")
+        rank = Option("max_lora_rank", options["max_lora_rank"])
+        raise UnsupportedError("vLLM refuses ", rank, f": it must be one of {allowed}")
+    if isinstance(options.get("peft_version"), str):
+        options["peft_version"] = _version(options["peft_version"])
     return options
+
+
+def _version(text: str) -> tuple[int, int]:
+    parts = text.split(".")
+    if len(parts) < 2 or not all(p.isdigit() for p in parts[:2]):
+        raise UnsupportedError(Option("peft_version", text), ": expected a release such as 0.14")
+    return int(parts[0]), int(parts[1])
+
+
+def judge_adapters(
+    runtime: str, adapters: Sequence[Adapter], base: Checkpoint, server: Mapping[str, Any]
+) -> list[Finding]:
+    """`check --target`: each adapter's facts (adapter_facts.facts_of, with the base's) judged by `runtime`'s
+    rules; each finding starts with the adapter's path."""
+    return [
+        dataclasses.replace(f, parts=(f"{adapter.path}: ", *f.parts))
+        for adapter in adapters
+        for f in judge(runtime, facts_of(adapter, base), **server)
+    ]
 
 
 def judge(runtime: str, facts: AdapterFacts, **given: Any) -> list[Finding]:
     """One error Finding per violation of `runtime`'s rules, in table order: "<module>: <what is wrong> —
-    <runtime> rule <id>: <description> (<source>)". Empty when the runtime serves the adapter as PEFT would."""
-    options = server_options(runtime, given)
-    findings = []
-    for rule in rules_for(runtime):
-        for where, what in rule.check(facts, options):
-            message = f"{where or 'adapter'}: {what} — {runtime} rule {rule.id}: {rule.description} ({rule.source})"
-            findings.append(Finding("error", message, adapter_key=where))
-    return findings
+    <runtime> rule <id>: <description> (<source>; <versions>)". Empty when the runtime serves the adapter as PEFT
+    would."""
+    return [
+        Finding.of(
+            "error",
+            f"{where or 'adapter'}: {what} — {runtime} rule {rule.id}: {rule.description} "
+            f"({rule.source}; {rule.versions})",
+            adapter_key=where,
+        )
+        for rule, where, what in violated(runtime, facts, **given)
+    ]
 
 
 def violated(runtime: str, facts: AdapterFacts, **given: Any) -> list[tuple[Rule, str | None, str]]:
@@ -84,80 +111,39 @@ def violated(runtime: str, facts: AdapterFacts, **given: Any) -> list[tuple[Rule
 
 
 @dataclass(frozen=True)
-class ModuleLowering:
-    """How one module is rewritten: A and B padded to `rank` (its own rank: not padded), then B′ = B·`factor`
-    (1.0 leaves B bit for bit)."""
-
-    path: str
-    rank: int
-    factor: float
-
-
-@dataclass(frozen=True)
 class LoweringPlan:
-    """What `convert --for runtime` writes: one `lora_alpha`, no alpha_pattern, use_rslora false; with
-    `uniform`, every module at rank `rank` (r, no rank_pattern), else each at its own rank (rank_pattern as
-    before). `steps` are the lowerings the violations call for, in table order; `fill` the layer types to
-    complete with zero modules in the layers that lack them (TGI / LoRAX)."""
+    """What `convert --for runtime` does beyond writing the single-alpha form (formats.scale_form), which it always
+    writes: `steps` are the lowerings the violations call for, in table order; with "uniform" every module is
+    padded to one rank (`uniform_rank`), with "token_rows" the trainable-token rows become LoRA rows, with
+    "fill_layers" the layer types in `fill` get zero modules in the layers that lack them."""
 
     runtime: str
-    lora_alpha: float
-    rank: int
-    uniform: bool
-    modules: tuple[ModuleLowering, ...]
     steps: tuple[Lowering, ...]
     fill: tuple[str, ...] = ()
 
-    def applied(self, rank: int) -> float:
-        """The scale the runtime will apply to a module of `rank` in the lowered adapter (for modules the
-        lowering adds, e.g. trainable tokens as embedding rows: fold them with lowering.fold_scale)."""
-        return self.lora_alpha / (self.rank if self.uniform else rank)
+    @property
+    def uniform(self) -> bool:
+        return "uniform" in self.steps
 
 
 def plan_lowering(runtime: str, facts: AdapterFacts, **given: Any) -> LoweringPlan:
-    """The exact lowering that makes `runtime` serve `facts` as PEFT does (lowering.py does the tensor work).
+    """The exact lowerings that make `runtime` serve `facts` as PEFT does (conversion and lowering.py do the work).
 
     Raises UnsupportedError naming every violation no exact lowering fixes (DoRA, biases, full tensors,
     variants, ranks above the server's limit: resize them, ...).
     """
-    options = server_options(runtime, given)
     found = violated(runtime, facts, **given)
     refused = [f"{where or 'adapter'} {what} ({rule.id})" for rule, where, what in found if rule.lowering is None]
-    steps = tuple(dict.fromkeys(rule.lowering for rule, _, _ in found if rule.lowering is not None))
-    uniform = "uniform" in steps
-    rank = _uniform_rank(runtime, facts, options) if uniform else facts.max_rank
-    limit = options.get("max_lora_rank")
-    if uniform and limit is not None and rank > limit:
-        refused.append(f"adapter needs rank {rank} after padding, above max_lora_rank {limit}")
     if refused:
         raise UnsupportedError(f"cannot lower the adapter exactly for {runtime}: " + "; ".join(refused))
-    if not {"uniform", "fold"} & set(steps):
-        same = tuple(ModuleLowering(m.path, m.rank, 1.0) for m in facts.modules)
-        return LoweringPlan(runtime, facts.lora_alpha, facts.r, False, same, steps, _fill(found))
-    alpha = common_alpha([m.scale * (rank if uniform else m.rank) for m in facts.modules])
-    modules = tuple(
-        ModuleLowering(m.path, rank if uniform else m.rank, m.scale / (alpha / (rank if uniform else m.rank)))
-        for m in facts.modules
-    )
-    return LoweringPlan(runtime, alpha, rank, uniform, modules, steps, _fill(found))
+    steps = tuple(dict.fromkeys(rule.lowering for rule, _, _ in found if rule.lowering is not None))
+    fill = tuple(where for rule, where, _ in found if rule.lowering == "fill_layers" and where is not None)
+    return LoweringPlan(runtime, steps, fill)
 
 
-def common_alpha(products: Sequence[float]) -> float:
-    """One lora_alpha for a tensor-rank reader (ŝᵢ = α/rᵢ): the most frequent sᵢ·rᵢ, so that the modules with
-    it keep B bit for bit (c = 1); ties go to the largest. Raises UnsupportedError for an empty or zero list."""
-    counts = collections.Counter(p for p in products if p != 0.0)
-    if not counts:
-        raise UnsupportedError("every module has scale 0: there is no alpha that a runtime would read")
-    best = max(counts.values())
-    return max(p for p, n in counts.items() if n == best)
-
-
-def _uniform_rank(runtime: str, facts: AdapterFacts, options: Mapping[str, Any]) -> int:
+def uniform_rank(runtime: str, ranks: Sequence[int], **given: Any) -> int:
     """The one rank every module is padded to: the largest, rounded up to what TGI / LoRAX pad to."""
+    largest = max(ranks, default=1)
     if runtime in ("tgi", "lorax"):
-        return c.sgmv_rank(facts.max_rank, options["world_size"])
-    return facts.max_rank
-
-
-def _fill(found: list[tuple[Rule, str | None, str]]) -> tuple[str, ...]:
-    return tuple(where for rule, where, _ in found if rule.lowering == "fill_layers" and where is not None)
+        return c.sgmv_rank(largest, server_options(runtime, given)["world_size"])
+    return largest

@@ -227,7 +227,7 @@ def compute(plan: Plan, step: Step, device: torch.device, weight: torch.Tensor |
     exact = weight.float()
     del weight
     # The weighted deltas are summed first and added once, so several adapters add no rounding between them.
-    delta = _summed_delta(plan, step, device)
+    delta = summed_delta(plan, step, device)
     linalg.add_delta_(exact, delta, SIGNS[plan.operation])
     del delta
     dora = next((t for t in step.terms if t.dora), None)
@@ -259,7 +259,7 @@ def _start(plan: Plan, step: Step) -> torch.Tensor:
     return weight
 
 
-def _summed_delta(plan: Plan, step: Step, device: torch.device) -> torch.Tensor:
+def summed_delta(plan: Plan, step: Step, device: torch.device) -> torch.Tensor:
     """Σ of the step's term deltas in fp32; a term with `rows` (q, k or v of a fused in_proj_weight) fills only
     those rows, so the three projections' deltas still meet in one tensor that is added once."""
     whole = [t for t in step.terms if t.rows is None]

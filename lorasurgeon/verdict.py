@@ -146,11 +146,13 @@ def judge_tensor(
     merged: torch.Tensor,
     delta: torch.Tensor | None,
     tolerance: int = DEFAULT_TOLERANCE,
+    expected: torch.Tensor | None = None,
 ) -> Verdict:
     """The verdict for one tensor (see the module docstring), reading it in blocks of rows.
 
-    `base` and `merged` are the stored tensors; `delta` the expected fp32 ΔW shaped like `base`, or None.
-    Raises UnsupportedError for a dtype other than bf16, fp16 or fp32.
+    `base` and `merged` are the stored tensors; `delta` the expected fp32 ΔW shaped like `base`, or None;
+    `expected` the reference E when the caller has it (what lorasurgeon's merge writes, computed by its own code),
+    else E = round(fp32(BASE) + ΔW). Raises UnsupportedError for a dtype other than bf16, fp16 or fp32.
     """
     if merged.shape != base.shape:
         return Verdict("shape changed", elements=base.numel())
@@ -161,7 +163,9 @@ def judge_tensor(
     if delta is None or not bool(delta.any()):
         same = bool(torch.equal(ordered(merged), ordered(base)))
         return Verdict("exact" if same else "changed without an adapter", elements=base.numel())
-    stats = _Stats.gather(base, merged, delta, tolerance)
+    if expected is None:
+        expected = torch.cat([(b.float() + w).to(b.dtype) for b, w in _blocks(base, delta)]).reshape(base.shape)
+    stats = _Stats.gather(base, merged, delta, expected, tolerance)
     return stats.decide(base, merged, delta, tolerance)
 
 
@@ -181,10 +185,11 @@ class _Stats:
     e_e: float = 0.0  # Σ (E − BASE)² / u²
 
     @classmethod
-    def gather(cls, base: torch.Tensor, merged: torch.Tensor, delta: torch.Tensor, tolerance: int) -> _Stats:
+    def gather(
+        cls, base: torch.Tensor, merged: torch.Tensor, delta: torch.Tensor, reference: torch.Tensor, tolerance: int
+    ) -> _Stats:
         stats = cls()
-        for b, m, w in _blocks(base, merged, delta):
-            expected = (b.float() + w).to(b.dtype)  # what merge writes: fp32 add, one rounding
+        for b, m, w, expected in _blocks(base, merged, delta, reference):
             error = ulps(m, expected, b, w)
             stats.max_ulps = max(stats.max_ulps, float(error.max()))
             stats.over += int((error > tolerance).sum())
@@ -234,11 +239,9 @@ def _fits(base: torch.Tensor, merged: torch.Tensor, delta: torch.Tensor, scale: 
     return True
 
 
-def _blocks(
-    base: torch.Tensor, merged: torch.Tensor, delta: torch.Tensor
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Views of the three tensors in matching blocks of rows (a 0-d or 1-d tensor is one block)."""
-    flat = [t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1) for t in (base, merged, delta)]
+def _blocks(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Views of tensors shaped alike in matching blocks of rows (a 0-d or 1-d tensor is one block)."""
+    flat = [t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1) for t in tensors]
     rows, columns = flat[0].shape
     step = max(1, BLOCK_ELEMENTS // max(columns, 1))
-    return [(flat[0][i : i + step], flat[1][i : i + step], flat[2][i : i + step]) for i in range(0, rows, step)]
+    return [tuple(f[i : i + step] for f in flat) for i in range(0, rows, step)]

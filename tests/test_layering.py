@@ -38,7 +38,8 @@ ALLOWED: dict[str, set[str]] = {
     "formats.diffusers": NORMAL_FORM | {"formats.kohya", "formats.peft", "formats.peft_config"},
     "formats.resolution": NORMAL_FORM | {"formats.architectures", "formats.kohya", "formats.kohya_names"},
     "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names"},
-    "formats.writing": NORMAL_FORM | FORMATS_CORE,
+    "formats.scale_form": {"formats.peft_config"},
+    "formats.writing": NORMAL_FORM | FORMATS_CORE | {"formats.scale_form"},
     "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "linalg"},
     "ties": IO | {"formats.architectures"},
     "fit": NORMAL_FORM | {"formats.architectures", "formats.resolution", "lycoris"},
@@ -49,29 +50,36 @@ ALLOWED: dict[str, set[str]] = {
     "pairing": IO | {"decomposition", "formats.architectures"},
     "extraction": IO
     | {"decomposition", "pairing", "surgery", "writer", "formats.architectures", "formats.peft"}
-    | {"formats.peft_config"},
+    | {"formats.peft_config", "formats.scale_form"},
     "conversion": NORMAL_FORM
     | {"plan", "writer", "formats", "formats.kohya", "formats.naming", "formats.peft"}
-    | {"formats.peft_config", "formats.resolution", "formats.writing"},
+    | {"formats.peft_config", "formats.resolution", "formats.writing", "lowering", "runtime_lowering"},
     "census": IO,
-    "adapter_facts": set(),
+    "adapter_facts": NORMAL_FORM | {"formats", "formats.architectures"},
     "runtime_checks": {"adapter_facts"},
     "runtime_rules": {"runtime_checks"},
-    "runtimes": {"adapter_facts", "errors", "runtime_checks", "runtime_rules"},
+    "runtimes": NORMAL_FORM | {"adapter_facts", "runtime_checks", "runtime_rules"},
+    "runtime_lowering": NORMAL_FORM
+    | {"adapter_facts", "runtimes", "lowering", "formats.architectures", "formats.peft_config", "formats.writing"},
+    "companions": {"checkpoint"},
+    "verification": NORMAL_FORM | {"companions", "plan", "surgery", "verdict"},
     "rules": {"errors", "header", "report"},
     "report": NORMAL_FORM
     | {"census", "rules", "formats", "formats.peft_config", "linalg", "lycoris", "plan"}
     | {"surgery"},
     "__init__": NORMAL_FORM
     | {"formats", "formats.naming", "report", "rules", "plan", "surgery", "pairing"}
-    | {"decomposition", "extraction", "conversion"},
-    "documents": {"errors", "census", "report", "plan", "surgery", "extraction", "conversion"},
-    "render": {"errors", "census", "documents", "report", "plan", "surgery", "extraction", "conversion"},
-    "cli": {"__init__", "documents", "errors", "render"},
+    | {"decomposition", "extraction", "conversion", "runtime_rules", "runtimes", "verification"},
+    "documents": {"errors", "census", "report", "plan", "surgery", "extraction", "conversion", "verification"},
+    "views": {"extraction", "conversion", "verification"},
+    "render": {"errors", "census", "documents", "report", "plan", "surgery", "extraction", "conversion"}
+    | {"verification", "views"},
+    "cli": {"__init__", "documents", "errors", "render", "views"},
     "__main__": {"cli"},
 }
 NO_TORCH_AT_IMPORT = [
-    *("header", "plan", "fit", "ties", "adapter_facts", "runtime_checks", "runtime_rules", "runtimes"),
+    *("header", "plan", "fit", "ties", "adapter_facts", "runtime_checks", "runtime_rules", "runtimes", "companions"),
+    *("runtime_lowering", "views"),
     *(m for m in ALLOWED if m.startswith("formats")),
 ]
 

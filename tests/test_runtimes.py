@@ -13,6 +13,7 @@ import torch
 from lorasurgeon import lowering, runtimes
 from lorasurgeon.adapter_facts import AdapterFacts, ModuleFacts
 from lorasurgeon.errors import UnsupportedError
+from lorasurgeon.formats.scale_form import ScaleForm, scale_form
 from lorasurgeon.runtime_rules import RULES
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")
@@ -160,26 +161,36 @@ def test_global_and_tensor_rank_readers_fail_different_adapters() -> None:
 def test_unknown_runtimes_and_options_are_named() -> None:
     with pytest.raises(UnsupportedError, match="unknown runtime 'ollama'"):
         runtimes.judge("ollama", PLAIN)
-    with pytest.raises(UnsupportedError, match="llamacpp has no server option 'max_lora_rank'"):
+    with pytest.raises(UnsupportedError, match="max_lora_rank=… is no server option of llamacpp"):
         runtimes.judge("llamacpp", PLAIN, max_lora_rank=16)
+
+
+def single_alpha(facts: AdapterFacts, rank: int | None = None) -> ScaleForm:
+    """The single-alpha form every adapter lorasurgeon writes is in (convert --for pads it to `rank`)."""
+    return scale_form([m.path for m in facts.modules], [(m.rank, m.alpha, m.scale) for m in facts.modules], rank=rank)
 
 
 def test_the_lowering_plan_for_llamacpp_folds_into_one_alpha() -> None:
     facts = extract_like(PLAIN)
     plan = runtimes.plan_lowering("llamacpp", facts)
-    assert plan.steps == ("fold",) and not plan.uniform and plan.lora_alpha == 16.0  # the most frequent s·r
-    for m, lowered in zip(facts.modules, plan.modules, strict=True):
-        assert lowered.rank == m.rank
-        assert math.isclose(plan.applied(m.rank) * lowered.factor, m.scale)  # the runtime's scale × c = PEFT's
-    assert {lowered.factor for lowered in plan.modules} == {1.0, 0.5, 2.0}
+    assert plan.steps == ("fold",) and not plan.uniform
+    form = single_alpha(facts)
+    assert {m.alpha for m in form.modules} == {16.0} and not form.use_rslora  # the most frequent s·r
+    for m, written, factor in zip(facts.modules, form.modules, form.factors, strict=True):
+        assert written.rank == m.rank
+        assert math.isclose(written.alpha / m.rank * factor, m.scale)  # the runtime's scale × c = PEFT's
+    assert set(form.factors) == {1.0, 0.5, 2.0}
 
 
 def test_the_lowering_plan_for_lorax_pads_every_module_to_one_rank() -> None:
     facts = rslora(extract_like(PLAIN))
     plan = runtimes.plan_lowering("lorax", facts)
-    assert plan.uniform and plan.rank == 32 and "uniform" in plan.steps
-    for m, lowered in zip(facts.modules, plan.modules, strict=True):
-        assert lowered.rank == 32 and math.isclose(plan.applied(32) * lowered.factor, m.scale)
+    assert plan.uniform and "uniform" in plan.steps
+    rank = runtimes.uniform_rank("lorax", [m.rank for m in facts.modules])
+    assert rank == 32 and runtimes.uniform_rank("lorax", [4, 8]) == 8 and runtimes.uniform_rank("tgi", [17]) == 32
+    form = single_alpha(facts, rank)
+    for m, written, factor in zip(facts.modules, form.modules, form.factors, strict=True):
+        assert written.rank == 32 and math.isclose(written.alpha / 32 * factor, m.scale)
     missing = failing("every-layer")(PLAIN)
     assert runtimes.plan_lowering("tgi", missing).fill == ("q_proj",)
 
@@ -188,8 +199,6 @@ def test_the_lowering_plan_refuses_what_has_no_exact_lowering() -> None:
     facts = dataclasses.replace(failing("dora")(PLAIN), variants=("layer_replication",))
     with pytest.raises(UnsupportedError, match=r"DoRA .*\(vllm\.dora\).*layer_replication"):
         runtimes.plan_lowering("vllm", facts)
-    with pytest.raises(UnsupportedError, match="above max_lora_rank 16"):
-        runtimes.plan_lowering("sglang", extract_like(PLAIN), max_lora_rank=16)
     assert runtimes.plan_lowering("vllm", PLAIN).steps == ()
 
 
@@ -219,15 +228,15 @@ def test_llamacpp_reads_an_extract_like_adapter_wrong_and_the_fold_right() -> No
 
     before = {m.path: error(llamacpp_delta(*factors[m.path], facts.lora_alpha), m.path) for m in facts.modules}
     assert max(before.values()) == pytest.approx(1.0) and sum(e > 0.1 for e in before.values()) == 4
-    plan = runtimes.plan_lowering("llamacpp", facts)
-    for lowered in plan.modules:
-        a, b = factors[lowered.path]
-        folded = lowering.fold_scale(b, lowered.factor, 1.0)
-        assert error(llamacpp_delta(a, folded, plan.lora_alpha), lowered.path) < 1e-6
+    form = single_alpha(facts)
+    alpha = form.modules[0].alpha
+    for written, factor in zip(form.modules, form.factors, strict=True):
+        a, b = factors[written.path]
+        assert error(llamacpp_delta(a, lowering.fold(b, factor), alpha), written.path) < 1e-6
     folded_facts = dataclasses.replace(
         facts,
-        lora_alpha=plan.lora_alpha,
+        lora_alpha=alpha,
         alpha_pattern=False,
-        modules=tuple(module(m.path, m.rank, plan.lora_alpha) for m in facts.modules),
+        modules=tuple(module(m.path, m.rank, alpha) for m in facts.modules),
     )
     assert runtimes.judge("llamacpp", facts) and runtimes.judge("llamacpp", folded_facts) == []
