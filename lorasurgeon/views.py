@@ -65,8 +65,9 @@ def extract_notes(summary: ExtractSummary) -> list[str]:
         return []
     alpha = summary.config["lora_alpha"]
     return [
-        f"one lora_alpha = {alpha}: the {len(summary.folded)} modules whose rank is not lora_alpha carry lora_alpha / rᵢ in their "
-        "factors, as llama.cpp and other single-alpha readers need (--patterns writes alpha_pattern instead)"
+        f"one lora_alpha = {alpha}: the {len(summary.folded)} modules whose rank is not lora_alpha carry "
+        "lora_alpha / rᵢ in their factors, as llama.cpp and other single-alpha readers need (--patterns writes "
+        "alpha_pattern instead)"
     ]
 
 
