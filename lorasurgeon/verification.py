@@ -62,7 +62,7 @@ class TensorCheck:
             "exact": f"{self.name}: exact",
             "within tolerance": f"{self.name}: within tolerance (up to {v.max_ulps:.3g} ulps)",
             "adapter not applied": f"{self.name}: adapter not applied: MERGED equals BASE, but {by} change it",
-            "wrong scale": f"{self.name}: wrong scale: MERGED − BASE is {v.scale or 0:.4g}·ΔW, not ΔW ({ulps})",
+            "wrong scale": f"{self.name}: wrong scale: MERGED − BASE is {v.scale or 0:.3g}·ΔW, not ΔW ({ulps})",
             "changed without an adapter": f"{self.name}: changed without an adapter: no adapter touches it, but "
             f"MERGED differs from BASE",
         }.get(self.kind, f"{self.name}: mismatch: MERGED is not BASE + ΔW at any scale ({ulps})")
