@@ -109,7 +109,22 @@ def prepare(
         plan = runtimes.plan_lowering(runtime, facts, **server)
         added = _token_rows(adapter, base, names) if "token_rows" in plan.steps else []
         added += _zero_modules(facts, base, plan.fill, modules)
+    if added:  # the added modules may call for more (a rank of their own, under a reader of one config r)
+        with_added = dataclasses.replace(
+            facts,
+            modules=(*facts.modules, *(_facts(a, float(a.rank)) for a in added)),
+            trainable_tokens=() if "token_rows" in plan.steps else facts.trainable_tokens,
+        )
+        again = runtimes.plan_lowering(runtime, with_added, **server).steps
+        plan = dataclasses.replace(plan, steps=tuple(dict.fromkeys((*plan.steps, *again))))
     return Retarget(runtime, server, plan, _rank(runtime, plan, facts, added, server), tuple(added), facts)
+
+
+def _facts(added: Added, alpha: float, rank: int | None = None) -> ModuleFacts:
+    """An added module's facts, at `rank` (its own when None) under the one `alpha`."""
+    vocab = int(added.a.shape[1]) if added.kind == "embedding" else None
+    rank = rank or added.rank
+    return ModuleFacts(added.path, added.kind, rank, alpha, alpha / rank, vocab=vocab)
 
 
 def _rank(
@@ -205,10 +220,7 @@ def verify(retarget: Retarget, converted: Sequence[Converted], config: Mapping[s
         for c, f in zip(converted, retarget.facts.modules, strict=True)
     ]
     alpha = converted[0].alpha if converted else retarget.facts.lora_alpha
-    for a in retarget.added:
-        vocab = int(a.a.shape[1]) if a.kind == "embedding" else None
-        rank = retarget.rank or a.rank
-        modules.append(ModuleFacts(a.path, a.kind, rank, alpha, alpha / rank, vocab=vocab))
+    modules += [_facts(a, alpha, retarget.rank) for a in retarget.added]
     facts = dataclasses.replace(
         retarget.facts,
         modules=tuple(modules),

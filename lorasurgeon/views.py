@@ -76,7 +76,7 @@ def convert_lines(summary: ConvertSummary) -> list[str]:
     verb = "would write" if summary.dry_run else "wrote"
     size = "" if summary.dry_run else f", {summary.bytes_written / 1e6:.1f} MB, {summary.seconds:.1f} s"
     rewritten = sum(c.rewritten for c in summary.modules)
-    kept = f"{rewritten} B rewritten, the other factors unchanged" if rewritten else "A and B bytes unchanged"
+    kept = f"factors of {rewritten} rewritten, the others byte for byte" if rewritten else "A and B bytes unchanged"
     lowered = f", lowered for {summary.runtime}" if summary.runtime else ""
     lines = [
         f"convert: {verb} {summary.output} ({summary.target_format} from {summary.source.format}{lowered}, "
