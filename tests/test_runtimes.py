@@ -4,15 +4,22 @@ scale rule (quoted from its source) against the fold."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+from builders import run_cli
 
+import lorasurgeon
 from lorasurgeon import lowering, runtimes
-from lorasurgeon.adapter_facts import AdapterFacts, ModuleFacts
+from lorasurgeon.adapter_facts import AdapterFacts, ModuleFacts, facts_of
+from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import UnsupportedError
+from lorasurgeon.formats import load_adapter
 from lorasurgeon.formats.scale_form import ScaleForm, scale_form
 from lorasurgeon.runtime_rules import RULES
 
@@ -240,3 +247,60 @@ def test_llamacpp_reads_an_extract_like_adapter_wrong_and_the_fold_right() -> No
         modules=tuple(module(m.path, m.rank, alpha) for m in facts.modules),
     )
     assert runtimes.judge("llamacpp", facts) and runtimes.judge("llamacpp", folded_facts) == []
+
+
+# --- check --target on real adapters: the facts come from the normal form ---------------------------------------
+
+SAMPLES = Path(__file__).parent.parent / "samples"
+
+
+def test_facts_of_the_samples() -> None:
+    with Checkpoint.open(SAMPLES / "base") as base:
+        adapter = load_adapter(SAMPLES / "adapter-rslora")
+        adapter.source.close()
+        facts = facts_of(adapter, base)
+    assert (facts.base_vocab, facts.num_layers, facts.tied_embeddings) == (256, 2, False)
+    assert facts.use_rslora and facts.rank_pattern and facts.alpha_pattern and not facts.scale_metadata
+    assert (facts.r, facts.lora_alpha, facts.format, len(facts.modules)) == (8, 16.0, "peft", 14)
+    down = next(m for m in facts.modules if m.path == "model.layers.0.mlp.down_proj")
+    assert (down.rank, down.alpha, down.scale, down.kind, down.layer, down.name) == (
+        4,
+        16.0,
+        8.0,
+        "linear",
+        0,
+        "down_proj",
+    )
+    assert {"rank_pattern", "alpha_pattern", "use_rslora"} <= facts.config_fields
+
+
+@pytest.mark.parametrize("runtime", sorted(RULES))
+def test_check_target_on_the_samples(runtime: str) -> None:
+    plain = lorasurgeon.check(SAMPLES / "base", [SAMPLES / "adapter-lora"], target=runtime)
+    assert bool(plain.errors) == (runtime == "diffusers"), [
+        f.message for f in plain.errors
+    ]  # a PEFT file's scales are in adapter_config.json
+    patterned = lorasurgeon.check(SAMPLES / "base", [SAMPLES / "adapter-rslora"], target=runtime)
+    assert bool(patterned.errors) == (runtime != "peft")
+    for finding in patterned.errors:
+        rule_id = re.search(rf"{runtime} rule ([\w.-]+):", finding.message)
+        assert rule_id is not None and finding.message.startswith(f"{SAMPLES / 'adapter-rslora'}: ")
+        rule = next(r for r in RULES[runtime] if r.id == rule_id.group(1))
+        assert rule.source in finding.message and rule.versions in finding.message
+        assert finding.adapter_key is None or f"{finding.adapter_key}: " in finding.message
+
+
+def test_cli_check_target(capsys: pytest.CaptureFixture[str]) -> None:
+    base, lora, rslora = (str(SAMPLES / n) for n in ("base", "adapter-lora", "adapter-rslora"))
+    code, _, err = run_cli(["check", base, lora, "--target", "vllm", "--max-lora-rank", "8"], capsys)
+    assert code == 0 and "vllm reads it as PEFT does" in err
+    code, out, _ = run_cli(["check", base, rslora, "--target", "llamacpp", "--json"], capsys)
+    doc = json.loads(out)
+    assert code == 1 and not doc["ok"] and len(doc["findings"]) == 14
+    assert all("llamacpp rule llamacpp.scale" in f["message"] and f["adapter_key"] for f in doc["findings"])
+    code, _, err = run_cli(["check", base, lora, "--target", "vllm", "--max-lora-rank", "24"], capsys)
+    assert code == 2 and "vLLM refuses --max-lora-rank 24: it must be one of 1, 8, 16" in err
+    code, _, err = run_cli(["check", base, lora, "--target", "llamacpp", "--world-size", "2"], capsys)
+    assert code == 2 and "--world-size is no server option of llamacpp" in err
+    code, _, err = run_cli(["check", base, lora, "--target", "peft", "--peft-version", "0.x"], capsys)
+    assert code == 2 and "--peft-version 0.x: expected a release such as 0.14" in err
