@@ -1,27 +1,30 @@
-"""Run llama.cpp's own convert_lora_to_gguf.py on an extract-like adapter, before and after lorasurgeon's fold.
+"""Run llama.cpp's own convert_lora_to_gguf.py on adapters lorasurgeon writes, and on PEFT's patterns form.
 
     python bench/llamacpp_lora.py LLAMA_CPP_DIR [--work DIR]
 
 LLAMA_CPP_DIR is a llama.cpp checkout (its convert_lora_to_gguf.py, conversion/ or convert_hf_to_gguf.py, and
 gguf-py/ are used; nothing is built). No llama.cpp code is part of lorasurgeon: it runs in a subprocess.
 
-1. A tiny fp32 Llama (hidden 64, 2 layers, 4 heads / 2 KV heads) and a PEFT LoRA on its 14 projection matrices
-   shaped like `lorasurgeon extract --energy` output: a different rank per module (rank_pattern) and a
-   matching alpha_pattern, so that PEFT's scale is 1 everywhere; B ≠ 0.
-2. convert_lora_to_gguf.py --base BASE --outtype f32 ADAPTER -> a .gguf; read with the gguf package's reader.
+1. A tiny fp32 Llama (hidden 64, 2 layers, 4 heads / 2 KV heads) and a "fine-tune" of it: each of the 14
+   projection matrices plus an exact low-rank ΔW of rank 2 to 8, so that `extract --energy 0.999999` finds a different
+   rank per module.
+2. The adapters: `lorasurgeon extract --energy 0.999999 --patterns` (rank_pattern + alpha_pattern = rank, scale 1:
+   what extract wrote before issue 16) and `lorasurgeon extract --energy 0.999999` (the default single-alpha form: one
+   lora_alpha, each module's lora_alpha / rᵢ folded into its factors); and a PEFT adapter with the same kind of
+   patterns, as PEFT saves it, before and after `lorasurgeon convert --to peft` (the default form: B′ = B·sᵢ·rᵢ/α).
+3. convert_lora_to_gguf.py --base BASE --outtype f32 ADAPTER -> a .gguf, read with the gguf package's reader.
    llama.cpp's ΔW per tensor is (alpha / rank)·B@A with alpha the file's adapter.lora.alpha and rank B's
-   column count (src/llama-adapter.h get_scale: `adapter_scale * alpha / rank`, rank = b->ne[0]), compared
-   with PEFT's ΔW = sᵢ·B@A (q/k rows permuted as the converter permutes them for RoPE).
-3. The same after lorasurgeon's lowering for llama.cpp (runtimes.plan_lowering + lowering.fold_scale): one
-   lora_alpha, no alpha_pattern, B′ = B·sᵢ·rᵢ/α.
-Prints, per tensor, the relative Frobenius error ‖ΔW_llama.cpp − ΔW_PEFT‖ / ‖ΔW_PEFT‖ before and after.
+   column count (src/llama-adapter.h get_scale: `adapter_scale * alpha / rank`, rank = b->ne[0]), compared with
+   the ΔW each adapter means: the fine-tune's (extracts; exact up to the SVD's rounding) or PEFT's sᵢ·B@A (q / k
+   rows permuted as the converter permutes them for RoPE).
+Prints, per adapter, the worst relative Frobenius error ‖ΔW_llama.cpp − ΔW‖ / ‖ΔW‖ and how many tensors are off
+by more than 1e-4, and a per-tensor table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -32,8 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lorasurgeon import lowering, runtimes
-from lorasurgeon.adapter_facts import AdapterFacts, ModuleFacts
+import lorasurgeon
 
 HEADS, KV_HEADS, LAYERS = 4, 2, 2
 GGUF_NAMES = {
@@ -48,7 +50,16 @@ GGUF_NAMES = {
 RANKS = [2, 3, 4, 5, 6, 7, 8]  # per projection; layer 1 gets them reversed
 
 
-def build(root: Path) -> tuple[Path, Path]:
+def module_ranks() -> dict[str, int]:
+    ranks = {}
+    for layer in range(LAYERS):
+        for rank, projection in zip(RANKS if layer == 0 else RANKS[::-1], GGUF_NAMES, strict=True):
+            ranks[f"model.layers.{layer}.{projection}"] = rank
+    return ranks
+
+
+def build(root: Path) -> tuple[Path, Path, Path]:
+    """BASE, TUNED = BASE + exact low-rank ΔWs, and a PEFT adapter with rank_pattern + alpha_pattern."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -63,19 +74,23 @@ def build(root: Path) -> tuple[Path, Path]:
         max_position_embeddings=64,
         tie_word_embeddings=False,
     )
-    base = root / "base"
+    base, tuned = root / "base", root / "tuned"
     LlamaForCausalLM(config).save_pretrained(base)
-    ranks = {}
-    for layer in range(LAYERS):
-        order = RANKS if layer == 0 else RANKS[::-1]
-        for rank, projection in zip(order, GGUF_NAMES, strict=True):
-            ranks[f"model.layers.{layer}.{projection}"] = rank
+    tensors = load_file(base / "model.safetensors")
+    for module, rank in module_ranks().items():
+        weight = tensors[f"{module}.weight"]
+        delta = torch.randn(weight.shape[0], rank) @ torch.randn(rank, weight.shape[1])  # (out, r) @ (r, in)
+        tensors[f"{module}.weight"] = weight + 0.1 * delta
+    tuned.mkdir()
+    save_file(tensors, tuned / "model.safetensors", metadata={"format": "pt"})
+    (tuned / "config.json").write_bytes((base / "config.json").read_bytes())
+    ranks = module_ranks()
     lora = LoraConfig(
         r=4,
         lora_alpha=4,
         target_modules=[p.split(".")[1] for p in GGUF_NAMES],
         rank_pattern=ranks,
-        alpha_pattern={k: float(v) for k, v in ranks.items()},  # alpha = rank: scale 1, as extract writes
+        alpha_pattern={k: float(v) for k, v in ranks.items()},  # alpha = rank: scale 1
         init_lora_weights=False,
     )
     model = get_peft_model(LlamaForCausalLM.from_pretrained(base), lora)
@@ -83,58 +98,17 @@ def build(root: Path) -> tuple[Path, Path]:
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
-    adapter = root / "adapter"
-    model.save_pretrained(adapter)
-    return base, adapter
+    model.save_pretrained(root / "peft")
+    return base, tuned, root / "peft"
 
 
-def facts_of(adapter: Path) -> tuple[AdapterFacts, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """AdapterFacts of a plain PEFT LoRA directory (what the lead's loader will build from the normal form)."""
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    tensors = load_file(adapter / "adapter_model.safetensors")
-    factors, modules = {}, []
-    for key, a in sorted(tensors.items()):
-        if key.endswith(".lora_A.weight"):
-            path = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-            b = tensors[key.replace("lora_A", "lora_B")]
-            alpha = float(config.get("alpha_pattern", {}).get(path, config["lora_alpha"]))
-            rank = a.shape[0]
-            scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-            modules.append(ModuleFacts(path, "linear", rank, alpha, scale))
-            factors[path] = (a, b)
-    facts = AdapterFacts(
-        tuple(modules),
-        r=config["r"],
-        lora_alpha=float(config["lora_alpha"]),
-        use_rslora=bool(config.get("use_rslora")),
-        rank_pattern=bool(config.get("rank_pattern")),
-        alpha_pattern=bool(config.get("alpha_pattern")),
-    )
-    return facts, factors
-
-
-def fold(adapter: Path, out: Path) -> None:
-    """lorasurgeon's lowering for llama.cpp, written as a PEFT directory."""
-    facts, factors = facts_of(adapter)
-    plan = runtimes.plan_lowering("llamacpp", facts)
-    tensors = {}
-    for m in plan.modules:
-        a, b = factors[m.path]
-        tensors[f"base_model.model.{m.path}.lora_A.weight"] = a
-        tensors[f"base_model.model.{m.path}.lora_B.weight"] = lowering.fold_scale(b, m.factor, 1.0)
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    config.update(lora_alpha=plan.lora_alpha, alpha_pattern={}, use_rslora=False)
-    out.mkdir(parents=True)
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
-
-
-def convert(llama_cpp: Path, base: Path, adapter: Path, out: Path) -> None:
+def gguf(llama_cpp: Path, base: Path, adapter: Path, out: Path) -> Path:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("NO_LOCAL_GGUF", None)  # the converter needs its own gguf-py (PyPI gguf 0.19.0 lacks LazyChunkedTensor)
     command = [sys.executable, str(llama_cpp / "convert_lora_to_gguf.py"), "--base", str(base)]
     command += ["--outtype", "f32", "--outfile", str(out), str(adapter)]
     subprocess.run(command, check=True, env=env, capture_output=True, text=True)
+    return out
 
 
 def llama_deltas(gguf_file: Path) -> tuple[float, dict[str, torch.Tensor]]:
@@ -144,13 +118,12 @@ def llama_deltas(gguf_file: Path) -> tuple[float, dict[str, torch.Tensor]]:
     reader = GGUFReader(gguf_file)
     field = reader.fields["adapter.lora.alpha"]
     alpha = float(field.parts[field.data[0]][0])
-    data = {t.name: torch.from_numpy(t.data.copy()).float() for t in reader.tensors}
+    data = {t.name: torch.from_numpy(t.data.copy()).double() for t in reader.tensors}
     deltas = {}
     for name, a in data.items():
         if name.endswith(".lora_a"):
             b = data[name.removesuffix(".lora_a") + ".lora_b"]  # (out, r): rank = b->ne[0] = B's columns
-            scale = alpha / b.shape[1] if alpha else 1.0
-            deltas[name.removesuffix(".lora_a")] = scale * (b @ a)
+            deltas[name.removesuffix(".lora_a")] = (alpha / b.shape[1] if alpha else 1.0) * (b @ a)
     return alpha, deltas
 
 
@@ -166,19 +139,30 @@ def gguf_name(path: str) -> str:
     return f"blk.{layer}.{GGUF_NAMES[projection]}.weight"
 
 
-def peft_deltas(adapter: Path) -> dict[str, torch.Tensor]:
-    """PEFT's ΔW per GGUF weight name (q / k rows permuted as the converter does)."""
-    facts, factors = facts_of(adapter)
+def by_gguf_name(deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Module path -> ΔW, renamed and permuted as the converter writes them."""
     out = {}
-    for m in facts.modules:
-        a, b = factors[m.path]
-        delta = m.scale * (b.float() @ a.float())
-        if m.name == "q_proj":
-            delta = permute(delta, HEADS)
-        elif m.name == "k_proj":
-            delta = permute(delta, KV_HEADS)
-        out[gguf_name(m.path)] = delta
+    for path, delta in deltas.items():
+        heads = {"q_proj": HEADS, "k_proj": KV_HEADS}.get(path.rsplit(".", 1)[1])
+        out[gguf_name(path)] = permute(delta, heads) if heads else delta
     return out
+
+
+def tuned_deltas(base: Path, tuned: Path) -> dict[str, torch.Tensor]:
+    old, new = load_file(base / "model.safetensors"), load_file(tuned / "model.safetensors")
+    return by_gguf_name({m: new[f"{m}.weight"].double() - old[f"{m}.weight"].double() for m in module_ranks()})
+
+
+def peft_deltas(adapter: Path) -> dict[str, torch.Tensor]:
+    """PEFT's ΔW of the patterned PEFT adapter: sᵢ·B@A with sᵢ = alpha_pattern / rank_pattern = 1."""
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    out = {}
+    for module, rank in module_ranks().items():
+        key = f"base_model.model.{module}"
+        scale = config["alpha_pattern"][module] / rank
+        out[module] = scale * (tensors[f"{key}.lora_B.weight"].double() @ tensors[f"{key}.lora_A.weight"].double())
+    return by_gguf_name(out)
 
 
 def main() -> None:
@@ -189,21 +173,32 @@ def main() -> None:
     sys.path.insert(0, str(args.llama_cpp / "gguf-py"))
     with tempfile.TemporaryDirectory() as tmp:
         root = args.work or Path(tmp)
-        base, adapter = build(root)
-        fold(adapter, root / "folded")
-        expected = peft_deltas(adapter)
-        assert expected.keys() == peft_deltas(root / "folded").keys()
-        results = {}
-        for label, source in (("before", adapter), ("after", root / "folded")):
-            convert(args.llama_cpp, base, source, root / f"{label}.gguf")
-            results[label] = llama_deltas(root / f"{label}.gguf")
-        print(f"adapter.lora.alpha: before {results['before'][0]:g}, after {results['after'][0]:g}")
-        print("| tensor | rank | rel. error before | rel. error after |")
+        base, tuned, peft = build(root)
+        lorasurgeon.extract(base, tuned, root / "extract-patterns", energy=0.999999, patterns=True)
+        lorasurgeon.extract(base, tuned, root / "extract", energy=0.999999)
+        lorasurgeon.convert(peft, root / "peft-converted", to="peft")
+        truth, meant = tuned_deltas(base, tuned), peft_deltas(peft)
+        cases = {
+            "extract --energy 0.999999 --patterns": (root / "extract-patterns", truth),
+            "extract --energy 0.999999": (root / "extract", truth),
+            "PEFT, rank_pattern + alpha_pattern": (peft, meant),
+            "convert --to peft of it": (root / "peft-converted", meant),
+        }
+        table: dict[str, list[float]] = {}
+        print("| adapter | adapter.lora.alpha | worst rel. error | tensors off by > 1e-4 |")
         print("|---|---|---|---|")
-        ranks = {gguf_name(m.path): m.rank for m in facts_of(adapter)[0].modules}
-        for name, delta in expected.items():
-            errors = [float((results[k][1][name] - delta).norm() / delta.norm()) for k in ("before", "after")]
-            print(f"| {name} | {ranks[name]} | {errors[0]:.3g} | {errors[1]:.3g} |")
+        for label, (adapter, expected) in cases.items():
+            alpha, got = llama_deltas(gguf(args.llama_cpp, base, adapter, root / f"{adapter.name}.gguf"))
+            errors = {n: float((got[n] - d).norm() / d.norm()) for n, d in expected.items()}
+            table[label] = [errors[n] for n in expected]
+            off = sum(e > 1e-4 for e in errors.values())
+            print(f"| {label} | {alpha:g} | {max(errors.values()):.3g} | {off} of {len(errors)} |")
+        print()
+        print("| tensor | rank | " + " | ".join(table) + " |")
+        print("|---|---|" + "---|" * len(table))
+        ranks = {gguf_name(m): r for m, r in module_ranks().items()}
+        for i, name in enumerate(truth):
+            print(f"| {name} | {ranks[name]} | " + " | ".join(f"{v[i]:.3g}" for v in table.values()) + " |")
 
 
 if __name__ == "__main__":
