@@ -294,6 +294,10 @@ def test_cli_check_target(capsys: pytest.CaptureFixture[str]) -> None:
     base, lora, rslora = (str(SAMPLES / n) for n in ("base", "adapter-lora", "adapter-rslora"))
     code, _, err = run_cli(["check", base, lora, "--target", "vllm", "--max-lora-rank", "8"], capsys)
     assert code == 0 and "vllm reads it as PEFT does" in err
+    code, _, err = run_cli(["check", base, rslora, "--target", "vllm"], capsys)
+    assert code == 1 and "vllm rule vllm.scale" in err
+    code, _, err = run_cli(["check", base, rslora, "--target", "vllm", "--reads-patterns"], capsys)
+    assert code == 0, err  # vLLM 0.33 reads rank_pattern and alpha_pattern
     code, out, _ = run_cli(["check", base, rslora, "--target", "llamacpp", "--json"], capsys)
     doc = json.loads(out)
     assert code == 1 and not doc["ok"] and len(doc["findings"]) == 14

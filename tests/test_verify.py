@@ -89,6 +89,20 @@ def test_fails_naming_each_wrong_tensor(tmp_path: Path, pair: tuple[Path, Path])
     assert set(problems(wrong).values()) == {"mismatch"} and len(wrong.problems) == 14
 
 
+def test_sharded_checkpoints_are_read_by_name(tmp_path: Path) -> None:
+    base = save_model(tmp_path / "base", max_shard_size="40KB")
+    adapter = save_adapter(base, tmp_path / "lora", r=4, lora_alpha=8)
+    assert len(list(base.glob("*.safetensors"))) > 1
+    lorasurgeon.merge(base, [adapter], tmp_path / "ours")
+    assert lorasurgeon.verify(tmp_path / "ours", base, [adapter]).ok
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model_class("llama").from_pretrained(base), adapter).merge_and_unload()
+    model.save_pretrained(tmp_path / "peft", max_shard_size="100KB")  # other shards than the base's
+    result = lorasurgeon.verify(tmp_path / "peft", base, [adapter])
+    assert result.ok and sum(bool(t.adapters) for t in result.tensors) == 14
+
+
 def edited(merged: Path, out: Path, change: Any) -> Path:
     shutil.copytree(merged, out)
     tensors = load_file(out / "model.safetensors")
