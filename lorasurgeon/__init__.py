@@ -25,9 +25,8 @@ from lorasurgeon.formats import load_adapter
 from lorasurgeon.formats.naming import COMPONENTS
 from lorasurgeon.report import Report, make_report
 from lorasurgeon.rules import RULE_HELP, judge, parse_rule
-from lorasurgeon.runtime_rules import RULES
-
-RUNTIMES = tuple(RULES)
+from lorasurgeon.runtime_rules import RUNTIMES
+from lorasurgeon.runtimes import judge_adapters
 
 # The modules that compute load torch, whose import takes seconds; a header-only `report` needs none of them,
 # so they are imported inside the functions that use them, and the types below on first use (__getattr__).
@@ -95,17 +94,13 @@ def check(
 
     `target` (one of RUNTIMES) also judges each adapter by that runtime's rules (lorasurgeon.runtimes), one error
     per module and rule broken, naming the rule and its source; `server` gives the server's options (runtimes.OPTIONS:
-    max_lora_rank, world_size, ...). Raises LorasurgeonError for unreadable input or an unknown runtime or option.
-    """
+    max_lora_rank, world_size, ...). Raises LorasurgeonError for unreadable input or an unknown runtime or option."""
     from lorasurgeon.plan import plan_surgery
 
     with _opened(base, adapters, alpha) as (ckpt, loaded):
         plan = plan_surgery("merge", ckpt, loaded, [1.0] * len(loaded))
-        if target is None:
-            return plan
-        from lorasurgeon.runtimes import judge_adapters
-
-        return replace(plan, findings=(*plan.findings, *judge_adapters(target, loaded, ckpt, server or {})))
+        found = judge_adapters(target, loaded, ckpt, server or {}) if target is not None else []
+        return replace(plan, findings=(*plan.findings, *found))
 
 
 def verify(
@@ -118,10 +113,9 @@ def verify(
     tolerance: int = 1,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> VerifySummary:
-    """Prove that `merged` is round(base + Σ weight_i · ΔW_i) within `tolerance` ulps of each tensor's dtype, and
-    that its config.json, generation config and tokenizer files agree; every tensor gets a verdict
-    (lorasurgeon.verification) and `ok` is True only when all are proven. Raises MismatchError when the adapters
-    do not fit the base."""
+    """Prove that `merged` is round(base + Σ weight_i · ΔW_i) within `tolerance` ulps of each tensor's dtype and that
+    its config, generation config and tokenizer agree: a verdict per tensor (lorasurgeon.verification), `ok` only
+    when all are proven. Raises MismatchError when the adapters do not fit the base."""
     from lorasurgeon.verification import run as run_verify
 
     with _opened(base, adapters, alpha) as (ckpt, loaded):
@@ -220,6 +214,7 @@ def extract(
     skip_mismatched: bool = False,
     curve: Sequence[int] = (),
     save_changed_vectors: bool = False,
+    base_name: str | None = None,
     patterns: bool = False,
     device: str = "auto",
     force: bool = False,
@@ -232,10 +227,10 @@ def extract(
     ΔW is factorised by truncated SVD at `rank`, or at the smallest rank keeping `energy` of ‖ΔW‖²_F (at most
     `max_rank`); `method` is auto, exact or randomized (see lorasurgeon.extraction). `curve` adds the relative
     error at those ranks. `save_changed_vectors` stores the modules whose 1-D tensors (norms) changed as PEFT
-    modules_to_save. The config has one lora_alpha and each module's lora_alpha / rᵢ folded into its factors, as
-    every runtime reads it; `patterns` writes PEFT's rank_pattern / alpha_pattern form instead (PEFT only; see
-    lorasurgeon.formats.scale_form). Raises MismatchError when names or shapes differ (unless `skip_mismatched`),
-    NothingChangedError (exit code 1) when no target differs, OutputError when `out` cannot be written.
+    modules_to_save. The adapter names its base as `base_name` (a Hub repo id, say), else `base` as given, and the
+    task type of its architecture, so that AutoPeftModel loads it; one lora_alpha with lora_alpha / rᵢ folded into
+    the factors (`patterns`: PEFT's alpha_pattern). Raises MismatchError when names or shapes differ (unless
+    `skip_mismatched`), NothingChangedError (exit 1) when no target differs, OutputError when `out` can't be written.
 
     >>> extract("base/", "tuned/", "lora/", rank=16).total_error  # doctest: +SKIP
     0.41
@@ -245,7 +240,7 @@ def extract(
     from lorasurgeon.pairing import ExtractOptions
 
     rule = RankRule(rank=rank, energy=energy, max_rank=max_rank, method=method, curve=tuple(curve))
-    flags = (include_embeddings, skip_mismatched, save_changed_vectors, patterns)
+    flags = (include_embeddings, skip_mismatched, save_changed_vectors, base_name, patterns)
     options = ExtractOptions(rule, alpha, tuple(targets), *flags)
     options.validate(dry_run)
     torch_device = resolve_device(device)
@@ -261,6 +256,7 @@ def convert(
     base: PathLike | None = None,
     component: str | None = None,
     alpha: float | None = None,
+    base_name: str | None = None,
     patterns: bool = False,
     runtime: str | None = None,
     server: Mapping[str, Any] | None = None,
@@ -269,14 +265,14 @@ def convert(
 ) -> ConvertSummary:
     """Write `adapter` (PEFT, kohya or diffusers) in the format `to` (peft, kohya, diffusers) with the same ΔW.
 
-    Names and the scale convention are rewritten (lorasurgeon.conversion). PEFT configs get one lora_alpha and
-    B′ = B·sᵢ·rᵢ/α where it does not give a module its scale (`folded`); other factors, all with `patterns`
-    (PEFT's own patterns), are copied byte for byte. `runtime` (one of RUNTIMES) lowers it for that runtime and
-    its `server` options (as `check`), refusing what has no exact lowering. OUT is a PEFT directory or one
-    .safetensors file (default `<adapter>-<to>`). `base` resolves kohya names (required from kohya); `component`
-    (unet, text_encoder, ..., or lora_unet, lora_te, lora_te1, lora_te2) names a PEFT adapter's component or picks
-    one of a kohya or diffusers file. Raises UnsupportedError naming a tensor the target cannot hold,
-    MismatchError when a module does not resolve against `base`, OutputError when `out` cannot be written.
+    PEFT configs get one lora_alpha and B′ = B·sᵢ·rᵢ/α where it does not give a module its scale (`folded`);
+    other factors (all, with `patterns`: PEFT's own form) are copied byte for byte. `runtime` (one of RUNTIMES)
+    lowers it for that runtime and its `server` options (as `check`), refusing what has no exact lowering. OUT:
+    a PEFT directory or one .safetensors file (default `<adapter>-<to>`). `base` resolves kohya names; `component`
+    (unet, ..., lora_unet, lora_te, ...) names a PEFT adapter's (else `base`'s layout does) or picks one of a file;
+    a PEFT output names its base (`base_name`, else `base`). Raises UnsupportedError naming a tensor the target
+    cannot hold, MismatchError when a module does not resolve against `base`, OutputError when `out` cannot be
+    written (lorasurgeon.conversion).
 
     >>> convert("adapter/", "lora.safetensors", to="kohya", component="lora_unet").modules[0].name  # doctest: +SKIP
     'lora_unet_down_blocks_0_attentions_0_proj_in'
@@ -285,7 +281,7 @@ def convert(
     from lorasurgeon.conversion import run as run_convert
 
     where = Path(base) if base is not None else None
-    options = ConvertOptions(to, where, component, alpha, patterns, runtime, server or {})
+    options = ConvertOptions(to, where, component, alpha, base_name, patterns, runtime, server or {})
     return run_convert(Path(adapter), Path(out) if out is not None else None, options, force=force, dry_run=dry_run)
 
 
@@ -305,7 +301,15 @@ def _opened(
 
 
 def _output(ckpt: Checkpoint, out: PathLike | None, operation: Operation) -> Path:
-    return Path(out) if out is not None else default_output(ckpt, operation)
+    """OUT, which mirrors the base's layout: a directory for a directory or index, one file for one file."""
+    if out is None:
+        return default_output(ckpt, operation)
+    if ckpt.layout != "file" and Path(out).suffix == ".safetensors":
+        raise LorasurgeonError(
+            f"{out}: names one .safetensors file, but the base {ckpt.path} is a checkpoint directory or index, which "
+            "OUT mirrors as a directory; name OUT as a directory, or give the base's .safetensors file to write one"
+        )
+    return Path(out)
 
 
 def default_output(ckpt: Checkpoint, operation: Operation) -> Path:

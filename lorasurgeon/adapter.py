@@ -8,7 +8,7 @@ an adapter came from. Factor tensors stay on disk (`Adapter.source`) until they 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -66,11 +66,15 @@ class LoraModule:
 
 @dataclass(frozen=True)
 class Replacement:
-    """A full tensor that replaces the base's `module`.`param` (modules_to_save, saved embedding, bias)."""
+    """A full tensor that replaces the base's `module`.`param` (modules_to_save, saved embedding, bias).
+
+    `saved_base`: PEFT's copy of the base weight under a LoRA (`<module>.base_layer.weight`, which it saves for
+    embeddings): the value the LoRA applies to, not a trained one."""
 
     module: str
     param: str
     tensor: TensorInfo
+    saved_base: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,8 @@ class Adapter:
     `modules` are the modules a merge applies; `unselected` those the file holds but the config does not select
     (PEFT ignores them). `saved_modules` are the config's modules_to_save entries; `scalars` the tensors that only
     configure (kohya `.alpha`); `rank_source` names where ranks come from, for messages. `scale_known` is False
-    when nothing says the LoRA scale (no config, no alphas, no alpha given). `nonfinite` maps factor tensor names to
+    when nothing says the LoRA scale (no config, no alphas, no alpha given). `tied_lora`: the LoRA of weights tied
+    to the input embedding is the embedding's (PEFT's ensure_weight_tying). `nonfinite` maps factor tensor names to
     their NaN/Inf counts once the values have been scanned. A lenient load (strict=False) also fills `refused`
     and `problems`: what the merge would refuse, and why.
     """
@@ -117,6 +122,7 @@ class Adapter:
     scalars: tuple[str, ...] = ()
     rank_source: str = "the command line"
     scale_known: bool = True
+    tied_lora: bool = False
     nonfinite: Mapping[str, int] = field(default_factory=dict)
     refused: tuple[Refused, ...] = ()
     problems: tuple[Finding, ...] = ()
@@ -129,3 +135,19 @@ class Adapter:
     @property
     def empty(self) -> bool:
         return not (self.modules or self.replacements or self.token_rows)
+
+
+def repeated(adapters: Sequence[Adapter]) -> list[Finding]:
+    """A warning naming each adapter given more than once (the same file): each mention adds its ΔW again."""
+    seen: dict[Path, list[Adapter]] = {}
+    for adapter in adapters:
+        seen.setdefault(adapter.source.path.resolve(), []).append(adapter)
+    return [
+        Finding.of(
+            "warning",
+            f"{same[0].path}: given {len(same)} times, so its ΔW is added {len(same)} times, each with its own "
+            "weight; give it once (with a weight) unless that is what you mean",
+        )
+        for same in seen.values()
+        if len(same) > 1
+    ]

@@ -18,7 +18,8 @@ from lorasurgeon.adapter import Adapter, AdapterFormat, LoraModule
 from lorasurgeon.adapter import Kind as ModuleKind
 from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.formats import states_scales
-from lorasurgeon.formats.architectures import input_embedding
+from lorasurgeon.formats.architectures import INPUT_EMBEDDINGS
+from lorasurgeon.ties import tied_weights
 
 # Config fields of PEFT variants that some runtimes refuse (runtime_rules.py), reported when set.
 VARIANTS = ("alora_invocation_tokens", "layer_replication", "use_bdlora", "use_qalora")
@@ -151,15 +152,17 @@ def base_vocab(base: Checkpoint) -> int | None:
     size = (base.config or {}).get("vocab_size")
     if isinstance(size, int):
         return size
-    embed = input_embedding(base.tensors)
-    return base.tensors[embed].shape[0] if embed is not None else None
+    embed = next(
+        (t for n, t in base.tensors.items() if n.rpartition(".")[0].rpartition(".")[2] in INPUT_EMBEDDINGS), None
+    )
+    return embed.shape[0] if embed is not None and embed.shape else None
 
 
 def tied(base: Checkpoint) -> bool:
-    """Whether transformers ties the base's lm_head to its input embedding on load (tie_word_embeddings defaults
-    to true in transformers' configs)."""
-    config = base.config or {}
-    return bool(config) and bool(config.get("tie_word_embeddings", True)) and input_embedding(base.tensors) is not None
+    """Whether transformers ties the base's lm_head to its input embedding on load (ties.tied_weights: from the
+    architecture's own table, whether the checkpoint stores the head or not)."""
+    ties = tied_weights(base)
+    return any(t.rsplit(".", 2)[-2] == "lm_head" for t in (*ties.sources, *ties.stored) if "." in t)
 
 
 def _layers(config: Mapping[str, Any]) -> int | None:

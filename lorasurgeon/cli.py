@@ -9,9 +9,10 @@ import signal
 import sys
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -37,12 +38,24 @@ ALLOW_NONFINITE = click.option(
     "--allow-nonfinite", is_flag=True, help="Write NaN/Inf from the inputs through, warning by tensor name."
 )
 JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+FC = TypeVar("FC", bound=Callable[..., Any])
+
+
+def output_option(default: str) -> Callable[[FC], FC]:
+    return click.option("-o", "--out", type=click.Path(path_type=Path), help=f"Output path (default: {default}).")
+
+
+OUT = output_option("<base>-merged")
+EXISTING = click.Path(exists=False, path_type=Path)
+BASE_NAME = click.option(
+    "--base-name",
+    metavar="NAME",
+    help="base_model_name_or_path to record in adapter_config.json (a Hub repo id; default: BASE as given).",
+)
 PATTERNS = (
     "Write PEFT's rank_pattern / alpha_pattern / rsLoRA form (PEFT only) instead of one lora_alpha with the "
     "per-module scales folded into B, which every runtime reads."
 )
-OUT = click.option("-o", "--out", type=click.Path(path_type=Path), help="Output path (default: <base>-merged).")
-EXISTING = click.Path(exists=False, path_type=Path)
 SERVER = (
     click.option("--max-lora-rank", type=int, help="vllm, sglang: the server's --max-lora-rank (vLLM's default: 16)."),
     click.option("--world-size", type=int, help="tgi, lorax: the number of shards (ranks are padded per shard)."),
@@ -127,7 +140,7 @@ def merge(base: Path, adapters: tuple[Path, ...], out: Path | None, weights: tup
 @cli.command()
 @click.argument("merged", type=EXISTING)
 @click.argument("adapter", type=EXISTING)
-@OUT
+@output_option("<merged>-unmerged")
 @SCALE
 @ALPHA
 @DEVICE
@@ -250,6 +263,7 @@ def _ranks(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
     is_flag=True,
     help="Store modules whose 1-D tensors changed (norms) in full, as PEFT modules_to_save.",
 )
+@BASE_NAME
 @click.option("--curve", callback=_ranks, metavar="R1,R2,...", help="Also report the relative error at these ranks.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Draw spectra and error-vs-rank to a PNG (matplotlib).")
 @click.option("--patterns", is_flag=True, help=PATTERNS)
@@ -300,9 +314,11 @@ def extract(base: Path, tuned: Path, out: Path | None, plot: Path | None, **opti
 @click.option(
     "--component",
     type=click.Choice(list(lorasurgeon.COMPONENTS)),
-    help="The pipeline component (or kohya prefix) of a PEFT adapter; for kohya and diffusers files, convert only it.",
+    help="The pipeline component (or kohya prefix) of a PEFT adapter (default: the layout of --base, a diffusers "
+    "unet/ directory, say); for kohya and diffusers files, convert only it.",
 )
 @ALPHA
+@BASE_NAME
 @click.option("--patterns", is_flag=True, help=PATTERNS + " A and B are then copied byte for byte.")
 @server_options
 @FORCE

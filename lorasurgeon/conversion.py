@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,11 +35,11 @@ from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import Finding, LorasurgeonError, MismatchError, Option
 from lorasurgeon.formats import load_adapter, writing
 from lorasurgeon.formats.kohya import prefix_of
-from lorasurgeon.formats.naming import COMPONENTS, Targets, target_names
-from lorasurgeon.formats.peft import ADAPTER_WEIGHTS, factor_keys
+from lorasurgeon.formats.naming import COMPONENTS, Targets, layout_component, target_names
+from lorasurgeon.formats.peft import ADAPTER_WEIGHTS
 from lorasurgeon.formats.peft_config import ADAPTER_CONFIG
 from lorasurgeon.formats.resolution import kohya_names_of
-from lorasurgeon.formats.writing import Converted, Lowered
+from lorasurgeon.formats.writing import BaseModel, Converted, Lowered
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.plan import plan_surgery
 from lorasurgeon.writer import CheckpointWriter
@@ -74,13 +74,15 @@ class ConvertSummary:
 @dataclass(frozen=True)
 class ConvertOptions:
     """What to convert to: the format `to`, BASE to resolve names against, the pipeline `component`, an `alpha`
-    for files without one, `patterns` for PEFT's own scale form (formats.scale_form), and the serving `runtime`
-    to lower it for, with that server's options (`server`, runtimes.OPTIONS); `to` defaults to what it reads."""
+    for files without one, `base_name`, the base_model_name_or_path a PEFT output records (default: BASE),
+    `patterns` for PEFT's own scale form (formats.scale_form), and the serving `runtime` to lower it for, with that
+    server's options (`server`, runtimes.OPTIONS); `to` defaults to what it reads."""
 
     to: str | None = None
     base: Path | None = None
     component: str | None = None
     alpha: float | None = None
+    base_name: str | None = None
     patterns: bool = False
     runtime: str | None = None
     server: Mapping[str, Any] = field(default_factory=dict)
@@ -162,8 +164,10 @@ def _prepare(adapter: Adapter, options: ConvertOptions, to: AdapterFormat) -> _O
     """Every module's name, rank, alpha and fold in OUT, its config and metadata, and the tensors to write."""
     base = options.base
     modules, left_out = _select(adapter, options.component)
-    found = _targets(adapter, modules, base) if base is not None else None
-    names = target_names(adapter, modules, to, options.component, found)
+    found, described = (
+        (None, BaseModel(options.base_name, True)) if base is None else _targets(adapter, modules, base, options)
+    )
+    names = target_names(adapter, modules, to, options.component or (found.component if found else None), found)
     retarget = None
     if options.runtime is not None:
         retarget = runtime_lowering.prepare(adapter, modules, names, base, options.runtime, options.server)
@@ -175,30 +179,15 @@ def _prepare(adapter: Adapter, options: ConvertOptions, to: AdapterFormat) -> _O
     members += [(a.path, a.rank, float(a.rank), a.scale) for a in retarget.added] if retarget else []
     forms = writing.scale_forms(members, to, patterns=options.patterns, rank=retarget.rank if retarget else None)
     converted = writing.converted(modules, names, to, forms)
-    config = writing.config(adapter, converted, to, forms)
+    config = writing.config(adapter, converted, to, forms, described)
     entries: list[tuple[str, writing.Entry | torch.Tensor]] = [*writing.entries(adapter, converted, to, tokens=tokens)]
     if retarget is not None:
         if to == "peft" and adapter.config and config is not None:
             config = runtime_lowering.amended(config, retarget)
         runtime_lowering.verify(retarget, converted, config, to)
-        entries += _added(retarget, forms[""].factors[len(modules) :] if retarget.added else ())
+        entries += runtime_lowering.added_tensors(retarget, forms[""].factors[len(modules) :] if retarget.added else ())
     metadata = writing.metadata(adapter, converted, to, config, base.name if base else None)
     return _Output(converted, entries, config, metadata, left_out, retarget)
-
-
-def _added(retarget: runtime_lowering.Retarget, factors: Sequence[float]) -> list[tuple[str, torch.Tensor]]:
-    """The factors of the modules the lowering adds, padded to the one rank and folded into the single alpha."""
-    from lorasurgeon import lowering
-
-    out = []
-    for added, factor in zip(retarget.added, factors, strict=True):
-        rank = retarget.rank or added.rank
-        a_key, b_key = factor_keys(added.path, added.kind)
-        out += [
-            (a_key, lowering.lowered(added.a, "a", rank, 1.0)),
-            (b_key, lowering.lowered(added.b, "b", rank, factor)),
-        ]
-    return out
 
 
 def _select(adapter: Adapter, component: str | None) -> tuple[list[LoraModule], list[tuple[str, list[str]]]]:
@@ -222,12 +211,18 @@ def _select(adapter: Adapter, component: str | None) -> tuple[list[LoraModule], 
     return modules, [*left_out, (f"it is not of component {component}", others)]
 
 
-def _targets(adapter: Adapter, modules: list[LoraModule], base_path: Path) -> Targets:
-    """Every module's tensor in BASE, found as a merge finds it; MismatchError when one does not resolve or fit."""
+def _targets(
+    adapter: Adapter, modules: list[LoraModule], base_path: Path, options: ConvertOptions
+) -> tuple[Targets, BaseModel]:
+    """Every module's tensor in BASE, found as a merge finds it (MismatchError when one does not resolve or fit),
+    the component BASE's layout says it is, and what a PEFT output says of BASE."""
     selected = dataclasses.replace(adapter, modules=tuple(modules), unselected=())
     with Checkpoint.open(base_path) as base:
         plan = plan_surgery("merge", base, [selected], [1.0], allow_nonfinite=True)  # NaNs are copied, not merged
         kohya = kohya_names_of(list(base.tensors))
+        component = layout_component(base.root, base.config)
+        name = options.base_name or str(base_path)
+        described = BaseModel.of(name, options.base_name is not None, base.config)
     if plan.errors:
         more = f" (and {len(plan.errors) - 1} more problems)" if len(plan.errors) > 1 else ""
         raise MismatchError(*plan.errors[0].parts, f" (BASE {base_path}){more}")
@@ -240,7 +235,7 @@ def _targets(adapter: Adapter, modules: list[LoraModule], base_path: Path) -> Ta
             Option("component"),
             " to convert only the modules of one component",
         )
-    return Targets(targets, kohya)
+    return Targets(targets, kohya, component), described
 
 
 def _write(

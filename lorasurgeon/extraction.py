@@ -22,7 +22,7 @@ from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.decomposition import MatrixResult, decompose
 from lorasurgeon.errors import Finding, NothingChangedError, NumericError
 from lorasurgeon.formats import peft
-from lorasurgeon.formats.architectures import task_type
+from lorasurgeon.formats.model_classes import auto_mapping, task_type
 from lorasurgeon.formats.peft_config import adapter_config, target_modules_for
 from lorasurgeon.formats.scale_form import ScaleForm, scale_form
 from lorasurgeon.header import TensorInfo
@@ -116,31 +116,33 @@ def _changed_others(
 
 
 def config_of(
-    plan: ExtractPlan, results: list[MatrixResult], options: ExtractOptions, saved_modules: list[str]
+    plan: ExtractPlan, results: list[MatrixResult], options: ExtractOptions, saved_modules: list[str], base: str
 ) -> tuple[dict[str, Any], ScaleForm, float]:
-    """adapter_config.json targeting exactly the extracted modules of BASE (PEFT loads the adapter onto BASE), the
-    scale form it states (formats.scale_form) and the scale s the modules are stated at before any fold. By
-    default one lora_alpha (`alpha`, else the most frequent rank) with each module's rᵢ/α folded into its factors
-    (s = 1); with `patterns`, s = alpha / r the same for every module through rank_pattern and alpha_pattern."""
-    paths = [r.module for r in results]
+    """adapter_config.json targeting exactly the extracted modules of BASE (PEFT loads the adapter onto BASE), which
+    it names (`base`, as given, or options.base_name) with the task type of its architecture, so that AutoPeftModel
+    loads it; the scale form it states (formats.scale_form); and the scale s the modules are stated at before any
+    fold. By default one lora_alpha (`alpha`, else the most frequent rank) with each module's rᵢ/α folded into its
+    factors (s = 1); with `patterns`, s = alpha / r the same for every module through rank_pattern and
+    alpha_pattern (alpha = r when no alpha is given)."""
+    extracted = [r.module for r in results]
     scale = 1.0
     if options.patterns:
         default_rank = options.rule.rank or Counter(r.rank for r in results).most_common(1)[0][0]
         scale = 1.0 if options.alpha is None else options.alpha / default_rank
-        form = scale_form(paths, [(r.rank, scale * r.rank, scale) for r in results], patterns=True)
+        form = scale_form(extracted, [(r.rank, scale * r.rank, scale) for r in results], patterns=True)
     else:
-        form = scale_form(paths, [(r.rank, float(r.rank), 1.0) for r in results], alpha=options.alpha)
+        form = scale_form(extracted, [(r.rank, float(r.rank), 1.0) for r in results], alpha=options.alpha)
     config = plan.base.config or plan.tuned.config or {}
-    name = config.get("_name_or_path")
-    model = [n.removesuffix(".weight") for n, i in {**plan.tuned.tensors, **plan.base.tensors}.items() if _matrix(n, i)]
+    paths = [n.removesuffix(".weight") for n, i in {**plan.tuned.tensors, **plan.base.tensors}.items() if _matrix(n, i)]
     doc = adapter_config(
         form.modules,
-        target_modules=target_modules_for(paths, model),
+        target_modules=target_modules_for(extracted, paths),
         use_rslora=form.use_rslora,
         fan_in_fan_out=any(p.transpose and p.kind == "linear" for p in plan.pairs),
         modules_to_save=saved_modules,
-        base_model=name if isinstance(name, str) and name else None,
+        base_model=options.base_name or base,
         task_type=task_type(config),
+        auto_mapping=auto_mapping(config),
     )
     return doc, form, scale
 
@@ -202,7 +204,7 @@ def run(
         writer = None if dry_run else CheckpointWriter(target, is_dir=True, inputs=[base, tuned], force=force)
         results, factors, changed = decompose_pairs(plan, options, device, on_progress)
         saved, full = changed_vectors(plan, changed, results) if options.save_changed_vectors else ([], {})
-        config, form, stated = config_of(plan, results, options, saved)
+        config, form, stated = config_of(plan, results, options, saved, str(base))
         if writer is not None:
             record = {"operation": "extract", "base": base_ckpt.path.name, "tuned": tuned_ckpt.path.name}
             with writer:

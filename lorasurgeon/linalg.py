@@ -241,3 +241,20 @@ def relative_errors(s: torch.Tensor, total: float, ranks: list[int], complete: b
         tail = tails[min(r, len(tails)) - 1]
         out.append((max(tail, 0.0) / total) ** 0.5 if total > 0 else 0.0)
     return out
+
+
+def rounding_excess(
+    value: torch.Tensor, expected: torch.Tensor, delta: torch.Tensor, dtypes: tuple[torch.dtype, ...]
+) -> float:
+    """How far `value` (merged − ΔW, in fp32) is from `expected` beyond what a merge and an unmerge can round:
+    |value − expected| ≤ 2u·(|expected| + |ΔW|) elementwise, u the unit roundoff of the coarsest of `dtypes`, and at
+    least 2⁻²⁰ (ΔW in fp32 is summed in another order by the tool that merged). 0 when within; else the largest
+    excess."""
+    unit = max(2.0**-20, *(_UNIT_ROUNDOFF.get(d, 2.0**-24) for d in dtypes))
+    expected = expected.float()
+    bound = 2 * unit * (expected.abs() + delta.abs())
+    excess = ((value - expected).abs() - bound).clamp_min(0)
+    return float(excess.max().item()) if excess.numel() else 0.0
+
+
+_UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 2.0**-53}

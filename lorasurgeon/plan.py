@@ -7,8 +7,9 @@ to back.
 
 Replacement tensors (modules_to_save, saved embeddings, bias="all"/"lora_only", trainable-token rows) take
 the base tensor's place: the output keeps the base tensor's name, shape and dtype (or --dtype), and the
-adapter's values are rounded once into it; a shape that differs from the base's is an error. When the base
-ties lm_head to the input embedding and the adapter changes either, the output unties them (FORMATS.md §4.1).
+adapter's values are rounded once into it; a shape that differs from the base's is an error. PEFT's saved copy
+of a base weight under a LoRA (save_embedding_layers) is where merge starts, and what unmerge must give back. Tied
+weights follow lorasurgeon.ties (FORMATS.md §4.1): the output computes what PEFT's forward does.
 Names are resolved by lorasurgeon.formats (kohya names by sd-scripts' forward rule, never inverted), fits are
 checked by lorasurgeon.fit. The plan reads headers only: the factors' NaN/Inf counts come with the adapter.
 """
@@ -19,14 +20,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lorasurgeon.adapter import Adapter, LoraModule
+from lorasurgeon.adapter import Adapter, LoraModule, repeated
 from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import Finding
 from lorasurgeon.fit import place
 from lorasurgeon.formats.architectures import quantized_findings, tensor_candidates
 from lorasurgeon.formats.resolution import BaseNames
 from lorasurgeon.header import TensorInfo
-from lorasurgeon.ties import tied_alias, untie
+from lorasurgeon.model_config import output_config
+from lorasurgeon.ties import Ties, Untie, followers, share, tied_weights, untie
 
 Operation = Literal["merge", "unmerge"]
 
@@ -66,13 +68,15 @@ class Source:
     adapter: int
     tensor: TensorInfo
     indices: tuple[int, ...] | None = None
+    saved_base: bool = False  # PEFT's saved copy of the base weight (Replacement.saved_base)
 
 
 @dataclass(frozen=True)
 class Step:
     """Write `tensor` to output shard `shard` as `out_dtype`: its base value, or `replacement`'s, with `rows`
     set, plus `terms` (nothing at all: copy it unchanged). A `tensor` whose name the base lacks is an alias of
-    a base tensor's bytes under a new name (an untied lm_head.weight)."""
+    a base tensor's bytes under a new name (an untied head). `expected`: what an unmerge must give back, up to
+    rounding (PEFT's saved copy of the base weight)."""
 
     tensor: TensorInfo
     shard: str
@@ -80,6 +84,7 @@ class Step:
     terms: tuple[Term, ...]
     replacement: Source | None = None
     rows: tuple[Source, ...] = ()
+    expected: Source | None = None
 
     @property
     def touched(self) -> bool:
@@ -140,12 +145,14 @@ def plan_surgery(
     converts every floating-point tensor, None keeps each tensor's dtype. `allow_nonfinite` turns NaN/Inf
     in the adapter factors from errors into warnings (and lets the surgery carry those of the base).
     """
-    alias = tied_alias(base)
-    tensors = {**base.tensors, alias.name: alias} if alias else base.tensors
+    ties = tied_weights(base)
+    tensors = {**base.tensors, **{a.name: a for a in ties.aliases}}
     found = _Targets(tensors, BaseNames(tensors), {}, {}, quantized_findings(base.config, base.tensors, base.root))
+    found.findings += repeated(adapters)
     model_type = (base.config or {}).get("model_type")
     for index, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
-        found.findings += [_ignored(key) for key in adapter.ignored]
+        tied = followers(adapter, ties)  # PEFT gives them the embedding's LoRA (ensure_weight_tying)
+        found.findings += [_ignored(key) for key in adapter.ignored if key not in tied]
         if adapter.empty:
             found.findings.append(Finding.of("error", f"{adapter.path}: the adapter selects no module to change"))
         skipped = found.names.skipped(adapter)
@@ -154,14 +161,39 @@ def plan_surgery(
             if module.module not in skipped:
                 _add_module(found, index, adapter, module, weight * scale, model_type, allow_nonfinite)
         _add_sources(found, index, adapter)
+    expected = _expected(operation, found)
     found.findings += _combination_findings(operation, found)
-    tie = untie(base, alias, lambda name: name in found.terms or _replaced(found, name))
-    if tie.alias is not None and tie.embedding is not None:  # trainable-token rows are tied in PEFT: lm_head gets them
-        rows = [s for s in found.sources.get(tie.embedding, []) if s.indices is not None]
-        found.sources.setdefault(tie.alias.name, []).extend(rows)
-    steps = _steps(base, found, dtype, tie.alias)
+    tie = _untie(base, ties, found, adapters)
+    steps = _steps(base, found, dtype, tie.aliases, expected)
     findings = (*found.findings, *((tie.finding,) if tie.finding else ()))
-    return Plan(operation, base, tuple(adapters), tuple(weights), steps, findings, allow_nonfinite, tie.config)
+    config = output_config(base.config, tie.config, dtype)
+    return Plan(operation, base, tuple(adapters), tuple(weights), steps, findings, allow_nonfinite, config)
+
+
+def _untie(base: Checkpoint, ties: Ties, found: _Targets, adapters: Sequence[Adapter]) -> Untie:
+    """Tied weights get what PEFT's forward gives them: trainable-token rows, and the LoRA and saved copies of an
+    adapter whose config ties them to the embedding's, follow the tie; any other difference unties."""
+    share(found.sources, ties, lambda s: s.indices is not None or adapters[s.adapter].tied_lora)
+    share(found.terms, ties, lambda t: adapters[t.adapter].tied_lora)
+
+    def gets(name: str) -> object:  # saved copies of the base weight are the base's own values
+        sources = [s for s in found.sources.get(name, []) if not s.saved_base]
+        return found.terms.get(name, []), sources
+
+    return untie(base, ties, gets, lambda name: gets(name) != ([], []))
+
+
+def _expected(operation: Operation, found: _Targets) -> dict[str, Source]:
+    """Unmerge: PEFT's saved copies of base weights are no start value but what merged − ΔW must give back."""
+    if operation != "unmerge":
+        return {}
+    expected = {}
+    for name, sources in found.sources.items():
+        saved = [s for s in sources if s.saved_base]
+        if saved and name in found.terms:
+            expected[name] = saved[0]
+        found.sources[name] = [s for s in sources if not s.saved_base]
+    return expected
 
 
 def _add_module(
@@ -213,10 +245,10 @@ def _bias_target(tensors: Mapping[str, TensorInfo], module: str, bias: TensorInf
 
 def _add_sources(found: _Targets, index: int, adapter: Adapter) -> None:
     """Record the adapter's replacement tensors and trainable-token rows against the base tensors they set."""
-    wanted: list[tuple[str, str, TensorInfo, tuple[int, ...] | None]]
-    wanted = [(r.module, r.param, r.tensor, None) for r in adapter.replacements]
-    wanted += [(t.module, "weight", t.tensor, t.indices) for t in adapter.token_rows]
-    for module, param, tensor, indices in wanted:
+    wanted: list[tuple[str, str, TensorInfo, tuple[int, ...] | None, bool]]
+    wanted = [(r.module, r.param, r.tensor, None, r.saved_base) for r in adapter.replacements]
+    wanted += [(t.module, "weight", t.tensor, t.indices, False) for t in adapter.token_rows]
+    for module, param, tensor, indices, saved_base in wanted:
         names = [c for c in tensor_candidates(module, param) if c in found.tensors]
         if not names:
             missing = f"it sets {module}.{param}, which is not in the base"
@@ -227,7 +259,7 @@ def _add_sources(found: _Targets, index: int, adapter: Adapter) -> None:
         if problem:
             found.findings.append(Finding.against(tensor.name, info.name, problem))
         else:
-            found.sources.setdefault(info.name, []).append(Source(index, tensor, indices))
+            found.sources.setdefault(info.name, []).append(Source(index, tensor, indices, saved_base))
     found.findings += _unsaved(found, index, adapter)
 
 
@@ -268,7 +300,7 @@ def _combination_findings(operation: Operation, found: _Targets) -> list[Finding
         if operation == "unmerge":
             problem = "unmerge cannot restore it: the adapter holds its new values, not the original ones"
             problems += [Finding.against(s.tensor.name, name, problem) for s in sources]
-        elif len(sources) > 1 and not _disjoint_rows(sources):
+        elif len(sources) > 1 and not _disjoint_rows(sources) and not all(s.saved_base for s in sources):
             problems.append(Finding.against(sources[1].tensor.name, name, "another adapter already sets these values"))
         elif any(s.indices is not None for s in sources) and name in found.terms:
             problem = "trainable token rows and a LoRA on the same tensor cannot be merged in a defined order"
@@ -295,22 +327,24 @@ def _disjoint_rows(sources: list[Source]) -> bool:
     return len(rows) == len(set(rows))
 
 
-def _replaced(found: _Targets, name: str) -> bool:
-    return any(s.indices is None for s in found.sources.get(name, []))
-
-
-def _steps(base: Checkpoint, found: _Targets, dtype: str | None, alias: TensorInfo | None) -> tuple[Step, ...]:
-    """One step per base tensor in shard and file order; an untied lm_head follows its embedding."""
+def _steps(
+    base: Checkpoint,
+    found: _Targets,
+    dtype: str | None,
+    aliases: tuple[TensorInfo, ...],
+    expected: Mapping[str, Source],
+) -> tuple[Step, ...]:
+    """One step per base tensor in shard and file order; untied weights follow the tensor they were tied to."""
     steps = []
     for shard in base.shards:
         for info in shard.header.tensors:
-            for tensor in (info, alias) if alias and _same_bytes(info, alias) else (info,):
+            for tensor in (info, *(a for a in aliases if _same_bytes(info, a))):
                 sources = found.sources.get(tensor.name, [])
                 whole = next((s for s in sources if s.indices is None), None)
                 rows = tuple(s for s in sources if s.indices is not None)
                 out_dtype = dtype if dtype and tensor.is_float else tensor.dtype
                 terms = tuple(found.terms.get(tensor.name, ()))
-                steps.append(Step(tensor, shard.name, out_dtype, terms, whole, rows))
+                steps.append(Step(tensor, shard.name, out_dtype, terms, whole, rows, expected.get(tensor.name)))
     return tuple(steps)
 
 

@@ -20,13 +20,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from lorasurgeon import runtimes
 from lorasurgeon.adapter import Adapter, LoraModule
-from lorasurgeon.adapter_facts import AdapterFacts, ModuleFacts, config_facts, facts_of, tied
+from lorasurgeon.adapter_facts import AdapterFacts, ModuleFacts, config_facts, facts_of
 from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import LorasurgeonError, Option, UnsupportedError
-from lorasurgeon.formats.architectures import OUTPUT_EMBEDDING, input_embedding, tensor_candidates
+from lorasurgeon.formats.architectures import EMBEDDINGS, tensor_candidates
+from lorasurgeon.formats.peft import factor_keys
 from lorasurgeon.formats.peft_config import module_selected
 from lorasurgeon.formats.writing import Converted
 from lorasurgeon.header import TensorInfo, torch_dtype
+from lorasurgeon.ties import tied_weights
 
 if TYPE_CHECKING:
     import torch
@@ -137,9 +139,11 @@ def _rank(
 
 def _token_rows(adapter: Adapter, base: Checkpoint, names: Sequence[str]) -> list[Added]:
     """Each trainable-token module as an embedding LoRA whose rows are new − old (lowering.token_rows_to_lora), and
-    as an lm_head LoRA too when the base ties lm_head to it (PEFT keeps a tied lm_head on the trained rows)."""
+    each weight the base ties to it (ties.tied_weights: lm_head, ...) as a Linear LoRA of the same rows, since
+    PEFT's trainable tokens change tied weights too."""
     from lorasurgeon.lowering import token_rows_to_lora
 
+    ties = tied_weights(base)
     out = []
     for rows in adapter.token_rows:
         if rows.module in names:
@@ -148,13 +152,15 @@ def _token_rows(adapter: Adapter, base: Checkpoint, names: Sequence[str]) -> lis
                 "be lowered into one embedding LoRA"
             )
         info = _base_tensor(base, rows.module)
-        weight, new = base.read(info), adapter.source.read(rows.tensor)
-        layout: Literal["embedding", "linear"] = "embedding" if info.name != OUTPUT_EMBEDDING else "linear"
-        a, b, _ = token_rows_to_lora(new, weight[list(rows.indices)], rows.indices, weight.shape[0], layout)
+        weight, new, indices = base.read(info), adapter.source.read(rows.tensor), list(rows.indices)
+        layout: Literal["embedding", "linear"] = (
+            "embedding" if rows.module.rsplit(".", 1)[-1] in EMBEDDINGS else "linear"
+        )
+        a, b, _ = token_rows_to_lora(new, weight[indices], indices, weight.shape[0], layout)
         out.append(Added(rows.module, layout, a, b, 1.0))
-        if layout == "embedding" and info.name == input_embedding(base.tensors) and tied(base):
-            a, b, _ = token_rows_to_lora(new, weight[list(rows.indices)], rows.indices, weight.shape[0], "linear")
-            out.append(Added(OUTPUT_EMBEDDING.removesuffix(".weight"), "linear", a, b, 1.0))
+        for target in sorted(t for t, source in {**ties.sources, **ties.stored}.items() if source == info.name):
+            a, b, _ = token_rows_to_lora(new, weight[indices], indices, weight.shape[0], "linear")
+            out.append(Added(target.removesuffix(".weight"), "linear", a, b, 1.0))
     return out
 
 
@@ -188,6 +194,19 @@ def _base_tensor(base: Checkpoint, module: str) -> TensorInfo:
     if not names:
         raise UnsupportedError(f"{base.path}: has no tensor for {module}, which the lowering writes a LoRA for")
     return base.tensors[names[0]]
+
+
+def added_tensors(retarget: Retarget, factors: Sequence[float]) -> list[tuple[str, torch.Tensor]]:
+    """The factors of the modules the lowering adds, by their PEFT keys, padded to the one rank and folded into the
+    single alpha (`factors`: each one's cᵢ, from the scale form)."""
+    from lorasurgeon.lowering import lowered
+
+    out = []
+    for added, factor in zip(retarget.added, factors, strict=True):
+        rank = retarget.rank or added.rank
+        a_key, b_key = factor_keys(added.path, added.kind)
+        out += [(a_key, lowered(added.a, "a", rank, 1.0)), (b_key, lowered(added.b, "b", rank, factor))]
+    return out
 
 
 def amended(config: dict[str, Any], retarget: Retarget) -> dict[str, Any]:

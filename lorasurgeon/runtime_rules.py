@@ -296,3 +296,4 @@ RULES: dict[str, tuple[Rule, ...]] = {
     runtime: tuple(dataclasses.replace(r, versions=r.versions or VERSIONS[runtime]) for r in rules)
     for runtime, rules in TABLES.items()
 }
+RUNTIMES = tuple(RULES)

@@ -216,7 +216,10 @@ def compute(plan: Plan, step: Step, device: torch.device, weight: torch.Tensor |
         if not linalg.fits(weight.float(), out_dtype):
             _check_finite(plan, step, weight, weight.float(), result)
         return result
-    if all(t.module.kind in FACTOR_KINDS and not (t.bias or t.dora) and t.rows is None for t in step.terms):
+    blockwise = step.expected is None  # what an unmerge must give back is checked against the whole ΔW
+    if blockwise and all(
+        t.module.kind in FACTOR_KINDS and not (t.bias or t.dora) and t.rows is None for t in step.terms
+    ):
         factors = [_factors(plan, term, device) for term in step.terms]
         result, fit = linalg.merge_blockwise(weight, factors, SIGNS[plan.operation], out_dtype)
         if fit:
@@ -229,6 +232,8 @@ def compute(plan: Plan, step: Step, device: torch.device, weight: torch.Tensor |
     # The weighted deltas are summed first and added once, so several adapters add no rounding between them.
     delta = summed_delta(plan, step, device)
     linalg.add_delta_(exact, delta, SIGNS[plan.operation])
+    if step.expected is not None:
+        _check_restored(plan, step, exact, delta)
     del delta
     dora = next((t for t in step.terms if t.dora), None)
     if dora is not None and dora.module.magnitude is not None:
@@ -293,6 +298,21 @@ def _factors(plan: Plan, term: Term, device: torch.device) -> tuple[torch.Tensor
     source = plan.adapters[term.adapter].source
     a, b = source.read(term.module.a).to(device).float(), source.read(term.module.b).to(device).float()
     return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), term.factor, term.transpose
+
+
+def _check_restored(plan: Plan, step: Step, restored: torch.Tensor, delta: torch.Tensor) -> None:
+    """Unmerge: merged − ΔW must be the adapter's saved copy of the base weight, up to the rounding of a merge and
+    an unmerge; anything more means MERGED was not made from this adapter."""
+    if step.expected is None:
+        return
+    saved = plan.adapters[step.expected.adapter].source.read(step.expected.tensor).to(restored.device)
+    excess = linalg.rounding_excess(restored, saved, delta, (torch_dtype(step.tensor.dtype), saved.dtype))
+    if excess > 0:
+        raise MismatchError(
+            f"{step.tensor.path.name}: {step.tensor.name} minus the adapter's ΔW differs from "
+            f"{step.expected.tensor.name}, the adapter's saved copy of the base weight, by {excess:.3g} more than "
+            "rounding allows, so MERGED was not made by merging this adapter into that base"
+        )
 
 
 def _check_finite(plan: Plan, step: Step, weight: torch.Tensor, exact: torch.Tensor, result: torch.Tensor) -> None:

@@ -39,28 +39,32 @@ ALLOWED: dict[str, set[str]] = {
     "formats.resolution": NORMAL_FORM | {"formats.architectures", "formats.kohya", "formats.kohya_names"},
     "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names"},
     "formats.scale_form": {"formats.peft_config"},
-    "formats.writing": NORMAL_FORM | FORMATS_CORE | {"formats.scale_form"},
+    "formats.writing": NORMAL_FORM | FORMATS_CORE | {"formats.model_classes", "formats.scale_form"},
     "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "linalg"},
-    "ties": IO | {"formats.architectures"},
+    "formats.model_classes": set(),
+    "ties": NORMAL_FORM | {"formats.architectures", "formats.model_classes"},
     "fit": NORMAL_FORM | {"formats.architectures", "formats.resolution", "lycoris"},
-    "plan": NORMAL_FORM | {"fit", "ties", "formats.architectures", "formats.resolution"},
+    "model_config": set(),
+    "plan": NORMAL_FORM | {"fit", "ties", "model_config", "formats.architectures", "formats.resolution"},
     "mirror": IO | {"plan", "writer"},
     "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "writer"},
     "decomposition": {"errors", "linalg"},
     "pairing": IO | {"decomposition", "formats.architectures"},
     "extraction": IO
     | {"decomposition", "pairing", "surgery", "writer", "formats.architectures", "formats.peft"}
+    | {"formats.model_classes"}
     | {"formats.peft_config", "formats.scale_form"},
     "conversion": NORMAL_FORM
     | {"plan", "writer", "formats", "formats.kohya", "formats.naming", "formats.peft"}
     | {"formats.peft_config", "formats.resolution", "formats.writing", "lowering", "runtime_lowering"},
     "census": IO,
-    "adapter_facts": NORMAL_FORM | {"formats", "formats.architectures"},
+    "adapter_facts": NORMAL_FORM | {"formats", "formats.architectures", "ties"},
     "runtime_checks": {"adapter_facts"},
     "runtime_rules": {"runtime_checks"},
     "runtimes": NORMAL_FORM | {"adapter_facts", "runtime_checks", "runtime_rules"},
     "runtime_lowering": NORMAL_FORM
-    | {"adapter_facts", "runtimes", "lowering", "formats.architectures", "formats.peft_config", "formats.writing"},
+    | {"adapter_facts", "runtimes", "lowering", "ties", "formats.architectures", "formats.peft", "formats.peft_config"}
+    | {"formats.writing"},
     "companions": {"checkpoint"},
     "verification": NORMAL_FORM | {"companions", "plan", "surgery", "verdict"},
     "rules": {"errors", "header", "report"},
@@ -78,8 +82,8 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
 }
 NO_TORCH_AT_IMPORT = [
-    *("header", "plan", "fit", "ties", "adapter_facts", "runtime_checks", "runtime_rules", "runtimes", "companions"),
-    *("runtime_lowering", "views"),
+    *("header", "plan", "fit", "ties", "model_config", "adapter_facts", "runtime_checks", "runtime_rules"),
+    *("runtimes", "companions", "runtime_lowering", "views"),
     *(m for m in ALLOWED if m.startswith("formats")),
 ]
 

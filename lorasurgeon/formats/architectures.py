@@ -6,7 +6,7 @@ Pure data and functions of strings; see shared FORMATS.md §1.5, §2.2, §4.1 an
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +40,24 @@ MODEL_PREFIXES = frozenset(
     }
 )
 
-# Module names of input and output embeddings; a tied checkpoint stores only the first (FORMATS.md §4.1).
-INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in")
-OUTPUT_EMBEDDING = "lm_head.weight"
-# Module names that are nn.Embedding in transformers models (extract decomposes them only when asked).
-EMBEDDINGS = frozenset(
-    {"embed_tokens", "wte", "wpe", "word_embeddings", "embed_in", "shared", "position_embeddings", "embed_positions"}
+# Module names of input embeddings, to which an output head may be tied (FORMATS.md §4.1; which head, and under
+# which name, is the architecture's: formats.model_classes).
+INPUT_EMBEDDINGS = frozenset(
+    {"embed_tokens", "wte", "word_embeddings", "embed_in", "shared", "tok_embeddings", "token_embedding"}
 )
+# Module names that are nn.Embedding in transformers models (extract decomposes them only when asked, and as PEFT's
+# Embedding LoRA: a Linear LoRA's keys would not load onto them). CLIP and SigLIP name theirs token_embedding and
+# position_embedding, BERT has token_type_embeddings, T5 relative_attention_bias, ModernBERT tok_embeddings.
+EMBEDDINGS = INPUT_EMBEDDINGS | {
+    "wpe",
+    "position_embeddings",
+    "position_embedding",
+    "embed_positions",
+    "token_type_embeddings",
+    "relative_attention_bias",
+    "word_embedding",
+    "entity_embeddings",
+}
 # Output heads and classifiers: Linear, but left out by default, as PEFT's "all-linear" leaves them out.
 HEADS = frozenset({"lm_head", "embed_out", "score", "classifier", "qa_outputs"})
 
@@ -87,15 +98,6 @@ def is_conv1d(model_type: str | None, module: str) -> bool:
     return module.rpartition(".")[2] in CONV1D_MODULES.get(model_type or "", frozenset())
 
 
-def input_embedding(names: Iterable[str]) -> str | None:
-    """The checkpoint name of the input embedding among `names` (`model.embed_tokens.weight`, ...), if any."""
-    for name in names:
-        module, _, param = name.rpartition(".")
-        if param == "weight" and module.rpartition(".")[2] in INPUT_EMBEDDINGS:
-            return name
-    return None
-
-
 def quantized_part(name: str) -> str | None:
     """The quantizer companion component in a tensor name (`...q_proj.weight.absmax` -> `absmax`), if any."""
     return next((part for part in name.split(".") if part in QUANTIZED_PARTS), None)
@@ -122,10 +124,3 @@ def quantized_findings(
             )
             return [Finding.of("error", message, base_key=info.name)]
     return []
-
-
-def task_type(config: Mapping[str, Any]) -> str | None:
-    """PEFT's task_type for a model config.json: CAUSAL_LM for causal language models, else None."""
-    architectures = config.get("architectures") or []
-    causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-    return "CAUSAL_LM" if causal else None

@@ -11,7 +11,10 @@ layout gives its tensor. A PEFT adapter is for one model, so a diffusers file go
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from lorasurgeon.adapter import Adapter, AdapterFormat, LoraModule
 from lorasurgeon.errors import LorasurgeonError, MismatchError, Option, UnsupportedError
@@ -30,6 +33,18 @@ class Targets:
 
     tensors: dict[str, str]  # module -> base tensor
     kohya: dict[str, list[str]]  # base tensor -> its kohya names in BASE's layout
+    component: str | None = None  # the pipeline component BASE's layout says it is (a diffusers `unet/`, ...)
+
+
+def layout_component(root: Path, config: Mapping[str, Any] | None) -> str | None:
+    """The pipeline component a base checkpoint is, from its layout: a diffusers pipeline's sub-directory (`unet/`,
+    `text_encoder/`, ...), or a diffusers model config naming a U-Net or a transformer; None for anything else."""
+    if root.name in PIPELINE_COMPONENTS:
+        return root.name
+    name = (config or {}).get("_class_name")
+    if not isinstance(name, str):
+        return None
+    return "unet" if name.startswith("UNet") else "transformer" if name.endswith("Transformer2DModel") else None
 
 
 def component_of(module: LoraModule) -> str:

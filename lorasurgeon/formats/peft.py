@@ -92,7 +92,8 @@ def read(
     for info in source:
         key = split_key(info.name)
         if key.role == "replacement":
-            contents.replacements.append(Replacement(key.module, key.param, info))
+            saved_base = key.param == "weight" and ".base_layer." in info.name
+            contents.replacements.append(Replacement(key.module, key.param, info, saved_base))
         elif key.role == "trainable_tokens_delta":
             try:
                 indices = settings.rows_for(source.path, key.module, info)
@@ -116,6 +117,7 @@ def read(
         unselected=tuple(contents.unselected),
         saved_modules=tuple(settings.modules_to_save),
         rank_source=ADAPTER_CONFIG if config is not None else "the command line",
+        tied_lora=settings.ensure_weight_tying,
         refused=tuple(contents.refused),
     )
 

@@ -22,17 +22,19 @@ from lorasurgeon.header import TensorInfo
 
 ADAPTER_CONFIG = "adapter_config.json"
 
-# Config fields whose non-default value means the adapter is not plain LoRA; each is refused by name.
-UNSUPPORTED_FIELDS: dict[str, str] = {
-    "layer_replication": "layer replication (layer_replication), which PEFT cannot merge either",
-    "target_parameters": "LoRA on raw parameters (target_parameters)",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens), which cannot be merged",
-    "velora_config": "VeLoRA (velora_config)",
-    "kasa_config": "KaSA (kasa_config)",
-    "use_bdlora": "BD-LoRA (use_bdlora)",
-    "arrow_config": "Arrow routing (arrow_config)",
-    "monteclora_config": "MonteCLoRA (monteclora_config)",
-    "use_qalora": "QA-LoRA (use_qalora)",
+# Config fields whose non-default value means the adapter is not plain LoRA; each is refused by name, with what
+# keeps it from being merged (by default: lorasurgeon does not merge it yet).
+YET = "which lorasurgeon cannot merge yet"
+UNSUPPORTED_FIELDS: dict[str, tuple[str, str]] = {
+    "layer_replication": ("layer replication (layer_replication)", "which PEFT cannot merge either"),
+    "target_parameters": ("LoRA on raw parameters (target_parameters)", YET),
+    "alora_invocation_tokens": ("activated LoRA (alora_invocation_tokens)", "which cannot be merged at all"),
+    "velora_config": ("VeLoRA (velora_config)", YET),
+    "kasa_config": ("KaSA (kasa_config)", YET),
+    "use_bdlora": ("BD-LoRA (use_bdlora)", YET),
+    "arrow_config": ("Arrow routing (arrow_config)", YET),
+    "monteclora_config": ("MonteCLoRA (monteclora_config)", YET),
+    "use_qalora": ("QA-LoRA (use_qalora)", YET),
 }
 # init_lora_weights values whose adapter only reproduces the fine-tune on top of a base that training rewrote
 # (PiSSA/OLoRA/CorDA/LoRA-GA subtract s·B₀A₀ from W; LoftQ quantizes it).
@@ -57,6 +59,7 @@ class LoraConfig:
     layers_pattern: str | list[str] | None
     modules_to_save: list[str]
     token_indices: list[int] | dict[str, list[int]] | None
+    ensure_weight_tying: bool = False
 
     @classmethod
     def parse(cls, where: Path, config: Mapping[str, Any], alpha: float | None) -> LoraConfig:
@@ -80,6 +83,7 @@ class LoraConfig:
             layers_pattern=field.names("layers_pattern"),
             modules_to_save=[saved] if isinstance(saved, str) else list(saved or ()),
             token_indices=field.token_indices("trainable_token_indices"),
+            ensure_weight_tying=field.boolean("ensure_weight_tying"),
         )
 
     def selects(self, module: str) -> bool:
@@ -136,10 +140,14 @@ def refusal(where: Path, config: Mapping[str, Any]) -> UnsupportedError | None:
         )
     found = [label for name, label in UNSUPPORTED_FIELDS.items() if config.get(name) not in (None, False, [], {})]
     if isinstance(init, str) and init.lower().startswith("mica"):
-        found.append(f"the MiCA variant (init_lora_weights={init!r})")
-    if found:
-        return UnsupportedError(f"{where}: the adapter uses {', '.join(found)}, which lorasurgeon cannot merge yet")
-    return None
+        found.append((f"the MiCA variant (init_lora_weights={init!r})", YET))
+    if not found:
+        return None
+    reasons: dict[str, list[str]] = {}  # each reason once, after everything it is the reason for
+    for label, reason in found:
+        reasons.setdefault(reason, []).append(label)
+    said = "; and ".join(f"{' and '.join(labels)}, {reason}" for reason, labels in reasons.items())
+    return UnsupportedError(f"{where}: the adapter uses {said}")
 
 
 def module_selected(target: str | Sequence[str] | None, module: str) -> bool:
@@ -214,11 +222,13 @@ def adapter_config(
     modules_to_save: list[str] | None = None,
     base_model: str | None = None,
     task_type: str | None = None,
+    auto_mapping: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """adapter_config.json with long-standing keys only (FORMATS.md §6.4) that gives every module its rank and
     alpha: r and lora_alpha are the most common ones, the others `rank_pattern` / `alpha_pattern` entries keyed
     `^<module path>`, anchored so that a key never also matches a longer path ending in it (PEFT ≥ 0.15 and
-    diffusers match keys this way; an unanchored full path fails on PEFT ≤ 0.14 just the same)."""
+    diffusers match keys this way; an unanchored full path fails on PEFT ≤ 0.14 just the same). `base_model` and
+    `task_type` (or, without one, `auto_mapping`: the base's class and library) let AutoPeftModel build the base."""
     rank = Counter(m.rank for m in modules).most_common(1)[0][0]
     alpha = Counter(m.alpha for m in modules).most_common(1)[0][0]
     config: dict[str, Any] = {
@@ -241,6 +251,8 @@ def adapter_config(
     }
     if lora_bias:
         config["lora_bias"] = True  # a newer key (PEFT 0.14), written only when needed
+    if task_type is None and auto_mapping is not None:
+        config["auto_mapping"] = auto_mapping  # PEFT writes it for adapters without a task type
     return config
 
 

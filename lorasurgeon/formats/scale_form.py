@@ -20,8 +20,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from lorasurgeon.formats.peft_config import WrittenModule, written
+from lorasurgeon.formats.peft_config import WrittenModule, json_number, written
 
 
 @dataclass(frozen=True)
@@ -79,3 +80,20 @@ def single_alpha(products: Sequence[float], ranks: Sequence[int]) -> float:
         return float(Counter(ranks).most_common(1)[0][0]) if ranks else 1.0
     best = max(counts.values())
     return max(p for p, n in counts.items() if n == best)
+
+
+def restated(source: dict[str, Any], form: ScaleForm) -> dict[str, Any]:
+    """A PEFT source's config stating `form`: one lora_alpha (and an emptied alpha_pattern) when every module has
+    the same alpha, use_rslora as the form has it, and one r (an emptied rank_pattern) when every module has the
+    same rank; every other field as it was. A config already in the form comes back unchanged."""
+    out = dict(source)
+    alphas, ranks = {m.alpha for m in form.modules}, {m.rank for m in form.modules}
+    if len(alphas) == 1 and (source.get("alpha_pattern") or float(source.get("lora_alpha", 8)) != min(alphas)):
+        out["lora_alpha"] = json_number(min(alphas))
+        out |= {"alpha_pattern": {}} if "alpha_pattern" in source else {}
+    if form.use_rslora != bool(source.get("use_rslora")):
+        out["use_rslora"] = form.use_rslora
+    if len(ranks) == 1 and (source.get("rank_pattern") or source.get("r", 8) != min(ranks)):
+        out["r"] = min(ranks)
+        out |= {"rank_pattern": {}} if "rank_pattern" in source else {}
+    return out

@@ -12,16 +12,17 @@ also pad every module to one rank.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from lorasurgeon.adapter import ADAPTER_FORMATS, Adapter, AdapterFormat, LoraModule
 from lorasurgeon.errors import Finding, UnsupportedError
 from lorasurgeon.formats import diffusers, kohya
+from lorasurgeon.formats.model_classes import auto_mapping, task_type
 from lorasurgeon.formats.peft import PEFT_PREFIX
-from lorasurgeon.formats.peft_config import adapter_config, json_number
-from lorasurgeon.formats.scale_form import ScaleForm, scale_form
+from lorasurgeon.formats.peft_config import adapter_config
+from lorasurgeon.formats.scale_form import ScaleForm, restated, scale_form
 from lorasurgeon.header import TensorInfo
 
 FACTOR_KEYS = {
@@ -184,35 +185,50 @@ def _path(name: str, to: AdapterFormat) -> str:
     return name.partition(".")[2] if to == "diffusers" else name
 
 
+@dataclass(frozen=True)
+class BaseModel:
+    """What adapter_config.json says of the base, so that AutoPeftModel can build it: its name (`given`: by the user,
+    so it replaces a source's own), the task type of its architecture, or without one PEFT's auto_mapping."""
+
+    name: str | None = None
+    given: bool = False
+    task_type: str | None = None
+    auto_mapping: dict[str, str] | None = None
+
+    @classmethod
+    def of(cls, name: str | None, given: bool, config: Mapping[str, Any] | None) -> BaseModel:
+        task = task_type(config) if config else None
+        return cls(name, given, task, auto_mapping(config) if config and task is None else None)
+
+    def described(self, config: dict[str, Any]) -> dict[str, Any]:
+        """`config` with what this says filled in where the config says nothing (the name also where given)."""
+        out = dict(config)
+        if self.name is not None and (out.get("base_model_name_or_path") is None or self.given):
+            out["base_model_name_or_path"] = self.name
+        if out.get("task_type") is None and self.task_type is not None:
+            out["task_type"] = self.task_type
+        if out.get("task_type") is None and out.get("auto_mapping") is None and self.auto_mapping is not None:
+            out["auto_mapping"] = self.auto_mapping
+        return out
+
+
 def config(
-    adapter: Adapter, modules: list[Converted], to: AdapterFormat, forms: dict[str, ScaleForm]
+    adapter: Adapter,
+    modules: list[Converted],
+    to: AdapterFormat,
+    forms: dict[str, ScaleForm],
+    base: BaseModel = BaseModel(),
 ) -> dict[str, Any] | None:
-    """adapter_config.json (a PEFT source's own, restated in its scale form) or the diffusers metadata, unpacked."""
+    """adapter_config.json (a PEFT source's own, restated in its scale form), naming `base`, or the diffusers
+    metadata, unpacked."""
     if to == "kohya":
         return None
     if to == "peft" and adapter.config:
-        return restated(adapter.config, forms[""])
+        return base.described(restated(adapter.config, forms[""]))
     configs = {}
     for component, form in forms.items():
         configs[component] = peft_config_for([c.module for c in modules if _group(c.name, to) == component], form)
-    return configs[""] if to == "peft" else diffusers.packed(configs)
-
-
-def restated(source: dict[str, Any], form: ScaleForm) -> dict[str, Any]:
-    """A PEFT source's config stating `form`: one lora_alpha (and an emptied alpha_pattern) when every module has
-    the same alpha, use_rslora as the form has it, and one r (an emptied rank_pattern) when every module has the
-    same rank; every other field as it was. A config already in the form comes back unchanged."""
-    out = dict(source)
-    alphas, ranks = {m.alpha for m in form.modules}, {m.rank for m in form.modules}
-    if len(alphas) == 1 and (source.get("alpha_pattern") or float(source.get("lora_alpha", 8)) != min(alphas)):
-        out["lora_alpha"] = json_number(min(alphas))
-        out |= {"alpha_pattern": {}} if "alpha_pattern" in source else {}
-    if form.use_rslora != bool(source.get("use_rslora")):
-        out["use_rslora"] = form.use_rslora
-    if len(ranks) == 1 and (source.get("rank_pattern") or source.get("r", 8) != min(ranks)):
-        out["r"] = min(ranks)
-        out |= {"rank_pattern": {}} if "rank_pattern" in source else {}
-    return out
+    return base.described(configs[""]) if to == "peft" else diffusers.packed(configs)
 
 
 def peft_config_for(modules: list[LoraModule], form: ScaleForm) -> dict[str, Any]:
