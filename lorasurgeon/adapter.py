@@ -1,9 +1,10 @@
-"""The normal form of an adapter: `Adapter` of `LoraModule`s, whatever format it was read from.
+"""The normal form of an adapter: `Adapter` of `LoraModule`s (and `TunerModule`s), whatever format it was read from.
 
 Everything a format says is resolved when the adapter is loaded (lorasurgeon.formats): each module's rank,
 alpha and scale, the convention of its DoRA magnitude, its pipeline component and how its name is resolved
 against a base. Code downstream (plan, surgery, report, conversion) reads these fields and never asks where
-an adapter came from. Factor tensors stay on disk (`Adapter.source`) until they are needed.
+an adapter came from. Factor tensors stay on disk (`Adapter.source`) until they are needed. A PEFT adapter whose
+tuner is not LoRA (IA3, OFT, VeRA, ...) holds `TunerModule`s instead, whose maths is lorasurgeon.tuner_merge's.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import Finding
@@ -22,6 +23,9 @@ ADAPTER_FORMATS: tuple[AdapterFormat, ...] = ("peft", "kohya", "diffusers")
 Kind = Literal["linear", "conv", "embedding", "loha", "lokr", "locon-tucker"]
 DoraStyle = Literal["peft", "lycoris"]
 Naming = Literal["path", "kohya"]
+# How a base layer stores its weight: nn.Linear (out, in); transformers Conv1D (in, out); nn.ConvNd
+# (out, in, *k); nn.Embedding (num_embeddings, dim). A tuner's maths needs to know; the architecture says.
+Layer = Literal["linear", "conv1d", "conv", "embedding"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,46 @@ class LoraModule:
         """Every tensor of the module, factors first."""
         factors = tuple(self.factors.values()) or (self.a, self.b)
         return factors + tuple(t for t in (self.magnitude, self.bias) if t is not None)
+
+
+@dataclass(frozen=True)
+class TunerModule:
+    """One adapted module of a PEFT tuner other than LoRA.
+
+    `tuner` is the config's peft_type ("IA3", "OFT", ...); `module` the module's path in the model
+    (`model.layers.0.mlp.down_proj`); `factors` its own tensors by role (PEFT's attribute names without the adapter
+    name: `ia3_l`, `oft_R.weight`, `hada_w1_a`); `params` the plain values its maths needs, as PEFT derives them
+    from the config for this module (a scaling, a block size, whether IA3 scales columns); `writes` the base
+    parameters it changes ("weight", "bias"; those the base lacks are left alone) and `needs` those that must
+    exist. `fan_in_fan_out` is the config's word for a Conv1D weight, used when the base names no architecture.
+    """
+
+    tuner: str
+    module: str
+    factors: Mapping[str, TensorInfo]
+    params: Mapping[str, Any] = field(default_factory=dict)
+    writes: tuple[str, ...] = ("weight",)
+    needs: tuple[str, ...] = ("weight",)
+    fan_in_fan_out: bool = False
+
+    def target(self, param: str = "weight") -> str:
+        """The checkpoint tensor `module`.`param` (before prefix resolution)."""
+        return f"{self.module}.{param}"
+
+    @property
+    def tensors(self) -> tuple[TensorInfo, ...]:
+        return tuple(self.factors.values())
+
+    @property
+    def first(self) -> TensorInfo:
+        """The tensor that names the module in messages."""
+        return next(iter(self.factors.values()))
+
+
+class Selector(Protocol):
+    """An adapter config's module selection (PEFT's check_target_module_exists)."""
+
+    def selects(self, module: str) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -126,15 +170,21 @@ class Adapter:
     nonfinite: Mapping[str, int] = field(default_factory=dict)
     refused: tuple[Refused, ...] = ()
     problems: tuple[Finding, ...] = ()
+    tuner: str = ""
+    tuner_modules: tuple[TunerModule, ...] = ()
+    tuner_unselected: tuple[TunerModule, ...] = ()
+    shared: Mapping[str, TensorInfo] = field(default_factory=dict)
+    selection: Selector | None = None
 
     @property
     def ignored(self) -> tuple[str, ...]:
         """The tensor names of modules the config does not select, which PEFT (and so lorasurgeon) ignores."""
-        return tuple(sorted(t.name for m in self.unselected for t in m.tensors))
+        names = [t.name for m in self.unselected for t in m.tensors]
+        return tuple(sorted(names + [t.name for m in self.tuner_unselected for t in m.tensors]))
 
     @property
     def empty(self) -> bool:
-        return not (self.modules or self.replacements or self.token_rows)
+        return not (self.modules or self.replacements or self.token_rows or self.tuner_modules)
 
 
 def repeated(adapters: Sequence[Adapter]) -> list[Finding]:

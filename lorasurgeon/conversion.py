@@ -17,11 +17,13 @@ PEFT's own form (patterns, rsLoRA) instead, and with it every byte of A and B:
   keys with the components' LoraConfigs in its `lora_adapter_metadata`, as diffusers' own save_lora_weights
   writes it; no `.alpha` tensors (diffusers' SD/SDXL loaders reject every key without "lora" in it).
 
-What the target cannot hold (formats.writing.CANNOT) is refused by tensor name before anything is written.
+What the target cannot hold (formats.writing.CANNOT) is refused by tensor name before anything is written. An
+adapter of another PEFT tuner converts where its ΔW has an exact LoRA form (lorasurgeon.tuner_conversion).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Mapping
@@ -42,6 +44,7 @@ from lorasurgeon.formats.resolution import kohya_names_of
 from lorasurgeon.formats.writing import BaseModel, Converted, Lowered
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.plan import plan_surgery
+from lorasurgeon.tuner_conversion import as_lora
 from lorasurgeon.writer import CheckpointWriter
 
 if TYPE_CHECKING:
@@ -123,7 +126,10 @@ def run(adapter_path: Path, out: Path | None, options: ConvertOptions, *, force:
     started = time.perf_counter()
     to, base = options.validate(), options.base
     adapter = load_adapter(adapter_path, options.alpha)
+    scratch = contextlib.ExitStack()
     try:
+        if adapter.tuner_modules:  # a PEFT tuner other than LoRA: its exact LoRA form, where it has one
+            adapter = as_lora(adapter, base, scratch)
         output = _prepare(adapter, options, to)
         target = _output(adapter, out, to)
         written = 0
@@ -136,6 +142,7 @@ def run(adapter_path: Path, out: Path | None, options: ConvertOptions, *, force:
             written = writer.bytes_written
     finally:
         adapter.source.close()
+        scratch.close()
     retarget = output.retarget
     carried = [r.tensor.name for r in adapter.replacements]
     carried += [t.tensor.name for t in adapter.token_rows] if retarget is None or not retarget.tokens_lowered else []

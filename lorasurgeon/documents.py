@@ -46,6 +46,25 @@ def plan_doc(plan: Plan) -> dict[str, Any]:
         for step in plan.steps
         for term in step.terms
     ]
+    modules += [  # other PEFT tuners: their own scalings are in their maths
+        {
+            "adapter": str(plan.adapters[term.adapter].path),
+            "adapter_name": plan.adapters[term.adapter].path.name,
+            "module": term.module.module,
+            "adapter_key": term.module.first.name,
+            "base_key": step.tensor.name,
+            "shape": list(step.tensor.shape),
+            "rank": None,
+            "alpha": None,
+            "scale": term.factor,
+            "transposed": term.layer == "conv1d",
+            "kind": term.module.tuner.lower(),
+            "dora": False,
+            "bias": term.param == "bias",
+        }
+        for step in plan.steps
+        for term in step.tuners
+    ]
     replaced = [  # tensors the adapter sets outright: modules_to_save, saved embeddings, biases, token rows
         {
             "adapter": str(plan.adapters[source.adapter].path),
@@ -60,7 +79,12 @@ def plan_doc(plan: Plan) -> dict[str, Any]:
         "ok": not plan.errors,
         "base": str(plan.base.path),
         "adapters": [
-            {"path": str(a.path), "format": a.format, "modules": len(a.modules), "ignored_keys": list(a.ignored)}
+            {
+                "path": str(a.path),
+                "format": a.format,
+                "modules": len(a.modules) + len(a.tuner_modules),
+                "ignored_keys": list(a.ignored),
+            }
             for a in plan.adapters
         ],
         "modules": modules,
@@ -98,7 +122,9 @@ def summary_doc(summary: SurgerySummary) -> dict[str, Any]:
                 "tensor": s.tensor.name,
                 "shard": s.shard,
                 "dtype": s.out_dtype,
-                "adapters": [str(plan.adapters[t.adapter].path) for t in s.terms],
+                "adapters": [
+                    str(plan.adapters[i].path) for i in [t.adapter for t in s.terms] + [t.adapter for t in s.tuners]
+                ],
             }
             for s in plan.changed
         ],
@@ -134,6 +160,7 @@ def report_doc(report: Report) -> dict[str, Any]:
         "check": _check_doc(report.check) if report.check else None,
         "stats": None if report.stats is None else [asdict(s) for s in report.stats],
         "fired": [{"rule": h.rule, "reason": h.reason} for h in report.fired],
+        "tuner": asdict(report.tuner) if report.tuner else None,
     }
 
 

@@ -11,13 +11,14 @@ adapter's values are rounded once into it; a shape that differs from the base's 
 of a base weight under a LoRA (save_embedding_layers) is where merge starts, and what unmerge must give back. Tied
 weights follow lorasurgeon.ties (FORMATS.md §4.1): the output computes what PEFT's forward does.
 Names are resolved by lorasurgeon.formats (kohya names by sd-scripts' forward rule, never inverted), fits are
-checked by lorasurgeon.fit. The plan reads headers only: the factors' NaN/Inf counts come with the adapter.
+checked by lorasurgeon.fit; the modules of other PEFT tuners (IA3, OFT, VeRA, ...) are placed by
+lorasurgeon.tuner_placement. The plan reads headers only: the factors' NaN/Inf counts come with the adapter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lorasurgeon.adapter import Adapter, LoraModule, repeated
@@ -29,6 +30,7 @@ from lorasurgeon.formats.resolution import BaseNames
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.model_config import output_config
 from lorasurgeon.ties import Ties, Untie, followers, share, tied_weights, untie
+from lorasurgeon.tuner_placement import TunerTerm, combination_findings, place_tuners
 
 Operation = Literal["merge", "unmerge"]
 
@@ -74,9 +76,9 @@ class Source:
 @dataclass(frozen=True)
 class Step:
     """Write `tensor` to output shard `shard` as `out_dtype`: its base value, or `replacement`'s, with `rows`
-    set, plus `terms` (nothing at all: copy it unchanged). A `tensor` whose name the base lacks is an alias of
-    a base tensor's bytes under a new name (an untied head). `expected`: what an unmerge must give back, up to
-    rounding (PEFT's saved copy of the base weight)."""
+    set, plus `terms` and the `tuners`' changes (nothing at all: copy it unchanged). A `tensor` whose name the base
+    lacks is an alias of a base tensor's bytes under a new name (an untied head). `expected`: what an unmerge must
+    give back, up to rounding (PEFT's saved copy of the base weight)."""
 
     tensor: TensorInfo
     shard: str
@@ -85,10 +87,11 @@ class Step:
     replacement: Source | None = None
     rows: tuple[Source, ...] = ()
     expected: Source | None = None
+    tuners: tuple[TunerTerm, ...] = ()
 
     @property
     def touched(self) -> bool:
-        return bool(self.terms or self.replacement or self.rows)
+        return bool(self.terms or self.replacement or self.rows or self.tuners)
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ class _Targets:
     terms: dict[str, list[Term]]
     sources: dict[str, list[Source]]
     findings: list[Finding]
+    tuners: dict[str, list[TunerTerm]] = field(default_factory=dict)
 
 
 def plan_surgery(
@@ -160,6 +164,10 @@ def plan_surgery(
         for module in adapter.modules:
             if module.module not in skipped:
                 _add_module(found, index, adapter, module, weight * scale, model_type, allow_nonfinite)
+        tuners, problems = place_tuners(found.tensors, index, adapter, weight * scale, model_type, allow_nonfinite)
+        found.findings += problems
+        for name, placed in tuners.items():
+            found.tuners.setdefault(name, []).extend(placed)
         _add_sources(found, index, adapter)
     expected = _expected(operation, found)
     found.findings += _combination_findings(operation, found)
@@ -178,9 +186,9 @@ def _untie(base: Checkpoint, ties: Ties, found: _Targets, adapters: Sequence[Ada
 
     def gets(name: str) -> object:  # saved copies of the base weight are the base's own values
         sources = [s for s in found.sources.get(name, []) if not s.saved_base]
-        return found.terms.get(name, []), sources
+        return found.terms.get(name, []), sources, found.tuners.get(name, [])
 
-    return untie(base, ties, gets, lambda name: gets(name) != ([], []))
+    return untie(base, ties, gets, lambda name: gets(name) != ([], [], []))
 
 
 def _expected(operation: Operation, found: _Targets) -> dict[str, Source]:
@@ -316,7 +324,7 @@ def _combination_findings(operation: Operation, found: _Targets) -> list[Finding
             problems.append(Finding.against(key, name, "a DoRA module must be the only adapter changing its weight"))
         elif abs(dora.factor - dora.module.scale) > 1e-12 * abs(dora.module.scale):
             problems.append(Finding.against(key, name, "a DoRA module can only be merged with weight 1 and scale 1"))
-    return problems
+    return problems + combination_findings(operation, found.tuners, found.terms, found.sources)
 
 
 def _disjoint_rows(sources: list[Source]) -> bool:
@@ -344,7 +352,8 @@ def _steps(
                 rows = tuple(s for s in sources if s.indices is not None)
                 out_dtype = dtype if dtype and tensor.is_float else tensor.dtype
                 terms = tuple(found.terms.get(tensor.name, ()))
-                steps.append(Step(tensor, shard.name, out_dtype, terms, whole, rows, expected.get(tensor.name)))
+                tuners = tuple(found.tuners.get(tensor.name, ()))
+                steps.append(Step(tensor, shard.name, out_dtype, terms, whole, rows, expected.get(tensor.name), tuners))
     return tuple(steps)
 
 

@@ -58,9 +58,8 @@ def show_check(plan: Plan, target: str | None = None) -> None:
     for row in doc["modules"]:
         transposed = " (T)" if row["transposed"] else ""
         shape = "x".join(map(str, row["shape"])) + transposed
-        table.add_row(
-            row["adapter"], row["base_key"], shape, str(row["rank"]), f"{row['alpha']:g}", f"{row['scale']:.4g}"
-        )
+        rank = row["kind"] if row["rank"] is None else str(row["rank"])  # another tuner than LoRA: its name
+        table.add_row(row["adapter"], row["base_key"], shape, rank, _num(row["alpha"]), _num(row["scale"]))
     stderr.print(table)
     show_findings(plan.findings)
     verdict = "[green]fits[/]" if not plan.errors else f"[red]does not fit[/] ({len(plan.errors)} problems)"
@@ -111,6 +110,11 @@ def report_tables(report: Report) -> views.Tables:
             [f"{c.name} ×{c.repeat} [{c.indices}]" if c.indices else c.name, *_count_row(c)[1:]] for c in report.groups
         ]
         tables.append(("groups (per block)", ["group", "tensors", "parameters", "bytes"], rows))
+    if report.tuner is not None:  # a PEFT tuner other than LoRA: what it is, and what lorasurgeon does with it
+        tuner = report.tuner
+        facts = {"is": tuner.what, "changes": tuner.changes, "merge": tuner.merge, "unmerge": tuner.unmerge}
+        facts["convert"] = tuner.convert
+        tables.append((f"{tuner.name} ({tuner.peft_type})", ["", ""], [[k, v] for k, v in facts.items()]))
     if report.kind == "adapter":
         tables.append(_targets_table(report))
     shard_rows = [[*_count_row(c), _meta(c.metadata)] for c in report.shards]
@@ -167,6 +171,8 @@ def _targets_table(report: Report) -> tuple[str, list[str], list[list[str]]]:
     lora, base = report.lora_parameters
     title = f"LoRA: {lora:,} parameters adapting {base:,} base parameters"
     title += f" ({1 - lora / base:.2%} fewer)" if base else ""
+    if report.tuner is not None:
+        title = f"{report.tuner.name}: {sum(m.parameters for m in report.modules):,} parameters"
     columns = ["target", "matrices", "kind", "rank", "alpha", "scale", "base shape", "LoRA", "base", "reduction"]
     return title, columns, rows
 

@@ -22,6 +22,7 @@ from lorasurgeon.errors import Finding, InputError, LorasurgeonError, MismatchEr
 from lorasurgeon.formats import detect, load_adapter
 from lorasurgeon.formats.peft_config import ADAPTER_CONFIG
 from lorasurgeon.header import TensorInfo
+from lorasurgeon.tuner_report import TunerReport, describe, tuner_config
 
 if TYPE_CHECKING:
     from lorasurgeon.rules import Hit
@@ -100,6 +101,7 @@ class Report:
     check: CheckResult | None = None
     stats: tuple[TensorStats, ...] | None = None
     fired: tuple[Hit, ...] = ()
+    tuner: TunerReport | None = None  # a PEFT tuner other than LoRA: what it is, and what lorasurgeon does with it
 
     @property
     def lora_parameters(self) -> tuple[int, int]:
@@ -165,10 +167,11 @@ def _adapter_report(path: Path, adapter: Adapter, fmt: str) -> Report:
     ]
     has_config = bool(adapter.config) or adapter.rank_source == ADAPTER_CONFIG
     config = {name: adapter.config[name] for name in CONFIG_FIELDS if name in adapter.config}
+    config = tuner_config(adapter) if adapter.tuner else config
     return Report(
         "adapter", str(path), fmt, counted.totals, counted.by_dtype, counted.categories, (),
         counted.shards, counted.metadata, config=config | {"has_config": has_config}, modules=modules,
-        findings=tuple(findings),
+        findings=tuple(findings), tuner=describe(adapter),
     )  # fmt: skip
 
 
@@ -196,6 +199,10 @@ def _modules(adapter: Adapter) -> tuple[ModuleReport, ...]:
         add(r.module, "replacement", {f"replacement:{r.param}": r.tensor})
     for rows in adapter.token_rows:
         add(rows.module, "tokens", {"trainable_tokens_delta": rows.tensor})
+    for t in (*adapter.tuner_modules, *adapter.tuner_unselected):  # another PEFT tuner: its own roles, its rank
+        add(t.module, t.tuner.lower(), t.factors, rank=t.params.get("rank"))
+    for role, info in adapter.shared.items():  # tensors every module of the tuner reads (VeRA's projections)
+        add(role, "shared", {role: info})
     for refused in adapter.refused:
         add(refused.module, refused.kind, refused.tensors)
     return tuple(described[name] for name in sorted(described))

@@ -6,6 +6,7 @@ Only the tensor in hand (and its factors) is resident. Untouched tensors are cop
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lorasurgeon import linalg, lycoris
+from lorasurgeon import linalg, lycoris, tuner_steps
 from lorasurgeon.adapter import Adapter
 from lorasurgeon.checkpoint import MODEL_CONFIG, Checkpoint
 from lorasurgeon.errors import MismatchError, NonfiniteWarning, NumericError, Option, Part
@@ -206,17 +207,18 @@ def _base_start(step: Step) -> bool:
 
 
 def compute(plan: Plan, step: Step, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The step's output tensor: W (or its replacement, with token rows set) ± Σ term deltas in fp32,
-    rescaled per output feature when the term is DoRA, rounded once to the output dtype. `weight` is the
-    base tensor when it has been read already."""
+    """The step's output tensor: W (or its replacement, with token rows set) ± Σ term deltas in fp32 (LoRA and
+    additive tuners alike), rescaled per output feature when the term is DoRA, or changed by the one tuner product
+    the step may hold (tuner_steps), rounded once to the output dtype. `weight` is the base tensor when it has
+    been read already."""
     weight = (_start(plan, step) if weight is None else weight).to(device)
     out_dtype = torch_dtype(step.out_dtype)
-    if not step.terms:  # copied in a new dtype, or replaced: values from the adapter are checked too
+    if not (step.terms or step.tuners):  # copied in a new dtype, or replaced: values from the adapter are checked too
         result = weight.to(out_dtype)
         if not linalg.fits(weight.float(), out_dtype):
             _check_finite(plan, step, weight, weight.float(), result)
         return result
-    blockwise = step.expected is None  # what an unmerge must give back is checked against the whole ΔW
+    blockwise = step.expected is None and not step.tuners  # an unmerge's expected value is checked on the whole ΔW
     if blockwise and all(
         t.module.kind in FACTOR_KINDS and not (t.bias or t.dora) and t.rows is None for t in step.terms
     ):
@@ -230,11 +232,13 @@ def compute(plan: Plan, step: Step, device: torch.device, weight: torch.Tensor |
     exact = weight.float()
     del weight
     # The weighted deltas are summed first and added once, so several adapters add no rounding between them.
-    delta = summed_delta(plan, step, device)
-    linalg.add_delta_(exact, delta, SIGNS[plan.operation])
-    if step.expected is not None:
-        _check_restored(plan, step, exact, delta)
-    del delta
+    if step.terms or tuner_steps.has_sum(step):
+        delta = summed_delta(plan, step, device)
+        linalg.add_delta_(exact, delta, SIGNS[plan.operation])
+        if step.expected is not None:
+            _check_restored(plan, step, exact, delta)
+        del delta
+    exact = tuner_steps.apply_products(plan, step, exact, device)
     dora = next((t for t in step.terms if t.dora), None)
     if dora is not None and dora.module.magnitude is not None:
         magnitude = plan.adapters[dora.adapter].source.read(dora.module.magnitude).to(device)
@@ -267,10 +271,12 @@ def _start(plan: Plan, step: Step) -> torch.Tensor:
 def summed_delta(plan: Plan, step: Step, device: torch.device) -> torch.Tensor:
     """Σ of the step's term deltas in fp32; a term with `rows` (q, k or v of a fused in_proj_weight) fills only
     those rows, so the three projections' deltas still meet in one tensor that is added once."""
-    whole = [t for t in step.terms if t.rows is None]
-    delta = _delta(plan, whole[0], device) if whole else torch.zeros(step.tensor.shape, device=device)
-    for term in whole[1:]:
-        delta += _delta(plan, term, device)
+    whole = (_delta(plan, t, device) for t in step.terms if t.rows is None)
+    deltas = itertools.chain(whole, tuner_steps.deltas(plan, step, device))  # one at a time, as they are added
+    delta = next(deltas, None)
+    delta = torch.zeros(step.tensor.shape, device=device) if delta is None else delta
+    for other in deltas:
+        delta += other
     for term in step.terms:
         if term.rows is not None:
             delta[term.rows[0] : term.rows[1]] += _delta(plan, term, device)

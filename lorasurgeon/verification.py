@@ -135,7 +135,8 @@ def _tensors(
     total = sum(s.tensor.nbytes for s in plan.steps)
     done = 0
     for index, step in enumerate(plan.steps):
-        names = tuple(dict.fromkeys(str(plan.adapters[t.adapter].path) for t in step.terms))
+        used = [t.adapter for t in step.terms] + [t.adapter for t in step.tuners]
+        names = tuple(dict.fromkeys(str(plan.adapters[i].path) for i in used))
         names += tuple(str(plan.adapters[s.adapter].path) for s in (step.replacement, *step.rows) if s is not None)
         found = merged.tensors.get(step.tensor.name)
         if found is None:
@@ -156,8 +157,9 @@ def judge(plan: Plan, step: Step, merged: torch.Tensor, tolerance: int) -> Verdi
     if not step.touched or merged.shape != base.shape or merged.dtype != base.dtype:
         return judge_tensor(base, merged, None, tolerance)
     expected = compute(plan, step, CPU)  # read afresh: the merge may add in place into what it reads
-    if not any(t.dora for t in step.terms) and step.replacement is None and not step.rows:
-        delta = summed_delta(plan, step, CPU)  # Σ wᵢ·ΔWᵢ in fp32, laid out like the tensor
-    else:  # a replacement, token rows or DoRA: the change itself is what the merge makes of it
+    additive = all(t.additive for t in step.tuners) and not any(t.dora for t in step.terms)
+    if additive and step.replacement is None and not step.rows:
+        delta = summed_delta(plan, step, CPU)  # Σ wᵢ·ΔWᵢ in fp32 (LoRA and additive tuners), laid out like the tensor
+    else:  # a replacement, token rows, DoRA or a product tuner: the change itself is what the merge makes of it
         delta = (expected.double() - base.double()).float()
     return judge_tensor(base, merged, delta, tolerance, expected=expected)

@@ -27,11 +27,26 @@ ALLOWED: dict[str, set[str]] = {
     "lycoris": set(),
     "lowering": {"errors"},
     "verdict": {"errors"},
+    "tuner_maths": set(),
+    "rotations": set(),
+    "weight_products": set(),
     "adapter": IO,
+    "tuner_shapes": {"adapter", "lycoris"},
+    "tuner_kinds": {"adapter"},
+    "tuner_deltas": {"adapter", "lycoris", "tuner_maths"},
+    "tuner_products": {"adapter", "errors", "rotations", "weight_products", "tuner_kinds"},
+    "tuner_merge": {"adapter", "errors", "tuner_deltas", "tuner_kinds", "tuner_products", "tuner_shapes"},
     "formats.config_fields": {"errors"},
     "formats.architectures": {"errors", "header"},
     "formats.sd_layouts": set(),
     "formats.peft_config": {"errors", "header", "formats.config_fields"},
+    "formats.peft_tuner_config": {"errors", "formats.config_fields", "formats.peft_config"},
+    "formats.peft_tuner_additive": {"lycoris", "formats.peft_tuner_config"},
+    "formats.peft_tuner_products": {"formats.peft_tuner_config"},
+    "formats.peft_tuner_inventory": {"formats.peft_tuner_config", "formats.peft_tuner_additive"}
+    | {"formats.peft_tuner_products"},
+    "formats.peft_tuners": NORMAL_FORM
+    | {"formats.peft_config", "formats.peft_tuner_config", "formats.peft_tuner_inventory"},
     "formats.peft": NORMAL_FORM | {"formats.peft_config", "writer"},
     "formats.kohya": NORMAL_FORM | {"formats.peft_config", "lycoris"},
     "formats.kohya_names": NORMAL_FORM | {"formats.kohya", "formats.sd_layouts"},
@@ -40,23 +55,31 @@ ALLOWED: dict[str, set[str]] = {
     "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names"},
     "formats.scale_form": {"formats.peft_config"},
     "formats.writing": NORMAL_FORM | FORMATS_CORE | {"formats.model_classes", "formats.scale_form"},
-    "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "linalg"},
+    "formats": NORMAL_FORM | FORMATS_CORE | {"formats.naming", "formats.peft_tuners", "linalg"},
     "formats.model_classes": set(),
     "ties": NORMAL_FORM | {"formats.architectures", "formats.model_classes"},
     "fit": NORMAL_FORM | {"formats.architectures", "formats.resolution", "lycoris"},
     "model_config": set(),
-    "plan": NORMAL_FORM | {"fit", "ties", "model_config", "formats.architectures", "formats.resolution"},
+    "tuner_placement": NORMAL_FORM | {"formats.architectures", "tuner_kinds", "tuner_shapes"},
+    "plan": NORMAL_FORM
+    | {"fit", "ties", "model_config", "formats.architectures", "formats.resolution", "tuner_placement"},
+    "tuner_steps": {"plan", "tuner_merge", "tuner_placement"},
     "mirror": IO | {"plan", "writer"},
-    "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "writer"},
+    "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "tuner_steps", "writer"},
     "decomposition": {"errors", "linalg"},
     "pairing": IO | {"decomposition", "formats.architectures"},
     "extraction": IO
     | {"decomposition", "pairing", "surgery", "writer", "formats.architectures", "formats.peft"}
     | {"formats.model_classes"}
     | {"formats.peft_config", "formats.scale_form"},
+    "tuner_lora": {"adapter", "tuner_deltas", "tuner_maths"},
+    "tuner_conversion": NORMAL_FORM
+    | {"plan", "writer", "formats", "formats.peft", "formats.peft_config", "tuner_deltas", "tuner_kinds"}
+    | {"tuner_lora", "tuner_placement"},
     "conversion": NORMAL_FORM
     | {"plan", "writer", "formats", "formats.kohya", "formats.naming", "formats.peft"}
-    | {"formats.peft_config", "formats.resolution", "formats.writing", "lowering", "runtime_lowering"},
+    | {"formats.peft_config", "formats.resolution", "formats.writing", "tuner_conversion", "lowering"}
+    | {"runtime_lowering"},
     "census": IO,
     "adapter_facts": NORMAL_FORM | {"formats", "formats.architectures", "ties"},
     "runtime_checks": {"adapter_facts"},
@@ -68,9 +91,10 @@ ALLOWED: dict[str, set[str]] = {
     "companions": {"checkpoint"},
     "verification": NORMAL_FORM | {"companions", "plan", "surgery", "verdict"},
     "rules": {"errors", "header", "report"},
+    "tuner_report": {"adapter", "formats.peft_tuner_inventory", "tuner_kinds"},
     "report": NORMAL_FORM
     | {"census", "rules", "formats", "formats.peft_config", "linalg", "lycoris", "plan"}
-    | {"surgery"},
+    | {"surgery", "tuner_report"},
     "__init__": NORMAL_FORM
     | {"formats", "formats.naming", "report", "rules", "plan", "surgery", "pairing"}
     | {"decomposition", "extraction", "conversion", "runtime_rules", "runtimes", "verification"},
@@ -81,11 +105,9 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"__init__", "documents", "errors", "render", "views"},
     "__main__": {"cli"},
 }
-NO_TORCH_AT_IMPORT = [
-    *("header", "plan", "fit", "ties", "model_config", "adapter_facts", "runtime_checks", "runtime_rules"),
-    *("runtimes", "companions", "runtime_lowering", "views"),
-    *(m for m in ALLOWED if m.startswith("formats")),
-]
+NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", "model_config", "tuner_placement", "tuner_shapes", "tuner_kinds"]
+NO_TORCH_AT_IMPORT += ["adapter_facts", "runtime_checks", "runtime_rules", "runtimes", "companions", "runtime_lowering"]
+NO_TORCH_AT_IMPORT += ["views", *(m for m in ALLOWED if m.startswith("formats"))]
 
 
 def module_names() -> list[str]:

@@ -191,3 +191,19 @@ def test_cli_exit_codes_json_and_markdown(
     assert code == 0 and out.startswith("**verify: ") and "| tensor | verdict |" in out and "**verified: " in out
     code, _, err = run_cli(["verify", str(tmp_path / "m"), *args, "--tolerance", "-1"], capsys)
     assert code == 2 and "--tolerance -1" in err
+
+
+@pytest.mark.parametrize("case_id", ["ia3", "vera"])
+def test_peft_tuners_through_the_same_plan(tmp_path: Path, case_id: str) -> None:
+    """IA3 (a product with W) and VeRA (an additive ΔW) merged by lorasurgeon are proven; VeRA at half weight is
+    named a wrong scale (a product takes weight 1 only: the plan refuses it)."""
+    from tuner_cases import CASES, build
+
+    built = build(next(c for c in CASES if c.id == case_id), tmp_path)
+    lorasurgeon.merge(built.base, [built.adapter], tmp_path / "m")
+    result = lorasurgeon.verify(tmp_path / "m", built.base, [built.adapter])
+    assert result.ok and sum(bool(t.adapters) for t in result.tensors) >= 4
+    if case_id == "vera":
+        lorasurgeon.merge(built.base, [built.adapter], tmp_path / "half", weights=[0.5])
+        half = lorasurgeon.verify(tmp_path / "half", built.base, [built.adapter])
+        assert set(problems(half).values()) == {"wrong scale"}

@@ -4,7 +4,8 @@
 (lorasurgeon.adapter), resolving there whatever the format decides: ranks, alphas and scales, the DoRA convention,
 the pipeline component, how names meet a base. Strict (the default, for merge and check) it raises on anything the
 merge cannot apply exactly; lenient (`strict=False`, for report) it describes the same things as findings instead,
-so report and merge read adapters the same way. Module map: peft, peft_config (adapter_config.json), kohya,
+so report and merge read adapters the same way. Module map: peft, peft_config (adapter_config.json), peft_tuners (with
+peft_tuner_config, peft_tuner_additive, peft_tuner_products, peft_tuner_inventory: PEFT tuners other than LoRA), kohya,
 kohya_names and sd_layouts (kohya names on Stable Diffusion layouts), diffusers, naming (names convert writes),
 resolution (names against a base), architectures (transformers tables).
 """
@@ -15,13 +16,13 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
-from lorasurgeon.adapter import ADAPTER_FORMATS, Adapter, AdapterFormat, Refused
+from lorasurgeon.adapter import ADAPTER_FORMATS, Adapter, AdapterFormat
 from lorasurgeon.checkpoint import Checkpoint, read_json, refuse_pickle
 from lorasurgeon.errors import InputError, Refusals
-from lorasurgeon.formats import diffusers, kohya, peft
+from lorasurgeon.formats import diffusers, kohya, peft, peft_tuners
 from lorasurgeon.formats.naming import COMPONENTS
 from lorasurgeon.formats.peft_config import ADAPTER_CONFIG, LoraConfig, refusal
-from lorasurgeon.header import FLOAT_DTYPES, TensorInfo
+from lorasurgeon.header import FLOAT_DTYPES
 
 __all__ = [
     "ADAPTER_FORMATS",
@@ -37,7 +38,8 @@ CHECKPOINT_FILES = ("model.safetensors", "model.safetensors.index.json", "diffus
 
 
 def load_adapter(path: Path, alpha: float | None = None, *, strict: bool = True, scan_values: bool = False) -> Adapter:
-    """Read a PEFT adapter directory or `.safetensors` file, a kohya / sd-scripts LoRA file or a diffusers LoRA file.
+    """Read a PEFT adapter directory or `.safetensors` file (LoRA, or another PEFT tuner such as IA3, OFT or VeRA:
+    peft_tuners), a kohya / sd-scripts LoRA file or a diffusers LoRA file.
 
     The config (adapter_config.json, in the directory or beside the file) gives rank, alpha and the module
     selection; without one, `alpha` must be given and every module in the file is used. `alpha`, when given,
@@ -82,25 +84,15 @@ def _read(path: Path, source: Checkpoint, config_path: Path | None, alpha: float
     if found == "checkpoint":
         raise not_an_adapter(source)
     config = read_json(config_path) if config_path else None
+    if config is not None and peft_tuners.is_tuner_config(config):  # IA3, OFT, VeRA, ...: no LoRA factors
+        return peft_tuners.read(path, source, config, config_path or path, refusals)
     if config is not None and (refused := refusal(config_path or path, config)) is not None:
         refusals.add(refused)
-        if config.get("peft_type", "LORA") != "LORA":  # described by its tensors: another tuner's are no LoRA factors
-            return Adapter(path, "peft", config, (), source, refused=_tuner_tensors(source, config["peft_type"]))
     if config is None and alpha is None:
         refusals.add(peft.missing_config(source.path), severity="warning")
     settings = LoraConfig.parse(config_path or source.path, config or {}, alpha)
     adapter = peft.read(path, source, settings, config, refusals)
     return dataclasses.replace(adapter, scale_known=config is not None or alpha is not None)
-
-
-def _tuner_tensors(source: Checkpoint, peft_type: object) -> tuple[Refused, ...]:
-    """A non-LoRA PEFT adapter's tensors grouped by module, for a lenient load to describe."""
-    grouped: dict[str, dict[str, TensorInfo]] = {}
-    for info in source:
-        key = peft.split_key(info.name)
-        grouped.setdefault(key.module, {})[key.param if key.role == "replacement" else key.role] = info
-    kind = str(peft_type).lower()
-    return tuple(Refused(module, kind, tensors) for module, tensors in grouped.items())
 
 
 def not_an_adapter(source: Checkpoint) -> InputError:
@@ -177,14 +169,16 @@ def _format(source: Checkpoint, config: Path | None) -> Detected:
 
 
 def _nonfinite(adapter: Adapter) -> dict[str, int]:
-    """NaN/Inf counts of every factor of the adapter's modules (only those that hold any)."""
+    """NaN/Inf counts of every floating-point factor of the adapter's modules (only those that hold any)."""
     import torch  # here: a header-only load needs no torch
 
     from lorasurgeon import linalg
 
+    factors = [f for m in adapter.modules for f in (tuple(m.factors.values()) or (m.a, m.b))]
+    factors += [f for m in adapter.tuner_modules for f in m.tensors] + list(adapter.shared.values())
     counts = {}
-    for module in adapter.modules:
-        for factor in tuple(module.factors.values()) or (module.a, module.b):
+    for factor in factors:
+        if factor.is_float:
             values = adapter.source.read(factor).float()
             bad = 0 if linalg.fits(values, torch.float32) else linalg.nonfinite_count(values)
             if bad:

@@ -24,10 +24,10 @@ class FieldReader:
     def _bad(self, name: str, expected: str) -> InputError:
         return InputError(f"{self.where}: field {name!r} must be {expected}, not {_shown(self.config[name])}")
 
-    def integer(self, name: str, default: int) -> int:
+    def integer(self, name: str, default: int, minimum: int = 1) -> int:
         value = self.config.get(name, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise self._bad(name, "a positive integer")
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise self._bad(name, "a positive integer" if minimum == 1 else f"an integer of at least {minimum}")
         return value
 
     def number(self, name: str, default: float) -> float:
@@ -36,8 +36,8 @@ class FieldReader:
             raise self._bad(name, "a finite number")
         return float(value)
 
-    def boolean(self, name: str) -> bool:
-        value = self.config.get(name, False)
+    def boolean(self, name: str, default: bool = False) -> bool:
+        value = self.config.get(name, default)
         if not isinstance(value, bool):
             raise self._bad(name, "true or false")
         return value
@@ -52,6 +52,12 @@ class FieldReader:
         for key in value:
             self._compile(name, rf"(.*\.)?({key})$", key)
         return {str(k): float(v) for k, v in value.items()}
+
+    def mapping(self, name: str) -> dict[str, Any]:
+        value = self.config.get(name) or {}
+        if not isinstance(value, dict):
+            raise self._bad(name, "an object")
+        return value
 
     def names(self, name: str) -> str | list[str] | None:
         value = self.config.get(name)

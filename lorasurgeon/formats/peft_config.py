@@ -53,13 +53,13 @@ class LoraConfig:
     lora_bias: bool
     rank_pattern: dict[str, float]
     alpha_pattern: dict[str, float]
-    target_modules: str | list[str] | None
-    exclude_modules: str | list[str] | None
-    layers_to_transform: int | list[int] | None
-    layers_pattern: str | list[str] | None
-    modules_to_save: list[str]
+    selection: Selection
     token_indices: list[int] | dict[str, list[int]] | None
     ensure_weight_tying: bool = False
+
+    @property
+    def modules_to_save(self) -> list[str]:
+        return self.selection.modules_to_save
 
     @classmethod
     def parse(cls, where: Path, config: Mapping[str, Any], alpha: float | None) -> LoraConfig:
@@ -67,7 +67,6 @@ class LoraConfig:
         Fields are checked for type only: what lorasurgeon cannot merge is `refusal`'s to say."""
         field = FieldReader(where, config)
         alpha_pattern = field.patterns("alpha_pattern", positive_integers=False)
-        saved = field.names("modules_to_save")
         return cls(
             rank=field.integer("r", 8),
             alpha=alpha if alpha is not None else field.number("lora_alpha", 8),
@@ -77,13 +76,61 @@ class LoraConfig:
             lora_bias=field.boolean("lora_bias"),
             rank_pattern=field.patterns("rank_pattern", positive_integers=True),
             alpha_pattern={k: alpha for k in alpha_pattern} if alpha is not None else alpha_pattern,
+            selection=Selection.parse(field),
+            token_indices=field.token_indices("trainable_token_indices"),
+            ensure_weight_tying=field.boolean("ensure_weight_tying"),
+        )
+
+    def selects(self, module: str) -> bool:
+        return self.selection.selects(module)
+
+    def rank_alpha(self, module: str) -> tuple[int, float]:
+        rank = pattern_value(self.rank_pattern, module)
+        alpha = pattern_value(self.alpha_pattern, module)
+        return int(rank if rank is not None else self.rank), float(alpha if alpha is not None else self.alpha)
+
+    def rows_for(self, where: Path, module: str, info: TensorInfo) -> tuple[int, ...]:
+        """The token indices of `module`'s trainable_tokens_delta, as the config lists them (FORMATS.md §4.5)."""
+        return token_rows(self.token_indices, "trainable_token_indices", where, module, info)
+
+
+def token_rows(
+    spec: list[int] | dict[str, list[int]] | None, name: str, where: Path, module: str, info: TensorInfo
+) -> tuple[int, ...]:
+    """The rows `info` (a trainable_tokens_delta of `module`) sets, as the config field `name` lists them: one list
+    for every module, or lists by module name (FORMATS.md §4.5)."""
+    if isinstance(spec, dict):
+        found = [v for k, v in spec.items() if module == k or module.endswith("." + k)]
+    else:
+        found = [spec] if spec else []
+    if not found:
+        raise MismatchError(
+            f"{where}: {info.name} holds trainable token rows but no {ADAPTER_CONFIG} {name} entry names {module}"
+        )
+    if len(found[0]) != info.shape[0]:
+        raise MismatchError(f"{where}: {info.name} holds {info.shape[0]} rows but {name} lists {len(found[0])}")
+    return tuple(found[0])
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The config fields that select the modules PEFT adapts, of every tuner alike."""
+
+    target_modules: str | list[str] | None
+    exclude_modules: str | list[str] | None
+    layers_to_transform: int | list[int] | None
+    layers_pattern: str | list[str] | None
+    modules_to_save: list[str]
+
+    @classmethod
+    def parse(cls, field: FieldReader) -> Selection:
+        saved = field.names("modules_to_save")
+        return cls(
             target_modules=field.regex_or_names("target_modules"),
             exclude_modules=field.regex_or_names("exclude_modules"),
             layers_to_transform=field.layers("layers_to_transform"),
             layers_pattern=field.names("layers_pattern"),
             modules_to_save=[saved] if isinstance(saved, str) else list(saved or ()),
-            token_indices=field.token_indices("trainable_token_indices"),
-            ensure_weight_tying=field.boolean("ensure_weight_tying"),
         )
 
     def selects(self, module: str) -> bool:
@@ -101,29 +148,6 @@ class LoraConfig:
             return True
         index = layer_index(module, self.layers_pattern)
         return index is not None and (index == wanted if isinstance(wanted, int) else index in wanted)
-
-    def rank_alpha(self, module: str) -> tuple[int, float]:
-        rank = pattern_value(self.rank_pattern, module)
-        alpha = pattern_value(self.alpha_pattern, module)
-        return int(rank if rank is not None else self.rank), float(alpha if alpha is not None else self.alpha)
-
-    def rows_for(self, where: Path, module: str, info: TensorInfo) -> tuple[int, ...]:
-        """The token indices of `module`'s trainable_tokens_delta, as the config lists them (FORMATS.md §4.5)."""
-        spec = self.token_indices
-        if isinstance(spec, dict):
-            found = [v for k, v in spec.items() if module == k or module.endswith("." + k)]
-        else:
-            found = [spec] if spec else []
-        if not found:
-            raise MismatchError(
-                f"{where}: {info.name} holds trainable token rows but no {ADAPTER_CONFIG} "
-                f"trainable_token_indices entry names {module}"
-            )
-        if len(found[0]) != info.shape[0]:
-            raise MismatchError(
-                f"{where}: {info.name} holds {info.shape[0]} rows but trainable_token_indices lists {len(found[0])}"
-            )
-        return tuple(found[0])
 
 
 def refusal(where: Path, config: Mapping[str, Any]) -> UnsupportedError | None:
@@ -173,10 +197,11 @@ def layer_index(module: str, layers_pattern: str | Sequence[str] | None) -> int 
     return int(match.group(1)) if match else None
 
 
-def pattern_value(patterns: Mapping[str, float], module: str) -> float | None:
-    """The value of the first pattern key (in the file's order) that matches a dotted suffix of `module`."""
+def pattern_value(patterns: Mapping[str, float], module: str, *, dotted: bool = False) -> float | None:
+    """The value of the first pattern key (in the file's order) that matches a dotted suffix of `module`
+    (PEFT's get_pattern_key); `dotted`: FourierFT's and C3A's older rule, where a dot must come before the key."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if re.match(rf".*\.{key}$" if dotted else rf"(.*\.)?({key})$", module):
             return value
     return None
 
