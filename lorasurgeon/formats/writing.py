@@ -223,8 +223,8 @@ def config(
     metadata, unpacked."""
     if to == "kohya":
         return None
-    if to == "peft" and adapter.config:
-        return base.described(restated(adapter.config, forms[""]))
+    if to == "peft" and adapter.config:  # a tuner that only sets tensors has no LoRA module to state a scale for
+        return base.described(restated(adapter.config, forms[""]) if "" in forms else dict(adapter.config))
     configs = {}
     for component, form in forms.items():
         configs[component] = peft_config_for([c.module for c in modules if _group(c.name, to) == component], form)
