@@ -19,10 +19,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorasurgeon.adapter import ADAPTER_FORMATS, Adapter
+from lorasurgeon.arguments import (
+    DTYPE_CHOICES,
+    adapter_weights,
+    check_device,
+    output_dtype,
+    output_path,
+    resolve_device,
+)
 from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import LorasurgeonError, Option
 from lorasurgeon.formats import load_adapter
 from lorasurgeon.formats.naming import COMPONENTS
+from lorasurgeon.progress import Progress
 from lorasurgeon.report import Report, make_report
 from lorasurgeon.rules import RULE_HELP, judge, parse_rule
 from lorasurgeon.runtime_rules import RUNTIMES
@@ -31,17 +40,14 @@ from lorasurgeon.runtimes import judge_adapters
 # The modules that compute load torch, whose import takes seconds; a header-only `report` needs none of them,
 # so they are imported inside the functions that use them, and the types below on first use (__getattr__).
 if TYPE_CHECKING:
-    import torch
-
     from lorasurgeon.conversion import ConvertSummary
     from lorasurgeon.extraction import ExtractSummary
-    from lorasurgeon.plan import Operation, Plan
-    from lorasurgeon.surgery import Progress, SurgerySummary
+    from lorasurgeon.plan import Plan
+    from lorasurgeon.surgery import SurgerySummary
     from lorasurgeon.verification import VerifySummary
 LAZY_TYPES = {
     "ConvertSummary": "lorasurgeon.conversion",
     "ExtractSummary": "lorasurgeon.extraction",
-    "Progress": "lorasurgeon.surgery",
     "SurgerySummary": "lorasurgeon.surgery",
     "VerifySummary": "lorasurgeon.verification",
 }
@@ -68,7 +74,6 @@ __all__ = [
     "verify",
 ]
 
-DTYPE_CHOICES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 PathLike = str | Path
 try:
     __version__ = metadata.version("lorasurgeon")
@@ -116,10 +121,11 @@ def verify(
     """Prove that `merged` is round(base + Σ weight_i · ΔW_i) within `tolerance` ulps of each tensor's dtype and that
     its config, generation config and tokenizer agree: a verdict per tensor (lorasurgeon.verification), `ok` only
     when all are proven. Raises MismatchError when the adapters do not fit the base."""
-    from lorasurgeon.verification import run as run_verify
-
+    factors = adapter_weights(weights, len(adapters))
     with _opened(base, adapters, alpha) as (ckpt, loaded):
-        return run_verify(Path(merged), ckpt, loaded, _weights(weights, len(adapters)), tolerance, on_progress)
+        from lorasurgeon.verification import run as run_verify  # torch: only once the inputs have been read
+
+        return run_verify(Path(merged), ckpt, loaded, factors, tolerance, on_progress)
 
 
 def report(
@@ -165,14 +171,19 @@ def merge(
 
     Each tensor gets the sum of its deltas in fp32, rounded once to its dtype (or `dtype`: keep, fp32,
     fp16, bf16). Raises MismatchError when the adapters do not fit, OutputError when `out` cannot be
-    written, NumericError when a result would not be finite.
+    written, NumericError when a result would not be finite. `on_progress` gets a Progress per phase and tensor.
     """
-    from lorasurgeon.surgery import SurgeryOptions, run
-
-    options = SurgeryOptions(scale, alpha, resolve_device(device), _dtype(dtype), force, dry_run, allow_nonfinite)
+    out_dtype, factors = output_dtype(dtype), adapter_weights(weights, len(adapters))
+    check_device(device)
+    if on_progress:
+        on_progress(Progress(phase="planning"))
     with _opened(base, adapters, alpha) as (ckpt, loaded):
-        inputs, target = [Path(base), *(Path(a) for a in adapters)], _output(ckpt, out, "merge")
-        return run("merge", ckpt, loaded, target, inputs, _weights(weights, len(adapters)), options, on_progress)
+        from lorasurgeon.surgery import SurgeryOptions, run  # torch: only once the inputs have been read
+
+        options = SurgeryOptions(scale, alpha, resolve_device(device), out_dtype, force, dry_run, allow_nonfinite)
+        inputs = [Path(base), *(Path(a) for a in adapters)]
+        target = output_path(ckpt, out, "merge")
+        return run("merge", ckpt, loaded, target, inputs, factors, options, on_progress)
 
 
 def unmerge(
@@ -191,12 +202,16 @@ def unmerge(
 ) -> SurgerySummary:
     """Write merged − scale · ΔW to `out` (default: `<merged>-unmerged`). Exact only up to rounding:
     in bf16 a merge followed by an unmerge leaves about one ulp of difference on some elements."""
-    from lorasurgeon.surgery import SurgeryOptions, run
-
-    options = SurgeryOptions(scale, alpha, resolve_device(device), _dtype(dtype), force, dry_run, allow_nonfinite)
+    out_dtype = output_dtype(dtype)
+    check_device(device)
+    if on_progress:
+        on_progress(Progress(phase="planning"))
     with _opened(merged, [adapter], alpha) as (ckpt, loaded):
+        from lorasurgeon.surgery import SurgeryOptions, run  # torch: only once the inputs have been read
+
+        options = SurgeryOptions(scale, alpha, resolve_device(device), out_dtype, force, dry_run, allow_nonfinite)
         inputs = [Path(merged), Path(adapter)]
-        return run("unmerge", ckpt, loaded, _output(ckpt, out, "unmerge"), inputs, [1.0], options, on_progress)
+        return run("unmerge", ckpt, loaded, output_path(ckpt, out, "unmerge"), inputs, [1.0], options, on_progress)
 
 
 def extract(
@@ -217,6 +232,9 @@ def extract(
     base_name: str | None = None,
     patterns: bool = False,
     device: str = "auto",
+    cluster: str | None = None,
+    threads: int | None = None,
+    resume: bool = False,
     force: bool = False,
     dry_run: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
@@ -228,24 +246,49 @@ def extract(
     `max_rank`); `method` is auto, exact or randomized (see lorasurgeon.extraction). `curve` adds the relative
     error at those ranks. `save_changed_vectors` stores the modules whose 1-D tensors (norms) changed as PEFT
     modules_to_save. The adapter names its base as `base_name` (a Hub repo id, say), else `base` as given, and the
-    task type of its architecture, so that AutoPeftModel loads it; one lora_alpha with lora_alpha / rᵢ folded into
-    the factors (`patterns`: PEFT's alpha_pattern). Raises MismatchError when names or shapes differ (unless
-    `skip_mismatched`), NothingChangedError (exit 1) when no target differs, OutputError when `out` can't be written.
+    task type of its architecture, so that AutoPeftModel loads it, with one lora_alpha and lora_alpha / rᵢ folded
+    into the factors (`patterns`: PEFT's alpha_pattern instead). `cluster` ("ray" or "ray:ADDRESS") runs one
+    Ray task per matrix, reading the checkpoints from a path every node sees; `threads` is the torch threads per
+    matrix (default: this process's count; the factors are bit-identical for the same threads and device type,
+    here or on any worker); `resume` continues an interrupted run from the matrices it computed (checked against
+    the inputs' sizes and mtimes). Raises MismatchError when names or shapes differ (unless `skip_mismatched`),
+    NothingChangedError when no target differs, OutputError when `out` cannot be written.
 
     >>> extract("base/", "tuned/", "lora/", rank=16).total_error  # doctest: +SKIP
     0.41
     """
-    from lorasurgeon.decomposition import RankRule
-    from lorasurgeon.extraction import run as run_extract
+    from lorasurgeon.cluster import parse_cluster
     from lorasurgeon.pairing import ExtractOptions
+    from lorasurgeon.rank_rule import RankRule
 
     rule = RankRule(rank=rank, energy=energy, max_rank=max_rank, method=method, curve=tuple(curve))
-    flags = (include_embeddings, skip_mismatched, save_changed_vectors, base_name, patterns)
-    options = ExtractOptions(rule, alpha, tuple(targets), *flags)
+    options = ExtractOptions(
+        rule=rule,
+        alpha=alpha,
+        targets=tuple(targets),
+        include_embeddings=include_embeddings,
+        skip_mismatched=skip_mismatched,
+        save_changed_vectors=save_changed_vectors,
+        base_name=base_name,
+        patterns=patterns,
+    )
     options.validate(dry_run)
-    torch_device = resolve_device(device)
+    if threads is not None and threads < 1:
+        raise LorasurgeonError(Option("threads", threads), ": must be at least 1")
+    parsed = parse_cluster(cluster) if cluster else None
+    check_device(device)
+    if on_progress:
+        on_progress(Progress(phase="planning"))
     out_path = Path(out) if out is not None else None
-    return run_extract(Path(base), Path(tuned), out_path, options, torch_device, force, dry_run, on_progress)
+    with Checkpoint.open(Path(base)) as base_ckpt, Checkpoint.open(Path(tuned)) as tuned_ckpt:
+        from lorasurgeon.extract_steps import Execution  # torch: only once the inputs have been read
+        from lorasurgeon.extraction import run as run_extract
+
+        torch_device = resolve_device(device)
+        execution = Execution(parsed, threads, resume)
+        return run_extract(
+            base_ckpt, tuned_ckpt, out_path, options, torch_device, force, dry_run, on_progress, execution
+        )
 
 
 def convert(
@@ -298,52 +341,3 @@ def _opened(
         finally:
             for adapter in loaded:
                 adapter.source.close()
-
-
-def _output(ckpt: Checkpoint, out: PathLike | None, operation: Operation) -> Path:
-    """OUT, which mirrors the base's layout: a directory for a directory or index, one file for one file."""
-    if out is None:
-        return default_output(ckpt, operation)
-    if ckpt.layout != "file" and Path(out).suffix == ".safetensors":
-        raise LorasurgeonError(
-            f"{out}: names one .safetensors file, but the base {ckpt.path} is a checkpoint directory or index, which "
-            "OUT mirrors as a directory; name OUT as a directory, or give the base's .safetensors file to write one"
-        )
-    return Path(out)
-
-
-def default_output(ckpt: Checkpoint, operation: Operation) -> Path:
-    """`<base name>-merged[.safetensors]` in the current directory, mirroring the base's layout."""
-    suffix = f"-{operation}d"
-    if ckpt.layout == "file":
-        return Path(f"{ckpt.path.stem}{suffix}.safetensors")
-    return Path(f"{ckpt.root.resolve().name}{suffix}")
-
-
-def resolve_device(device: str) -> torch.device:
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LorasurgeonError(Option("device", device), ": CUDA is not available on this machine")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise LorasurgeonError(Option("device", device), ": expected auto, cpu or cuda")
-    return torch.device(device)
-
-
-def _weights(weights: Sequence[float] | None, count: int) -> list[float]:
-    if not weights:
-        return [1.0] * count
-    if len(weights) != count:
-        raise LorasurgeonError(
-            Option("weights", cli="weight"),
-            f" was given {len(weights)} weights for {count} adapters; give one per adapter",
-        )
-    return [float(w) for w in weights]
-
-
-def _dtype(dtype: str) -> str | None:
-    if dtype not in DTYPE_CHOICES:
-        raise LorasurgeonError(Option("dtype", dtype), f": expected one of {', '.join(DTYPE_CHOICES)}")
-    return DTYPE_CHOICES[dtype]

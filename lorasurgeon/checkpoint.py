@@ -87,14 +87,16 @@ class Checkpoint:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-    def read(self, info: TensorInfo) -> torch.Tensor:
-        """The tensor's data in a fresh CPU buffer (only this tensor is resident)."""
+    def read(self, info: TensorInfo, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor's data in a fresh CPU buffer (only this tensor is resident), or in the first bytes of
+        `into` (a uint8 CPU tensor of at least info.nbytes, which a caller reuses)."""
         import torch  # here, not at the top: reading headers (report) needs no torch, whose import takes seconds
 
         dtype = torch_dtype(info.dtype)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)  # uninitialised: the read fills every byte
+        # uninitialised: the read fills every byte
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8) if into is None else into[: info.nbytes]
         read_into(info.path, self._file(info.path).fileno(), buffer.numpy().data, info.start)
         return buffer.view(dtype).reshape(info.shape)
 

@@ -14,6 +14,7 @@ from lorasurgeon.errors import Finding
 from lorasurgeon.report import SCHEMA_VERSION, CheckResult, ModuleReport, Report
 
 if TYPE_CHECKING:  # not imported at run time: they load torch, which `report` does not need
+    from lorasurgeon.cluster import WorkReport
     from lorasurgeon.conversion import ConvertSummary
     from lorasurgeon.extraction import ExtractSummary
     from lorasurgeon.plan import Plan
@@ -239,6 +240,21 @@ def extract_doc(summary: ExtractSummary) -> dict[str, Any]:
         "warnings": [finding_doc(f) for f in summary.warnings],
         "adapter_config": summary.config,
         "folded": list(summary.folded),
+        "work": work_doc(summary.work) if summary.work is not None else None,
+        "resumed_from": summary.resumed_from,
+    }
+
+
+def work_doc(work: WorkReport) -> dict[str, Any]:
+    """Where a command's per-step tasks ran (lorasurgeon.cluster): per node, retried after a lost worker, and
+    taken from an interrupted run's journal instead of being computed."""
+    return {
+        "engine": work.engine,
+        "address": work.address,
+        "steps_run": work.steps,
+        "retried": work.retried,
+        "resumed": work.resumed,
+        "nodes": [{"node": n.node, "steps": n.steps, "seconds": round(n.seconds, 3)} for n in work.nodes],
     }
 
 

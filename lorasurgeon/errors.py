@@ -136,6 +136,5 @@ class NonfiniteWarning(UserWarning):
 
 
 class NothingChangedError(MismatchError):
-    """BASE and TUNED agree on every target matrix: there is no adapter to extract (exit 1, like a check)."""
-
-    exit_code = 1
+    """BASE and TUNED agree on every target matrix: there is no adapter to extract. An error like any other (exit
+    code 2): exit code 1 is only ever a verdict of `check` or `report --fail-on`, never a failure to do the work."""

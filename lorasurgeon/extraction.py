@@ -1,17 +1,20 @@
 """Extract a LoRA adapter from a full fine-tune: per matrix ΔW = W_tuned − W_base, truncated SVD, PEFT directory.
 
 Flow: `plan_extract` pairs the two checkpoints' tensors by name from their headers (nothing read, every
-mismatch a finding); `decompose_pairs` then reads one matrix pair at a time, forms ΔW in fp32 on the device,
-factorises it (lorasurgeon.decomposition) as B·A = U_r·diag(σ_r)·V_rᵀ with √σ in each factor, and keeps only the
-small factors; the PEFT writer (lorasurgeon.formats.peft) publishes the adapter directory atomically.
+mismatch a finding); `decompose_pairs` (lorasurgeon.extract_steps) then runs one task per matrix pair, here or
+on a Ray cluster: it reads the pair, forms ΔW in fp32 on the device, factorises it (lorasurgeon.decomposition)
+as B·A = U_r·diag(σ_r)·V_rᵀ with √σ in each factor, and returns only the small factors, which the driver keeps
+in a journal inside OUT's temporary (for --resume); the PEFT writer (lorasurgeon.formats.peft) then publishes
+the adapter directory atomically.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,100 +22,21 @@ from typing import Any
 import torch
 
 from lorasurgeon.checkpoint import Checkpoint
-from lorasurgeon.decomposition import MatrixResult, decompose
-from lorasurgeon.errors import Finding, NothingChangedError, NumericError
+from lorasurgeon.cluster import WorkReport
+from lorasurgeon.decomposition import MatrixResult
+from lorasurgeon.errors import Finding, InputError, MismatchError, NothingChangedError, NumericError, UnsupportedError
+from lorasurgeon.extract_steps import ChangedTensor, Decomposed, Execution, decompose_pairs
 from lorasurgeon.formats import peft
 from lorasurgeon.formats.model_classes import auto_mapping, task_type
 from lorasurgeon.formats.peft_config import adapter_config, target_modules_for
 from lorasurgeon.formats.scale_form import ScaleForm, scale_form
 from lorasurgeon.header import TensorInfo
+from lorasurgeon.journal import Journal
 from lorasurgeon.pairing import ExtractOptions, ExtractPlan, plan_extract
-from lorasurgeon.surgery import Progress
+from lorasurgeon.progress import Progress
 from lorasurgeon.writer import CheckpointWriter
 
-
-@dataclass(frozen=True)
-class ChangedTensor:
-    """A tensor that differs between BASE and TUNED but is not in the adapter (norms, biases, heads)."""
-
-    name: str
-    shape: tuple[int, ...]
-    max_change: float
-
-
-def decompose_pairs(
-    plan: ExtractPlan,
-    options: ExtractOptions,
-    device: torch.device,
-    on_progress: Callable[[Progress], None] | None = None,
-) -> tuple[list[MatrixResult], dict[str, torch.Tensor], list[ChangedTensor]]:
-    """Read one pair at a time and decompose it; returns (results, PEFT-keyed fp32 factors, other changes).
-
-    Targets whose ΔW is zero are left out of both. Raises NothingChangedError when every target is unchanged.
-    """
-    generator = torch.Generator(device=device).manual_seed(options.rule.seed)
-    results: list[MatrixResult] = []
-    factors: dict[str, torch.Tensor] = {}
-    total = len(plan.pairs) + len(plan.others)
-    work = sum(p.base.nbytes + p.tuned.nbytes for p in plan.pairs)
-    work += sum(b.nbytes + t.nbytes for b, t in plan.others)
-    done = 0
-    for index, pair in enumerate(plan.pairs):
-        delta = read_delta(plan, pair.base, pair.tuned, device)
-        if pair.transpose:
-            delta = delta.T.contiguous()  # (in, out) -> (out, in): PEFT's A is (r, in), B is (out, r)
-        if torch.any(delta):
-            result, b, a = decompose(
-                delta, options.rule, generator, module=pair.module, tensor=pair.tuned.name, kind=pair.kind
-            )
-            results.append(result)
-            factors.update(peft.factor_tensors(pair.module, pair.kind, b, a))
-        del delta
-        done += pair.base.nbytes + pair.tuned.nbytes
-        if on_progress:
-            on_progress(Progress(index + 1, total, done, work))
-    changed = _changed_others(plan, device, on_progress, (len(plan.pairs), total, done, work))
-    if not results:
-        differ = f"; only {len(changed)} other tensors differ (e.g. {changed[0].name})" if changed else ""
-        raise NothingChangedError(
-            f"{plan.tuned.path}: every target matrix equals BASE {plan.base.path}, so there is nothing to "
-            f"extract{differ}"
-        )
-    return results, factors, changed
-
-
-def read_delta(plan: ExtractPlan, base: TensorInfo, tuned: TensorInfo, device: torch.device) -> torch.Tensor:
-    """W_tuned − W_base in fp32 on `device` (subtracted in fp32, never in the stored dtype)."""
-    delta = plan.tuned.read(tuned).to(device=device, dtype=torch.float32)
-    delta -= plan.base.read(base).to(device=device, dtype=torch.float32)
-    if not bool(torch.isfinite(delta).all()):
-        raise NumericError(f"{tuned.path}: {tuned.name} − BASE holds NaN or Inf values; cannot extract it")
-    return delta
-
-
-def _changed_others(
-    plan: ExtractPlan,
-    device: torch.device,
-    on_progress: Callable[[Progress], None] | None,
-    counts: tuple[int, int, int, int],
-) -> list[ChangedTensor]:
-    index, total, done, work = counts
-    changed = []
-    for b, t in plan.others:
-        old, new = plan.base.read(b), plan.tuned.read(t)
-        if old.dtype == new.dtype and torch.equal(old, new):  # the common case, decided without fp32 copies
-            diff = 0.0
-        elif b.is_float and t.is_float and t.numel:
-            diff = float((new.to(device, torch.float32) - old.to(device, torch.float32)).abs().max().item())
-        else:
-            diff = 1.0
-        del old, new
-        if diff:
-            changed.append(ChangedTensor(t.name, t.shape, float(diff)))
-        index, done = index + 1, done + b.nbytes + t.nbytes
-        if on_progress:
-            on_progress(Progress(index, total, done, work))
-    return changed
+JOURNAL = ".lorasurgeon-journal"  # the folder inside OUT's temporary where each computed matrix is kept
 
 
 def config_of(
@@ -185,48 +109,85 @@ def default_output(tuned: Checkpoint) -> Path:
 
 
 def run(
-    base: Path,
-    tuned: Path,
+    base_ckpt: Checkpoint,
+    tuned_ckpt: Checkpoint,
     out: Path | None,
     options: ExtractOptions,
     device: torch.device,
     force: bool,
     dry_run: bool,
     on_progress: Callable[[Progress], None] | None,
+    execution: Execution | None = None,
 ) -> ExtractSummary:
-    """plan -> decompose -> write, for lorasurgeon.extract(); OUT is checked before any SVD is computed."""
+    """plan -> decompose -> write, for lorasurgeon.extract() (which opened BASE and TUNED, and closes them); OUT is
+    checked before any SVD is computed. OUT's temporary exists from the start, and its journal keeps every matrix
+    computed (see `kept_for_resume`)."""
     started = time.perf_counter()
+    execution = execution or Execution()
+    base, tuned = base_ckpt.path, tuned_ckpt.path
     if base.resolve() == tuned.resolve():
         raise NothingChangedError(f"{tuned}: BASE and TUNED are the same checkpoint, so there is nothing to extract")
-    with Checkpoint.open(base) as base_ckpt, Checkpoint.open(tuned) as tuned_ckpt:
-        plan = plan_extract(base_ckpt, tuned_ckpt, options)
-        target = out if out is not None else default_output(tuned_ckpt)
-        writer = None if dry_run else CheckpointWriter(target, is_dir=True, inputs=[base, tuned], force=force)
-        results, factors, changed = decompose_pairs(plan, options, device, on_progress)
-        saved, full = changed_vectors(plan, changed, results) if options.save_changed_vectors else ([], {})
-        config, form, stated = config_of(plan, results, options, saved, str(base))
-        if writer is not None:
-            record = {"operation": "extract", "base": base_ckpt.path.name, "tuned": tuned_ckpt.path.name}
-            with writer:
-                peft.write_adapter(writer, factors, config, record, full, multipliers(results, form, stated))
-        extracted = {r.module for r in results}
-        return ExtractSummary(
-            base=str(base),
-            tuned=str(tuned),
-            output=str(target),
-            dry_run=dry_run,
-            device=str(device),
-            matrices=tuple(results),
-            unchanged=tuple(p.tuned.name for p in plan.pairs if p.module not in extracted),
-            saved_modules=tuple(saved),
-            changed_other=tuple(changed),
-            warnings=plan.findings,
-            curve=options.rule.curve,
-            config=config,
-            folded=form.folded,
-            bytes_written=writer.bytes_written if writer is not None else 0,
-            seconds=time.perf_counter() - started,
+    plan = plan_extract(base_ckpt, tuned_ckpt, options)
+    target = out if out is not None else default_output(tuned_ckpt)
+    record = {"operation": "extract", "base": base_ckpt.path.name, "tuned": tuned_ckpt.path.name}
+    writer, resumed_from = None, None
+    if dry_run:
+        done = decompose_pairs(plan, options, device, on_progress, execution)
+        saved, full, config, form, stated = _adapter_parts(plan, done, options, str(base))
+    else:
+        writer = CheckpointWriter(
+            target, is_dir=True, inputs=[base, tuned], force=force, scratch=JOURNAL, resume=execution.resume
         )
+        with writer:
+            journal = Journal(writer.path(JOURNAL))
+            with kept_for_resume(journal):
+                done = decompose_pairs(plan, options, device, on_progress, execution, journal)
+                saved, full, config, form, stated = _adapter_parts(plan, done, options, str(base))
+                if on_progress:
+                    on_progress(Progress(phase="publishing"))
+                scaled = multipliers(done.results, form, stated)
+                peft.write_adapter(writer, done.factors, config, record, full, scaled)
+        resumed_from = str(writer.resumed_from) if writer.resumed_from else None
+    extracted = {r.module for r in done.results}
+    return ExtractSummary(
+        base=str(base),
+        tuned=str(tuned),
+        output=str(target),
+        dry_run=dry_run,
+        device=str(device),
+        matrices=tuple(done.results),
+        unchanged=tuple(p.tuned.name for p in plan.pairs if p.module not in extracted),
+        saved_modules=tuple(saved),
+        changed_other=tuple(done.changed),
+        warnings=plan.findings,
+        curve=options.rule.curve,
+        config=config,
+        folded=form.folded,
+        bytes_written=writer.bytes_written if writer is not None else 0,
+        seconds=time.perf_counter() - started,
+        work=done.work,
+        resumed_from=resumed_from,
+    )
+
+
+def _adapter_parts(
+    plan: ExtractPlan, done: Decomposed, options: ExtractOptions, base: str
+) -> tuple[list[str], dict[str, torch.Tensor], dict[str, Any], ScaleForm, float]:
+    """(modules_to_save, their full tensors, adapter_config.json naming `base`, its scale form, the stated scale)."""
+    saved, full = changed_vectors(plan, done.changed, done.results) if options.save_changed_vectors else ([], {})
+    return saved, full, *config_of(plan, done.results, options, saved, base)
+
+
+@contextlib.contextmanager
+def kept_for_resume(journal: Journal) -> Iterator[None]:
+    """The journal outlives a run that was interrupted (^C, a kill, a lost cluster, a full disk): the writer then
+    keeps OUT's temporary for --resume. It is emptied when the inputs are at fault (a NaN, a mismatch, nothing
+    changed), which a resumed run would meet again."""
+    try:
+        yield
+    except (InputError, MismatchError, NumericError, UnsupportedError):
+        journal.clear()
+        raise
 
 
 @dataclass(frozen=True)
@@ -248,6 +209,8 @@ class ExtractSummary:
     folded: tuple[str, ...]  # modules whose factors carry lora_alpha / rᵢ ≠ 1 (the single-alpha form)
     bytes_written: int
     seconds: float
+    work: WorkReport | None = None  # where the matrices were computed (local or per Ray node), retried, resumed
+    resumed_from: str | None = None  # the interrupted run's temporary this run took its journal from
 
     @property
     def total_error(self) -> float:

@@ -5,7 +5,11 @@ Shapes follow PEFT: A is (r, in), B is (out, r), and a delta is laid out like th
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
+
+from lorasurgeon.blocks import delta_rows, folded
 
 
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, transpose: bool) -> torch.Tensor:
@@ -35,7 +39,14 @@ MIN_BLOCK_ROWS = 64  # fewer rows make the matmul inefficient and the per-block 
 
 
 def merge_blockwise(
-    weight: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor, float, bool]], sign: int, dtype: torch.dtype
+    weight: torch.Tensor,
+    factors: list[tuple[torch.Tensor, torch.Tensor, float, bool]],
+    sign: int,
+    dtype: torch.dtype,
+    *,
+    out: torch.Tensor | None = None,
+    parallel: Callable[..., Iterable[bool]] | None = None,
+    parts: int = 2,
 ) -> tuple[torch.Tensor, bool]:
     """round(fp32(W) + sign · Σ scale·(B @ A)) to `dtype`, a block of W's rows at a time, and whether every
     value fit `dtype` (see `fits`).
@@ -44,30 +55,51 @@ def merge_blockwise(
     W is viewed as (m, n), or (n, m) with `transpose`. The order of operations is the whole-tensor route's
     (lora_delta per term, summed in order, add_delta_, one rounding); only the r products of each ΔW element
     may be summed in another order by BLAS for a block's shape than for the whole matrix's (fp32 rounding).
+    A scale that is a power of two ≥ 1, and the sign, are folded into A: multiplying by ±2^k changes only the
+    exponent, so every product and sum is that of the unfolded route times ±2^k, bit for bit (but for products
+    below fp32's normal range, 2^-126), and the pass that scaled each block is saved.
+
+    `out` (any shape of W's size, of `dtype`) receives the result, so a caller can reuse buffers (a fresh
+    one costs a page fault per 4 KiB). `parallel`, a map such as a thread pool's `Executor.map`, computes
+    `parts` runs of consecutive blocks concurrently: each block is computed exactly as it is sequentially
+    (torch releases the GIL), so the result does not change.
     """
     flat = weight.reshape(weight.shape[0], -1)
     rows, columns = flat.shape
-    out = torch.empty(flat.shape, dtype=dtype, device=weight.device)
+    result = torch.empty(flat.shape, dtype=dtype, device=weight.device) if out is None else out.view(flat.shape)
     step = rows if weight.is_cuda else max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(columns, 1))
-    ok = True
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)
-        block = _delta_rows(factors[0], start, stop)
-        for term in factors[1:]:
-            block.add_(_delta_rows(term, start, stop))
-        if sign < 0:
-            block.neg_()
-        block.add_(flat[start:stop])
-        ok = ok and fits(block, dtype)
-        out[start:stop] = block
-    return out.reshape(weight.shape), ok
+    terms = [folded(term, sign) for term in factors]
+    spans = [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+    def merge_run(run: list[tuple[int, int]]) -> bool:
+        buffer = torch.empty(step * columns, device=weight.device)  # one fp32 block, reused
+        ok = True
+        for start, stop in run:
+            block = delta_rows(terms[0], start, stop, buffer)
+            for term in terms[1:]:
+                block.add_(delta_rows(term, start, stop))
+            block.add_(flat[start:stop])
+            result[start:stop] = block
+            ok = ok and _rounded_fit(block, result[start:stop], dtype)
+        return ok
+
+    if parallel is None or len(spans) < 2 * parts:
+        return result.view(weight.shape), merge_run(spans)
+    share = -(-len(spans) // parts)
+    runs = [spans[i : i + share] for i in range(0, len(spans), share)]
+    return result.view(weight.shape), all(list(parallel(merge_run, runs)))
 
 
-def _delta_rows(factors: tuple[torch.Tensor, torch.Tensor, float, bool], start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of scale · (B @ A), or of its transpose, in fp32."""
-    a, b, scale, transpose = factors
-    rows = (b @ a[:, start:stop]).T if transpose else b[start:stop] @ a
-    return rows.mul_(scale)
+# Output dtypes whose rounding turns anything out of range into ±Inf (and keeps NaN): for them a finite sum of
+# the rounded block proves every value fit, in one pass over half the bytes (a sum that overflows, or NaN/Inf,
+# only sends the caller to its exact checks).
+ROUNDS_TO_INF = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _rounded_fit(exact: torch.Tensor, rounded: torch.Tensor, dtype: torch.dtype) -> bool:
+    if dtype in ROUNDS_TO_INF:
+        return bool(torch.isfinite(rounded.sum(dtype=torch.float32)).item())
+    return fits(exact, dtype)
 
 
 def fits(exact: torch.Tensor, dtype: torch.dtype) -> bool:

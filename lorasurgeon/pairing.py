@@ -9,10 +9,10 @@ import re
 from dataclasses import dataclass, field
 
 from lorasurgeon.checkpoint import Checkpoint
-from lorasurgeon.decomposition import RankRule
 from lorasurgeon.errors import Finding, LorasurgeonError, MismatchError, Option, Severity, UnsupportedError
 from lorasurgeon.formats.architectures import EMBEDDINGS, HEADS, is_conv1d
 from lorasurgeon.header import TensorInfo
+from lorasurgeon.rank_rule import RankRule
 
 
 @dataclass(frozen=True)

@@ -7,70 +7,73 @@ import contextlib
 import importlib.util
 import itertools
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
+from lorasurgeon import progress_bar as bars
 from lorasurgeon import views
 from lorasurgeon.census import Count
 from lorasurgeon.documents import extract_doc, plan_doc, summary_doc
 from lorasurgeon.errors import Finding, UnsupportedError
+from lorasurgeon.finding_groups import group_findings
+from lorasurgeon.progress import Progress
 from lorasurgeon.report import ModuleReport, Report
+from lorasurgeon.tables import Column, Fitted, Kind
+from lorasurgeon.units import size
 
 if TYPE_CHECKING:  # not imported at run time: they load torch, which `report` does not need
+    from lorasurgeon.cluster import WorkReport
     from lorasurgeon.conversion import ConvertSummary
     from lorasurgeon.extraction import ExtractSummary
     from lorasurgeon.plan import Plan
-    from lorasurgeon.surgery import Progress as SurgeryProgress
     from lorasurgeon.surgery import SurgerySummary
     from lorasurgeon.verification import VerifySummary
 
 # Wide when piped (CI logs, README examples), so tensor names are not cut.
 stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+REPORT_TEXT = {"metadata"}  # report columns of words, which may wrap; the rest are numbers or labels
+REPORT_LABELS = {"dtype", "kind"}
 
 
-@contextlib.contextmanager
-def progress_bar(label: str) -> Iterator[Callable[[SurgeryProgress], None] | None]:
-    """A progress callback drawing tensors and bytes on a terminal; None (silent) when stderr is piped."""
-    if not stderr.is_terminal:
-        yield None
-        return
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=stderr, transient=True) as bar:
-        task = bar.add_task(label, total=None)
-
-        def update(p: SurgeryProgress) -> None:
-            bar.update(task, total=p.bytes_total, completed=p.bytes_done, description=f"{label} {p.tensors_done}")
-
-        yield update
+def progress_bar(label: str) -> contextlib.AbstractContextManager[Callable[[Progress], None] | None]:
+    """A progress callback drawing phases, tensors and bytes on stderr (lorasurgeon.progress_bar); None (silent)
+    when stderr is piped."""
+    return bars.progress_bar(label, stderr)
 
 
 def show_check(plan: Plan, target: str | None = None) -> None:
-    """The check table: one row per adapted module, then the findings (with `target`, the runtime's too)."""
-    table = Table(title=f"{plan.base.path}: {len(plan.base.tensors)} tensors", title_justify="left")
-    for column in ("adapter", "base tensor", "shape", "rank", "alpha", "scale"):
-        table.add_column(column, justify="right" if column in ("rank", "alpha", "scale") else "left")
+    """The check table: one row per adapted module (none when nothing fits), then the findings, grouped by kind
+    (with `target`, the runtime's rules' too)."""
     doc = plan_doc(plan)
+    paths = [a["path"] for a in doc["adapters"]]
+    several = len(paths) > 1  # one adapter is named in the title, not on every row
+    title = f"{plan.base.path}: {len(plan.base.tensors)} tensors" + ("" if several else f"; adapter {paths[0]}")
+    rows = []
     for row in doc["modules"]:
-        transposed = " (T)" if row["transposed"] else ""
-        shape = "x".join(map(str, row["shape"])) + transposed
+        shape = "x".join(map(str, row["shape"])) + (" (T)" if row["transposed"] else "")
         rank = row["kind"] if row["rank"] is None else str(row["rank"])  # another tuner than LoRA: its name
-        table.add_row(row["adapter"], row["base_key"], shape, rank, _num(row["alpha"]), _num(row["scale"]))
-    stderr.print(table)
+        cells = [row["base_key"], shape, rank, _num(row["alpha"]), _num(row["scale"])]
+        rows.append([row["adapter"], *cells] if several else cells)
+    columns = [Column("base tensor", "name"), *map(Column, ("shape", "rank", "alpha", "scale"))]
+    if rows:
+        stderr.print(Fitted([Column("adapter", "name"), *columns] if several else columns, rows, title))
     show_findings(plan.findings)
-    verdict = "[green]fits[/]" if not plan.errors else f"[red]does not fit[/] ({len(plan.errors)} problems)"
+    problems = f" ({len(plan.errors)} problems; --json lists each)" if len(plan.errors) > 1 else ""
+    verdict = "[green]fits[/]" if not plan.errors else f"[red]does not fit[/]{problems}"
     runs = f" and {target} reads it as PEFT does" if target and not plan.errors else f" on {target}" if target else ""
     stderr.print(f"{len(doc['modules'])} modules checked: the adapter {verdict}{runs}")
 
 
 def show_findings(findings: tuple[Finding, ...] | list[Finding]) -> None:
-    for f in findings:
+    """One line per finding, or per kind where several are alike (the first one, and how many; --json has all)."""
+    for group in group_findings(findings):
+        f = group.first
         colour = "red" if f.severity == "error" else "yellow"
-        stderr.print(f"[{colour}]{f.severity}:[/] {f.words('cli')}", soft_wrap=True)
+        alike = f" ({group.count} like this)" if group.count > 1 else ""
+        stderr.print(f"[{colour}]{f.severity}{alike}:[/] {f.words('cli')}", soft_wrap=True)
 
 
 def show_summary(summary: SurgerySummary) -> None:
@@ -80,7 +83,7 @@ def show_summary(summary: SurgerySummary) -> None:
         return
     stderr.print(
         f"{summary.operation}: wrote {summary.output} ({summary.changed} of {summary.tensors} tensors changed, "
-        f"{summary.bytes_written / 1e6:.1f} MB, {summary.seconds:.1f} s on {summary.device})",
+        f"{size(summary.bytes_written)}, {summary.seconds:.1f} s on {summary.device})",
         soft_wrap=True,
     )
     for path in summary.removed_temporaries:
@@ -90,16 +93,14 @@ def show_summary(summary: SurgerySummary) -> None:
 
 
 def show_plan(summary: SurgerySummary) -> None:
-    table = Table(title=f"dry run: {summary.operation} into {summary.output} (nothing written)", title_justify="left")
-    for column in ("shard", "tensor", "dtype", "adapters"):
-        table.add_column(column)
-    for row in summary_doc(summary)["steps"]:
-        table.add_row(row["shard"], row["tensor"], row["dtype"], ", ".join(row["adapters"]))
-    stderr.print(table)
+    title = f"dry run: {summary.operation} into {summary.output} (nothing written)"
+    columns = [Column("shard", "name"), Column("tensor", "name"), Column("dtype", "label"), Column("adapters", "text")]
+    rows = [[r["shard"], r["tensor"], r["dtype"], ", ".join(r["adapters"])] for r in summary_doc(summary)["steps"]]
+    stderr.print(Fitted(columns, rows, title))
     stderr.print(f"{summary.changed} of {summary.tensors} tensors would change; the rest are copied byte for byte")
 
 
-def report_tables(report: Report) -> views.Tables:
+def report_tables(report: Report) -> list[tuple[str, list[str], list[list[str]]]]:
     """The report as (title, columns, rows) tables, shared by the rich and the Markdown renderings."""
     t = report.totals
     title = f"{report.path}: {report.kind} ({report.format}), {t.tensors} tensors, {t.parameters:,} parameters"
@@ -127,19 +128,11 @@ def report_tables(report: Report) -> views.Tables:
 
 
 def _count_row(c: Count) -> list[str]:
-    return [c.name, str(c.tensors), f"{c.parameters:,}", _size(c.bytes)]
+    return [c.name, str(c.tensors), f"{c.parameters:,}", size(c.bytes)]
 
 
 def _rows(counts: tuple[Count, ...]) -> list[list[str]]:
     return [_count_row(c) for c in counts]
-
-
-def _size(n: int) -> str:
-    return next(
-        f"{n / 1000**i:.1f} {unit}"
-        for i, unit in reversed(list(enumerate(["B", "kB", "MB", "GB", "TB"])))
-        if n >= 1000**i or i == 0
-    )
 
 
 def _meta(metadata: dict[str, str]) -> str:
@@ -204,7 +197,9 @@ def _num(v: float | None) -> str:
 
 def show_report(report: Report) -> None:
     """The report as rich tables on stderr, then its findings, the check and the rules that fired."""
-    print_tables(report_tables(report))
+    for title, columns, rows in report_tables(report):
+        stderr.print(f"[bold]{title}[/]", soft_wrap=True)
+        stderr.print(Fitted([Column(c, _report_kind(i, c)) for i, c in enumerate(columns)], rows))
     show_findings(report.findings)
     if report.check:
         show_findings(report.check.findings)
@@ -216,16 +211,10 @@ def show_report(report: Report) -> None:
     show_fired(report)
 
 
-def print_tables(tables: views.Tables) -> None:
-    """(title, columns, rows) tables on stderr, the first column left-aligned, the others right."""
-    for title, columns, rows in tables:
-        stderr.print(f"[bold]{title}[/]", soft_wrap=True)
-        table = Table()
-        for i, column in enumerate(columns):
-            table.add_column(column, justify="left" if i == 0 else "right")
-        for row in rows:
-            table.add_row(*row)
-        stderr.print(table)
+def _report_kind(index: int, column: str) -> Kind:
+    if index == 0:
+        return "name"
+    return "text" if column in REPORT_TEXT else "label" if column in REPORT_LABELS else "number"
 
 
 def show_fired(report: Report) -> None:
@@ -248,7 +237,12 @@ def report_markdown(report: Report) -> str:
 
 def show_verify(summary: VerifySummary) -> None:
     """The verify tables, each problem, and the verdict, on stderr."""
-    print_tables(views.verify_tables(summary))
+    for title, columns, rows in views.verify_tables(summary):
+        kinds: list[Kind] = [
+            "name",
+            *("label" if c in ("verdict", "adapters", "detail") else "number" for c in columns[1:]),
+        ]
+        stderr.print(Fitted([Column(c, k) for c, k in zip(columns, kinds, strict=True)], rows, title))
     for problem in summary.problems:
         stderr.print(f"[red]problem:[/] {problem.message}", soft_wrap=True)
     stderr.print(views.verify_verdict(summary), soft_wrap=True)
@@ -258,24 +252,24 @@ def show_extract(summary: ExtractSummary) -> None:
     """The extract table on stderr: one row per matrix, a total row, then what the adapter leaves out."""
     show_findings(summary.warnings)
     doc = extract_doc(summary)
-    table = Table(title=f"extract: {summary.tuned} − {summary.base}", title_justify="left")
-    curve = [f"err@{r}" for r in summary.curve]
-    for column in ("tensor", "shape", "rank", "method", "energy", "rel. error", *curve, "params"):
-        table.add_column(column, justify="left" if column in ("tensor", "method") else "right")
+    curve = [Column(f"err@{r}") for r in summary.curve]
+    columns = [Column("tensor", "name"), Column("shape"), Column("rank"), Column("method", "label")]
+    columns += [Column("energy"), Column("rel. error"), *curve, Column("params")]
+    rows = []
     for m in doc["matrices"]:
         shape = "x".join(map(str, m["shape"]))
         share = m["adapter_params"] / (m["shape"][0] * m["shape"][1])
-        table.add_row(
+        rows.append([
             m["tensor"], shape, str(m["rank"]), m["method"], f"{m['captured_energy']:.4f}",
             f"{m['relative_error']:.4f}", *(f"{e:.4f}" for e in m["curve"]), f"{share:.1%}",
-        )  # fmt: skip
+        ])  # fmt: skip
     total = doc["total"]
     share = total["adapter_params"] / max(total["replaced_params"], 1)
-    table.add_row(
+    last = [
         f"total ({total['matrices']} matrices)", "", "", "", f"{total['captured_energy']:.4f}",
-        f"{total['relative_error']:.4f}", *(f"{e:.4f}" for e in total["curve"]), f"{share:.1%}", style="bold",
-    )  # fmt: skip
-    stderr.print(table)
+        f"{total['relative_error']:.4f}", *(f"{e:.4f}" for e in total["curve"]), f"{share:.1%}",
+    ]  # fmt: skip
+    stderr.print(Fitted(columns, rows, f"extract: {summary.tuned} − {summary.base}", total=last))
     for c in summary.changed_other:
         shape = "x".join(map(str, c.shape))
         saved = c.name.rpartition(".")[0] in summary.saved_modules
@@ -285,26 +279,37 @@ def show_extract(summary: ExtractSummary) -> None:
         stderr.print(f"{len(summary.unchanged)} target matrices are unchanged and have no LoRA factors")
     for note in views.extract_notes(summary):
         stderr.print(note, soft_wrap=True)
+    if summary.work is not None and (summary.work.engine != "local" or summary.work.resumed):
+        show_work(summary.work, summary.resumed_from)
     if summary.dry_run:
         stderr.print("dry run: no adapter written")
     else:
         stderr.print(
             f"extract: wrote {summary.output} ({len(summary.matrices)} matrices, "
-            f"{summary.bytes_written / 1e6:.1f} MB, {summary.seconds:.1f} s on {summary.device})",
+            f"{size(summary.bytes_written)}, {summary.seconds:.1f} s on {summary.device})",
             soft_wrap=True,
         )
+
+
+def show_work(work: WorkReport, resumed_from: str | None) -> None:
+    """Where the per-step tasks ran: one line per node, then the retried and resumed counts."""
+    for n in work.nodes:
+        stderr.print(f"{work.engine} node {n.node}: {n.steps} steps, {n.seconds:.1f} s", soft_wrap=True)
+    if work.retried:
+        stderr.print(f"[yellow]{work.retried} steps were run again after their worker was lost[/]")
+    if work.resumed:
+        stderr.print(f"resumed: {work.resumed} steps taken from {resumed_from}", soft_wrap=True)
 
 
 def show_convert(summary: ConvertSummary) -> None:
     """One line saying what was written; with --dry-run, the table of old and new names first."""
     show_findings(summary.warnings)
     if summary.dry_run:
-        table = Table(title=f"dry run: convert to {summary.target_format} into {summary.output}", title_justify="left")
-        for column in ("module", summary.target_format, "rank", "alpha", "scale"):
-            table.add_column(column, justify="right" if column in ("rank", "alpha", "scale") else "left")
-        for c in summary.modules:
-            table.add_row(c.module.module, c.name, str(c.rank), f"{c.alpha:.6g}", f"{c.module.scale:.6g}")
-        stderr.print(table)
+        title = f"dry run: convert to {summary.target_format} into {summary.output}"
+        columns = [Column("module", "name"), Column(summary.target_format, "name"), *map(Column, ("rank", "alpha"))]
+        rows = [[c.module.module, c.name, str(c.rank), f"{c.alpha:.6g}", f"{c.module.scale:.6g}"]
+                for c in summary.modules]  # fmt: skip
+        stderr.print(Fitted([*columns, Column("scale")], rows, title))
     for line in views.convert_lines(summary):
         stderr.print(line, soft_wrap=True)
 

@@ -22,11 +22,11 @@ from lorasurgeon.errors import Finding, InputError, LorasurgeonError, MismatchEr
 from lorasurgeon.formats import detect, load_adapter
 from lorasurgeon.formats.peft_config import ADAPTER_CONFIG
 from lorasurgeon.header import TensorInfo
+from lorasurgeon.progress import Progress
 from lorasurgeon.tuner_report import TunerReport, describe, tuner_config
 
 if TYPE_CHECKING:
     from lorasurgeon.rules import Hit
-    from lorasurgeon.surgery import Progress
 
 SCHEMA_VERSION = "1"
 CONFIG_FIELDS = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
@@ -256,7 +256,6 @@ def _check(path: Path, base_path: Path) -> CheckResult:
 def _with_stats(report: Report, ckpt: Checkpoint, on_progress: Callable[[Progress], None] | None) -> Report:
     """One pass over the tensor data, one tensor at a time: per-tensor statistics, then per-module ΔW norms."""
     from lorasurgeon import linalg
-    from lorasurgeon.surgery import Progress
 
     infos = list(ckpt)
     total = sum(t.nbytes for t in infos)
@@ -265,7 +264,7 @@ def _with_stats(report: Report, ckpt: Checkpoint, on_progress: Callable[[Progres
         stats.append(TensorStats(info.name, info.dtype, *linalg.tensor_stats(ckpt.read(info))))
         done += info.nbytes
         if on_progress:
-            on_progress(Progress(i, len(infos), done, total))
+            on_progress(Progress(i, len(infos), done, total, "reading"))
     modules = tuple(_delta_norms(ckpt, m) for m in report.modules)
     return replace(report, stats=tuple(stats), modules=modules)
 

@@ -23,19 +23,14 @@ from lorasurgeon.errors import MismatchError, NonfiniteWarning, NumericError, Op
 from lorasurgeon.header import torch_dtype
 from lorasurgeon.mirror import copy_companions, output_bytes, output_index, output_metadata
 from lorasurgeon.plan import Operation, Plan, Step, Term, plan_surgery
+from lorasurgeon.progress import Phase, Progress
+from lorasurgeon.workspace import Workspace
 from lorasurgeon.writer import CheckpointWriter
 
 SIGNS = {"merge": 1, "unmerge": -1}
+PHASES: dict[Operation, Phase] = {"merge": "merging", "unmerge": "unmerging"}
 READ_AHEAD_BYTES = 256 << 20
 FACTOR_KINDS = ("linear", "conv", "embedding")  # ΔW = B @ A, up to a reshape or a transpose
-
-
-@dataclass(frozen=True)
-class Progress:
-    tensors_done: int
-    tensors_total: int
-    bytes_done: int
-    bytes_total: int
 
 
 @dataclass(frozen=True)
@@ -125,20 +120,26 @@ def execute(
     total_bytes = sum(s.tensor.nbytes for s in plan.steps)
     done_tensors = done_bytes = 0
     writer.reserve(output_bytes(plan))
-    with ReadAhead(plan) as ahead, _torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
+    phase = PHASES[plan.operation]
+    if on_progress:
+        on_progress(Progress(0, len(plan.steps), 0, total_bytes, phase))
+    torch_threads = _torch_threads(1 if device.type == "cpu" else torch.get_num_threads())
+    with Workspace(device) as workspace, ReadAhead(plan, workspace) as ahead, torch_threads:
         for shard in base.shards:
             steps = [s for s in plan.steps if s.shard == shard.name]
             entries = [(s.tensor.name, s.out_dtype, s.tensor.shape) for s in steps]
             with writer.shard(shard.name, entries, output_metadata(shard.header.metadata, plan)) as stream:
                 for step in steps:
                     if computed(step):
-                        stream.write(compute(plan, step, device, ahead.take(step)))
+                        stream.write(compute(plan, step, device, ahead.take(step), workspace))
                     else:
                         stream.copy_from(base, step.tensor)
                     done_tensors += 1
                     done_bytes += step.tensor.nbytes
                     if on_progress:
-                        on_progress(Progress(done_tensors, len(plan.steps), done_bytes, total_bytes))
+                        on_progress(Progress(done_tensors, len(plan.steps), done_bytes, total_bytes, phase))
+    if on_progress:
+        on_progress(Progress(phase="publishing"))
     if base.index_name:
         writer.write_json(base.index_name, output_index(plan))
     if plan.config is not None:
@@ -172,8 +173,9 @@ class ReadAhead:
     beside another; they, and steps that start from an adapter's tensor, are read when their turn comes.
     """
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, workspace: Workspace) -> None:
         self._plan = plan
+        self._workspace = workspace  # reads go into its ring of buffers
         self._pending: tuple[Step, Future[torch.Tensor]] | None = None
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorasurgeon-reader")
         # id(step) -> the first later step to read ahead, or None
@@ -198,7 +200,7 @@ class ReadAhead:
             self._pending = None
         upcoming = self._following[id(step)]
         if self._pending is None and upcoming is not None:
-            self._pending = (upcoming, self._reader.submit(self._plan.base.read, upcoming.tensor))
+            self._pending = (upcoming, self._reader.submit(self._workspace.read, self._plan.base, upcoming.tensor))
         return weight
 
 
@@ -206,11 +208,17 @@ def _base_start(step: Step) -> bool:
     return step.replacement is None and not step.rows
 
 
-def compute(plan: Plan, step: Step, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
+def compute(
+    plan: Plan,
+    step: Step,
+    device: torch.device,
+    weight: torch.Tensor | None = None,
+    workspace: Workspace | None = None,
+) -> torch.Tensor:
     """The step's output tensor: W (or its replacement, with token rows set) ± Σ term deltas in fp32 (LoRA and
     additive tuners alike), rescaled per output feature when the term is DoRA, or changed by the one tuner product
     the step may hold (tuner_steps), rounded once to the output dtype. `weight` is the base tensor when it has
-    been read already."""
+    been read already; `workspace` lends output buffers and compute threads."""
     weight = (_start(plan, step) if weight is None else weight).to(device)
     out_dtype = torch_dtype(step.out_dtype)
     if not (step.terms or step.tuners):  # copied in a new dtype, or replaced: values from the adapter are checked too
@@ -223,7 +231,9 @@ def compute(plan: Plan, step: Step, device: torch.device, weight: torch.Tensor |
         t.module.kind in FACTOR_KINDS and not (t.bias or t.dora) and t.rows is None for t in step.terms
     ):
         factors = [_factors(plan, term, device) for term in step.terms]
-        result, fit = linalg.merge_blockwise(weight, factors, SIGNS[plan.operation], out_dtype)
+        out, parallel = (workspace.output(weight, out_dtype), workspace.parallel) if workspace else (None, None)
+        sign = SIGNS[plan.operation]
+        result, fit = linalg.merge_blockwise(weight, factors, sign, out_dtype, out=out, parallel=parallel)
         if fit:
             return result
         # Something is NaN, Inf or out of range: the whole-tensor route below finds and names it.

@@ -25,7 +25,8 @@ from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.companions import FileVerdict, compare
 from lorasurgeon.errors import LorasurgeonError, MismatchError, Option
 from lorasurgeon.plan import Plan, Step, plan_surgery
-from lorasurgeon.surgery import Progress, compute, summed_delta
+from lorasurgeon.progress import Progress
+from lorasurgeon.surgery import compute, summed_delta
 from lorasurgeon.verdict import DEFAULT_TOLERANCE, Verdict, VerdictKind, judge_tensor
 
 TensorKind = VerdictKind | Literal["missing", "extra"]
@@ -147,7 +148,7 @@ def _tensors(
             out.append(TensorCheck(step.tensor.name, verdict.kind, names, verdict, layouts))
         done += step.tensor.nbytes
         if on_progress:
-            on_progress(Progress(index + 1, len(plan.steps), done, total))
+            on_progress(Progress(index + 1, len(plan.steps), done, total, "comparing"))
     return out
 
 

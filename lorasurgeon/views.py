@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from lorasurgeon.units import size
+
 if TYPE_CHECKING:  # not imported at run time: they load torch
     from lorasurgeon.conversion import ConvertSummary
     from lorasurgeon.extraction import ExtractSummary
@@ -74,13 +76,13 @@ def extract_notes(summary: ExtractSummary) -> list[str]:
 def convert_lines(summary: ConvertSummary) -> list[str]:
     """What convert wrote: the output, how its factors relate to the source's, the fold, the padding, additions."""
     verb = "would write" if summary.dry_run else "wrote"
-    size = "" if summary.dry_run else f", {summary.bytes_written / 1e6:.1f} MB, {summary.seconds:.1f} s"
+    written = "" if summary.dry_run else f", {size(summary.bytes_written)}, {summary.seconds:.1f} s"
     rewritten = sum(c.rewritten for c in summary.modules)
     kept = f"factors of {rewritten} rewritten, the others byte for byte" if rewritten else "A and B bytes unchanged"
     lowered = f", lowered for {summary.runtime}" if summary.runtime else ""
     lines = [
         f"convert: {verb} {summary.output} ({summary.target_format} from {summary.source.format}{lowered}, "
-        f"{len(summary.modules)} modules, {kept}{size})"
+        f"{len(summary.modules)} modules, {kept}{written})"
     ]
     if summary.folded:
         alpha = summary.modules[0].alpha

@@ -33,10 +33,25 @@ OLD_SUFFIX = "-old"  # the previous OUT directory, moved aside for the instant o
 class CheckpointWriter:
     """Writes one output (a file, or a directory of files) atomically. Use as a context manager."""
 
-    def __init__(self, out: Path, *, is_dir: bool, inputs: Sequence[Path], force: bool = False) -> None:
+    def __init__(
+        self,
+        out: Path,
+        *,
+        is_dir: bool,
+        inputs: Sequence[Path],
+        force: bool = False,
+        scratch: str | None = None,
+        resume: bool = False,
+    ) -> None:
+        """`scratch` names a folder inside a directory OUT's temporary that is never published: a failed run
+        keeps the temporary while it holds anything, and a later run with `resume` takes that temporary over
+        (see `take_over_scratch`) instead of removing it as stale."""
         self.out = Path(out).absolute()
         self.is_dir = is_dir
         self.force = force
+        self.scratch = scratch if is_dir else None
+        self.resume = resume
+        self.resumed_from: Path | None = None
         self.removed_stale: list[Path] = []
         self.restored = restore_interrupted_swap(self.out)
         check_output_path(self.out, inputs, force)
@@ -45,10 +60,14 @@ class CheckpointWriter:
         self.needed = 0
 
     def __enter__(self) -> CheckpointWriter:
-        self.removed_stale = remove_stale_temporaries(self.out)
+        if self.scratch is not None and self.resume:
+            self.resumed_from = take_over_scratch(self.out, self.tmp, self.scratch)
+        self.removed_stale = remove_stale_temporaries(self.out, keep=self.tmp if self.resumed_from else None)
         try:
             if self.is_dir:
-                self.tmp.mkdir()
+                self.tmp.mkdir(exist_ok=self.resumed_from is not None)
+            if self.scratch is not None:
+                (self.tmp / self.scratch).mkdir(exist_ok=True)
         except OSError as e:
             raise OutputError(f"{self.tmp.parent}: cannot create the output: {e.strerror or e}") from None
         return self
@@ -56,7 +75,7 @@ class CheckpointWriter:
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         if et is None:
             self._publish()
-        else:
+        elif not (self.scratch is not None and _holds_anything(self.tmp / self.scratch)):
             _remove(self.tmp)
 
     def path(self, relname: str) -> Path:
@@ -127,6 +146,8 @@ class CheckpointWriter:
         (or, after a kill between the two, by the next run: see `restore_interrupted_swap`)."""
         old = self.out.parent / f".{self.out.name}{TMP_MARK}{os.getpid()}{OLD_SUFFIX}"
         swapped = False
+        if self.scratch is not None:
+            _remove(self.tmp / self.scratch)
         try:
             _fsync_dir(self.tmp if self.is_dir else self.tmp.parent)
             if self.is_dir and (self.out.exists() or self.out.is_symlink()):
@@ -225,16 +246,42 @@ def restore_interrupted_swap(out: Path) -> Path | None:
     return None
 
 
-def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Remove temporaries of OUT left by runs that no longer exist; refuse if one is still running."""
+def remove_stale_temporaries(out: Path, keep: Path | None = None) -> list[Path]:
+    """Remove temporaries of OUT left by runs that no longer exist (but `keep`); refuse if one is still running."""
     removed = []
     for tmp in _temporaries(out):
+        if tmp == keep:
+            continue
         pid_text = tmp.name.rsplit(TMP_MARK, 1)[1].removesuffix(OLD_SUFFIX)
         if pid_text.isdigit() and int(pid_text) != os.getpid() and _alive(int(pid_text)):
             raise OutputError(f"{out}: another lorasurgeon run (pid {pid_text}) is writing it right now")
         _remove(tmp)
         removed.append(tmp)
     return removed
+
+
+def take_over_scratch(out: Path, tmp: Path, scratch: str) -> Path | None:
+    """Rename the newest temporary of OUT whose run is over (dead, or this process's) and whose `scratch`
+    folder holds anything onto `tmp` (this run's name), emptied of all but that folder; returns where it
+    was. A kill at any point leaves the folder in a dead run's temporary, where the next run finds it again."""
+    found = []
+    for old in _temporaries(out):
+        pid_text = old.name.rsplit(TMP_MARK, 1)[1]
+        dead = pid_text.isdigit() and (int(pid_text) == os.getpid() or not _alive(int(pid_text)))
+        if dead and old.is_dir() and _holds_anything(old / scratch):
+            found.append((os.stat(old / scratch).st_mtime_ns, old))
+    if not found:
+        return None
+    old = max(found)[1]
+    os.replace(old, tmp)
+    for leftover in tmp.iterdir():
+        if leftover.name != scratch:
+            _remove(leftover)
+    return old
+
+
+def _holds_anything(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
 
 
 def _temporaries(out: Path) -> list[Path]:

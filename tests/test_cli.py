@@ -213,7 +213,8 @@ def test_bad_input(
 
 
 def test_readme_examples_are_current() -> None:
-    """Every example output in README.md is what the command prints today (samples/update_readme.py)."""
+    """README.md's examples, run in order in a clean clone after its quick start, print what it shows and leave
+    nothing .gitignore does not list (samples/update_readme.py --check)."""
     result = subprocess.run(
         [sys.executable, ROOT / "samples/update_readme.py", "--check"], capture_output=True, text=True, check=False
     )

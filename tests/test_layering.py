@@ -23,10 +23,14 @@ ALLOWED: dict[str, set[str]] = {
     "header": {"errors"},
     "checkpoint": {"errors", "header"},
     "writer": IO,
-    "linalg": set(),
+    "blocks": set(),
+    "linalg": {"blocks"},
     "lycoris": set(),
     "lowering": {"errors"},
     "verdict": {"errors"},
+    "progress": set(),
+    "units": set(),
+    "rank_rule": {"errors"},
     "tuner_maths": set(),
     "rotations": set(),
     "weight_products": set(),
@@ -65,13 +69,19 @@ ALLOWED: dict[str, set[str]] = {
     | {"fit", "ties", "model_config", "formats.architectures", "formats.resolution", "tuner_placement"},
     "tuner_steps": {"plan", "tuner_merge", "tuner_placement"},
     "mirror": IO | {"plan", "writer"},
-    "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "tuner_steps", "writer"},
-    "decomposition": {"errors", "linalg"},
-    "pairing": IO | {"decomposition", "formats.architectures"},
+    "workspace": IO,
+    "surgery": NORMAL_FORM | {"linalg", "lycoris", "mirror", "plan", "progress", "tuner_steps", "writer", "workspace"},
+    "decomposition": {"linalg", "rank_rule"},
+    "pairing": IO | {"rank_rule", "formats.architectures"},
+    "cluster": {"errors"},
+    "journal": IO,
+    "matrix_task": {"errors", "header", "decomposition", "rank_rule"},
+    "extract_steps": {"errors", "cluster", "decomposition", "journal", "matrix_task", "pairing", "progress"}
+    | {"formats.peft"},
     "extraction": IO
-    | {"decomposition", "pairing", "surgery", "writer", "formats.architectures", "formats.peft"}
+    | {"decomposition", "pairing", "progress", "writer", "formats.architectures", "formats.peft"}
     | {"formats.model_classes"}
-    | {"formats.peft_config", "formats.scale_form"},
+    | {"formats.peft_config", "formats.scale_form", "cluster", "extract_steps", "journal"},
     "tuner_lora": {"adapter", "tuner_deltas", "tuner_maths"},
     "tuner_conversion": NORMAL_FORM
     | {"plan", "writer", "formats", "formats.peft", "formats.peft_config", "tuner_deltas", "tuner_kinds"}
@@ -94,20 +104,28 @@ ALLOWED: dict[str, set[str]] = {
     "tuner_report": {"adapter", "formats.peft_tuner_inventory", "tuner_kinds"},
     "report": NORMAL_FORM
     | {"census", "rules", "formats", "formats.peft_config", "linalg", "lycoris", "plan"}
-    | {"surgery", "tuner_report"},
+    | {"progress", "tuner_report"},
     "__init__": NORMAL_FORM
     | {"formats", "formats.naming", "report", "rules", "plan", "surgery", "pairing"}
-    | {"decomposition", "extraction", "conversion", "runtime_rules", "runtimes", "verification"},
-    "documents": {"errors", "census", "report", "plan", "surgery", "extraction", "conversion", "verification"},
-    "views": {"extraction", "conversion", "verification"},
-    "render": {"errors", "census", "documents", "report", "plan", "surgery", "extraction", "conversion"}
-    | {"verification", "views"},
+    | {"progress", "rank_rule", "extraction", "conversion", "cluster", "extract_steps", "arguments"}
+    | {"runtime_rules", "runtimes", "verification"},
+    "arguments": {"errors", "checkpoint", "plan"},
+    "documents": {"errors", "census", "report", "plan", "surgery", "extraction", "conversion", "cluster"}
+    | {"verification"},
+    "views": {"extraction", "conversion", "verification", "units"},
+    "progress_bar": {"progress", "units"},
+    "tables": set(),
+    "finding_groups": {"errors"},
+    "render": {"errors", "census", "documents", "report", "plan", "surgery", "extraction", "conversion", "cluster"}
+    | {"finding_groups", "progress", "progress_bar", "tables", "units", "verification", "views"},
     "cli": {"__init__", "documents", "errors", "render", "views"},
     "__main__": {"cli"},
 }
 NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", "model_config", "tuner_placement", "tuner_shapes", "tuner_kinds"]
+NO_TORCH_AT_IMPORT += ["pairing", "rank_rule", "progress", "progress_bar", "units", "tables", "finding_groups"]
 NO_TORCH_AT_IMPORT += ["adapter_facts", "runtime_checks", "runtime_rules", "runtimes", "companions", "runtime_lowering"]
-NO_TORCH_AT_IMPORT += ["views", *(m for m in ALLOWED if m.startswith("formats"))]
+NO_TORCH_AT_IMPORT += ["views", "arguments", *(m for m in ALLOWED if m.startswith("formats"))]
+TERMINAL = {"render", "cli", "progress_bar", "tables"}  # the modules that may import rich or click
 
 
 def module_names() -> list[str]:
@@ -167,14 +185,14 @@ def test_imports_only_what_its_entry_allows(module: str) -> None:
     assert mine <= ALLOWED[module], f"{module} imports {sorted(mine - ALLOWED[module])}, which its entry does not allow"
 
 
-@pytest.mark.parametrize("module", ["linalg", "lycoris", "lowering", "verdict"])
+@pytest.mark.parametrize("module", ["linalg", "blocks", "lycoris", "lowering", "verdict"])
 def test_maths_imports_only_torch(module: str) -> None:
     assert imports(module)[1] <= {"torch", "__future__", "math", "collections", "dataclasses", "typing"}
 
 
 @pytest.mark.parametrize("module", sorted(ALLOWED))
 def test_only_render_and_cli_touch_the_terminal(module: str) -> None:
-    if module in ("render", "cli"):
+    if module in TERMINAL:
         return
     assert not imports(module)[1] & {"rich", "click"}, module
     tree = ast.parse(path_of(module).read_text())
@@ -210,6 +228,34 @@ def test_header_only_commands_never_import_torch(args: list[str]) -> None:
     root = PACKAGE.parent
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["extract", "samples/base", "samples/base", "--rank", "0"],
+        ["extract", "samples/base", "samples/base", "--energy", "2"],
+        ["extract", "samples/base", "no-such-dir", "--rank", "4"],
+        ["merge", "no-such-dir", "samples/adapter-lora"],
+        ["merge", "samples/base", "no-such-dir"],
+        ["unmerge", "no-such-dir", "samples/adapter-lora"],
+        ["merge", "samples/base", "samples/adapter-lora", "--device", "tpu"],
+        ["merge", "samples/base", "samples/adapter-lora", "--weight", "1", "--weight", "2"],
+        ["merge", "samples/base", "samples/adapter-lora", "--no-such-option"],
+    ],
+)
+def test_errors_that_need_no_tensor_data_come_before_torch(args: list[str]) -> None:
+    """A bad option or a missing path is said at once (exit 2), not after the seconds `import torch` takes."""
+    code = (
+        "import sys\nfrom lorasurgeon.cli import main\n"
+        f"try:\n    main({args!r})\nexcept SystemExit as e:\n    assert e.code == 2, e.code\n"
+        "else:\n    raise AssertionError('no error')\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    root = PACKAGE.parent
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Error:" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_architecture_names_exactly_the_modules() -> None:
