@@ -12,21 +12,23 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorasurgeon.adapter import ADAPTER_FORMATS, Adapter
+from lorasurgeon.arguments import DTYPE_CHOICES, adapter_weights, output_dtype, output_path
 from lorasurgeon.checkpoint import Checkpoint
-from lorasurgeon.devices import check_device as _check_device
-from lorasurgeon.devices import resolve_device
+from lorasurgeon.devices import check_device, resolve_device
 from lorasurgeon.errors import LorasurgeonError, Option
 from lorasurgeon.formats import load_adapter
 from lorasurgeon.formats.naming import COMPONENTS
 from lorasurgeon.progress import Progress
 from lorasurgeon.report import Report, make_report
 from lorasurgeon.rules import RULE_HELP, judge, parse_rule
+from lorasurgeon.runtime_rules import RUNTIMES
+from lorasurgeon.runtimes import judge_adapters
 from lorasurgeon.version import __version__
 
 # The modules that compute load torch, whose import takes seconds; a header-only `report` needs none of them,
@@ -36,8 +38,9 @@ if TYPE_CHECKING:
     from lorasurgeon.combination import METHODS
     from lorasurgeon.conversion import ConvertSummary
     from lorasurgeon.extraction import ExtractSummary
-    from lorasurgeon.plan import Operation, Plan
+    from lorasurgeon.plan import Plan
     from lorasurgeon.surgery import SurgerySummary
+    from lorasurgeon.verification import VerifySummary
 LAZY_TYPES = {  # and two functions: resize and combine are lorasurgeon.algebra's, with their full signatures
     "AlgebraSummary": "lorasurgeon.algebra",
     "METHODS": "lorasurgeon.combination",
@@ -46,6 +49,7 @@ LAZY_TYPES = {  # and two functions: resize and combine are lorasurgeon.algebra'
     "ConvertSummary": "lorasurgeon.conversion",
     "ExtractSummary": "lorasurgeon.extraction",
     "SurgerySummary": "lorasurgeon.surgery",
+    "VerifySummary": "lorasurgeon.verification",
 }
 
 __all__ = [
@@ -54,6 +58,7 @@ __all__ = [
     "DTYPE_CHOICES",
     "METHODS",
     "RULE_HELP",
+    "RUNTIMES",
     "AlgebraSummary",
     "ConvertSummary",
     "ExtractSummary",
@@ -61,6 +66,7 @@ __all__ = [
     "Progress",
     "Report",
     "SurgerySummary",
+    "VerifySummary",
     "__version__",
     "check",
     "combine",
@@ -70,9 +76,9 @@ __all__ = [
     "report",
     "resize",
     "unmerge",
+    "verify",
 ]
 
-DTYPE_CHOICES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 PathLike = str | Path
 
 
@@ -82,15 +88,45 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'lorasurgeon' has no attribute {name!r}")
 
 
-def check(base: PathLike, adapters: Sequence[PathLike], *, alpha: float | None = None) -> Plan:
+def check(
+    base: PathLike,
+    adapters: Sequence[PathLike],
+    *,
+    alpha: float | None = None,
+    target: str | None = None,
+    server: Mapping[str, Any] | None = None,
+) -> Plan:
     """Check that the adapters fit the base checkpoint; returns the Plan, whose `findings` say what is wrong.
 
-    Raises LorasurgeonError only for input that cannot be read at all.
-    """
+    `target` (one of RUNTIMES) also judges each adapter by that runtime's rules (lorasurgeon.runtimes), one error
+    per module and rule broken, naming the rule and its source; `server` gives the server's options (runtimes.OPTIONS:
+    max_lora_rank, world_size, ...). Raises LorasurgeonError for unreadable input or an unknown runtime or option."""
     from lorasurgeon.plan import plan_surgery
 
     with _opened(base, adapters, alpha) as (ckpt, loaded):
-        return plan_surgery("merge", ckpt, loaded, [1.0] * len(loaded))
+        plan = plan_surgery("merge", ckpt, loaded, [1.0] * len(loaded))
+        found = judge_adapters(target, loaded, ckpt, server or {}) if target is not None else []
+        return replace(plan, findings=(*plan.findings, *found))
+
+
+def verify(
+    merged: PathLike,
+    base: PathLike,
+    adapters: Sequence[PathLike],
+    *,
+    weights: Sequence[float] | None = None,
+    alpha: float | None = None,
+    tolerance: int = 1,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> VerifySummary:
+    """Prove that `merged` is round(base + Σ weight_i · ΔW_i) within `tolerance` ulps of each tensor's dtype and that
+    its config, generation config and tokenizer agree: a verdict per tensor (lorasurgeon.verification), `ok` only
+    when all are proven. Raises MismatchError when the adapters do not fit the base."""
+    factors = adapter_weights(weights, len(adapters))
+    with _opened(base, adapters, alpha) as (ckpt, loaded):
+        from lorasurgeon.verification import run as run_verify  # torch: only once the inputs have been read
+
+        return run_verify(Path(merged), ckpt, loaded, factors, tolerance, on_progress)
 
 
 def report(
@@ -138,8 +174,8 @@ def merge(
     fp16, bf16). Raises MismatchError when the adapters do not fit, OutputError when `out` cannot be
     written, NumericError when a result would not be finite. `on_progress` gets a Progress per phase and tensor.
     """
-    out_dtype, factors = _dtype(dtype), _weights(weights, len(adapters))
-    _check_device(device)
+    out_dtype, factors = output_dtype(dtype), adapter_weights(weights, len(adapters))
+    check_device(device)
     if on_progress:
         on_progress(Progress(phase="planning"))
     with _opened(base, adapters, alpha) as (ckpt, loaded):
@@ -147,7 +183,7 @@ def merge(
 
         options = SurgeryOptions(scale, alpha, resolve_device(device), out_dtype, force, dry_run, allow_nonfinite)
         inputs = [Path(base), *(Path(a) for a in adapters)]
-        target = _output(ckpt, out, "merge")
+        target = output_path(ckpt, out, "merge")
         return run("merge", ckpt, loaded, target, inputs, factors, options, on_progress)
 
 
@@ -167,8 +203,8 @@ def unmerge(
 ) -> SurgerySummary:
     """Write merged − scale · ΔW to `out` (default: `<merged>-unmerged`). Exact only up to rounding:
     in bf16 a merge followed by an unmerge leaves about one ulp of difference on some elements."""
-    out_dtype = _dtype(dtype)
-    _check_device(device)
+    out_dtype = output_dtype(dtype)
+    check_device(device)
     if on_progress:
         on_progress(Progress(phase="planning"))
     with _opened(merged, [adapter], alpha) as (ckpt, loaded):
@@ -176,7 +212,7 @@ def unmerge(
 
         options = SurgeryOptions(scale, alpha, resolve_device(device), out_dtype, force, dry_run, allow_nonfinite)
         inputs = [Path(merged), Path(adapter)]
-        return run("unmerge", ckpt, loaded, _output(ckpt, out, "unmerge"), inputs, [1.0], options, on_progress)
+        return run("unmerge", ckpt, loaded, output_path(ckpt, out, "unmerge"), inputs, [1.0], options, on_progress)
 
 
 def extract(
@@ -195,6 +231,7 @@ def extract(
     curve: Sequence[int] = (),
     save_changed_vectors: bool = False,
     base_name: str | None = None,
+    patterns: bool = False,
     device: str = "auto",
     cluster: str | None = None,
     threads: int | None = None,
@@ -210,7 +247,8 @@ def extract(
     `max_rank`); `method` is auto, exact or randomized (see lorasurgeon.extraction). `curve` adds the relative
     error at those ranks. `save_changed_vectors` stores the modules whose 1-D tensors (norms) changed as PEFT
     modules_to_save. The adapter names its base as `base_name` (a Hub repo id, say), else `base` as given, and the
-    task type of its architecture, so that AutoPeftModel loads it. `cluster` ("ray" or "ray:ADDRESS") runs one
+    task type of its architecture, so that AutoPeftModel loads it, with one lora_alpha and lora_alpha / rᵢ folded
+    into the factors (`patterns`: PEFT's alpha_pattern instead). `cluster` ("ray" or "ray:ADDRESS") runs one
     Ray task per matrix, reading the checkpoints from a path every node sees; `threads` is the torch threads per
     matrix (default: this process's count; the factors are bit-identical for the same threads and device type,
     here or on any worker); `resume` continues an interrupted run from the matrices it computed (checked against
@@ -233,12 +271,13 @@ def extract(
         skip_mismatched=skip_mismatched,
         save_changed_vectors=save_changed_vectors,
         base_name=base_name,
+        patterns=patterns,
     )
     options.validate(dry_run)
     if threads is not None and threads < 1:
         raise LorasurgeonError(Option("threads", threads), ": must be at least 1")
     parsed = parse_cluster(cluster) if cluster else None
-    _check_device(device)
+    check_device(device)
     if on_progress:
         on_progress(Progress(phase="planning"))
     out_path = Path(out) if out is not None else None
@@ -257,25 +296,27 @@ def convert(
     adapter: PathLike,
     out: PathLike | None = None,
     *,
-    to: str,
+    to: str | None = None,
     base: PathLike | None = None,
     component: str | None = None,
     alpha: float | None = None,
     base_name: str | None = None,
+    patterns: bool = False,
+    runtime: str | None = None,
+    server: Mapping[str, Any] | None = None,
     force: bool = False,
     dry_run: bool = False,
 ) -> ConvertSummary:
     """Write `adapter` (PEFT, kohya or diffusers) in the format `to` (peft, kohya, diffusers) with the same ΔW.
 
-    A and B are copied byte for byte; names and the scale convention are rewritten (see lorasurgeon.conversion).
-    OUT is a PEFT directory or one .safetensors file (default `<adapter>-<to>` in the current directory).
-    `base` resolves kohya names (required from kohya) and can name kohya modules; `component` (unet,
-    text_encoder, ..., or a kohya prefix lora_unet, lora_te, lora_te1, lora_te2) names the component of a PEFT
-    adapter (without it, the layout of `base` names it: a diffusers `unet/` directory, ...), or selects one
-    component of a kohya or diffusers file. A PEFT output names its base (`base_name`, else `base`) and the task
-    type of its architecture, so that AutoPeftModel loads it. Raises UnsupportedError naming a tensor the target
+    PEFT configs get one lora_alpha and B′ = B·sᵢ·rᵢ/α where it does not give a module its scale (`folded`);
+    other factors (all, with `patterns`: PEFT's own form) are copied byte for byte. `runtime` (one of RUNTIMES)
+    lowers it for that runtime and its `server` options (as `check`), refusing what has no exact lowering. OUT:
+    a PEFT directory or one .safetensors file (default `<adapter>-<to>`). `base` resolves kohya names; `component`
+    (unet, ..., lora_unet, lora_te, ...) names a PEFT adapter's (else `base`'s layout does) or picks one of a file;
+    a PEFT output names its base (`base_name`, else `base`). Raises UnsupportedError naming a tensor the target
     cannot hold, MismatchError when a module does not resolve against `base`, OutputError when `out` cannot be
-    written.
+    written (lorasurgeon.conversion).
 
     >>> convert("adapter/", "lora.safetensors", to="kohya", component="lora_unet").modules[0].name  # doctest: +SKIP
     'lora_unet_down_blocks_0_attentions_0_proj_in'
@@ -283,7 +324,8 @@ def convert(
     from lorasurgeon.conversion import ConvertOptions
     from lorasurgeon.conversion import run as run_convert
 
-    options = ConvertOptions(to, Path(base) if base is not None else None, component, alpha, base_name)
+    where = Path(base) if base is not None else None
+    options = ConvertOptions(to, where, component, alpha, base_name, patterns, runtime, server or {})
     return run_convert(Path(adapter), Path(out) if out is not None else None, options, force=force, dry_run=dry_run)
 
 
@@ -300,40 +342,3 @@ def _opened(
         finally:
             for adapter in loaded:
                 adapter.source.close()
-
-
-def _output(ckpt: Checkpoint, out: PathLike | None, operation: Operation) -> Path:
-    """OUT, which mirrors the base's layout: a directory for a directory or index, one file for one file."""
-    if out is None:
-        return default_output(ckpt, operation)
-    if ckpt.layout != "file" and Path(out).suffix == ".safetensors":
-        raise LorasurgeonError(
-            f"{out}: names one .safetensors file, but the base {ckpt.path} is a checkpoint directory or index, which "
-            "OUT mirrors as a directory; name OUT as a directory, or give the base's .safetensors file to write one"
-        )
-    return Path(out)
-
-
-def default_output(ckpt: Checkpoint, operation: Operation) -> Path:
-    """`<base name>-merged[.safetensors]` in the current directory, mirroring the base's layout."""
-    suffix = f"-{operation}d"
-    if ckpt.layout == "file":
-        return Path(f"{ckpt.path.stem}{suffix}.safetensors")
-    return Path(f"{ckpt.root.resolve().name}{suffix}")
-
-
-def _weights(weights: Sequence[float] | None, count: int) -> list[float]:
-    if not weights:
-        return [1.0] * count
-    if len(weights) != count:
-        raise LorasurgeonError(
-            Option("weights", cli="weight"),
-            f" was given {len(weights)} weights for {count} adapters; give one per adapter",
-        )
-    return [float(w) for w in weights]
-
-
-def _dtype(dtype: str) -> str | None:
-    if dtype not in DTYPE_CHOICES:
-        raise LorasurgeonError(Option("dtype", dtype), f": expected one of {', '.join(DTYPE_CHOICES)}")
-    return DTYPE_CHOICES[dtype]

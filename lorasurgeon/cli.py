@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 import lorasurgeon
-from lorasurgeon import documents, interrupts, render
+from lorasurgeon import documents, interrupts, render, views
 from lorasurgeon.errors import LorasurgeonError, NonfiniteWarning
 
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
@@ -52,6 +52,33 @@ BASE_NAME = click.option(
     metavar="NAME",
     help="base_model_name_or_path to record in adapter_config.json (a Hub repo id; default: BASE as given).",
 )
+PATTERNS = (
+    "Write PEFT's rank_pattern / alpha_pattern / rsLoRA form (PEFT only) instead of one lora_alpha with the "
+    "per-module scales folded into B, which every runtime reads."
+)
+SERVER = (
+    click.option("--max-lora-rank", type=int, help="vllm, sglang: the server's --max-lora-rank (vLLM's default: 16)."),
+    click.option("--world-size", type=int, help="tgi, lorax: the number of shards (ranks are padded per shard)."),
+    click.option("--peft-version", metavar="X.Y", help="peft: the PEFT release that loads the adapter."),
+    click.option(
+        "--reads-patterns/--no-reads-patterns",
+        default=None,
+        help="vllm: whether it reads rank/alpha_pattern (0.33 does).",
+    ),
+)
+
+
+def server_options(command: Any) -> Any:
+    """The options that describe the serving runtime's server, for check --target and convert --for."""
+    for option in reversed(SERVER):
+        command = option(command)
+    return command
+
+
+def _server(options: dict[str, Any]) -> dict[str, Any]:
+    """The server options given on the command line (the runtime's defaults stand for the others)."""
+    names = ("max_lora_rank", "world_size", "peft_version", "reads_patterns")
+    return {name: value for name in names if (value := options.pop(name)) is not None}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,7 +86,8 @@ BASE_NAME = click.option(
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
-    """LoRA surgery on safetensors checkpoints: check, merge, unmerge, extract, report, convert, resize, combine."""
+    """LoRA surgery on safetensors checkpoints: check, merge, unmerge, verify, extract, report, convert, resize,
+    combine."""
     ctx.obj = {"debug": debug}
 
 
@@ -67,14 +95,22 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.argument("base", type=EXISTING)
 @click.argument("adapters", nargs=-1, required=True, type=EXISTING)
 @ALPHA
+@click.option(
+    "--target",
+    type=click.Choice(lorasurgeon.RUNTIMES),
+    help="Also check that this serving runtime reads each adapter as PEFT does (each rule names its source).",
+)
+@server_options
 @JSON
-def check(base: Path, adapters: tuple[Path, ...], alpha: float | None, as_json: bool) -> None:
-    """Check that ADAPTERS fit BASE. Exit 0 if they fit, 1 if not, 2 if an input is unreadable.
+def check(base: Path, adapters: tuple[Path, ...], alpha: float | None, target: str | None, **options: Any) -> None:
+    """Check that ADAPTERS fit BASE (and, with --target, run on that runtime). Exit 0 if they fit, 1 if not, 2 if
+    an input is unreadable.
 
-    Example: lorasurgeon check base/ adapter/
+    Example: lorasurgeon check base/ adapter/ --target vllm --max-lora-rank 32
     """
-    plan = lorasurgeon.check(base, adapters, alpha=alpha)
-    documents.emit_json(documents.plan_doc(plan)) if as_json else render.show_check(plan)
+    as_json = options.pop("as_json")
+    plan = lorasurgeon.check(base, adapters, alpha=alpha, target=target, server=_server(options))
+    documents.emit_json(documents.plan_doc(plan)) if as_json else render.show_check(plan, target)
     sys.exit(1 if plan.errors else 0)
 
 
@@ -123,6 +159,40 @@ def unmerge(merged: Path, adapter: Path, out: Path | None, **options: Any) -> No
     with render.progress_bar("unmerge") as on_progress:
         summary = lorasurgeon.unmerge(merged, adapter, out, on_progress=on_progress, **options)
     documents.emit_json(documents.summary_doc(summary)) if as_json else render.show_summary(summary)
+
+
+@cli.command()
+@click.argument("merged", type=EXISTING)
+@click.option("--base", type=EXISTING, required=True, help="The checkpoint MERGED was merged from.")
+@click.argument("adapters", nargs=-1, required=True, type=EXISTING)
+@click.option("--weight", "weights", type=float, multiple=True, help="Weight of each adapter, once per adapter.")
+@ALPHA
+@click.option(
+    "--tolerance",
+    type=int,
+    default=1,
+    show_default=True,
+    help="ulps of each tensor's dtype MERGED may be from round(BASE + ΔW) (PEFT's own bf16 merge is within 1).",
+)
+@JSON
+@click.option("--markdown", is_flag=True, help="Print Markdown on stdout (for a CI job summary).")
+def verify(merged: Path, base: Path, adapters: tuple[Path, ...], as_json: bool, markdown: bool, **options: Any) -> None:
+    """Prove that MERGED is BASE + ADAPTERS, tensor by tensor, and that its config and tokenizer agree. Exit 0
+    when everything is proven, 1 with the list of problems, 2 if an input is unreadable.
+
+    Example: lorasurgeon verify merged/ --base base/ adapter/
+    """
+    if as_json and markdown:
+        raise click.UsageError("--json and --markdown are exclusive; choose one")
+    with render.progress_bar("verify") as on_progress:
+        summary = lorasurgeon.verify(merged, base, adapters, on_progress=on_progress, **options)
+    if as_json:
+        documents.emit_json(documents.verify_doc(summary))
+    elif markdown:
+        sys.stdout.write(views.verify_markdown(summary))
+    else:
+        render.show_verify(summary)
+    sys.exit(0 if summary.ok else 1)
 
 
 @cli.command()
@@ -197,6 +267,7 @@ def _ranks(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @BASE_NAME
 @click.option("--curve", callback=_ranks, metavar="R1,R2,...", help="Also report the relative error at these ranks.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Draw spectra and error-vs-rank to a PNG (matplotlib).")
+@click.option("--patterns", is_flag=True, help=PATTERNS)
 @click.option(
     "--cluster",
     metavar="ray[:ADDRESS]",
@@ -236,7 +307,19 @@ def extract(base: Path, tuned: Path, out: Path | None, plot: Path | None, **opti
     type=click.Path(path_type=Path),
     help="PEFT: a directory; else a .safetensors file (default: <adapter>-<to>).",
 )
-@click.option("--to", "to", type=click.Choice(lorasurgeon.ADAPTER_FORMATS), required=True, help="The format to write.")
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice(lorasurgeon.ADAPTER_FORMATS),
+    help="The format to write (default: what --for reads).",
+)
+@click.option(
+    "--for",
+    "runtime",
+    type=click.Choice(lorasurgeon.RUNTIMES),
+    help="Lower the adapter so that this serving runtime reads it as PEFT does (pad ranks, token rows as LoRA rows, "
+    "missing layers filled), or refuse naming what cannot be lowered exactly.",
+)
 @click.option(
     "--base",
     type=EXISTING,
@@ -250,16 +333,20 @@ def extract(base: Path, tuned: Path, out: Path | None, plot: Path | None, **opti
 )
 @ALPHA
 @BASE_NAME
+@click.option("--patterns", is_flag=True, help=PATTERNS + " A and B are then copied byte for byte.")
+@server_options
 @FORCE
 @DRY_RUN
 @JSON
 def convert(adapter: Path, out: Path | None, **options: Any) -> None:
-    """Rewrite ADAPTER as a PEFT, kohya or diffusers LoRA: same A and B bytes, same ΔW.
+    """Rewrite ADAPTER as a PEFT, kohya or diffusers LoRA with the same ΔW, or lower it --for a serving runtime.
 
     Example: lorasurgeon convert adapter/ --to kohya --component lora_unet -o lora.safetensors
     """
-    as_json = options.pop("as_json")
-    summary = lorasurgeon.convert(adapter, out, **options)
+    as_json, server = options.pop("as_json"), _server(options)
+    if options["to"] is None and options["runtime"] is None:
+        raise click.UsageError("give --to FORMAT or --for RUNTIME")
+    summary = lorasurgeon.convert(adapter, out, server=server, **options)
     documents.emit_json(documents.convert_doc(summary)) if as_json else render.show_convert(summary)
 
 

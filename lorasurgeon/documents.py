@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # not imported at run time: they load torch, which `report` d
     from lorasurgeon.extraction import ExtractSummary
     from lorasurgeon.plan import Plan
     from lorasurgeon.surgery import SurgerySummary
+    from lorasurgeon.verification import VerifySummary
 
 
 def emit_json(doc: dict[str, Any]) -> None:
@@ -271,6 +272,7 @@ def extract_doc(summary: ExtractSummary) -> dict[str, Any]:
         ],
         "warnings": [finding_doc(f) for f in summary.warnings],
         "adapter_config": summary.config,
+        "folded": list(summary.folded),
         "work": work_doc(summary.work) if summary.work is not None else None,
         "resumed_from": summary.resumed_from,
     }
@@ -304,12 +306,17 @@ def convert_doc(summary: ConvertSummary) -> dict[str, Any]:
                 "source": c.module.module,
                 "target": c.name,
                 "kind": c.module.kind,
-                "rank": c.module.rank,
+                "rank": c.rank,
                 "alpha": c.alpha,
                 "scale": c.module.scale,
+                "fold": c.factor,
             }
             for c in summary.modules
         ],
+        "folded": list(summary.folded),
+        "runtime": summary.runtime,
+        "padded_rank": summary.rank,
+        "added": list(summary.added),
         "carried": list(summary.carried),
         "left_out": list(summary.left_out),
         "warnings": [finding_doc(f) for f in summary.warnings],
@@ -354,4 +361,28 @@ def algebra_doc(summary: AlgebraSummary) -> dict[str, Any]:
         "full_tensors": list(summary.full),
         "warnings": [finding_doc(f) for f in summary.warnings],
         "config": summary.config,
+    }
+
+
+def verify_doc(summary: VerifySummary) -> dict[str, Any]:
+    """The `verify --json` document: the verdict of every tensor and companion file, and the problems."""
+    counts: dict[str, int] = {}
+    for t in summary.tensors:
+        counts[t.kind] = counts.get(t.kind, 0) + 1
+    return {
+        "ok": summary.ok,
+        "merged": summary.merged,
+        "base": summary.base,
+        "adapters": list(summary.adapters),
+        "weights": list(summary.weights),
+        "tolerance_ulps": summary.tolerance,
+        "seconds": round(summary.seconds, 3),
+        "counts": counts,
+        "tensors": [
+            {"name": t.name, "verdict": t.kind, "proven": t.proven, "adapters": list(t.adapters)}
+            | ({k: v for k, v in asdict(t.verdict).items() if k != "kind"} if t.verdict is not None else {})
+            for t in summary.tensors
+        ],
+        "files": [{"name": f.name, "verdict": f.kind, "detail": f.detail} for f in summary.files],
+        "problems": [p.message for p in summary.problems],
     }

@@ -11,6 +11,7 @@ the adapter directory atomically.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -27,7 +28,8 @@ from lorasurgeon.errors import Finding, InputError, MismatchError, NothingChange
 from lorasurgeon.extract_steps import ChangedTensor, Decomposed, Execution, decompose_pairs
 from lorasurgeon.formats import peft
 from lorasurgeon.formats.model_classes import auto_mapping, task_type
-from lorasurgeon.formats.peft_config import WrittenModule, adapter_config, target_modules_for
+from lorasurgeon.formats.peft_config import adapter_config, target_modules_for
+from lorasurgeon.formats.scale_form import ScaleForm, scale_form
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.journal import Journal
 from lorasurgeon.pairing import ExtractOptions, ExtractPlan, plan_extract
@@ -39,23 +41,44 @@ JOURNAL = ".lorasurgeon-journal"  # the folder inside OUT's temporary where each
 
 def config_of(
     plan: ExtractPlan, results: list[MatrixResult], options: ExtractOptions, saved_modules: list[str], base: str
-) -> dict[str, Any]:
-    """adapter_config.json: scale alpha / r the same for every module (alpha = r when no alpha is given), targeting
-    exactly the extracted modules of BASE (PEFT loads the adapter onto BASE), which it names (`base`, as given, or
-    options.base_name) with the task type of its architecture, so that AutoPeftModel loads it."""
-    default_rank = options.rule.rank or Counter(r.rank for r in results).most_common(1)[0][0]
-    scale = 1.0 if options.alpha is None else options.alpha / default_rank
+) -> tuple[dict[str, Any], ScaleForm, float]:
+    """adapter_config.json targeting exactly the extracted modules of BASE (PEFT loads the adapter onto BASE), which
+    it names (`base`, as given, or options.base_name) with the task type of its architecture, so that AutoPeftModel
+    loads it; the scale form it states (formats.scale_form); and the scale s the modules are stated at before any
+    fold. By default one lora_alpha (`alpha`, else the most frequent rank) with each module's rᵢ/α folded into its
+    factors (s = 1); with `patterns`, s = alpha / r the same for every module through rank_pattern and
+    alpha_pattern (alpha = r when no alpha is given)."""
+    extracted = [r.module for r in results]
+    scale = 1.0
+    if options.patterns:
+        default_rank = options.rule.rank or Counter(r.rank for r in results).most_common(1)[0][0]
+        scale = 1.0 if options.alpha is None else options.alpha / default_rank
+        form = scale_form(extracted, [(r.rank, scale * r.rank, scale) for r in results], patterns=True)
+    else:
+        form = scale_form(extracted, [(r.rank, float(r.rank), 1.0) for r in results], alpha=options.alpha)
     config = plan.base.config or plan.tuned.config or {}
     paths = [n.removesuffix(".weight") for n, i in {**plan.tuned.tensors, **plan.base.tensors}.items() if _matrix(n, i)]
-    return adapter_config(
-        [WrittenModule(r.module, r.rank, scale * r.rank) for r in results],
-        target_modules=target_modules_for([r.module for r in results], paths),
+    doc = adapter_config(
+        form.modules,
+        target_modules=target_modules_for(extracted, paths),
+        use_rslora=form.use_rslora,
         fan_in_fan_out=any(p.transpose and p.kind == "linear" for p in plan.pairs),
         modules_to_save=saved_modules,
         base_model=options.base_name or base,
         task_type=task_type(config),
         auto_mapping=auto_mapping(config),
     )
+    return doc, form, scale
+
+
+def multipliers(results: list[MatrixResult], form: ScaleForm, stated: float) -> dict[str, float]:
+    """What each factor is multiplied by so that the config's scale gives back B·A = ΔW: √(cᵢ/s) on both A and B
+    (s the scale the modules were stated at, cᵢ the fold), which keeps the two factors balanced."""
+    out = {}
+    for result, factor in zip(results, form.factors, strict=True):
+        for key in peft.factor_keys(result.module, result.kind):
+            out[key] = math.sqrt(factor / stated)
+    return out
 
 
 def _matrix(name: str, info: TensorInfo) -> bool:
@@ -110,7 +133,7 @@ def run(
     writer, resumed_from = None, None
     if dry_run:
         done = decompose_pairs(plan, options, device, on_progress, execution)
-        saved, full, config = _adapter_parts(plan, done, options, str(base))
+        saved, full, config, form, stated = _adapter_parts(plan, done, options, str(base))
     else:
         writer = CheckpointWriter(
             target, is_dir=True, inputs=[base, tuned], force=force, scratch=JOURNAL, resume=execution.resume
@@ -119,10 +142,11 @@ def run(
             journal = Journal(writer.path(JOURNAL))
             with kept_for_resume(journal):
                 done = decompose_pairs(plan, options, device, on_progress, execution, journal)
-                saved, full, config = _adapter_parts(plan, done, options, str(base))
+                saved, full, config, form, stated = _adapter_parts(plan, done, options, str(base))
                 if on_progress:
                     on_progress(Progress(phase="publishing"))
-                peft.write_adapter(writer, done.factors, config, record, full)
+                scaled = multipliers(done.results, form, stated)
+                peft.write_adapter(writer, done.factors, config, record, full, scaled)
         resumed_from = str(writer.resumed_from) if writer.resumed_from else None
     extracted = {r.module for r in done.results}
     return ExtractSummary(
@@ -138,6 +162,7 @@ def run(
         warnings=plan.findings,
         curve=options.rule.curve,
         config=config,
+        folded=form.folded,
         bytes_written=writer.bytes_written if writer is not None else 0,
         seconds=time.perf_counter() - started,
         work=done.work,
@@ -147,10 +172,10 @@ def run(
 
 def _adapter_parts(
     plan: ExtractPlan, done: Decomposed, options: ExtractOptions, base: str
-) -> tuple[list[str], dict[str, torch.Tensor], dict[str, Any]]:
-    """(modules_to_save, their full tensors, adapter_config.json naming `base`)."""
+) -> tuple[list[str], dict[str, torch.Tensor], dict[str, Any], ScaleForm, float]:
+    """(modules_to_save, their full tensors, adapter_config.json naming `base`, its scale form, the stated scale)."""
     saved, full = changed_vectors(plan, done.changed, done.results) if options.save_changed_vectors else ([], {})
-    return saved, full, config_of(plan, done.results, options, saved, base)
+    return saved, full, *config_of(plan, done.results, options, saved, base)
 
 
 @contextlib.contextmanager
@@ -181,6 +206,7 @@ class ExtractSummary:
     warnings: tuple[Finding, ...]
     curve: tuple[int, ...]
     config: dict[str, Any]
+    folded: tuple[str, ...]  # modules whose factors carry lora_alpha / rᵢ ≠ 1 (the single-alpha form)
     bytes_written: int
     seconds: float
     work: WorkReport | None = None  # where the matrices were computed (local or per Ray node), retried, resumed

@@ -18,8 +18,9 @@ from lorasurgeon.rank_rule import RankRule
 @dataclass(frozen=True)
 class ExtractOptions:
     """What to extract and how: the SVD `rule`, `alpha` (default alpha = r, scale 1), the `targets` (globs or
-    `re:` regexes on module paths), what else to include, and `base_name`, the base_model_name_or_path to record
-    (default: BASE as given); `validate` names the first bad option."""
+    `re:` regexes on module paths), what else to include, `base_name`, the base_model_name_or_path to record
+    (default: BASE as given), and `patterns` (PEFT's rank/alpha patterns instead of the single-alpha form,
+    formats.scale_form); `validate` names the first bad option."""
 
     rule: RankRule = field(default_factory=RankRule)
     alpha: float | None = None
@@ -28,6 +29,7 @@ class ExtractOptions:
     skip_mismatched: bool = False
     save_changed_vectors: bool = False
     base_name: str | None = None
+    patterns: bool = False
 
     def validate(self, dry_run: bool) -> None:
         self.rule.validate(dry_run)

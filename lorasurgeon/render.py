@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from lorasurgeon import progress_bar as bars
+from lorasurgeon import views
 from lorasurgeon.census import Count
 from lorasurgeon.digest import expert_lines, report_lines, requant_lines
 from lorasurgeon.documents import extract_doc, plan_doc, summary_doc
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # not imported at run time: they load torch, which `report` d
     from lorasurgeon.extraction import ExtractSummary
     from lorasurgeon.plan import Plan
     from lorasurgeon.surgery import SurgerySummary
+    from lorasurgeon.verification import VerifySummary
 
 # Wide when piped (CI logs, README examples), so tensor names are not cut.
 stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
@@ -44,8 +46,9 @@ def progress_bar(label: str) -> contextlib.AbstractContextManager[Callable[[Prog
     return bars.progress_bar(label, stderr)
 
 
-def show_check(plan: Plan) -> None:
-    """The check table: one row per adapted module (none when nothing fits), then the findings, grouped by kind."""
+def show_check(plan: Plan, target: str | None = None) -> None:
+    """The check table: one row per adapted module (none when nothing fits), then the findings, grouped by kind
+    (with `target`, the runtime's rules' too)."""
     doc = plan_doc(plan)
     paths = [a["path"] for a in doc["adapters"]]
     several = len(paths) > 1  # one adapter is named in the title, not on every row
@@ -64,7 +67,8 @@ def show_check(plan: Plan) -> None:
     show_findings(plan.findings)
     problems = f" ({len(plan.errors)} problems; --json lists each)" if len(plan.errors) > 1 else ""
     verdict = "[green]fits[/]" if not plan.errors else f"[red]does not fit[/]{problems}"
-    stderr.print(f"{len(doc['modules'])} modules checked: the adapter {verdict}")
+    runs = f" and {target} reads it as PEFT does" if target and not plan.errors else f" on {target}" if target else ""
+    stderr.print(f"{len(doc['modules'])} modules checked: the adapter {verdict}{runs}")
 
 
 def show_findings(findings: tuple[Finding, ...] | list[Finding]) -> None:
@@ -229,11 +233,7 @@ def show_fired(report: Report) -> None:
 
 def report_markdown(report: Report) -> str:
     """The report as GitHub Markdown (for a CI job summary)."""
-    lines = []
-    for title, columns, rows in report_tables(report):
-        lines += [f"**{title}**", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-        lines.append("")
+    lines = views.markdown_tables(report_tables(report))
     findings = [*report.findings, *(report.check.findings if report.check else ())]
     lines += [f"- **{f.severity}**: {f.words('cli')}" for f in findings]
     lines += [f"- **fail-on `{h.rule}`**: {h.reason}" for h in report.fired]
@@ -242,6 +242,19 @@ def report_markdown(report: Report) -> str:
         lines.append(f"- touches {c.touched_parameters:,} of {c.base_parameters:,} base parameters of `{c.base}`")
     lines.append(f"\n**{'passed' if not report.fired else 'failed: ' + ', '.join(h.rule for h in report.fired)}**")
     return "\n".join(lines) + "\n"
+
+
+def show_verify(summary: VerifySummary) -> None:
+    """The verify tables, each problem, and the verdict, on stderr."""
+    for title, columns, rows in views.verify_tables(summary):
+        kinds: list[Kind] = [
+            "name",
+            *("label" if c in ("verdict", "adapters", "detail") else "number" for c in columns[1:]),
+        ]
+        stderr.print(Fitted([Column(c, k) for c, k in zip(columns, kinds, strict=True)], rows, title))
+    for problem in summary.problems:
+        stderr.print(f"[red]problem:[/] {problem.message}", soft_wrap=True)
+    stderr.print(views.verify_verdict(summary), soft_wrap=True)
 
 
 def show_extract(summary: ExtractSummary) -> None:
@@ -273,6 +286,8 @@ def show_extract(summary: ExtractSummary) -> None:
         stderr.print(f"{where} {c.name} ({shape}) changed by up to {c.max_change:.3g}")
     if summary.unchanged:
         stderr.print(f"{len(summary.unchanged)} target matrices are unchanged and have no LoRA factors")
+    for note in views.extract_notes(summary):
+        stderr.print(note, soft_wrap=True)
     if summary.work is not None and (summary.work.engine != "local" or summary.work.resumed):
         show_work(summary.work, summary.resumed_from)
     if summary.dry_run:
@@ -301,16 +316,11 @@ def show_convert(summary: ConvertSummary) -> None:
     if summary.dry_run:
         title = f"dry run: convert to {summary.target_format} into {summary.output}"
         columns = [Column("module", "name"), Column(summary.target_format, "name"), *map(Column, ("rank", "alpha"))]
-        rows = [[c.module.module, c.name, str(c.module.rank), f"{c.alpha:.6g}", f"{c.module.scale:.6g}"]
+        rows = [[c.module.module, c.name, str(c.rank), f"{c.alpha:.6g}", f"{c.module.scale:.6g}"]
                 for c in summary.modules]  # fmt: skip
         stderr.print(Fitted([*columns, Column("scale")], rows, title))
-    verb = "would write" if summary.dry_run else "wrote"
-    written = "" if summary.dry_run else f", {size(summary.bytes_written)}, {summary.seconds:.1f} s"
-    stderr.print(
-        f"convert: {verb} {summary.output} ({summary.target_format} from {summary.source.format}, "
-        f"{len(summary.modules)} modules, A and B bytes unchanged{written})",
-        soft_wrap=True,
-    )
+    for line in views.convert_lines(summary):
+        stderr.print(line, soft_wrap=True)
 
 
 def show_algebra(summary: AlgebraSummary) -> None:

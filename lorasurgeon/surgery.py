@@ -202,7 +202,7 @@ def compute(
     del weight
     # The weighted deltas are summed first and added once, so several adapters add no rounding between them.
     if step.terms or tuner_steps.has_sum(step):
-        delta = _summed_delta(plan, step, device)
+        delta = summed_delta(plan, step, device)
         linalg.add_delta_(exact, delta, SIGNS[plan.operation])
         if step.expected is not None:
             _check_restored(plan, step, exact, delta)
@@ -257,7 +257,7 @@ def _start(plan: Plan, step: Step) -> torch.Tensor:
     return weight
 
 
-def _summed_delta(plan: Plan, step: Step, device: torch.device) -> torch.Tensor:
+def summed_delta(plan: Plan, step: Step, device: torch.device) -> torch.Tensor:
     """Σ of the step's term deltas in fp32; a term with `rows` (q, k or v of a fused in_proj_weight) fills only
     those rows, so the three projections' deltas still meet in one tensor that is added once."""
     whole = (_delta(plan, t, device) for t in step.terms if t.rows is None)

@@ -34,6 +34,7 @@ from test_formats_peft import hf_adapter, perturbed_adapter
 import lorasurgeon
 from lorasurgeon.errors import LorasurgeonError, MismatchError, UnsupportedError
 from lorasurgeon.formats import kohya_names, load_adapter
+from lorasurgeon.formats.scale_form import scale_form
 from lorasurgeon.formats.writing import peft_config_for
 
 pytestmark = pytest.mark.oracle
@@ -98,7 +99,7 @@ def merged(base: Path, adapter: Path, out: Path) -> dict[str, torch.Tensor]:
 def test_peft_kohya_peft_round_trip_is_bit_identical(tmp_path: Path, sample: str) -> None:
     original = SAMPLES / sample
     convert(original, tmp_path / "k.safetensors", "kohya", component="lora_unet")
-    convert(tmp_path / "k.safetensors", tmp_path / "back", "peft", base=SAMPLES / "base")
+    convert(tmp_path / "k.safetensors", tmp_path / "back", "peft", base=SAMPLES / "base", patterns=True)
     before, after = read_tensors(adapter_file(original)), read_tensors(adapter_file(tmp_path / "back"))
     assert before.keys() == after.keys() and all(bits(before[k]) == bits(after[k]) for k in before)
     assert before[next(iter(before))].dtype == after[next(iter(before))].dtype
@@ -118,7 +119,7 @@ def sources(tmp_path: Path) -> dict[str, Path]:
     """samples/adapter-rslora (rsLoRA, rank and alpha patterns) in each format."""
     peft = SAMPLES / "adapter-rslora"
     convert(peft, tmp_path / "src-kohya.safetensors", "kohya", component="lora_unet")
-    convert(peft, tmp_path / "src-diffusers.safetensors", "diffusers", component="unet")
+    convert(peft, tmp_path / "src-diffusers.safetensors", "diffusers", component="unet", patterns=True)
     return {
         "peft": peft,
         "kohya": tmp_path / "src-kohya.safetensors",
@@ -133,8 +134,8 @@ def test_merging_the_converted_adapter_gives_the_same_tensors(tmp_path: Path, so
     adapter = sources(tmp_path)[source]
     out = tmp_path / ("out" if target == "peft" else "out.safetensors")
     options: dict[str, Any] = {"component": "lora_unet"} if source == "peft" else {}
-    summary = convert(adapter, out, target, base=base if source == "kohya" else None, **options)
-    assert len(summary.modules) == 14 and summary.warnings == () and summary.bytes_written > 0
+    summary = convert(adapter, out, target, base=base if source == "kohya" else None, patterns=True, **options)
+    assert len(summary.modules) == 14 and summary.warnings == () and summary.bytes_written > 0 and not summary.folded
     assert adapter_format(out) == target
     assert factor_bytes(out) == factor_bytes(SAMPLES / "adapter-rslora")
     reference = merged(base, SAMPLES / "adapter-rslora", tmp_path / "reference")
@@ -172,7 +173,7 @@ def test_kohya_peft_kohya_on_an_sdxl_file_keeps_names_bytes_and_alphas(tmp_path:
     te1 = [n for n in SDXL if n.startswith("conditioner.embedders.0.")]
     names |= {n: kohya_name("lora_te1", n, "conditioner.embedders.0.transformer.") for n in te1}
     save_lora(tmp_path / "k.safetensors", {k: (SDXL[n], 3.0 if "fc1" in n else None) for n, k in names.items()}, 2)
-    summary = convert(tmp_path / "k.safetensors", tmp_path / "peft", "peft", base=base)
+    summary = convert(tmp_path / "k.safetensors", tmp_path / "peft", "peft", base=base, patterns=True)
     assert {c.name + ".weight" for c in summary.modules} == set(names)
     convert(tmp_path / "peft", tmp_path / "k2.safetensors", "kohya", base=base)
     before, after = read_tensors(tmp_path / "k.safetensors"), read_tensors(tmp_path / "k2.safetensors")
@@ -285,7 +286,9 @@ def test_diffusers_output_loads_in_diffusers(tmp_path: Path, case: str, via: str
         source = tmp_path / "k.safetensors"
         convert(adapter, source, "kohya", component="lora_unet")
     base = tmp_path / "unet" if via == "kohya" else None
-    convert(source, tmp_path / "pytorch_lora_weights.safetensors", "diffusers", component="unet", base=base)
+    convert(
+        source, tmp_path / "pytorch_lora_weights.safetensors", "diffusers", component="unet", base=base, patterns=True
+    )
     want_scalings, want = peft_unet(adapter)
     scalings, fused = diffusers_unet(tmp_path / "pytorch_lora_weights.safetensors")
     expect = float32 if via == "kohya" else dict  # kohya's float32 alpha: equal after float32 rounding
@@ -324,10 +327,14 @@ def test_kohya_output_loads_in_diffusers_kohya_reader(tmp_path: Path) -> None:
         unique_by=lambda m: m[0],
     ),
     st.booleans(),
+    st.booleans(),
 )
-def test_config_gives_every_module_its_rank_and_scale(modules: list[tuple[str, int, float]], rslora: bool) -> None:
-    """Resolved by PEFT's own pattern matching, the config gives every module its rank and exactly its scale,
-    even where one path is a dotted suffix of another (`proj_out`, `blocks.0.proj_out`)."""
+def test_config_gives_every_module_its_rank_and_scale(
+    modules: list[tuple[str, int, float]], rslora: bool, patterns: bool
+) -> None:
+    """Resolved by PEFT's own pattern matching, the config gives every module its rank and exactly its scale in
+    the patterns form, even where one path is a dotted suffix of another (`proj_out`, `blocks.0.proj_out`); in the
+    single-alpha form one lora_alpha, no alpha_pattern and no rsLoRA give it its scale times the fold cᵢ."""
     from peft.utils.other import get_pattern_key
 
     from lorasurgeon.adapter import LoraModule
@@ -336,15 +343,21 @@ def test_config_gives_every_module_its_rank_and_scale(modules: list[tuple[str, i
     adapter.source.close()
     info = adapter.modules[0].a  # any tensor: the config reads no factor
     loras = [LoraModule(path, info, info, r, a, a / math.sqrt(r) if rslora else a / r, False) for path, r, a in modules]
-    config = peft_config_for([m.module for m in loras], loras)
-    for m in loras:
+    form = scale_form([m.module for m in loras], [(m.rank, m.alpha, m.scale) for m in loras], patterns=patterns)
+    config = peft_config_for(loras, form)
+    if not patterns:
+        assert config["alpha_pattern"] == {} and not config["use_rslora"]
+    for m, factor in zip(loras, form.factors, strict=True):
         rank = config["rank_pattern"].get(get_pattern_key(config["rank_pattern"].keys(), m.module), config["r"])
         alpha = config["alpha_pattern"].get(
             get_pattern_key(config["alpha_pattern"].keys(), m.module), config["lora_alpha"]
         )
         scale = alpha / math.sqrt(rank) if config["use_rslora"] else alpha / rank  # LoraLayer.update_layer
-        assert (rank, scale) == (m.rank, m.scale), m.module
-        assert m.module in config["target_modules"]
+        assert rank == m.rank and m.module in config["target_modules"]
+        if patterns:
+            assert scale == m.scale and factor == 1.0, m.module
+        else:
+            assert scale * factor == pytest.approx(m.scale, rel=1e-15), m.module
 
 
 # --- refusals: each names the tensor and the reason, and writes nothing ---------------------------------------

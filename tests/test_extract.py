@@ -227,8 +227,9 @@ def test_real_finetune_full_rank_matches_tuned_logits(work: Path, llama_dir: Pat
     summary = lorasurgeon.extract(llama_dir, finetuned, work / "lora", energy=1.0)
     assert all(m.rank == min(m.shape) for m in summary.matrices) and {m.rank for m in summary.matrices} == {16, 32}
     config = json.loads((work / "lora" / "adapter_config.json").read_text())
-    assert config["r"] == 32 and set(config["rank_pattern"].values()) == {16}
-    assert config["rank_pattern"] == config["alpha_pattern"]
+    assert config["r"] == config["lora_alpha"] == 32 and set(config["rank_pattern"].values()) == {16}
+    assert config["alpha_pattern"] == {} and not config["use_rslora"]  # one alpha: 16/32 folded into the factors
+    assert set(summary.folded) == {m.module for m in summary.matrices if m.rank == 16} != set()
     ours, messages = peft_logits(llama_dir, work / "lora")
     tuned = logits(finetuned, tokens=TOKENS)
     assert key_warnings(messages) == []
@@ -267,7 +268,8 @@ def test_energy_ranks_alpha_and_embeddings_load_in_peft(work: Path, llama_dir: P
     config = json.loads((work / "lora" / "adapter_config.json").read_text())
     assert "embed_tokens" in config["target_modules"] and config["lora_alpha"] == 16 and config["r"] == 2
     assert config["rank_pattern"] == {"^model.layers.0.self_attn.q_proj": 8}  # anchored, as convert writes them
-    assert config["alpha_pattern"] == {"^model.layers.0.self_attn.q_proj": 64}  # scale 16/2 everywhere
+    assert config["alpha_pattern"] == {}  # one alpha: each module's 16/rᵢ is folded into its factors
+    assert set(summary.folded) == set(ranks)  # no rank is 16
     keys = read_tensors(work / "lora" / "adapter_model.safetensors")
     assert keys["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (2, 128)
     assert keys["base_model.model.model.embed_tokens.lora_embedding_B"].shape == (32, 2)

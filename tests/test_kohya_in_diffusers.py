@@ -3,7 +3,8 @@
 diffusers (0.42) converts a kohya file's `.alpha` tensors to network_alphas, but on attention layers (to_q, to_k,
 to_v, to_out) the per-module alphas it builds keep its old `processor.to_k_lora` names and match nothing, so those
 modules get the file's common alpha: any sd-scripts file whose attention alphas differ loads at the wrong scale.
-`convert --to diffusers` writes every module's scale into lora_adapter_metadata, which diffusers reads exactly.
+`convert --to diffusers` writes one alpha into lora_adapter_metadata and folds the other modules' scales into B
+(the single-alpha form, formats.scale_form), or with `patterns` every module's scale, which diffusers reads exactly.
 """
 
 from __future__ import annotations
@@ -30,9 +31,14 @@ def test_kohya_attention_alphas_are_lost_by_diffusers_and_kept_by_convert(tmp_pa
     lost = sorted(n for n, s in float32(scalings).items() if s != float32(want_scalings)[n])
     assert lost and all(".to_k" in n for n in lost)  # the caveat: attention alphas, and only they, are dropped
     assert all(float32(scalings)[n] == float32(want_scalings)[n] for n in want_scalings if "proj_in" in n)
-    lorasurgeon.convert(tmp_path / "k.safetensors", tmp_path / "d.safetensors", to="diffusers", base=tmp_path / "unet")
-    scalings, fused = diffusers_unet(tmp_path / "d.safetensors")
-    assert float32(scalings) == float32(want_scalings)  # the exact route: every module's own scale
     base = tiny_unet().state_dict()
-    assert all(torch.allclose(fused[k], want[k], rtol=1e-6, atol=1e-7) for k in want)
+    for patterns in (True, False):
+        out = tmp_path / f"d-{patterns}.safetensors"
+        lorasurgeon.convert(tmp_path / "k.safetensors", out, to="diffusers", base=tmp_path / "unet", patterns=patterns)
+        scalings, fused = diffusers_unet(out)
+        if patterns:
+            assert float32(scalings) == float32(want_scalings)  # every module's own scale
+        else:
+            assert len(set(scalings.values())) == 1  # one alpha (every rank is 4), the rest folded into B
+        assert all(torch.allclose(fused[k], want[k], rtol=1e-6, atol=1e-7) for k in want)
     assert sum(not torch.equal(want[k], base[k]) for k in want) >= 10  # guard: the LoRA changed them

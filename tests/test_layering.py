@@ -36,6 +36,8 @@ ALLOWED: dict[str, set[str]] = {
     "linalg": {"blocks"},
     "devices": {"errors"},
     "lycoris": set(),
+    "lowering": {"errors"},
+    "verdict": {"errors"},
     "progress": set(),
     "units": set(),
     "rank_rule": {"errors"},
@@ -83,7 +85,11 @@ ALLOWED: dict[str, set[str]] = {
     | {"formats.architectures", "formats.kohya", "formats.kohya_names"}
     | {"formats.transformers_names"},
     "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names"} | {"formats.sd_layouts"},
-    "formats.writing": NORMAL_FORM | FORMATS_CORE | {"formats.model_classes"} | {"formats.peft_parameters"},
+    "formats.scale_form": {"formats.peft_config"},
+    "formats.writing": NORMAL_FORM
+    | FORMATS_CORE
+    | {"formats.model_classes", "formats.scale_form"}
+    | {"formats.peft_parameters"},
     "formats": NORMAL_FORM
     | FORMATS_CORE
     | {"formats.naming", "formats.peft_tuners", "linalg"}
@@ -122,14 +128,15 @@ ALLOWED: dict[str, set[str]] = {
     "extraction": IO
     | {"decomposition", "pairing", "progress", "writer", "formats.architectures", "formats.peft"}
     | {"formats.model_classes"}
-    | {"formats.peft_config", "cluster", "extract_steps", "journal"},
+    | {"formats.peft_config", "formats.scale_form", "cluster", "extract_steps", "journal"},
     "tuner_lora": {"adapter", "tuner_deltas", "tuner_maths"},
     "tuner_conversion": NORMAL_FORM
     | {"plan", "writer", "formats", "formats.peft", "formats.peft_config", "tuner_deltas", "tuner_kinds"}
     | {"tuner_lora", "tuner_placement"},
     "conversion": NORMAL_FORM
     | {"plan", "writer", "formats", "formats.kohya", "formats.naming", "formats.peft"}
-    | {"formats.peft_config", "formats.resolution", "formats.writing", "tuner_conversion"},
+    | {"formats.peft_config", "formats.resolution", "formats.writing", "tuner_conversion", "lowering"}
+    | {"runtime_lowering"},
     "census": IO,
     "client_weights": {"errors"},
     "combination": NORMAL_FORM | {"formats.computed", "formats.writing"},
@@ -138,6 +145,15 @@ ALLOWED: dict[str, set[str]] = {
     "algebra": NORMAL_FORM
     | {"algebra_options", "budget", "combination", "combined_module", "devices", "factored", "spectrum_rules"}
     | {"formats", "formats.computed", "writer"},
+    "adapter_facts": NORMAL_FORM | {"formats", "formats.architectures", "ties"},
+    "runtime_checks": {"adapter_facts"},
+    "runtime_rules": {"runtime_checks"},
+    "runtimes": NORMAL_FORM | {"adapter_facts", "runtime_checks", "runtime_rules"},
+    "runtime_lowering": NORMAL_FORM
+    | {"adapter_facts", "runtimes", "lowering", "ties", "formats.architectures", "formats.peft", "formats.peft_config"}
+    | {"formats.writing"},
+    "companions": {"checkpoint"},
+    "verification": NORMAL_FORM | {"companions", "plan", "surgery", "verdict"},
     "rules": {"errors", "header", "report"},
     "tuner_report": {"adapter", "formats.peft_tuner_inventory", "tuner_kinds"},
     "stats": {"checkpoint", "experts", "linalg", "lycoris", "progress", "report"},
@@ -147,25 +163,28 @@ ALLOWED: dict[str, set[str]] = {
     | {"formats.moe", "formats.quantization", "stats"},
     "__init__": NORMAL_FORM
     | {"formats", "formats.naming", "report", "rules", "plan", "surgery", "pairing"}
-    | {"progress", "rank_rule", "extraction", "conversion", "cluster", "extract_steps"}
-    | {"algebra", "combination", "devices"},
+    | {"progress", "rank_rule", "extraction", "conversion", "cluster", "extract_steps", "arguments"}
+    | {"algebra", "combination", "devices", "runtime_rules", "runtimes", "verification"},
+    "arguments": {"errors", "checkpoint", "devices", "plan"},
     "documents": {"errors", "census", "report", "plan", "surgery", "extraction", "conversion", "cluster"}
-    | {"expert_fit", "algebra"},
+    | {"expert_fit", "algebra", "verification"},
+    "views": {"extraction", "conversion", "verification", "units"},
     "progress_bar": {"progress", "units"},
     "tables": set(),
     "finding_groups": {"errors"},
     "digest": {"census", "expert_fit", "quantized_steps", "report"},
     "render": {"errors", "census", "documents", "report", "plan", "surgery", "extraction", "conversion", "cluster"}
-    | {"finding_groups", "progress", "progress_bar", "tables", "units"}
+    | {"finding_groups", "progress", "progress_bar", "tables", "units", "verification", "views"}
     | {"digest", "algebra"},
-    "cli": {"__init__", "documents", "errors", "interrupts", "render"},
+    "cli": {"__init__", "documents", "errors", "interrupts", "render", "views"},
     "__main__": {"cli", "interrupts"},
 }
 NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", "model_config", "tuner_placement", "tuner_shapes", "tuner_kinds"]
 NO_TORCH_AT_IMPORT += ["pairing", "rank_rule", "progress", "progress_bar", "units", "tables", "finding_groups"]
 NO_TORCH_AT_IMPORT += ["conflicts", "expert_fit", "quantized", "quantized_plan"]
 NO_TORCH_AT_IMPORT += ["combination", "client_weights", "algebra_options", "spectrum_rules", "devices"]
-NO_TORCH_AT_IMPORT += [m for m in ALLOWED if m.startswith("formats")]
+NO_TORCH_AT_IMPORT += ["adapter_facts", "runtime_checks", "runtime_rules", "runtimes", "companions", "runtime_lowering"]
+NO_TORCH_AT_IMPORT += ["views", "arguments", *(m for m in ALLOWED if m.startswith("formats"))]
 TERMINAL = {"render", "cli", "progress_bar", "tables"}  # the modules that may import rich or click
 
 
@@ -227,7 +246,7 @@ def test_imports_only_what_its_entry_allows(module: str) -> None:
 
 
 MATHS = ["linalg", "blocks", "lycoris", "fp8", "experts", "factored", "stacked_sum", "spectrum_rules", "budget"]
-MATHS += ["dense_merge"]
+MATHS += ["dense_merge", "lowering", "verdict"]
 
 
 @pytest.mark.parametrize("module", MATHS)

@@ -36,6 +36,7 @@ CASES = [
     (["report", SAMPLES / "adapter-lora", "--fail-on", "rank>8"], 0, None),
     (["check", "LLAMA", SAMPLES / "adapter-lora"], 1, None),  # an adapter for another model size
     (["report", SAMPLES / "adapter-lora", "--fail-on", "rank>4"], 1, None),
+    (["verify", SAMPLES / "base", "--base", SAMPLES / "base", SAMPLES / "adapter-lora"], 1, None),  # not merged
     (["merge", SAMPLES / "base", "no-such-adapter"], 2, None),
     (["merge", SAMPLES / "base", SAMPLES / "adapter-lora", "--no-such-option"], 2, None),
     (["extract", SAMPLES / "base", SAMPLES / "base", "--rank", "2"], 2, None),  # nothing to extract
@@ -65,8 +66,9 @@ def test_exit_codes_are_the_tables(
 
 
 def test_exit_one_is_only_ever_a_verdict() -> None:
-    """Only check and report (a --fail-on rule) give 1; every other failure is an error (2), extract's too."""
-    assert exit_code_table()[1] == "`check`, `report`"
+    """Only check, verify and report (a --fail-on rule) give 1; every other failure is an error (2), extract's
+    too."""
+    assert exit_code_table()[1] == "`check`, `verify`, `report`"
     assert lorasurgeon.errors.NothingChangedError("x").exit_code == 2
 
 

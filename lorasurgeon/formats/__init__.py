@@ -26,7 +26,16 @@ from lorasurgeon.formats.peft_config import ADAPTER_CONFIG, LoraConfig, refusal
 from lorasurgeon.formats.quantization import qlora_warning
 from lorasurgeon.header import FLOAT_DTYPES
 
-__all__ = ["ADAPTER_FORMATS", "COMPONENTS", "AdapterFormat", "Detected", "detect", "load_adapter", "locate"]
+__all__ = [
+    "ADAPTER_FORMATS",
+    "COMPONENTS",
+    "AdapterFormat",
+    "Detected",
+    "detect",
+    "load_adapter",
+    "locate",
+    "states_scales",
+]
 CHECKPOINT_FILES = ("model.safetensors", "model.safetensors.index.json", "diffusion_pytorch_model.safetensors")
 
 
@@ -55,6 +64,17 @@ def load_adapter(path: Path, alpha: float | None = None, *, strict: bool = True,
         source.close()
         raise
     return dataclasses.replace(adapter, problems=tuple(refusals.findings))
+
+
+def states_scales(adapter: Adapter) -> bool:
+    """Whether the adapter's weights file itself states every module's scale, as readers that never see an
+    adapter_config.json need (diffusers' loaders): kohya `.alpha` (or sd-scripts' alpha = rank), a diffusers file's
+    lora_adapter_metadata or `.alpha` tensors; a PEFT file keeps its scales in adapter_config.json."""
+    if adapter.format == "kohya":
+        return True
+    if adapter.format == "diffusers":
+        return bool(adapter.scalars) or diffusers.METADATA in adapter.source.shards[0].header.metadata
+    return False
 
 
 def _read(path: Path, source: Checkpoint, config_path: Path | None, alpha: float | None, refusals: Refusals) -> Adapter:

@@ -166,7 +166,7 @@ def write(
             factors[bias_key] = (bias.double() * fold).float()
     if to == "peft" and plan.config is not None:
         record = json.loads(plan.metadata["lorasurgeon"])
-        peft.write_adapter(writer, factors, plan.config, record, full)  # r = lora_alpha: nothing more is folded
+        peft.write_adapter(writer, factors, plan.config, record, full, dict.fromkeys(factors, 1.0))  # scale 1
         return
     for (a_key, _, _), alpha in zip(plan.keys, plan.alphas, strict=True) if to == "kohya" else ():
         factors[a_key.removesuffix(".lora_down.weight") + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -208,12 +209,19 @@ def missing_config(weights: Path) -> InputError:
     )
 
 
-def factor_tensors(module: str, kind: str, b: torch.Tensor, a: torch.Tensor) -> dict[str, torch.Tensor]:
-    """PEFT's on-disk keys (FORMATS.md §1.4) for one module's factors, B (out, r) and A (r, in)."""
+def factor_keys(module: str, kind: str) -> tuple[str, str]:
+    """PEFT's on-disk keys (FORMATS.md §1.4) of one module's A and B."""
     prefix = f"{PEFT_PREFIX}{module}"
-    if kind == "embedding":  # A (r, V), B (d, r) decompose ΔWᵀ, which is (d, V)
-        return {f"{prefix}.lora_embedding_A": a.contiguous(), f"{prefix}.lora_embedding_B": b.contiguous()}
-    return {f"{prefix}.lora_A.weight": a.contiguous(), f"{prefix}.lora_B.weight": b.contiguous()}
+    if kind == "embedding":
+        return f"{prefix}.lora_embedding_A", f"{prefix}.lora_embedding_B"
+    return f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
+
+
+def factor_tensors(module: str, kind: str, b: torch.Tensor, a: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One module's factors, B (out, r) and A (r, in), by their PEFT keys (embedding: A (r, V), B (d, r)
+    decompose ΔWᵀ, which is (d, V))."""
+    a_key, b_key = factor_keys(module, kind)
+    return {a_key: a.contiguous(), b_key: b.contiguous()}
 
 
 def write_adapter(
@@ -222,18 +230,18 @@ def write_adapter(
     config: dict[str, Any],
     record: dict[str, Any],
     full: dict[str, torch.Tensor],
+    multipliers: Mapping[str, float],
 ) -> None:
     """A PEFT adapter directory through `writer`: adapter_model.safetensors ({"format": "pt"} plus our record of
-    the operation) and adapter_config.json. `factors` hold B @ A = ΔW; each is divided by √(lora_alpha / r),
-    the scale PEFT multiplies back (one scale for every module: alpha_pattern follows rank_pattern). `full`
-    tensors (modules_to_save) are written as they are."""
+    the operation) and adapter_config.json. Each factor is written in fp32 times its key's `multiplier` (formed in
+    fp64, one rounding; the caller's choice of the scale the config states, formats.scale_form). `full` tensors
+    (modules_to_save) are written as they are."""
     entries = [(key, "F32", tuple(t.shape)) for key, t in factors.items()]
     entries += [(key, dtype_name(t.dtype), tuple(t.shape)) for key, t in full.items()]
     metadata = {"format": "pt", "lorasurgeon": json.dumps(record)}
-    root = (config["lora_alpha"] / config["r"]) ** 0.5
     with writer.shard(ADAPTER_WEIGHTS, entries, metadata) as stream:
-        for tensor in factors.values():
-            stream.write(tensor.float() / root)
+        for key, tensor in factors.items():
+            stream.write((tensor.double() * multipliers[key]).float())
         for tensor in full.values():
             stream.write(tensor)
     writer.write_json(ADAPTER_CONFIG, config)

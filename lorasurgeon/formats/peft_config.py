@@ -263,13 +263,13 @@ def adapter_config(
     rank = Counter(m.rank for m in modules).most_common(1)[0][0]
     alpha = Counter(m.alpha for m in modules).most_common(1)[0][0]
     config: dict[str, Any] = {
-        "alpha_pattern": {f"^{m.path}": _number(m.alpha) for m in modules if m.alpha != alpha},
+        "alpha_pattern": {f"^{m.path}": json_number(m.alpha) for m in modules if m.alpha != alpha},
         "base_model_name_or_path": base_model,
         "bias": "none",
         "fan_in_fan_out": fan_in_fan_out,
         "inference_mode": True,
         "init_lora_weights": True,
-        "lora_alpha": _number(alpha),
+        "lora_alpha": json_number(alpha),
         "lora_dropout": 0.0,
         "modules_to_save": modules_to_save or None,
         "peft_type": "LORA",
@@ -301,5 +301,6 @@ def target_modules_for(extracted: Sequence[str], paths: Sequence[str]) -> list[s
     return out
 
 
-def _number(value: float) -> float | int:
+def json_number(value: float) -> float | int:
+    """A number as adapter_config.json writes it: an int when it is integral (8, not 8.0)."""
     return int(value) if float(value).is_integer() else value

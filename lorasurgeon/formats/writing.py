@@ -2,8 +2,11 @@
 lora_adapter_metadata, kohya `.alpha` and ss_* metadata (shared FORMATS.md §1.4, §5.1, §5.4, §5.6, §6.4).
 
 The three formats hold the same factors in the same shapes (A = lora_A = lora_down (r, in, *k), B = lora_B =
-lora_up (out, r, *1)), so A and B are copied byte for byte and each format's own way of stating the scale gives
-every module exactly the scale it had; nothing is folded into B.
+lora_up (out, r, *1)), so A and B are copied byte for byte where the target states each module's scale as it was:
+kohya's per-module `.alpha`, and PEFT configs in the patterns form. PEFT configs (adapter_config.json, a diffusers
+component's LoraConfig) are written in the single-alpha form by default (formats.scale_form): one lora_alpha, and
+B′ = B·cᵢ for the modules whose scale it does not give (`Lowered`, rewritten on the way out); `convert --for` may
+also pad every module to one rank.
 """
 
 from __future__ import annotations
@@ -11,15 +14,16 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from lorasurgeon.adapter import ADAPTER_FORMATS, Adapter, AdapterFormat, LoraModule
 from lorasurgeon.errors import Finding, UnsupportedError
 from lorasurgeon.formats import diffusers, kohya
 from lorasurgeon.formats.model_classes import auto_mapping, task_type
 from lorasurgeon.formats.peft import PEFT_PREFIX
-from lorasurgeon.formats.peft_config import adapter_config, written
+from lorasurgeon.formats.peft_config import adapter_config
 from lorasurgeon.formats.peft_parameters import nesting
+from lorasurgeon.formats.scale_form import ScaleForm, restated, scale_form
 from lorasurgeon.header import TensorInfo
 
 FACTOR_KEYS = {
@@ -70,20 +74,49 @@ CANNOT: dict[tuple[str, str], str] = {
 
 @dataclass(frozen=True)
 class Converted:
-    """One module of the output: the source module, its name in OUT, and the alpha OUT gives it (the config's
-    after patterns, or kohya's float32 `.alpha`); its scale is the source module's."""
+    """One module of the output: the source module, its name in OUT, the rank and alpha OUT states for it (the
+    config's after patterns, or kohya's float32 `.alpha`), and `factor`, the cᵢ its B is multiplied by (1: bit for
+    bit); its scale is the source module's."""
 
     module: LoraModule
     name: str
     alpha: float
+    rank: int
+    factor: float = 1.0
+
+    @property
+    def rewritten(self) -> bool:
+        """Whether OUT's factors differ from the source's bytes (folded or padded)."""
+        return self.factor != 1.0 or self.rank != self.module.rank
 
 
-def refusal(adapter: Adapter, modules: Sequence[LoraModule], to: AdapterFormat) -> UnsupportedError | None:
-    """The error naming the first tensor the `to` format cannot hold, and why."""
+@dataclass(frozen=True)
+class Lowered:
+    """A source tensor rewritten on its way out: A's rows or B's columns padded with zeros to `rank`, and B (and its
+    lora_B bias) multiplied by `factor`, rounded once to its dtype (lowering.py)."""
+
+    tensor: TensorInfo
+    role: Literal["a", "b", "bias"]
+    rank: int
+    factor: float
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = self.tensor.shape
+        if self.role == "a":
+            return (self.rank, *shape[1:])  # (r′, in, *k)
+        return (shape[0], self.rank, *shape[2:]) if self.role == "b" else shape  # (out, r′, *1)
+
+
+def refusal(
+    adapter: Adapter, modules: Sequence[LoraModule], to: AdapterFormat, *, tokens: bool = True
+) -> UnsupportedError | None:
+    """The error naming the first tensor the `to` format cannot hold, and why (trainable-token rows only when
+    `tokens`: they are written as they are, not as LoRA rows)."""
     problems = [(r.tensor.name, "replacement") for r in adapter.replacements]
     if to == "peft":  # PEFT holds them all, given the source's config to say what the full tensors are
         problems = problems if not adapter.config else []
-    else:
+    elif tokens:
         problems += [(t.tensor.name, "tokens") for t in adapter.token_rows]
     problems = [problem for m in modules for problem in _unheld(m, to)] + problems
     if not problems:
@@ -111,27 +144,53 @@ def _unheld(m: LoraModule, to: AdapterFormat) -> list[tuple[str, str]]:
     return parts
 
 
-def converted(modules: Sequence[LoraModule], names: Sequence[str], to: AdapterFormat) -> list[Converted]:
-    """Each module with its name in OUT and the alpha its format states for it: kohya's float32 scale·r, or the
-    alphas each PEFT config (one per diffusers component) gives its modules."""
+Member = tuple[str, int, float, float]  # (name in OUT, rank, alpha, scale) of a module a config states
+
+
+def scale_forms(
+    members: Sequence[Member], to: AdapterFormat, *, patterns: bool, rank: int | None = None
+) -> dict[str, ScaleForm]:
+    """The scale form (formats.scale_form) of each config OUT holds, by group: "" for peft, the component for
+    diffusers, none for kohya (its per-module `.alpha` states every scale as it is). `rank` pads every module."""
     if to == "kohya":
-        return [Converted(m, n, kohya.alpha_of(m)) for n, m in zip(names, modules, strict=True)]
-    out = [Converted(m, n, m.alpha) for n, m in zip(names, modules, strict=True)]
-    alphas: dict[str, float] = {}
-    for group in _groups(out, to).values():
-        _, states = written([c.name for c in group], [(c.module.rank, c.module.alpha, c.module.scale) for c in group])
-        alphas.update((c.name, s.alpha) for c, s in zip(group, states, strict=True))
-    return [Converted(c.module, c.name, alphas[c.name]) for c in out]
+        return {}
+    groups: dict[str, list[Member]] = {}
+    for member in members:
+        groups.setdefault(_group(member[0], to), []).append(member)
+    return {
+        key: scale_form(
+            [_path(n, to) for n, *_ in group], [(r, a, s) for _, r, a, s in group], patterns=patterns, rank=rank
+        )
+        for key, group in groups.items()
+    }
 
 
-def _groups(modules: list[Converted], to: AdapterFormat) -> dict[str, list[Converted]]:
-    """The modules that share one config: all of them (peft), or those of each component (diffusers)."""
-    if to == "peft":
-        return {"": modules}
-    groups: dict[str, list[Converted]] = {}
-    for c in modules:
-        groups.setdefault(c.name.partition(".")[0], []).append(c)
-    return groups
+def converted(
+    modules: Sequence[LoraModule], names: Sequence[str], to: AdapterFormat, forms: dict[str, ScaleForm]
+) -> list[Converted]:
+    """Each module with its name in OUT and the rank, alpha and fold its format states for it: kohya's float32
+    scale·r, or what the scale form of its config gives it."""
+    if to == "kohya":
+        return [Converted(m, n, kohya.alpha_of(m), m.rank) for n, m in zip(names, modules, strict=True)]
+    seen: dict[str, int] = {}
+    out = []
+    for name, m in zip(names, modules, strict=True):
+        group = _group(name, to)
+        index = seen[group] = seen.get(group, -1) + 1
+        form = forms[group]
+        state = form.modules[index]
+        out.append(Converted(m, name, state.alpha, state.rank, form.factors[index]))
+    return out
+
+
+def _group(name: str, to: AdapterFormat) -> str:
+    """The config a module's name puts it under: one for peft, its component's for diffusers."""
+    return name.partition(".")[0] if to == "diffusers" else ""
+
+
+def _path(name: str, to: AdapterFormat) -> str:
+    """The module path its config names it by (a diffusers name without its component)."""
+    return name.partition(".")[2] if to == "diffusers" else name
 
 
 @dataclass(frozen=True)
@@ -162,32 +221,30 @@ class BaseModel:
 
 
 def config(
-    adapter: Adapter, modules: list[Converted], to: AdapterFormat, alpha: float | None, base: BaseModel = BaseModel()
+    adapter: Adapter,
+    modules: list[Converted],
+    to: AdapterFormat,
+    forms: dict[str, ScaleForm],
+    base: BaseModel = BaseModel(),
 ) -> dict[str, Any] | None:
-    """adapter_config.json (a PEFT source's own, with `alpha` applied), naming `base`, or the diffusers metadata,
-    unpacked."""
+    """adapter_config.json (a PEFT source's own, restated in its scale form), naming `base`, or the diffusers
+    metadata, unpacked."""
     if to == "kohya":
         return None
-    if to == "peft" and adapter.config:
-        own = dict(adapter.config)
-        if alpha is not None:
-            patterns = {k: alpha for k in adapter.config.get("alpha_pattern") or {}}
-            own |= {"lora_alpha": alpha, "alpha_pattern": patterns}
-        return base.described(own)
+    if to == "peft" and adapter.config:  # a tuner that only sets tensors has no LoRA module to state a scale for
+        return base.described(restated(adapter.config, forms[""]) if "" in forms else dict(adapter.config))
     configs = {}
-    for component, group in _groups(modules, to).items():
-        paths = [c.name.partition(".")[2] if to == "diffusers" else c.name for c in group]
-        configs[component] = peft_config_for(paths, [c.module for c in group])
+    for component, form in forms.items():
+        configs[component] = peft_config_for([c.module for c in modules if _group(c.name, to) == component], form)
     return base.described(configs[""]) if to == "peft" else diffusers.packed(configs)
 
 
-def peft_config_for(paths: list[str], modules: list[LoraModule]) -> dict[str, Any]:
-    """adapter_config.json that targets `paths` and gives each module its rank and scale."""
-    use_rslora, states = written(paths, [(m.rank, m.alpha, m.scale) for m in modules])
+def peft_config_for(modules: list[LoraModule], form: ScaleForm) -> dict[str, Any]:
+    """adapter_config.json that targets the modules of `form` and gives each its rank and scale by `form`."""
     return adapter_config(
-        states,
-        target_modules=sorted(paths),
-        use_rslora=use_rslora,
+        form.modules,
+        target_modules=sorted(m.path for m in form.modules),
+        use_rslora=form.use_rslora,
         use_dora=any(m.magnitude is not None for m in modules),
         lora_bias=any(m.bias is not None for m in modules),
     )
@@ -207,9 +264,15 @@ def metadata(
     return kohya.metadata([c.module for c in modules], [c.alpha for c in modules], source) | out
 
 
-def entries(adapter: Adapter, modules: list[Converted], to: AdapterFormat) -> list[tuple[str, TensorInfo | float]]:
-    """The output's tensors in order: source tensors copied byte for byte, and kohya's float32 alphas (numbers)."""
-    out: list[tuple[str, TensorInfo | float]] = []
+Entry = TensorInfo | float | Lowered
+
+
+def entries(
+    adapter: Adapter, modules: list[Converted], to: AdapterFormat, *, tokens: bool = True
+) -> list[tuple[str, Entry]]:
+    """The output's tensors in order: source tensors copied byte for byte, the factors a fold or a padding rewrites
+    (`Lowered`), and kohya's float32 alphas (numbers); trainable-token rows as they are only when `tokens`."""
+    out: list[tuple[str, Entry]] = []
     depths = nesting([c.module for c in modules])
     for c in modules:
         m = c.module
@@ -217,14 +280,18 @@ def entries(adapter: Adapter, modules: list[Converted], to: AdapterFormat) -> li
             PEFT_PREFIX + c.name + ".base_layer" * depths.get((m.module, m.parameter), 0) if to == "peft" else c.name
         )
         a_key, b_key = FACTOR_KEYS["kohya" if to == "kohya" else "embedding" if m.kind == "embedding" else "linear"]
-        out += [(f"{prefix}.{a_key}", m.a), (f"{prefix}.{b_key}", m.b)]
+        padded = c.rank != m.rank
+        a: Entry = Lowered(m.a, "a", c.rank, 1.0) if padded else m.a
+        b: Entry = Lowered(m.b, "b", c.rank, c.factor) if c.rewritten else m.b
+        out += [(f"{prefix}.{a_key}", a), (f"{prefix}.{b_key}", b)]
         if to == "kohya":
             out.append((f"{prefix}.alpha", c.alpha))
         if m.magnitude is not None:
             out.append((f"{prefix}.lora_magnitude_vector", m.magnitude))
-        if m.bias is not None:
-            out.append((f"{prefix}.lora_B.bias", m.bias))
-    for info in [r.tensor for r in adapter.replacements] + [t.tensor for t in adapter.token_rows]:
+        if m.bias is not None:  # PEFT scales lora_B's bias with lora_B: it is folded too
+            bias: Entry = Lowered(m.bias, "bias", c.rank, c.factor) if c.factor != 1.0 else m.bias
+            out.append((f"{prefix}.lora_B.bias", bias))
+    for info in [r.tensor for r in adapter.replacements] + [t.tensor for t in adapter.token_rows if tokens]:
         out.append((PEFT_PREFIX + info.name.removeprefix(PEFT_PREFIX), info))
     return out
 
