@@ -33,6 +33,7 @@ from lorasurgeon.errors import Finding, LorasurgeonError, Option, UnsupportedErr
 from lorasurgeon.factored import Factored, spectrum
 from lorasurgeon.formats import computed, load_adapter
 from lorasurgeon.header import torch_dtype
+from lorasurgeon.hub import display_name
 from lorasurgeon.spectrum_rules import SpectrumRule, choose_rank
 from lorasurgeon.writer import CheckpointWriter
 
@@ -128,7 +129,7 @@ def _left_out(names: tuple[str, ...]) -> Finding:
 
 def default_output(adapter: Path, to: AdapterFormat) -> Path:
     """`<adapter name>-resized` in the current directory: a directory for peft, a .safetensors file otherwise."""
-    stem = adapter.name.removesuffix(".safetensors")
+    stem = adapter.name.removesuffix(".safetensors") if adapter.suffix == ".safetensors" else display_name(adapter)
     return Path(f"{stem}-resized" if to == "peft" else f"{stem}-resized.safetensors")
 
 

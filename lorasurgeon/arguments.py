@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import LorasurgeonError, Option
+from lorasurgeon.hub import display_name
 
 if TYPE_CHECKING:
     from lorasurgeon.plan import Operation
@@ -53,4 +54,4 @@ def default_output(ckpt: Checkpoint, operation: Operation) -> Path:
     suffix = f"-{operation}d"
     if ckpt.layout == "file":
         return Path(f"{ckpt.path.stem}{suffix}.safetensors")
-    return Path(f"{ckpt.root.resolve().name}{suffix}")
+    return Path(f"{display_name(ckpt.root)}{suffix}")

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from lorasurgeon import strict_json
+from lorasurgeon import hub, strict_json
 from lorasurgeon.errors import InputError, UnsupportedError
 from lorasurgeon.header import Header, TensorInfo, pickle_refusal, read_header, read_into, torch_dtype
 from lorasurgeon.input_file import describe, open_input, read_input
@@ -58,8 +58,9 @@ class Checkpoint:
 
     @classmethod
     def open(cls, path: Path) -> Checkpoint:
-        """Open `path` in whichever layout it is; raise InputError for anything unreadable or unsafe."""
-        path = Path(path)
+        """Open `path` in whichever layout it is; raise InputError for anything unreadable or unsafe. A `path`
+        that names nothing on disk may be a Hub repo id (`org/name[@revision]`, see `hub.resolve`)."""
+        path = hub.resolve(path, download=False)
         try:
             mode = os.stat(path).st_mode
         except FileNotFoundError:

@@ -6,6 +6,7 @@ Errors become exit codes in exactly one place, `main`.
 from __future__ import annotations
 
 import gc
+import os
 import signal
 import sys
 import traceback
@@ -19,6 +20,7 @@ import click
 import lorasurgeon
 from lorasurgeon import documents, interrupts, render, views
 from lorasurgeon.errors import LorasurgeonError, NonfiniteWarning
+from lorasurgeon.hub import DOWNLOAD_ENV
 
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 DTYPE = click.option(
@@ -84,11 +86,18 @@ def _server(options: dict[str, Any]) -> dict[str, Any]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lorasurgeon")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
+@click.option(
+    "--download",
+    is_flag=True,
+    help="Download a Hub repo id (org/name[@revision]) not in the local cache (as LORASURGEON_DOWNLOAD=1).",
+)
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, download: bool) -> None:
     """LoRA surgery on safetensors checkpoints: check, merge, unmerge, verify, extract, report, convert, resize,
-    combine."""
+    combine. Every input may be a path or a Hub repo id in the local Hugging Face cache."""
     ctx.obj = {"debug": debug}
+    if download:  # the library reads the permission from the environment, for every input of the command
+        os.environ[DOWNLOAD_ENV] = "1"
 
 
 @cli.command()

@@ -31,6 +31,7 @@ from lorasurgeon.formats.model_classes import auto_mapping, task_type
 from lorasurgeon.formats.peft_config import adapter_config, target_modules_for
 from lorasurgeon.formats.scale_form import ScaleForm, scale_form
 from lorasurgeon.header import TensorInfo
+from lorasurgeon.hub import display_name
 from lorasurgeon.journal import Journal
 from lorasurgeon.pairing import ExtractOptions, ExtractPlan, plan_extract
 from lorasurgeon.progress import Progress
@@ -105,7 +106,7 @@ def changed_vectors(
 def default_output(tuned: Checkpoint) -> Path:
     """`<tuned name>-lora` in the current directory."""
     stem = tuned.path.name.removesuffix(".index.json").removesuffix(".safetensors")
-    return Path.cwd() / f"{(tuned.root.resolve().name if tuned.layout == 'dir' else stem)}-lora"
+    return Path.cwd() / f"{(display_name(tuned.root) if tuned.layout == 'dir' else stem)}-lora"
 
 
 def run(

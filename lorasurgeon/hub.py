@@ -46,6 +46,15 @@ def resolve(path_or_repo_id: str | Path, *, download: bool, cache_dir: Path | No
     return Path(_snapshot(spec, repo_id, revision or None, cache_dir, allowed))
 
 
+def display_name(folder: Path) -> str:
+    """The name `folder` goes by in a default OUT name: a Hub cache snapshot's (`models--org--name/snapshots/<rev>`)
+    is its repository's (`name`), not the commit hash; any other folder's is its own."""
+    real = Path(os.path.realpath(folder))
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real.parent.parent.name.split("--")[-1]
+    return real.name
+
+
 def _snapshot(spec: str, repo_id: str, revision: str | None, cache_dir: Path | None, allowed: bool) -> str:
     try:
         from huggingface_hub import snapshot_download

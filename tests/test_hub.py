@@ -158,6 +158,43 @@ def test_merge_and_check_read_models_and_adapters_in_the_cache(
     assert tree_hashes(cache) == before
 
 
+def test_every_command_takes_repo_ids_and_names_out_after_the_repo(
+    cache: Path, work: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On the command line a repo id is an input like a path; the default OUT is named after the repository
+    (tiny-merged), never the snapshot's commit hash."""
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    before = tree_hashes(cache)
+    code, _, stderr = run_cli(["merge", "org/tiny", "org/tiny-lora"], capsys)
+    assert code == 0, stderr
+    assert sorted(p.name for p in work.iterdir()) == ["tiny-merged"]
+    merged, original = (
+        read_tensors(work / "tiny-merged"),
+        read_tensors(cache / "models--org--tiny" / "snapshots" / MAIN),
+    )
+    assert set(merged) == set(original) and any(not torch.equal(merged[n], original[n]) for n in merged)
+    for args in (["check", "org/tiny@v1", "org/tiny-lora"], ["report", "org/tiny-lora"], ["report", "org/tiny@v1"]):
+        code, _, stderr = run_cli(args, capsys)
+        assert code == 0, (args, stderr)
+    code, _, stderr = run_cli(["verify", "tiny-merged", "--base", "org/tiny", "org/tiny-lora"], capsys)
+    assert code == 0, stderr
+    assert tree_hashes(cache) == before
+
+
+def test_download_is_a_flag_of_every_command(
+    cache: Path, work: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv(hub.DOWNLOAD_ENV, "0")  # restored afterwards: --download sets it for the process
+    code, _, stderr = run_cli(["check", "org/absent", "org/tiny-lora"], capsys)
+    assert code == 2 and "not in the local Hugging Face cache; pass --download" in stderr, stderr
+    code, _, stderr = run_cli(["--download", "check", "org/absent", "org/tiny-lora"], capsys)
+    (error,) = [line for line in stderr.splitlines() if line.startswith("Error:")]
+    assert code == 2 and error.startswith("Error: org/absent: cannot download from the Hugging Face Hub"), stderr
+    assert "Traceback" not in stderr and list(work.iterdir()) == []
+
+
 def _fake_snapshot(root: Path, folder: str, llama_dir: Path) -> Path:
     """A Hub-like layout under `root/folder`, its model.safetensors linked into `blobs/` by a relative link."""
     repo = root / folder

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).parent.parent / "lorasurgeon"
-IO = {"errors", "header", "checkpoint"}
+IO = {"errors", "header", "checkpoint", "hub"}
 FILES = {"errors", "input_file"}
 NORMAL_FORM = {"adapter", *IO}
 FORMATS_CORE = {"formats.peft", "formats.peft_config", "formats.config_fields", "formats.kohya", "formats.diffusers"}
@@ -28,7 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "header_json": {"errors", "strict_json"},
     "header": FILES | {"header_json"},
     "layout": FILES,
-    "checkpoint": FILES | {"header", "layout", "strict_json"},
+    "checkpoint": FILES | {"header", "hub", "layout", "strict_json"},
     "hub": {"errors"},
     "temporaries": {"errors"},
     "writer": IO | {"input_file", "interrupts", "temporaries"},
@@ -109,7 +109,7 @@ ALLOWED: dict[str, set[str]] = {
     | {"fit", "ties", "model_config", "formats.architectures", "formats.resolution", "tuner_placement"}
     | {"conflicts", "expert_fit", "quantized", "quantized_plan", "formats.moe"},
     "tuner_steps": {"plan", "tuner_merge", "tuner_placement"},
-    "mirror": IO | {"layout", "plan", "writer"},
+    "mirror": IO | {"layout", "plan", "version", "writer"},
     "workspace": IO,
     "terms": {"errors", "header", "experts", "linalg", "lycoris", "plan"},
     "quantized_steps": {"blocks", "errors", "fp8", "header", "plan", "requant", "terms"},
@@ -153,7 +153,7 @@ ALLOWED: dict[str, set[str]] = {
     | {"adapter_facts", "runtimes", "lowering", "ties", "formats.architectures", "formats.peft", "formats.peft_config"}
     | {"formats.writing"},
     "companions": {"checkpoint"},
-    "verification": NORMAL_FORM | {"companions", "plan", "surgery", "verdict"},
+    "verification": NORMAL_FORM | {"companions", "plan", "surgery", "progress", "verdict"},
     "rules": {"errors", "header", "report"},
     "tuner_report": {"adapter", "formats.peft_tuner_inventory", "tuner_kinds"},
     "stats": {"checkpoint", "experts", "linalg", "lycoris", "progress", "report"},
@@ -164,8 +164,8 @@ ALLOWED: dict[str, set[str]] = {
     "__init__": NORMAL_FORM
     | {"formats", "formats.naming", "report", "rules", "plan", "surgery", "pairing"}
     | {"progress", "rank_rule", "extraction", "conversion", "cluster", "extract_steps", "arguments"}
-    | {"algebra", "combination", "devices", "runtime_rules", "runtimes", "verification"},
-    "arguments": {"errors", "checkpoint", "devices", "plan"},
+    | {"algebra", "combination", "devices", "runtime_rules", "runtimes", "verification", "version"},
+    "arguments": {"errors", "checkpoint", "devices", "hub", "plan"},
     "documents": {"errors", "census", "report", "plan", "surgery", "extraction", "conversion", "cluster"}
     | {"expert_fit", "algebra", "verification"},
     "views": {"extraction", "conversion", "verification", "units"},
@@ -176,7 +176,7 @@ ALLOWED: dict[str, set[str]] = {
     "render": {"errors", "census", "documents", "report", "plan", "surgery", "extraction", "conversion", "cluster"}
     | {"finding_groups", "progress", "progress_bar", "tables", "units", "verification", "views"}
     | {"digest", "algebra"},
-    "cli": {"__init__", "documents", "errors", "interrupts", "render", "views"},
+    "cli": {"__init__", "documents", "errors", "hub", "interrupts", "render", "views"},
     "__main__": {"cli", "interrupts"},
 }
 NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", "model_config", "tuner_placement", "tuner_shapes", "tuner_kinds"]

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from lorasurgeon import hub
 from lorasurgeon.adapter import ADAPTER_FORMATS, Adapter, AdapterFormat
 from lorasurgeon.checkpoint import Checkpoint, read_json, refuse_pickle
 from lorasurgeon.errors import Finding, InputError, Refusals
@@ -123,8 +124,7 @@ def locate(path: Path) -> tuple[Path, Path | None]:
 
     A directory holds `adapter_model.safetensors` itself, or (PEFT's layout for a named adapter) in one
     sub-directory with its config; several named adapters and no default one must be chosen by path."""
-    if not os.path.lexists(path):
-        raise InputError(f"{path}: no such file or directory")
+    path = hub.resolve(path, download=False)  # a path, or a Hub repo id when nothing on disk has its name
     # lexists, not is_file: a config or weights file that is a loop, a pipe or a dangling link is read, and so
     # refused by name, rather than taken for absent.
     if not path.is_dir():
@@ -160,6 +160,7 @@ Detected = Literal["peft", "kohya", "diffusers", "checkpoint"]
 def detect(path: Path) -> Detected:
     """The adapter format of `path` by the rules load_adapter reads it with, or "checkpoint" for anything that is
     no adapter; reads headers only."""
+    path = hub.resolve(path, download=False)
     try:
         weights, config = locate(path)
     except InputError:
