@@ -281,8 +281,11 @@ def entries(
         )
         a_key, b_key = FACTOR_KEYS["kohya" if to == "kohya" else "embedding" if m.kind == "embedding" else "linear"]
         padded = c.rank != m.rank
-        a: Entry = Lowered(m.a, "a", c.rank, 1.0) if padded else m.a
-        b: Entry = Lowered(m.b, "b", c.rank, c.factor) if c.rewritten else m.b
+        if padded and m.kind == "experts":  # zeros after all E experts' rows would shift every expert's slice
+            raise UnsupportedError(f"{m.module}.{m.parameter}: cannot pad an experts module's rank (r per expert)")
+        stored = c.rank * (m.experts if m.kind == "experts" else 1)  # an experts factor holds r rows per expert
+        a: Entry = Lowered(m.a, "a", stored, 1.0) if padded else m.a
+        b: Entry = Lowered(m.b, "b", stored, c.factor) if c.rewritten else m.b
         out += [(f"{prefix}.{a_key}", a), (f"{prefix}.{b_key}", b)]
         if to == "kohya":
             out.append((f"{prefix}.alpha", c.alpha))
