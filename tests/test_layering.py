@@ -166,17 +166,21 @@ ALLOWED: dict[str, set[str]] = {
     | {"progress", "rank_rule", "extraction", "conversion", "cluster", "extract_steps", "arguments"}
     | {"algebra", "combination", "devices", "runtime_rules", "runtimes", "verification", "version"},
     "arguments": {"errors", "checkpoint", "devices", "hub", "plan"},
-    "documents": {"errors", "census", "report", "plan", "surgery", "extraction", "conversion", "cluster"}
-    | {"expert_fit", "algebra", "verification"},
+    "documents": {"errors", "census", "report", "plan", "surgery", "expert_fit", "verification"},
+    "adapter_documents": {"documents", "extraction", "conversion", "cluster", "algebra"},
     "views": {"extraction", "conversion", "verification", "units"},
+    "report_views": {"census", "report", "units", "views"},
     "progress_bar": {"progress", "units"},
     "tables": set(),
     "finding_groups": {"errors"},
     "digest": {"census", "expert_fit", "quantized_steps", "report"},
-    "render": {"errors", "census", "documents", "report", "plan", "surgery", "extraction", "conversion", "cluster"}
+    "render": {"errors", "documents", "report", "plan", "surgery", "extraction", "conversion", "cluster"}
     | {"finding_groups", "progress", "progress_bar", "tables", "units", "verification", "views"}
-    | {"digest", "algebra"},
-    "cli": {"__init__", "documents", "errors", "hub", "interrupts", "render", "views"},
+    | {"digest", "algebra", "adapter_documents", "report_views"},
+    "cli_options": {"__init__"},
+    "cli_adapter_commands": {"__init__", "adapter_documents", "cli_options", "documents", "render"},
+    "cli": {"__init__", "cli_adapter_commands", "cli_options", "documents", "errors", "hub", "interrupts", "render"}
+    | {"report_views", "views"},
     "__main__": {"cli", "interrupts"},
 }
 NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", "model_config", "tuner_placement", "tuner_shapes", "tuner_kinds"]
@@ -184,8 +188,9 @@ NO_TORCH_AT_IMPORT += ["pairing", "rank_rule", "progress", "progress_bar", "unit
 NO_TORCH_AT_IMPORT += ["conflicts", "expert_fit", "quantized", "quantized_plan"]
 NO_TORCH_AT_IMPORT += ["combination", "client_weights", "algebra_options", "spectrum_rules", "devices"]
 NO_TORCH_AT_IMPORT += ["adapter_facts", "runtime_checks", "runtime_rules", "runtimes", "companions", "runtime_lowering"]
-NO_TORCH_AT_IMPORT += ["views", "arguments", *(m for m in ALLOWED if m.startswith("formats"))]
-TERMINAL = {"render", "cli", "progress_bar", "tables"}  # the modules that may import rich or click
+NO_TORCH_AT_IMPORT += ["views", "report_views", "arguments", *(m for m in ALLOWED if m.startswith("formats"))]
+# the modules that may import rich or click
+TERMINAL = {"render", "cli", "cli_options", "cli_adapter_commands", "progress_bar", "tables"}
 
 
 def module_names() -> list[str]:
