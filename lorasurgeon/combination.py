@@ -22,7 +22,7 @@ from typing import Literal
 from lorasurgeon.adapter import Adapter, AdapterFormat, LoraModule
 from lorasurgeon.errors import LorasurgeonError, MismatchError, Option, UnsupportedError
 from lorasurgeon.formats import computed
-from lorasurgeon.formats.writing import CANNOT
+from lorasurgeon.formats.limits import CANNOT
 from lorasurgeon.header import TensorInfo
 
 Method = Literal["cat", "svd", "ties", "dare", "dare_ties", "magnitude_prune"]

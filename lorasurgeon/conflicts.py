@@ -12,7 +12,8 @@ from lorasurgeon.errors import Finding
 from lorasurgeon.tuner_placement import combination_findings as tuner_findings
 
 if TYPE_CHECKING:  # the plan's nouns; the plan imports this module
-    from lorasurgeon.plan import Operation, Source, Term
+    from lorasurgeon.placement import Source, Term
+    from lorasurgeon.plan import Operation
     from lorasurgeon.tuner_placement import TunerTerm
 
 DORA_UNMERGE = (

@@ -17,7 +17,7 @@ PEFT's own form (patterns, rsLoRA) instead, and with it every byte of A and B:
   keys with the components' LoraConfigs in its `lora_adapter_metadata`, as diffusers' own save_lora_weights
   writes it; no `.alpha` tensors (diffusers' SD/SDXL loaders reject every key without "lora" in it).
 
-What the target cannot hold (formats.writing.CANNOT) is refused by tensor name before anything is written. An
+What the target cannot hold (formats.limits.CANNOT) is refused by tensor name before anything is written. An
 adapter of another PEFT tuner converts where its ΔW has an exact LoRA form (lorasurgeon.tuner_conversion).
 """
 
@@ -35,7 +35,7 @@ from lorasurgeon import runtime_lowering
 from lorasurgeon.adapter import ADAPTER_FORMATS, Adapter, AdapterFormat, LoraModule
 from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import Finding, LorasurgeonError, MismatchError, Option
-from lorasurgeon.formats import load_adapter, writing
+from lorasurgeon.formats import limits, load_adapter, writing
 from lorasurgeon.formats.kohya import prefix_of
 from lorasurgeon.formats.naming import COMPONENTS, Targets, layout_component, target_names
 from lorasurgeon.formats.peft import ADAPTER_WEIGHTS
@@ -179,7 +179,7 @@ def _prepare(adapter: Adapter, options: ConvertOptions, to: AdapterFormat) -> _O
     if options.runtime is not None:
         retarget = runtime_lowering.prepare(adapter, modules, names, base, options.runtime, options.server)
     tokens = retarget is None or not retarget.tokens_lowered
-    refused = writing.refusal(adapter, modules, to, tokens=tokens)
+    refused = limits.refusal(adapter, modules, to, tokens=tokens)
     if refused is not None:
         raise refused
     members = [(n, m.rank, m.alpha, m.scale) for n, m in zip(names, modules, strict=True)]

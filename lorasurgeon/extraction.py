@@ -28,7 +28,7 @@ from lorasurgeon.errors import Finding, InputError, MismatchError, NothingChange
 from lorasurgeon.extract_steps import ChangedTensor, Decomposed, Execution, decompose_pairs
 from lorasurgeon.formats import peft
 from lorasurgeon.formats.model_classes import auto_mapping, task_type
-from lorasurgeon.formats.peft_config import adapter_config, target_modules_for
+from lorasurgeon.formats.peft_config_writer import adapter_config, target_modules_for
 from lorasurgeon.formats.scale_form import ScaleForm, scale_form
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.hub import display_name

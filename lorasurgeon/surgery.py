@@ -8,20 +8,20 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lorasurgeon import linalg, lycoris, terms, tuner_steps
+from lorasurgeon import linalg, lycoris, step_checks, terms, tuner_steps
 from lorasurgeon.adapter import Adapter
 from lorasurgeon.checkpoint import MODEL_CONFIG, Checkpoint
-from lorasurgeon.errors import MismatchError, NonfiniteWarning, NumericError, Option, Part
+from lorasurgeon.errors import MismatchError
 from lorasurgeon.header import torch_dtype
 from lorasurgeon.mirror import copy_companions, output_bytes, output_index, output_metadata
-from lorasurgeon.plan import Operation, Plan, Step, Term, plan_surgery
+from lorasurgeon.placement import Term
+from lorasurgeon.plan import Operation, Plan, Step, plan_surgery
 from lorasurgeon.progress import Phase, Progress
 from lorasurgeon.quantized_steps import Requantized, Work
 from lorasurgeon.read_ahead import ReadAhead, computed
@@ -191,7 +191,7 @@ def compute(
     if not (step.terms or step.tuners):  # copied in a new dtype, or replaced: values from the adapter are checked too
         result = weight.to(out_dtype)
         if not linalg.fits(weight.float(), out_dtype):
-            _check_finite(plan, step, weight, weight.float(), result)
+            step_checks.check_finite(plan, step, weight, weight.float(), result)
         return result
     fast = _blockwise(plan, step, weight, out_dtype, workspace, work)
     if fast is not None:
@@ -205,7 +205,7 @@ def compute(
         delta = summed_delta(plan, step, device)
         linalg.add_delta_(exact, delta, SIGNS[plan.operation])
         if step.expected is not None:
-            _check_restored(plan, step, exact, delta)
+            step_checks.check_restored(plan, step, exact, delta)
         del delta
     exact = tuner_steps.apply_products(plan, step, exact, device)
     dora = next((t for t in step.terms if t.dora), None)
@@ -217,7 +217,7 @@ def compute(
             exact = linalg.dora_rescale(exact, magnitude, 1 if dora.transpose else 0)
     result = exact.to(out_dtype)
     if not linalg.fits(exact, out_dtype):
-        _check_finite(plan, step, _start(plan, step), exact, result)
+        step_checks.check_finite(plan, step, _start(plan, step), exact, result)
     return terms.checked(step, _start(plan, step), result) if any(t.piece for t in step.terms) else result
 
 
@@ -288,46 +288,3 @@ def _delta(plan: Plan, term: Term, device: torch.device) -> torch.Tensor:
         return linalg.conv_delta(a, b, term.factor)
     # flatten(1) squeezes 1×1 conv factors that the plan applies to a Linear base; matrices stay as they are.
     return linalg.lora_delta(a.flatten(1), b.flatten(1), term.factor, term.transpose)
-
-
-def _check_restored(plan: Plan, step: Step, restored: torch.Tensor, delta: torch.Tensor) -> None:
-    """Unmerge: merged − ΔW must be the adapter's saved copy of the base weight, up to the rounding of a merge and
-    an unmerge; anything more means MERGED was not made from this adapter."""
-    if step.expected is None:
-        return
-    saved = plan.adapters[step.expected.adapter].source.read(step.expected.tensor).to(restored.device)
-    excess = linalg.rounding_excess(restored, saved, delta, (torch_dtype(step.tensor.dtype), saved.dtype))
-    if excess > 0:
-        raise MismatchError(
-            f"{step.tensor.path.name}: {step.tensor.name} minus the adapter's ΔW differs from "
-            f"{step.expected.tensor.name}, the adapter's saved copy of the base weight, by {excess:.3g} more than "
-            "rounding allows, so MERGED was not made by merging this adapter into that base"
-        )
-
-
-def _check_finite(plan: Plan, step: Step, weight: torch.Tensor, exact: torch.Tensor, result: torch.Tensor) -> None:
-    """The slow path, taken only when linalg.fits found a problem: refuse NaN/Inf carried from the base or
-    its replacement (`weight`, read again) or produced by the sum (`plan.allow_nonfinite`: warn, by name, through
-    NonfiniteWarning); overflow of the output dtype is always an error."""
-    name = f"{step.tensor.path.name}: {step.tensor.name}"
-    overflow = linalg.overflow_count(exact, result)
-    if overflow:
-        raise NumericError(
-            f"{name}: {overflow} values overflow {step.out_dtype} after adding the adapter "
-            f"(largest magnitude {exact.abs().max().item():.4g})"
-        )
-    bad_in, bad_out = linalg.nonfinite_count(weight), linalg.nonfinite_count(result)
-    if bad_in:
-        origin = (
-            "the base tensor" if step.replacement is None else f"{step.replacement.tensor.name}, which replaces it,"
-        )
-        origin += " (with its trainable-token rows)" if step.rows else ""
-        problem = f"{origin} holds {bad_in} NaN/Inf values, which the {step.out_dtype} result would carry"
-    elif bad_out:
-        problem = f"the result holds {bad_out} NaN/Inf values"
-    else:
-        return
-    allow: Part = Option("allow_nonfinite", flag=True)
-    if not plan.allow_nonfinite:
-        raise NumericError(f"{name}: {problem}; fix the input or pass ", allow)
-    warnings.warn(NonfiniteWarning(f"{name}: {problem}; written anyway (", allow, ")"), stacklevel=2)

@@ -14,7 +14,8 @@ import torch
 from lorasurgeon import experts, linalg, lycoris
 from lorasurgeon.errors import NumericError
 from lorasurgeon.header import TensorInfo
-from lorasurgeon.plan import Plan, Step, Term
+from lorasurgeon.placement import Term
+from lorasurgeon.plan import Plan, Step
 
 FACTOR_KINDS = ("linear", "conv", "embedding")  # ΔW = B @ A, up to a reshape or a transpose
 KEPT_FACTORS = 8  # an experts module's A and B, and the other module of its layer, stay read

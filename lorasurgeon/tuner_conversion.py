@@ -23,7 +23,8 @@ from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import LorasurgeonError, MismatchError, Option, UnsupportedError
 from lorasurgeon.formats import load_adapter
 from lorasurgeon.formats.peft import ADAPTER_WEIGHTS, PEFT_PREFIX
-from lorasurgeon.formats.peft_config import ADAPTER_CONFIG, WrittenModule, adapter_config
+from lorasurgeon.formats.peft_config import ADAPTER_CONFIG
+from lorasurgeon.formats.peft_config_writer import WrittenModule, adapter_config
 from lorasurgeon.plan import plan_surgery
 from lorasurgeon.tuner_deltas import Dims
 from lorasurgeon.tuner_kinds import lora_form_refusal

@@ -78,16 +78,18 @@ ALLOWED: dict[str, set[str]] = {
     "formats.quantization": {"errors", "header", "quantized", "formats.compressed_checkpoint", "formats.fp8_block"},
     "formats.peft_parameters": {"adapter", "errors", "formats.moe", "formats.peft_config"},
     "formats.peft": NORMAL_FORM | {"formats.peft_config", "writer"} | {"formats.peft_parameters"},
-    "formats.kohya": NORMAL_FORM | {"formats.peft_config", "lycoris"},
+    "formats.kohya": NORMAL_FORM | {"formats.peft_config_writer", "lycoris"},
     "formats.kohya_names": NORMAL_FORM | {"formats.kohya", "formats.sd_layouts"},
     "formats.diffusers": NORMAL_FORM | {"formats.kohya", "formats.peft", "formats.peft_config"},
     "formats.resolution": NORMAL_FORM
     | {"formats.architectures", "formats.kohya", "formats.kohya_names"}
     | {"formats.transformers_names"},
     "formats.naming": NORMAL_FORM | {"formats.kohya", "formats.kohya_names"} | {"formats.sd_layouts"},
-    "formats.scale_form": {"formats.peft_config"},
+    "formats.scale_form": {"formats.peft_config_writer"},
+    "formats.peft_config_writer": set(),
+    "formats.limits": {"adapter", "errors"},
     "formats.writing": NORMAL_FORM
-    | FORMATS_CORE
+    | {"formats.peft", "formats.kohya", "formats.diffusers", "formats.peft_config_writer"}
     | {"formats.model_classes", "formats.scale_form"}
     | {"formats.peft_parameters"},
     "formats": NORMAL_FORM
@@ -97,26 +99,29 @@ ALLOWED: dict[str, set[str]] = {
     "formats.model_classes": set(),
     "ties": NORMAL_FORM | {"formats.architectures", "formats.model_classes", "formats.transformers_names"},
     "formats.computed": NORMAL_FORM
-    | {"formats.diffusers", "formats.kohya", "formats.peft", "formats.naming", "formats.peft_config"}
-    | {"formats.writing", "writer"},
+    | {"formats.diffusers", "formats.kohya", "formats.peft", "formats.naming", "formats.peft_config_writer"}
+    | {"formats.limits", "formats.writing", "writer"},
     "fit": NORMAL_FORM | {"formats.architectures", "formats.resolution", "lycoris"},
     "model_config": set(),
     "tuner_placement": NORMAL_FORM | {"formats.architectures", "tuner_kinds", "tuner_shapes"},
     "expert_fit": NORMAL_FORM | {"fit", "formats.moe", "formats.resolution"},
-    "conflicts": {"errors", "plan", "tuner_placement"},
+    "conflicts": {"errors", "placement", "plan", "tuner_placement"},
     "quantized_plan": IO | {"formats.quantization", "quantized"},
+    "placement": {"adapter", "errors", "header", "expert_fit", "fit", "formats.moe", "formats.resolution"}
+    | {"tuner_placement"},
     "plan": NORMAL_FORM
-    | {"fit", "ties", "model_config", "formats.architectures", "formats.resolution", "tuner_placement"}
-    | {"conflicts", "expert_fit", "quantized", "quantized_plan", "formats.moe"},
+    | {"placement", "ties", "model_config", "formats.architectures", "formats.resolution", "tuner_placement"}
+    | {"conflicts", "expert_fit", "quantized", "quantized_plan"},
     "tuner_steps": {"plan", "tuner_merge", "tuner_placement"},
     "mirror": IO | {"layout", "plan", "version", "writer"},
     "workspace": IO,
-    "terms": {"errors", "header", "experts", "linalg", "lycoris", "plan"},
+    "terms": {"errors", "header", "experts", "linalg", "lycoris", "placement", "plan"},
     "quantized_steps": {"blocks", "errors", "fp8", "header", "plan", "requant", "terms"},
     "read_ahead": {"plan", "workspace"},
+    "step_checks": {"errors", "header", "linalg", "plan"},
     "surgery": NORMAL_FORM
-    | {"linalg", "lycoris", "mirror", "plan", "progress", "tuner_steps", "writer", "workspace"}
-    | {"quantized_steps", "read_ahead", "terms"},
+    | {"linalg", "lycoris", "mirror", "placement", "plan", "progress", "tuner_steps", "writer", "workspace"}
+    | {"quantized_steps", "read_ahead", "step_checks", "terms"},
     "decomposition": {"linalg", "rank_rule"},
     "pairing": IO | {"rank_rule", "formats.architectures"},
     "cluster": {"errors"},
@@ -128,18 +133,18 @@ ALLOWED: dict[str, set[str]] = {
     "extraction": IO
     | {"decomposition", "pairing", "progress", "writer", "formats.architectures", "formats.peft"}
     | {"formats.model_classes"}
-    | {"formats.peft_config", "formats.scale_form", "cluster", "extract_steps", "journal"},
+    | {"formats.peft_config_writer", "formats.scale_form", "cluster", "extract_steps", "journal"},
     "tuner_lora": {"adapter", "tuner_deltas", "tuner_maths"},
     "tuner_conversion": NORMAL_FORM
     | {"plan", "writer", "formats", "formats.peft", "formats.peft_config", "tuner_deltas", "tuner_kinds"}
-    | {"tuner_lora", "tuner_placement"},
+    | {"formats.peft_config_writer", "tuner_lora", "tuner_placement"},
     "conversion": NORMAL_FORM
     | {"plan", "writer", "formats", "formats.kohya", "formats.naming", "formats.peft"}
     | {"formats.peft_config", "formats.resolution", "formats.writing", "tuner_conversion", "lowering"}
-    | {"runtime_lowering"},
+    | {"formats.limits", "runtime_lowering"},
     "census": IO,
     "client_weights": {"errors"},
-    "combination": NORMAL_FORM | {"formats.computed", "formats.writing"},
+    "combination": NORMAL_FORM | {"formats.computed", "formats.limits"},
     "combined_module": {"adapter", "combination", "dense_merge", "factored", "stacked_sum"},
     "algebra_options": {"adapter", "client_weights", "combination", "errors", "spectrum_rules"},
     "algebra": NORMAL_FORM
@@ -162,30 +167,37 @@ ALLOWED: dict[str, set[str]] = {
     | {"progress", "tuner_report"}
     | {"formats.moe", "formats.quantization", "stats"},
     "__init__": NORMAL_FORM
-    | {"formats", "formats.naming", "report", "rules", "plan", "surgery", "pairing"}
-    | {"progress", "rank_rule", "extraction", "conversion", "cluster", "extract_steps", "arguments"}
+    | {"formats", "formats.naming", "report", "rules", "plan", "surgery", "adapter_api"}
+    | {"progress", "extraction", "conversion", "arguments"}
     | {"algebra", "combination", "devices", "runtime_rules", "runtimes", "verification", "version"},
+    "adapter_api": {"checkpoint", "devices", "errors", "progress", "pairing", "rank_rule", "cluster", "extract_steps"}
+    | {"extraction", "conversion"},
     "arguments": {"errors", "checkpoint", "devices", "hub", "plan"},
-    "documents": {"errors", "census", "report", "plan", "surgery", "extraction", "conversion", "cluster"}
-    | {"expert_fit", "algebra", "verification"},
+    "documents": {"errors", "census", "report", "plan", "surgery", "expert_fit", "verification"},
+    "adapter_documents": {"documents", "extraction", "conversion", "cluster", "algebra"},
     "views": {"extraction", "conversion", "verification", "units"},
+    "report_views": {"census", "report", "units", "views"},
     "progress_bar": {"progress", "units"},
     "tables": set(),
     "finding_groups": {"errors"},
     "digest": {"census", "expert_fit", "quantized_steps", "report"},
-    "render": {"errors", "census", "documents", "report", "plan", "surgery", "extraction", "conversion", "cluster"}
+    "render": {"errors", "documents", "report", "plan", "surgery", "extraction", "conversion", "cluster"}
     | {"finding_groups", "progress", "progress_bar", "tables", "units", "verification", "views"}
-    | {"digest", "algebra"},
-    "cli": {"__init__", "documents", "errors", "hub", "interrupts", "render", "views"},
+    | {"digest", "algebra", "adapter_documents", "report_views"},
+    "cli_options": {"__init__"},
+    "cli_adapter_commands": {"__init__", "adapter_documents", "cli_options", "documents", "render"},
+    "cli": {"__init__", "cli_adapter_commands", "cli_options", "documents", "errors", "hub", "interrupts", "render"}
+    | {"report_views", "views"},
     "__main__": {"cli", "interrupts"},
 }
 NO_TORCH_AT_IMPORT = ["header", "plan", "fit", "ties", "model_config", "tuner_placement", "tuner_shapes", "tuner_kinds"]
 NO_TORCH_AT_IMPORT += ["pairing", "rank_rule", "progress", "progress_bar", "units", "tables", "finding_groups"]
-NO_TORCH_AT_IMPORT += ["conflicts", "expert_fit", "quantized", "quantized_plan"]
+NO_TORCH_AT_IMPORT += ["conflicts", "expert_fit", "quantized", "quantized_plan", "placement", "adapter_api"]
 NO_TORCH_AT_IMPORT += ["combination", "client_weights", "algebra_options", "spectrum_rules", "devices"]
 NO_TORCH_AT_IMPORT += ["adapter_facts", "runtime_checks", "runtime_rules", "runtimes", "companions", "runtime_lowering"]
-NO_TORCH_AT_IMPORT += ["views", "arguments", *(m for m in ALLOWED if m.startswith("formats"))]
-TERMINAL = {"render", "cli", "progress_bar", "tables"}  # the modules that may import rich or click
+NO_TORCH_AT_IMPORT += ["views", "report_views", "arguments", *(m for m in ALLOWED if m.startswith("formats"))]
+# the modules that may import rich or click
+TERMINAL = {"render", "cli", "cli_options", "cli_adapter_commands", "progress_bar", "tables"}
 
 
 def module_names() -> list[str]:
@@ -275,7 +287,7 @@ def test_never_imports_torch_at_module_level(module: str) -> None:
     names |= {n.module or "" for n in top if isinstance(n, ast.ImportFrom)}
     assert not {n for n in names if n.split(".")[0] == "torch"}, module
     heavy = {"linalg", "surgery", "writer", "extraction", "decomposition", "conversion", "terms", "quantized_steps"}
-    heavy |= {"experts", "fp8", "requant", "compressed", "read_ahead"}
+    heavy |= {"experts", "fp8", "requant", "compressed", "read_ahead", "step_checks"}
     mine = set().union(*(ours(n) for n in top))
     assert not mine & heavy, f"{module} imports {sorted(mine & heavy)} (which import torch) at module level"
 

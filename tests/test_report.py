@@ -24,7 +24,7 @@ from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.cli import main
 from lorasurgeon.documents import report_doc
 from lorasurgeon.header import build_header
-from lorasurgeon.render import report_markdown
+from lorasurgeon.report_views import report_markdown
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"

@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any
 from lorasurgeon.adapter import Adapter, AdapterFormat, LoraModule
 from lorasurgeon.errors import LorasurgeonError, UnsupportedError
 from lorasurgeon.formats import diffusers, kohya, peft
+from lorasurgeon.formats.limits import CANNOT
 from lorasurgeon.formats.naming import target_names
-from lorasurgeon.formats.peft_config import WrittenModule, adapter_config
-from lorasurgeon.formats.writing import CANNOT, FACTOR_KEYS
+from lorasurgeon.formats.peft_config_writer import WrittenModule, adapter_config
+from lorasurgeon.formats.writing import FACTOR_KEYS
 
 if TYPE_CHECKING:
     import torch

@@ -17,7 +17,7 @@ from lorasurgeon import lycoris
 from lorasurgeon.adapter import Adapter, Kind, LoraModule, Refused
 from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import InputError, MismatchError, Refusals, UnsupportedError
-from lorasurgeon.formats.peft_config import plain_alpha
+from lorasurgeon.formats.peft_config_writer import plain_alpha
 from lorasurgeon.header import TensorInfo, scalar_value
 
 # kohya / sd-scripts key suffixes -> role (FORMATS.md §5.1); any other suffix is not plain LoRA.

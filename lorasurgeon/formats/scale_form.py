@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lorasurgeon.formats.peft_config import WrittenModule, json_number, written
+from lorasurgeon.formats.peft_config_writer import WrittenModule, json_number, written
 
 
 @dataclass(frozen=True)
