@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lorasurgeon.adapter import Adapter, AdapterFormat, LoraModule
-from lorasurgeon.errors import Finding
+from lorasurgeon.errors import Finding, UnsupportedError
 from lorasurgeon.formats import diffusers, kohya
 from lorasurgeon.formats.model_classes import auto_mapping, task_type
 from lorasurgeon.formats.peft import PEFT_PREFIX
