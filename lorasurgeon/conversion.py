@@ -174,6 +174,9 @@ def _prepare(adapter: Adapter, options: ConvertOptions, to: AdapterFormat) -> _O
     found, described = (
         (None, BaseModel(options.base_name, True)) if base is None else _targets(adapter, modules, base, options)
     )
+    early = limits.refusal(adapter, modules, to, tokens=False)  # before naming: that may ask for a component
+    if early is not None:
+        raise early
     names = target_names(adapter, modules, to, options.component or (found.component if found else None), found)
     retarget = None
     if options.runtime is not None:
