@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge import Measurement, command, measure
+from merge import Measurement, command, inputs_of, measure
 
 HIDDEN, EXPERT, HEADS, Q_RANK, KV_RANK, NOPE, ROPE, V_HEAD = 7168, 2048, 128, 1536, 512, 128, 64, 128
 BLOCK, RANK, ALPHA = 128, 16, 32
@@ -204,8 +204,11 @@ def main() -> None:
                 out = tmp / f"out-{contender}"
                 argv = command(contender, base, adapter, out, args.device)
                 argv = merge_command(base, adapter, out, args.device, document) if contender == "merge" else argv
-                m = measure(contender, argv, tmp / f"{contender}.log", False)
-                print(f"  repeat {rep + 1}/{args.repeat}  {contender:<5} {m.seconds:7.2f} s  {m.peak_rss_mb:8.0f} MB")
+                m = measure(contender, "warm", argv, tmp / f"{contender}.log", inputs_of(base, adapter))
+                print(
+                    f"  repeat {rep + 1}/{args.repeat}  {contender:<5} {m.seconds:7.2f} s wall  "
+                    f"{m.cpu_seconds:6.2f} s CPU  {m.peak_rss_mb:8.0f} MB"
+                )
                 results.append(m)
                 if contender == "merge" and rep == 0:
                     figures = figures_of(document)

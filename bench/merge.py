@@ -271,9 +271,14 @@ def measure(contender: str, cache: str, argv: list[str], log: Path, inputs: list
     return Measurement(contender, cache, record["seconds"], record["cpu"], record["maxrss_kib"] * 1024 / MB)
 
 
+def inputs_of(base: Path, adapter: Path) -> list[Path]:
+    """The files a merge reads (whose page-cache state `measure` sets)."""
+    return sorted(p for root in (base, adapter) for p in root.iterdir() if p.is_file())
+
+
 def run_all(tmp: Path, base: Path, adapter: Path, args: argparse.Namespace) -> list[Measurement]:
     contenders = [c for c in CONTENDERS if c != "peft" or args.peft]
-    inputs = sorted(p for root in (base, adapter) for p in root.iterdir() if p.is_file())
+    inputs = inputs_of(base, adapter)
     results: list[Measurement] = []
     for rep in range(args.repeat):
         for cache in args.cache:

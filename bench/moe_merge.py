@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge import Measurement, command, measure, ulps
+from merge import Measurement, command, inputs_of, measure, ulps
 
 HIDDEN, EXPERT, SHARED, HEADS, VOCAB = 2048, 1408, 5632, 16, 1024
 RANK, ALPHA = 16, 32
@@ -185,10 +185,12 @@ def main() -> None:
             order = CONTENDERS if rep % 2 == 0 else CONTENDERS[::-1]
             for contender in order:
                 out = tmp / f"out-{contender}"
-                m = measure(
-                    contender, command(contender, base, adapter, out, args.device), tmp / f"{contender}.log", False
+                argv = command(contender, base, adapter, out, args.device)
+                m = measure(contender, "warm", argv, tmp / f"{contender}.log", inputs_of(base, adapter))
+                print(
+                    f"  repeat {rep + 1}/{args.repeat}  {contender:<5} {m.seconds:7.2f} s wall  "
+                    f"{m.cpu_seconds:6.2f} s CPU  {m.peak_rss_mb:8.0f} MB"
                 )
-                print(f"  repeat {rep + 1}/{args.repeat}  {contender:<5} {m.seconds:7.2f} s  {m.peak_rss_mb:8.0f} MB")
                 results.append(m)
                 if contender == "merge" and rep == 0:
                     verify(base, adapter, out, args.layers, args.experts)
