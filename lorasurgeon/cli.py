@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: every failure becomes one `Error:` line on stderr and exit code 2 (130 when interrupted,
     at any moment: see interrupts); `--debug`, before or after the command's name, adds the traceback.
     NonfiniteWarnings become `warning:` lines."""
-    args = hoist_debug(list(sys.argv[1:] if argv is None else argv))
+    args = hoist_group_flags(list(sys.argv[1:] if argv is None else argv))
     since = len(interrupts.committed)
     # Off for the command: the cycle collector would mostly walk the objects torch's import creates (0.4 s of
     # its 2-3 s of CPU); a command makes few cycles, and they are freed when it ends (or the process exits).
@@ -227,13 +227,18 @@ def main(argv: list[str] | None = None) -> None:
             gc.enable()
 
 
-def hoist_debug(args: list[str]) -> list[str]:
-    """`--debug` is the group's option; accept it after the command's name too (`merge --debug ...`) by
-    moving it to the front. An argument after `--` is a name, and stays where it is."""
+GROUP_FLAGS = ("--debug", "--download")
+
+
+def hoist_group_flags(args: list[str]) -> list[str]:
+    """`--debug` and `--download` are the group's options; accept them after the command's name too (`merge
+    --debug ...`, `report org/name --download`) by moving them to the front. An argument after `--` is a name,
+    and stays where it is."""
     end = args.index("--") if "--" in args else len(args)
-    if "--debug" not in args[:end]:
+    flags = [flag for flag in GROUP_FLAGS if flag in args[:end]]
+    if not flags:
         return args
-    return ["--debug", *(a for a in args[:end] if a != "--debug"), *args[end:]]
+    return [*flags, *(a for a in args[:end] if a not in GROUP_FLAGS), *args[end:]]
 
 
 def _describe(error: Exception) -> tuple[str, int]:

@@ -189,9 +189,10 @@ def test_download_is_a_flag_of_every_command(
     monkeypatch.setenv(hub.DOWNLOAD_ENV, "0")  # restored afterwards: --download sets it for the process
     code, _, stderr = run_cli(["check", "org/absent", "org/tiny-lora"], capsys)
     assert code == 2 and "not in the local Hugging Face cache; pass --download" in stderr, stderr
-    code, _, stderr = run_cli(["--download", "check", "org/absent", "org/tiny-lora"], capsys)
-    (error,) = [line for line in stderr.splitlines() if line.startswith("Error:")]
-    assert code == 2 and error.startswith("Error: org/absent: cannot download from the Hugging Face Hub"), stderr
+    for args in (["--download", "check", "org/absent", "org/tiny-lora"], ["check", "org/absent", "x", "--download"]):
+        code, _, stderr = run_cli(args, capsys)
+        (error,) = [line for line in stderr.splitlines() if line.startswith("Error:")]
+        assert code == 2 and error.startswith("Error: org/absent: cannot download from the Hugging Face Hub"), stderr
     assert "Traceback" not in stderr and list(work.iterdir()) == []
 
 

@@ -687,7 +687,7 @@ def test_the_entry_point_imports_nothing_heavy_before_its_handlers() -> None:
 def test_debug_is_accepted_after_the_command(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lorasurgeon.cli import hoist_debug
+    from lorasurgeon.cli import hoist_group_flags
 
     def fail(*args: object, **kwargs: object) -> None:
         raise RuntimeError("boom")
@@ -695,8 +695,9 @@ def test_debug_is_accepted_after_the_command(
     monkeypatch.setattr(lorasurgeon, "check", fail)
     code, _, stderr = run_cli(["check", "base", "adapter", "--debug"], capsys)
     assert code == 2 and "Traceback" in stderr and "RuntimeError: boom" in stderr
-    assert hoist_debug(["merge", "--debug", "a", "b"]) == ["--debug", "merge", "a", "b"]
-    assert hoist_debug(["merge", "a", "--", "--debug"]) == ["merge", "a", "--", "--debug"]  # a name after --
+    assert hoist_group_flags(["merge", "--debug", "a", "b"]) == ["--debug", "merge", "a", "b"]
+    assert hoist_group_flags(["merge", "a", "--", "--debug"]) == ["merge", "a", "--", "--debug"]  # a name after --
+    assert hoist_group_flags(["report", "a", "--download", "--debug"]) == ["--debug", "--download", "report", "a"]
 
 
 def test_version() -> None:
