@@ -1,0 +1,132 @@
+"""verify's per-tensor steps seen from the driver, for --cluster and --resume: one self-contained task per tensor
+(lorasurgeon.verify_task), run here or on a Ray cluster (lorasurgeon.cluster), taken from an interrupted run's
+journal where it has them and kept in it as they arrive, then collected in plan order.
+
+Where the journal lives: verify writes no OUT, so there is no temporary sibling to keep it in. It is a hidden folder
+beside MERGED, `.lorasurgeon-verify-<hash>`, the hash of the resolved MERGED, BASE and adapter paths, the weights and
+the tolerance: the same command finds it again, another command (other inputs) never does, and it sits on the
+storage that already holds MERGED (big enough, and seen by the user who runs the verify). A run without --resume
+starts it afresh; a completed run, or one that failed on its inputs (a run again would fail the same way), removes
+it; an interrupted one (^C, a kill, a lost cluster) keeps it. Each entry's key holds the stamps (size, mtime) of the
+files its tensor is read from, so a verdict of a changed file is never taken: it is computed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from lorasurgeon.checkpoint import Checkpoint
+from lorasurgeon.cluster import Cluster, Resources, WorkReport, run_steps
+from lorasurgeon.errors import InputError, MismatchError, NumericError, Option, UnsupportedError
+from lorasurgeon.journal import Journal
+from lorasurgeon.matrix_task import Stamp, file_stamp
+from lorasurgeon.plan import Plan
+from lorasurgeon.progress import Progress
+from lorasurgeon.verdict import Verdict
+from lorasurgeon.verify_task import VerifyTask, run_verify_task, step_files, task_refusal
+
+JOURNAL_PREFIX = ".lorasurgeon-verify-"
+
+
+@dataclass(frozen=True)
+class VerifyExecution:
+    """How verify's steps run: on a Ray `cluster` (None: here), and whether to `resume` from an interrupted run."""
+
+    cluster: Cluster | None = None
+    resume: bool = False
+
+
+def journal_folder(merged: Path, inputs: Sequence[Path], weights: Sequence[float], tolerance: int) -> Path:
+    """The hidden folder beside MERGED where this verify's verdicts are kept (see module doc)."""
+    text = json.dumps([str(merged.resolve()), *(str(p.resolve()) for p in inputs), list(weights), tolerance])
+    digest = hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+    return merged.absolute().parent / f"{JOURNAL_PREFIX}{digest}"
+
+
+def distributed_verdicts(
+    plan: Plan,
+    merged: Checkpoint,
+    tolerance: int,
+    execution: VerifyExecution,
+    folder: Path,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> tuple[list[Verdict | None], WorkReport]:
+    """The verdict of each step of `plan` (None where MERGED lacks the tensor), one task per tensor, here or on
+    the cluster; verdicts already in the journal at `folder` are taken from it. Raises UnsupportedError naming the
+    first step that cannot be a task, before any work."""
+    tasks = _tasks(plan, merged, tolerance)
+    if not execution.resume:
+        shutil.rmtree(folder, ignore_errors=True)
+    journal = Journal(folder)
+    kept = journal.keys()
+    verdicts: list[Verdict | None] = [None] * len(tasks)
+    for index, task in enumerate(tasks):
+        entry = journal.get(task.key()) if task is not None and task.key() in kept else None
+        verdicts[index] = Verdict(**entry[1]) if entry is not None else None
+    todo = [i for i, t in enumerate(tasks) if t is not None and verdicts[i] is None]
+    total = sum(s.tensor.nbytes for s in plan.steps)
+    pending = set(todo)
+    done = [len(tasks) - len(todo), sum(s.tensor.nbytes for i, s in enumerate(plan.steps) if i not in pending)]
+
+    def add(position: int, verdict: Verdict) -> None:
+        index = todo[position]
+        task = tasks[index]
+        if task is not None:
+            journal.put(task.key(), {}, asdict(verdict))
+        verdicts[index] = verdict
+        done[0], done[1] = done[0] + 1, done[1] + plan.steps[index].tensor.nbytes
+        if on_progress:
+            on_progress(Progress(done[0], len(tasks), done[1], total, "comparing"))
+
+    try:
+        report = run_steps(
+            run_verify_task,
+            [t for t in (tasks[i] for i in todo) if t is not None],
+            add,
+            cluster=execution.cluster,
+            resources=Resources(cpus=torch.get_num_threads()),
+            name=lambda task: task.merged.name,
+        )
+    except (InputError, MismatchError, NumericError, UnsupportedError):
+        shutil.rmtree(folder, ignore_errors=True)  # the inputs are at fault: a resumed run would meet it again
+        raise
+    resumed = sum(t is not None for t in tasks) - len(todo)
+    shutil.rmtree(folder, ignore_errors=True)  # complete: nothing left to resume
+    return verdicts, replace(report, resumed=resumed)
+
+
+def _tasks(plan: Plan, merged: Checkpoint, tolerance: int) -> list[VerifyTask | None]:
+    """One task per step that MERGED holds (None where it lacks the tensor), with absolute paths and the files'
+    stamps (a worker's cwd is not ours)."""
+    adapters = tuple((str(a.path), a.format) for a in plan.adapters)
+    threads = torch.get_num_threads()
+    stamps: dict[Path, Stamp] = {}
+    tasks: list[VerifyTask | None] = []
+    for step in plan.steps:
+        found = merged.tensors.get(step.tensor.name)
+        if found is None:
+            tasks.append(None)
+            continue
+        why = task_refusal(step)
+        if why is not None:
+            raise UnsupportedError(
+                f"{step.tensor.path}: {step.tensor.name} is changed by {why}, which verify cannot run as a task yet; "
+                "verify it without ",
+                Option("cluster", metavar="…"),
+                " and ",
+                Option("resume", flag=True),
+            )
+        files = step_files(step, found)
+        for path in files:
+            if path not in stamps:
+                stamps[path] = file_stamp(path)
+        pinned = tuple((str(p), stamps[p]) for p in files)
+        tasks.append(VerifyTask(step, found, adapters, pinned, tolerance, threads))
+    return tasks
