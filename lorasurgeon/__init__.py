@@ -134,19 +134,12 @@ def verify(
     merged in format) is refused by name (UnsupportedError)."""
     factors = adapter_weights(weights, len(adapters))
     parsed = parse_cluster(cluster) if cluster else None
-    if parsed is not None:  # a worker's cwd is not ours (a Hub id, which names nothing here, stays as it is)
-        merged, base = _absolute(merged), _absolute(base)
-        adapters = [_absolute(a) for a in adapters]
     with _opened(base, adapters, alpha) as (ckpt, loaded):
         from lorasurgeon.verification import run as run_verify  # torch: only once the inputs have been read
         from lorasurgeon.verify_steps import VerifyExecution
 
         execution = VerifyExecution(parsed, resume) if parsed is not None or resume else None
         return run_verify(Path(merged), ckpt, loaded, factors, tolerance, on_progress, execution)
-
-
-def _absolute(path: PathLike) -> Path:
-    return Path(path).absolute() if Path(path).exists() else Path(path)
 
 
 def report(

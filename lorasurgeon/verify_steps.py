@@ -30,7 +30,7 @@ from lorasurgeon.matrix_task import Stamp, file_stamp
 from lorasurgeon.plan import Plan
 from lorasurgeon.progress import Progress
 from lorasurgeon.verdict import Verdict
-from lorasurgeon.verify_task import VerifyTask, run_verify_task, step_files, task_refusal
+from lorasurgeon.verify_task import VerifyTask, absolute, run_verify_task, step_files, task_refusal
 
 JOURNAL_PREFIX = ".lorasurgeon-verify-"
 
@@ -85,13 +85,17 @@ def distributed_verdicts(
         if on_progress:
             on_progress(Progress(done[0], len(tasks), done[1], total, "comparing"))
 
+    if on_progress:
+        on_progress(Progress(done[0], len(tasks), done[1], total, "comparing"))
     try:
         report = run_steps(
             run_verify_task,
             [t for t in (tasks[i] for i in todo) if t is not None],
             add,
             cluster=execution.cluster,
-            resources=Resources(cpus=torch.get_num_threads()),
+            # One CPU per task, whatever the threads: a task asking for more CPUs than any node has would never
+            # be scheduled, and a tensor's verdict is a light pass over memory (B @ A of rank r, then compares).
+            resources=Resources(cpus=1),
             name=lambda task: task.merged.name,
         )
     except (InputError, MismatchError, NumericError, UnsupportedError):
@@ -123,6 +127,7 @@ def _tasks(plan: Plan, merged: Checkpoint, tolerance: int) -> list[VerifyTask | 
                 " and ",
                 Option("resume", flag=True),
             )
+        step, found = absolute(step), found._replace(path=found.path.absolute())
         files = step_files(step, found)
         for path in files:
             if path not in stamps:

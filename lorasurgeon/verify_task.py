@@ -19,16 +19,17 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from lorasurgeon.adapter import Adapter, AdapterFormat
+from lorasurgeon.adapter import Adapter, AdapterFormat, LoraModule
 from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.errors import InputError
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.matrix_task import Stamp, file_stamp
+from lorasurgeon.placement import Source
 from lorasurgeon.plan import Plan, Step
 from lorasurgeon.surgery import compute, summed_delta
 from lorasurgeon.verdict import Verdict, judge_tensor
@@ -63,6 +64,30 @@ def task_refusal(step: Step) -> str | None:
     if any(t.piece is not None for t in step.terms):
         return "LoRA on MoE experts"
     return None
+
+
+def absolute(step: Step) -> Step:
+    """The step with every tensor's path made absolute, here on the driver (a worker's cwd is not ours)."""
+
+    def module(m: LoraModule) -> LoraModule:
+        factors = {role: _absolute(info) for role, info in m.factors.items()}
+        magnitude, bias = (_absolute(t) if t is not None else None for t in (m.magnitude, m.bias))
+        return replace(m, a=_absolute(m.a), b=_absolute(m.b), factors=factors, magnitude=magnitude, bias=bias)
+
+    def source(s: Source) -> Source:
+        return replace(s, tensor=_absolute(s.tensor))
+
+    return replace(
+        step,
+        tensor=_absolute(step.tensor),
+        terms=tuple(replace(t, module=module(t.module)) for t in step.terms),
+        replacement=source(step.replacement) if step.replacement is not None else None,
+        rows=tuple(source(r) for r in step.rows),
+    )
+
+
+def _absolute(info: TensorInfo) -> TensorInfo:
+    return info._replace(path=info.path.absolute())
 
 
 def step_files(step: Step, merged: TensorInfo) -> list[Path]:

@@ -158,7 +158,8 @@ ALLOWED: dict[str, set[str]] = {
     | {"adapter_facts", "runtimes", "lowering", "ties", "formats.architectures", "formats.peft", "formats.peft_config"}
     | {"formats.writing"},
     "companions": {"checkpoint"},
-    "verify_task": {"adapter", "checkpoint", "errors", "header", "matrix_task", "plan", "surgery", "verdict"},
+    "verify_task": {"adapter", "checkpoint", "errors", "header", "matrix_task", "placement", "plan", "surgery"}
+    | {"verdict"},
     "verify_steps": {"checkpoint", "cluster", "errors", "journal", "matrix_task", "plan", "progress", "verdict"}
     | {"verify_task"},
     "verification": NORMAL_FORM
