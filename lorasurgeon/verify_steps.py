@@ -64,34 +64,13 @@ def distributed_verdicts(
     tasks = _tasks(plan, merged, tolerance)
     if not execution.resume:
         shutil.rmtree(folder, ignore_errors=True)
-    journal = Journal(folder)
-    kept = journal.keys()
-    verdicts: list[Verdict | None] = [None] * len(tasks)
-    for index, task in enumerate(tasks):
-        entry = journal.get(task.key()) if task is not None and task.key() in kept else None
-        verdicts[index] = Verdict(**entry[1]) if entry is not None else None
-    todo = [i for i, t in enumerate(tasks) if t is not None and verdicts[i] is None]
-    total = sum(s.tensor.nbytes for s in plan.steps)
-    pending = set(todo)
-    done = [len(tasks) - len(todo), sum(s.tensor.nbytes for i, s in enumerate(plan.steps) if i not in pending)]
-
-    def add(position: int, verdict: Verdict) -> None:
-        index = todo[position]
-        task = tasks[index]
-        if task is not None:
-            journal.put(task.key(), {}, asdict(verdict))
-        verdicts[index] = verdict
-        done[0], done[1] = done[0] + 1, done[1] + plan.steps[index].tensor.nbytes
-        if on_progress:
-            on_progress(Progress(done[0], len(tasks), done[1], total, "comparing"))
-
-    if on_progress:
-        on_progress(Progress(done[0], len(tasks), done[1], total, "comparing"))
+    collected = _Collected(plan, tasks, Journal(folder), on_progress)
+    todo = [i for i, t in enumerate(tasks) if t is not None and collected.verdicts[i] is None]
     try:
         report = run_steps(
             run_verify_task,
             [t for t in (tasks[i] for i in todo) if t is not None],
-            add,
+            lambda position, verdict: collected.add(todo[position], verdict),
             cluster=execution.cluster,
             # One CPU per task, whatever the threads: a task asking for more CPUs than any node has would never
             # be scheduled, and a tensor's verdict is a light pass over memory (B @ A of rank r, then compares).
@@ -101,9 +80,42 @@ def distributed_verdicts(
     except (InputError, MismatchError, NumericError, UnsupportedError):
         shutil.rmtree(folder, ignore_errors=True)  # the inputs are at fault: a resumed run would meet it again
         raise
-    resumed = sum(t is not None for t in tasks) - len(todo)
     shutil.rmtree(folder, ignore_errors=True)  # complete: nothing left to resume
-    return verdicts, replace(report, resumed=resumed)
+    return collected.verdicts, replace(report, resumed=sum(t is not None for t in tasks) - len(todo))
+
+
+class _Collected:
+    """The verdicts in plan order: those the journal holds for these very tasks, then each one as it arrives (kept
+    in the journal at once), with the progress they make."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        tasks: list[VerifyTask | None],
+        journal: Journal,
+        on_progress: Callable[[Progress], None] | None,
+    ) -> None:
+        self.plan, self.tasks, self.journal, self.on_progress = plan, tasks, journal, on_progress
+        kept = journal.keys()
+        entries = [journal.get(t.key()) if t is not None and t.key() in kept else None for t in tasks]
+        self.verdicts: list[Verdict | None] = [Verdict(**e[1]) if e is not None else None for e in entries]
+        self.total = sum(s.tensor.nbytes for s in plan.steps)
+        settled = [t is None or v is not None for t, v in zip(tasks, self.verdicts, strict=True)]  # missing: none
+        self.done = sum(settled)
+        self.bytes = sum(s.tensor.nbytes for s, ok in zip(plan.steps, settled, strict=True) if ok)
+        self._report()
+
+    def add(self, index: int, verdict: Verdict) -> None:
+        task = self.tasks[index]
+        if task is not None:
+            self.journal.put(task.key(), {}, asdict(verdict))
+        self.verdicts[index] = verdict
+        self.done, self.bytes = self.done + 1, self.bytes + self.plan.steps[index].tensor.nbytes
+        self._report()
+
+    def _report(self) -> None:
+        if self.on_progress:
+            self.on_progress(Progress(self.done, len(self.tasks), self.bytes, self.total, "comparing"))
 
 
 def _tasks(plan: Plan, merged: Checkpoint, tolerance: int) -> list[VerifyTask | None]:
