@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from builders import run_cli
 
 import lorasurgeon
 from lorasurgeon import verify_steps
-from lorasurgeon.errors import LorasurgeonError, UnsupportedError
+from lorasurgeon.errors import InputError, LorasurgeonError, UnsupportedError
 from lorasurgeon.verdict import Verdict
 from lorasurgeon.verify_steps import JOURNAL_PREFIX
 from lorasurgeon.verify_task import VerifyTask, run_verify_task
@@ -65,12 +66,14 @@ class Interrupter:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, count: int) -> None:
         self.count, self.computed, self.interrupting = count, list[str](), True
+        self.tasks: list[VerifyTask] = []
         monkeypatch.setattr(verify_steps, "run_verify_task", self)
 
     def __call__(self, task: VerifyTask) -> Verdict:
         if self.interrupting and len(self.computed) >= self.count:
             raise Interrupted
         self.computed.append(task.merged.name)
+        self.tasks.append(task)
         return run_verify_task(task)
 
     def stop(self) -> None:
@@ -146,6 +149,30 @@ def test_without_resume_a_kept_journal_is_started_afresh(
     assert len(journals(merged)) == 1  # and it leaves an interrupted run's journal alone
     resumed = lorasurgeon.verify(merged, llama_dir, [llama_adapter], resume=True)
     assert resumed.ok and resumed.work is not None and resumed.work.resumed == 3 and journals(merged) == []
+
+
+def test_a_task_is_plain_data_and_refuses_a_file_changed_since_planning(
+    tmp_path: Path, llama_dir: Path, llama_adapter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task pickled and run elsewhere gives the same verdict; a file touched after planning is refused by name."""
+    merged = tmp_path / "merged"
+    lorasurgeon.merge(llama_dir, [llama_adapter], merged)
+    task = Interrupter(monkeypatch, 10**6)  # never interrupts: it keeps the tasks
+    summary = lorasurgeon.verify(merged, llama_dir, [llama_adapter], resume=True)
+    [q0] = [t for t in task.tasks if t.merged.name == "model.layers.0.self_attn.q_proj.weight"]
+    copy = pickle.loads(pickle.dumps(q0))
+    assert (
+        copy == q0
+        and copy.step.terms
+        and run_verify_task(copy) == next(t.verdict for t in summary.tensors if t.name == q0.merged.name)
+    )
+    assert {p for p, _ in q0.stamps} == {str(merged / "model.safetensors"), str(llama_dir / "model.safetensors")} | {
+        str(llama_adapter / "adapter_model.safetensors")
+    }
+    stat = (merged / "model.safetensors").stat()
+    os.utime(merged / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(InputError, match=r"merged/model\.safetensors: is not the file the verify was planned from"):
+        run_verify_task(copy)
 
 
 def test_a_bad_cluster_spec_is_one_clear_error(
