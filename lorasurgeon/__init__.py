@@ -21,6 +21,7 @@ from lorasurgeon.adapter import ADAPTER_FORMATS, Adapter
 from lorasurgeon.adapter_api import convert, extract
 from lorasurgeon.arguments import DTYPE_CHOICES, adapter_weights, output_dtype, output_path
 from lorasurgeon.checkpoint import Checkpoint
+from lorasurgeon.cluster import parse_cluster
 from lorasurgeon.devices import check_device, resolve_device
 from lorasurgeon.errors import LorasurgeonError
 from lorasurgeon.formats import load_adapter
@@ -118,16 +119,27 @@ def verify(
     weights: Sequence[float] | None = None,
     alpha: float | None = None,
     tolerance: int = 1,
+    cluster: str | None = None,
+    resume: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> VerifySummary:
     """Prove that `merged` is round(base + Σ weight_i · ΔW_i) within `tolerance` ulps of each tensor's dtype and that
     its config, generation config and tokenizer agree: a verdict per tensor (lorasurgeon.verification), `ok` only
-    when all are proven. Raises MismatchError when the adapters do not fit the base."""
+    when all are proven. Raises MismatchError when the adapters do not fit the base.
+
+    `cluster` ("ray" or "ray:ADDRESS") verifies one tensor per Ray task (the inputs on storage every node sees at
+    the same path); `resume` continues an interrupted run from the verdicts it kept (lorasurgeon.verify_steps: a
+    hidden folder beside MERGED, removed once the run completes). Both give the same verdicts as the local run and
+    fill `VerifySummary.work`; a step they cannot run as a task (a non-LoRA tuner, MoE experts, a quantized weight
+    merged in format) is refused by name (UnsupportedError)."""
     factors = adapter_weights(weights, len(adapters))
+    parsed = parse_cluster(cluster) if cluster else None
     with _opened(base, adapters, alpha) as (ckpt, loaded):
         from lorasurgeon.verification import run as run_verify  # torch: only once the inputs have been read
+        from lorasurgeon.verify_steps import VerifyExecution
 
-        return run_verify(Path(merged), ckpt, loaded, factors, tolerance, on_progress)
+        execution = VerifyExecution(parsed, resume) if parsed is not None or resume else None
+        return run_verify(Path(merged), ckpt, loaded, factors, tolerance, on_progress, execution)
 
 
 def report(

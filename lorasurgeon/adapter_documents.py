@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lorasurgeon.documents import finding_doc, finite
+from lorasurgeon.documents import finding_doc, finite, work_doc
 
 if TYPE_CHECKING:  # not imported at run time: they load torch
     from lorasurgeon.algebra import AlgebraSummary
-    from lorasurgeon.cluster import WorkReport
     from lorasurgeon.conversion import ConvertSummary
     from lorasurgeon.extraction import ExtractSummary
 
@@ -60,19 +59,6 @@ def extract_doc(summary: ExtractSummary) -> dict[str, Any]:
         "folded": list(summary.folded),
         "work": work_doc(summary.work) if summary.work is not None else None,
         "resumed_from": summary.resumed_from,
-    }
-
-
-def work_doc(work: WorkReport) -> dict[str, Any]:
-    """Where a command's per-step tasks ran (lorasurgeon.cluster): per node, retried after a lost worker, and
-    taken from an interrupted run's journal instead of being computed."""
-    return {
-        "engine": work.engine,
-        "address": work.address,
-        "steps_run": work.steps,
-        "retried": work.retried,
-        "resumed": work.resumed,
-        "nodes": [{"node": n.node, "steps": n.steps, "seconds": round(n.seconds, 3)} for n in work.nodes],
     }
 
 

@@ -138,6 +138,18 @@ def unmerge(merged: Path, adapter: Path, out: Path | None, **options: Any) -> No
     show_default=True,
     help="ulps of each tensor's dtype MERGED may be from round(BASE + ΔW) (PEFT's own bf16 merge is within 1).",
 )
+@click.option(
+    "--cluster",
+    metavar="ray[:ADDRESS]",
+    help="Verify one tensor per Ray task (pip install 'lorasurgeon[ray]'); MERGED, BASE and the adapters must be on "
+    "storage every node sees at the same path. ADDRESS as ray.init takes it (host:port, auto); default: Ray's own.",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted verify from the verdicts it kept (a hidden .lorasurgeon-verify-* folder beside "
+    "MERGED, removed when the run completes).",
+)
 @JSON
 @click.option("--markdown", is_flag=True, help="Print Markdown on stdout (for a CI job summary).")
 def verify(merged: Path, base: Path, adapters: tuple[Path, ...], as_json: bool, markdown: bool, **options: Any) -> None:

@@ -16,6 +16,7 @@ from lorasurgeon.errors import Finding
 from lorasurgeon.report import SCHEMA_VERSION, CheckResult, ModuleReport, Report
 
 if TYPE_CHECKING:  # not imported at run time: they load torch, which `report` does not need
+    from lorasurgeon.cluster import WorkReport
     from lorasurgeon.expert_fit import ExpertCount
     from lorasurgeon.plan import Plan
     from lorasurgeon.surgery import SurgerySummary
@@ -248,4 +249,19 @@ def verify_doc(summary: VerifySummary) -> dict[str, Any]:
         ],
         "files": [{"name": f.name, "verdict": f.kind, "detail": f.detail} for f in summary.files],
         "problems": [p.message for p in summary.problems],
+        "work": work_doc(summary.work) if summary.work is not None else None,
+        "resumed_from": summary.resumed_from,
+    }
+
+
+def work_doc(work: WorkReport) -> dict[str, Any]:
+    """Where a command's per-step tasks ran (lorasurgeon.cluster): per node, retried after a lost worker, and
+    taken from an interrupted run's journal instead of being computed."""
+    return {
+        "engine": work.engine,
+        "address": work.address,
+        "steps_run": work.steps,
+        "retried": work.retried,
+        "resumed": work.resumed,
+        "nodes": [{"node": n.node, "steps": n.steps, "seconds": round(n.seconds, 3)} for n in work.nodes],
     }

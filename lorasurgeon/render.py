@@ -147,6 +147,8 @@ def show_verify(summary: VerifySummary) -> None:
         stderr.print(Fitted([Column(c, k) for c, k in zip(columns, kinds, strict=True)], rows, title))
     for problem in summary.problems:
         stderr.print(f"[red]problem:[/] {problem.message}", soft_wrap=True)
+    if summary.work is not None and (summary.work.engine != "local" or summary.work.resumed):
+        show_work(summary.work, summary.resumed_from)
     stderr.print(views.verify_verdict(summary), soft_wrap=True)
 
 

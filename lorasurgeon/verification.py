@@ -16,9 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from lorasurgeon.adapter import Adapter
 from lorasurgeon.checkpoint import Checkpoint
@@ -26,11 +24,14 @@ from lorasurgeon.companions import FileVerdict, compare
 from lorasurgeon.errors import LorasurgeonError, MismatchError, Option
 from lorasurgeon.plan import Plan, Step, plan_surgery
 from lorasurgeon.progress import Progress
-from lorasurgeon.surgery import compute, summed_delta
-from lorasurgeon.verdict import DEFAULT_TOLERANCE, Verdict, VerdictKind, judge_tensor
+from lorasurgeon.verdict import DEFAULT_TOLERANCE, Verdict, VerdictKind
+from lorasurgeon.verify_steps import VerifyExecution, distributed_verdicts, journal_folder
+from lorasurgeon.verify_task import judge
+
+if TYPE_CHECKING:
+    from lorasurgeon.cluster import WorkReport
 
 TensorKind = VerdictKind | Literal["missing", "extra"]
-CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ class VerifySummary:
     tensors: tuple[TensorCheck, ...]
     files: tuple[FileVerdict, ...]
     seconds: float
+    work: WorkReport | None = None  # with a cluster or --resume: where the tensors were verified, retried, resumed
+    resumed_from: str | None = None  # the journal an interrupted run left, when verdicts were taken from it
 
     @property
     def problems(self) -> list[TensorCheck | FileVerdict]:
@@ -99,8 +102,10 @@ def run(
     weights: Sequence[float],
     tolerance: int = DEFAULT_TOLERANCE,
     on_progress: Callable[[Progress], None] | None = None,
+    execution: VerifyExecution | None = None,
 ) -> VerifySummary:
     """Verify MERGED against the plan of merging `adapters` at `weights` into `base`; for lorasurgeon.verify().
+    With `execution` (a cluster, or resume), each tensor is one task (lorasurgeon.verify_steps): the same verdicts.
 
     Raises MismatchError when the adapters do not fit the base (there is then no merge to verify against), and
     LorasurgeonError for a negative tolerance.
@@ -112,8 +117,16 @@ def run(
     if plan.errors:
         more = f" (and {len(plan.errors) - 1} more problems; run `lorasurgeon check`)" if len(plan.errors) > 1 else ""
         raise MismatchError(*plan.errors[0].parts, more)
+    work, resumed_from = None, None
     with Checkpoint.open(merged_path) as merged:
-        checks = list(_tensors(plan, merged, tolerance, on_progress))
+        if execution is None:
+            checks = _tensors(plan, merged, tolerance, on_progress)
+        else:
+            inputs = [base.path, *(a.path for a in adapters)]
+            folder = journal_folder(merged_path, inputs, weights, tolerance)
+            verdicts, work = distributed_verdicts(plan, merged, tolerance, execution, folder, on_progress)
+            checks = [_check(plan, step, merged, v) for step, v in zip(plan.steps, verdicts, strict=True)]
+            resumed_from = str(folder) if work.resumed else None
         planned = {s.tensor.name for s in plan.steps}
         checks += [TensorCheck(name, "extra") for name in merged.tensors if name not in planned]
         files = compare(base.root, merged.root, plan.config)
@@ -126,6 +139,8 @@ def run(
         tensors=tuple(checks),
         files=tuple(files),
         seconds=time.perf_counter() - started,
+        work=work,
+        resumed_from=resumed_from,
     )
 
 
@@ -136,31 +151,22 @@ def _tensors(
     total = sum(s.tensor.nbytes for s in plan.steps)
     done = 0
     for index, step in enumerate(plan.steps):
-        used = [t.adapter for t in step.terms] + [t.adapter for t in step.tuners]
-        names = tuple(dict.fromkeys(str(plan.adapters[i].path) for i in used))
-        names += tuple(str(plan.adapters[s.adapter].path) for s in (step.replacement, *step.rows) if s is not None)
         found = merged.tensors.get(step.tensor.name)
-        if found is None:
-            out.append(TensorCheck(step.tensor.name, "missing", names))
-        else:
-            verdict = judge(plan, step, merged.read(found), tolerance)
-            layouts = (f"{step.tensor.dtype} {list(step.tensor.shape)}", f"{found.dtype} {list(found.shape)}")
-            out.append(TensorCheck(step.tensor.name, verdict.kind, names, verdict, layouts))
+        verdict = None if found is None else judge(plan, step, merged.read(found), tolerance)
+        out.append(_check(plan, step, merged, verdict))
         done += step.tensor.nbytes
         if on_progress:
             on_progress(Progress(index + 1, len(plan.steps), done, total, "comparing"))
     return out
 
 
-def judge(plan: Plan, step: Step, merged: torch.Tensor, tolerance: int) -> Verdict:
-    """One step's verdict: MERGED against BASE and the reference the merge computes for the step."""
-    base = plan.base.read(step.tensor)
-    if not step.touched or merged.shape != base.shape or merged.dtype != base.dtype:
-        return judge_tensor(base, merged, None, tolerance)
-    expected = compute(plan, step, CPU)  # read afresh: the merge may add in place into what it reads
-    additive = all(t.additive for t in step.tuners) and not any(t.dora for t in step.terms)
-    if additive and step.replacement is None and not step.rows:
-        delta = summed_delta(plan, step, CPU)  # Σ wᵢ·ΔWᵢ in fp32 (LoRA and additive tuners), laid out like the tensor
-    else:  # a replacement, token rows, DoRA or a product tuner: the change itself is what the merge makes of it
-        delta = (expected.double() - base.double()).float()
-    return judge_tensor(base, merged, delta, tolerance, expected=expected)
+def _check(plan: Plan, step: Step, merged: Checkpoint, verdict: Verdict | None) -> TensorCheck:
+    """The step's TensorCheck from its verdict (None: MERGED lacks the tensor), with the adapters that change it."""
+    used = [t.adapter for t in step.terms] + [t.adapter for t in step.tuners]
+    names = tuple(dict.fromkeys(str(plan.adapters[i].path) for i in used))
+    names += tuple(str(plan.adapters[s.adapter].path) for s in (step.replacement, *step.rows) if s is not None)
+    found = merged.tensors.get(step.tensor.name)
+    if found is None or verdict is None:
+        return TensorCheck(step.tensor.name, "missing", names)
+    layouts = (f"{step.tensor.dtype} {list(step.tensor.shape)}", f"{found.dtype} {list(found.shape)}")
+    return TensorCheck(step.tensor.name, verdict.kind, names, verdict, layouts)

@@ -158,7 +158,12 @@ ALLOWED: dict[str, set[str]] = {
     | {"adapter_facts", "runtimes", "lowering", "ties", "formats.architectures", "formats.peft", "formats.peft_config"}
     | {"formats.writing"},
     "companions": {"checkpoint"},
-    "verification": NORMAL_FORM | {"companions", "plan", "surgery", "progress", "verdict"},
+    "verify_task": {"adapter", "checkpoint", "errors", "header", "matrix_task", "placement", "plan", "surgery"}
+    | {"verdict"},
+    "verify_steps": {"checkpoint", "cluster", "errors", "journal", "matrix_task", "plan", "progress", "verdict"}
+    | {"verify_task"},
+    "verification": NORMAL_FORM
+    | {"cluster", "companions", "plan", "progress", "verdict", "verify_steps", "verify_task"},
     "rules": {"errors", "header", "report"},
     "tuner_report": {"adapter", "formats.peft_tuner_inventory", "tuner_kinds"},
     "stats": {"checkpoint", "experts", "linalg", "lycoris", "progress", "report"},
@@ -169,12 +174,13 @@ ALLOWED: dict[str, set[str]] = {
     "__init__": NORMAL_FORM
     | {"formats", "formats.naming", "report", "rules", "plan", "surgery", "adapter_api"}
     | {"progress", "extraction", "conversion", "arguments"}
-    | {"algebra", "combination", "devices", "runtime_rules", "runtimes", "verification", "version"},
+    | {"algebra", "combination", "devices", "runtime_rules", "runtimes", "verification", "version"}
+    | {"cluster", "verify_steps"},
     "adapter_api": {"checkpoint", "devices", "errors", "progress", "pairing", "rank_rule", "cluster", "extract_steps"}
     | {"extraction", "conversion"},
     "arguments": {"errors", "checkpoint", "devices", "hub", "plan"},
-    "documents": {"errors", "census", "report", "plan", "surgery", "expert_fit", "verification"},
-    "adapter_documents": {"documents", "extraction", "conversion", "cluster", "algebra"},
+    "documents": {"errors", "census", "report", "plan", "surgery", "expert_fit", "verification", "cluster"},
+    "adapter_documents": {"documents", "extraction", "conversion", "algebra"},
     "views": {"extraction", "conversion", "verification", "units"},
     "report_views": {"census", "report", "units", "views"},
     "progress_bar": {"progress", "units"},
