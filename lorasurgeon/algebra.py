@@ -15,6 +15,7 @@ single-alpha form. By method:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,8 +123,8 @@ def run(
         else:
             tasks = algebra_tasks(plan, len(adapters), options, ranks, device, execution)
             with writer:
-                journal = Journal(writer.path(JOURNAL))
-                with kept_for_resume(journal):
+                journal = Journal(writer.path(JOURNAL)) if to == "peft" else None  # a one-file OUT keeps none
+                with kept_for_resume(journal) if journal is not None else contextlib.nullcontext():
                     outcomes, work = run_modules(tasks, execution, journal)
                 config = _write(writer, plan, adapters, outcomes, to, record)
     finally:
