@@ -8,6 +8,7 @@ nothing when Ray is missing; one local Ray instance (2 CPUs) serves the rest.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from builders import save_adapter
+from builders import run_cli, save_adapter
 
 import lorasurgeon
 from lorasurgeon import algebra_steps
@@ -179,6 +180,19 @@ def test_params_resumes_with_the_budgets_ranks(rich: Path, tmp_path: Path) -> No
     assert written(tmp_path / "out") == written(tmp_path / "ref")
     assert [m.row for m in summary.modules] == [m.row for m in reference.modules]
     assert len({m.row.new_rank for m in summary.modules}) > 1  # the budget chose different ranks: not a no-op
+
+
+def test_cli_takes_the_flags_and_refuses_in_one_line(
+    rich: Path, references: dict[str, dict[str, bytes]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli(["resize", str(rich), "--rank", "3", "--resume", "-o", str(out), "--json"], capsys)
+    doc = json.loads(stdout)
+    assert code == 0 and doc["work"]["engine"] == "local" and doc["work"]["steps_run"] == MODULES
+    assert written(out) == references["resize_rank"]
+    args = ["resize", str(rich), "--params", "3000", "--cluster", "ray", "-o", str(tmp_path / "x")]
+    code, _, stderr = run_cli(args, capsys)
+    assert code == 2 and stderr.count("Error:") == 1 and "--cluster ray with --params 3000" in stderr
 
 
 # --- on a local Ray cluster ------------------------------------------------------------------------------
