@@ -145,7 +145,7 @@ def _here(
     """One module computed in this process from the open adapters (what every task computes, by path)."""
     settings = (options.density if options.density is not None else 1.0, options.seed, options.report_naive)
     result, factors, bias = compute(job, adapters, options.method, keep_of(rank), dev, *settings)
-    return ModuleOutcome(result, factors.b, factors.a, bias)
+    return ModuleOutcome(result, factors.b.cpu(), factors.a.cpu(), bias)
 
 
 def _write(

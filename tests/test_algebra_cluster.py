@@ -237,3 +237,18 @@ def test_cluster_json_carries_the_work_report(ray_cluster: str, rich: Path, tmp_
     doc = algebra_doc(lorasurgeon.resize(rich, tmp_path / "out", rank=3, cluster="ray"))
     assert doc["work"]["engine"] == "ray" and doc["work"]["steps_run"] == MODULES and doc["work"]["resumed"] == 0
     assert sum(n["steps"] for n in doc["work"]["nodes"]) == MODULES
+
+
+@pytest.mark.slow
+def test_a_local_run_interrupted_resumes_on_the_cluster(
+    ray_cluster: str, rich: Path, partial: Path, references: dict[str, dict[str, bytes]], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    out = tmp_path / "out"
+    interrupt_after(6, monkeypatch)
+    with pytest.raises(Interrupted):
+        _combine_svd(rich, partial, out, {"resume": True})
+    monkeypatch.undo()
+    summary = _combine_svd(rich, partial, out, {"resume": True, "cluster": "ray"})
+    assert summary.work.engine == "ray" and summary.work.resumed == 6 and summary.work.steps == MODULES - 6
+    assert written(out) == references["combine_svd"]
