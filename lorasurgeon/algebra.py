@@ -27,11 +27,11 @@ import torch
 from lorasurgeon.adapter import Adapter, AdapterFormat
 from lorasurgeon.algebra_options import AlgebraOptions, combine_options, combine_weights, resize_options
 from lorasurgeon.algebra_steps import algebra_tasks, execution_of, refuse, run_modules
-from lorasurgeon.algebra_task import ModuleOutcome, Rank, keep_of
+from lorasurgeon.algebra_task import ModuleOutcome, Rank
 from lorasurgeon.budget import allocate_budget
 from lorasurgeon.cluster import WorkReport
 from lorasurgeon.combination import DENSE_METHODS, Combination, Job, Method, plan_combination
-from lorasurgeon.combined_module import ModuleResult, compute, read_factors
+from lorasurgeon.combined_module import ModuleResult, read_factors
 from lorasurgeon.devices import resolve_device
 from lorasurgeon.errors import Finding, LorasurgeonError, Option, UnsupportedError
 from lorasurgeon.extract_steps import Execution
@@ -67,7 +67,7 @@ class AlgebraSummary:
     config: dict[str, Any] | None
     bytes_written: int
     seconds: float
-    work: WorkReport | None = None  # where the modules were computed (with --cluster, --resume or threads)
+    work: WorkReport | None = None  # where the modules were computed (here or per Ray node), retried, resumed
     resumed_from: str | None = None  # the interrupted run's temporary this run took its journal from
 
     @property
@@ -93,9 +93,10 @@ def run(
     execution: Execution | None = None,
 ) -> AlgebraSummary:
     """Load, plan, compute module by module, write; for lorasurgeon.resize() and combine(). Nothing is written
-    unless every module computes. With `execution`, one task per module (algebra_steps), here or on a cluster,
-    kept in a journal inside OUT's temporary for `resume`."""
+    unless every module computes. One task per module (algebra_steps), here or on `execution`'s cluster, each kept
+    as it is computed in a journal inside a PEFT OUT's temporary, which `resume` continues from."""
     started = time.perf_counter()
+    execution = execution or Execution()
     paths = [Path(p) for p in inputs]
     if not paths:
         raise LorasurgeonError(f"there is no adapter to {operation}: give at least one ADAPTER (an empty client list?)")
@@ -105,28 +106,18 @@ def run(
             adapters.append(load_adapter(Path(path)))
         to = options.to or adapters[0].format
         plan = plan_combination(adapters, weights, to)
-        if execution is not None:
-            refuse(options, to, execution)
-        ranks = _ranks(plan, adapters, options, device)
+        refuse(options, to, execution)
+        tasks = algebra_tasks(plan, len(adapters), options, _ranks(plan, adapters, options, device), device, execution)
         target = Path(out) if out is not None else default_output(adapters[0].path, to)
-        resume = execution is not None and execution.resume
-        scratch = JOURNAL if execution is not None else None
         writer = CheckpointWriter(
-            target, is_dir=to == "peft", inputs=paths, force=force, scratch=scratch, resume=resume
+            target, is_dir=to == "peft", inputs=paths, force=force, scratch=JOURNAL, resume=execution.resume
         )
         record = {"operation": operation, "adapters": [p.name for p in paths], "method": options.method}
-        work = None
-        if execution is None:
-            outcomes = [_here(job, adapters, options, rank, device) for job, rank in zip(plan.jobs, ranks, strict=True)]
-            with writer:
-                config = _write(writer, plan, adapters, outcomes, to, record)
-        else:
-            tasks = algebra_tasks(plan, len(adapters), options, ranks, device, execution)
-            with writer:
-                journal = Journal(writer.path(JOURNAL)) if to == "peft" else None  # a one-file OUT keeps none
-                with kept_for_resume(journal) if journal is not None else contextlib.nullcontext():
-                    outcomes, work = run_modules(tasks, execution, journal)
-                config = _write(writer, plan, adapters, outcomes, to, record)
+        with writer:
+            journal = Journal(writer.path(JOURNAL)) if to == "peft" else None  # a one-file OUT keeps none
+            with kept_for_resume(journal) if journal is not None else contextlib.nullcontext():
+                outcomes, work = run_modules(tasks, execution, journal)
+            config = _write(writer, plan, adapters, outcomes, to, record)
     finally:
         for adapter in adapters:
             adapter.source.close()
@@ -137,15 +128,6 @@ def run(
         tuple(warnings), config, writer.bytes_written, time.perf_counter() - started, work,
         str(writer.resumed_from) if writer.resumed_from else None,
     )  # fmt: skip
-
-
-def _here(
-    job: Job, adapters: Sequence[Adapter], options: AlgebraOptions, rank: Rank, dev: torch.device
-) -> ModuleOutcome:
-    """One module computed in this process from the open adapters (what every task computes, by path)."""
-    settings = (options.density if options.density is not None else 1.0, options.seed, options.report_naive)
-    result, factors, bias = compute(job, adapters, options.method, keep_of(rank), dev, *settings)
-    return ModuleOutcome(result, factors.b.cpu(), factors.a.cpu(), bias)
 
 
 def _write(

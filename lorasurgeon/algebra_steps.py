@@ -26,13 +26,10 @@ from lorasurgeon.journal import Journal
 from lorasurgeon.matrix_task import Stamp, file_stamp
 
 
-def execution_of(cluster: str | None, threads: int | None, resume: bool) -> Execution | None:
-    """How the per-module tasks run, checked before any adapter is read; None (the plain local loop) when nothing
-    asks for tasks."""
+def execution_of(cluster: str | None, threads: int | None, resume: bool) -> Execution:
+    """How the per-module tasks run, checked before any adapter is read."""
     if threads is not None and threads < 1:
         raise LorasurgeonError(Option("threads", threads), ": must be at least 1")
-    if cluster is None and threads is None and not resume:
-        return None
     return Execution(parse_cluster(cluster) if cluster else None, threads, resume)
 
 

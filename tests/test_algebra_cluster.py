@@ -1,8 +1,8 @@
 """resize and combine as one task per module (issue 17): on a Ray cluster and resumed after an interruption, the
 same bytes as the plain local run, whatever fails.
 
-The oracle is lorasurgeon's own plain local run (no --cluster, no --resume: the loop over the open adapters): a
-cluster run and a resumed run must write the same OUT, byte for byte. Tests that need no Ray run first and skip
+The oracle is lorasurgeon's own plain local run (no --cluster, no --resume): a cluster run and a resumed run must
+write the same OUT, byte for byte. Tests that need no Ray run first and skip
 nothing when Ray is missing; one local Ray instance (2 CPUs) serves the rest.
 """
 
@@ -114,8 +114,8 @@ def test_interrupted_run_resumes_where_it_stopped(
 ) -> None:  # fmt: skip
     out = tmp_path / "out"
     interrupt_after(MODULES - 3, monkeypatch)
-    with pytest.raises(Interrupted):
-        CASES[case](rich, partial, out, {"resume": True})
+    with pytest.raises(Interrupted):  # a plain run keeps its journal too
+        CASES[case](rich, partial, out, {})
     assert not out.exists()
     assert len(journal_entries(tmp_path)) == MODULES - 3
     monkeypatch.undo()
