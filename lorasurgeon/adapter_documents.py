@@ -132,4 +132,6 @@ def algebra_doc(summary: AlgebraSummary) -> dict[str, Any]:
         "full_tensors": list(summary.full),
         "warnings": [finding_doc(f) for f in summary.warnings],
         "config": summary.config,
+        "work": work_doc(summary.work) if summary.work is not None else None,
+        "resumed_from": summary.resumed_from,
     }

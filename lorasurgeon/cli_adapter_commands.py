@@ -156,6 +156,26 @@ def convert(adapter: Path, out: Path | None, **options: Any) -> None:
     documents.emit_json(adapter_documents.convert_doc(summary)) if as_json else render.show_convert(summary)
 
 
+_CLUSTER = click.option(
+    "--cluster",
+    metavar="ray[:ADDRESS]",
+    help="Run one Ray task per module (pip install 'lorasurgeon[ray]'); the adapters must be on storage every node "
+    "sees at the same path. ADDRESS as ray.init takes it (host:port, auto); default: Ray's own.",
+)
+_THREADS = click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="Torch threads per module (default: all of this machine's); factors are bit-identical for the same threads "
+    "and device type, locally or on any worker.",
+)
+_RESUME = click.option("--resume", is_flag=True, help="Continue an interrupted run from the modules it computed.")
+
+
+def _per_module(command: Any) -> Any:
+    """--cluster, --threads and --resume, as resize and combine take them."""
+    return _CLUSTER(_THREADS(_RESUME(command)))
+
+
 @click.command()
 @click.argument("adapter", type=EXISTING)
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Output (default: <adapter>-resized).")
@@ -166,6 +186,7 @@ def convert(adapter: Path, out: Path | None, **options: Any) -> None:
 @click.option("--params", type=int, help="One budget of N parameters, ranks chosen together for the least error.")
 @TO
 @CPU
+@_per_module
 @FORCE
 @JSON
 def resize(adapter: Path, out: Path | None, **options: Any) -> None:
@@ -192,6 +213,7 @@ def resize(adapter: Path, out: Path | None, **options: Any) -> None:
 @click.option("--report-naive", is_flag=True, help="Also show how far FedIT's A/B averaging is from the exact sum.")
 @TO
 @CPU
+@_per_module
 @FORCE
 @JSON
 def combine(adapters: tuple[Path, ...], out: Path, **options: Any) -> None:

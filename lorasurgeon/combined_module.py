@@ -12,17 +12,29 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from lorasurgeon import dense_merge
-from lorasurgeon.adapter import Adapter
 from lorasurgeon.combination import DENSE_METHODS, Job, Method, Term
 from lorasurgeon.factored import Factored, ModuleRow, module_row, stack, truncate
+from lorasurgeon.header import TensorInfo
 from lorasurgeon.stacked_sum import StackedSum, naive_relative_error
 
 Keep = Callable[[torch.Tensor], int]
 DENSE: dict[str, dense_merge.Method] = {m: m for m in ("ties", "dare", "dare_ties", "magnitude_prune")}
+
+
+class Reads(Protocol):
+    def read(self, info: TensorInfo) -> torch.Tensor: ...
+
+
+class Sourced(Protocol):
+    """What a module is computed from: an adapter's `source` (its Checkpoint here; files by path on a worker)."""
+
+    @property
+    def source(self) -> Reads: ...
 
 
 @dataclass(frozen=True)
@@ -39,7 +51,7 @@ class ModuleResult:
 
 def compute(
     job: Job,
-    adapters: Sequence[Adapter],
+    adapters: Sequence[Sourced],
     method: Method,
     keep: Keep,
     device: torch.device,
@@ -65,20 +77,20 @@ def compute(
     return ModuleResult(row, norm, naive, k * (job.rows + job.columns)), factors, bias
 
 
-def read_factors(adapters: Sequence[Adapter], term: Term, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def read_factors(adapters: Sequence[Sourced], term: Term, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """B (m, r) and A (r, n) of one term's module, conv kernels flattened, in their stored dtype, on `device`."""
     source = adapters[term.adapter].source
     b, a = source.read(term.module.b).to(device), source.read(term.module.a).to(device)
     return b.reshape(b.shape[0], b.shape[1]), a.reshape(a.shape[0], -1)
 
 
-def _naive_terms(job: Job, adapters: Sequence[Adapter]) -> bool:
+def _naive_terms(job: Job, adapters: Sequence[Sourced]) -> bool:
     """FedIT averages A and B of one rank: defined when every adapter has the module at one rank."""
     return len(job.terms) == len(adapters) and len({t.rank for t in job.terms}) == 1
 
 
 def _exact(
-    job: Job, adapters: Sequence[Adapter], report_naive: bool, keep: Keep, device: torch.device
+    job: Job, adapters: Sequence[Sourced], report_naive: bool, keep: Keep, device: torch.device
 ) -> tuple[Factored, float | None]:
     naive = report_naive and _naive_terms(job, adapters)
     rank = job.terms[0].rank
@@ -99,7 +111,7 @@ def _exact(
 
 
 def _cat(
-    job: Job, adapters: Sequence[Adapter], report_naive: bool, device: torch.device
+    job: Job, adapters: Sequence[Sourced], report_naive: bool, device: torch.device
 ) -> tuple[Factored, float | None]:
     terms = [(*read_factors(adapters, t, device), t.coefficient) for t in job.terms]
     b, a = stack(terms)  # (m, Σr), (Σr, n): B* = [c₁B₁ … c_nB_n], A* = [A₁; …; A_n]
@@ -117,7 +129,7 @@ def _cat(
 
 def _dense(
     job: Job,
-    adapters: Sequence[Adapter],
+    adapters: Sequence[Sourced],
     method: dense_merge.Method,
     settings: tuple[float, int],
     keep: Keep,
@@ -137,7 +149,7 @@ def _dense(
     return truncate(u, sigma, vh, keep(sigma))
 
 
-def _bias(job: Job, adapters: Sequence[Adapter]) -> torch.Tensor:
+def _bias(job: Job, adapters: Sequence[Sourced]) -> torch.Tensor:
     """Σ cᵢ·biasᵢ of the lora_B biases (PEFT scales lora_B's bias with lora_B), fp64, at scale 1."""
     total = torch.zeros(job.rows, dtype=torch.float64)
     for term in job.terms:

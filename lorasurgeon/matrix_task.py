@@ -79,7 +79,7 @@ def file_stamp(path: os.PathLike[str] | str) -> Stamp:
 def run_matrix_task(task: MatrixTask) -> MatrixOutcome:
     """Read the pair, form ΔW = tuned − base in fp32 on the task's device, and decompose it (see module doc)."""
     device = torch.device(task.device)
-    with _threads(task.threads):
+    with torch_threads(task.threads):
         delta = read_tensor(task.tuned, task.stamps[1]).to(device=device, dtype=torch.float32)
         delta -= read_tensor(task.base, task.stamps[0]).to(device=device, dtype=torch.float32)
         if not bool(torch.isfinite(delta).all()):
@@ -138,7 +138,7 @@ def _where(info: TensorInfo) -> list[Any]:
 
 
 @contextlib.contextmanager
-def _threads(count: int) -> Iterator[None]:
+def torch_threads(count: int) -> Iterator[None]:
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:

@@ -239,6 +239,8 @@ def show_algebra(summary: AlgebraSummary) -> None:
         f"{summary.params:,} parameters, {size(summary.bytes_written)}, {summary.seconds:.1f} s)",
         soft_wrap=True,
     )
+    if summary.work is not None and (summary.work.engine != "local" or summary.work.resumed):
+        show_work(summary.work, summary.resumed_from)
 
 
 def require_matplotlib() -> None:

@@ -145,10 +145,14 @@ ALLOWED: dict[str, set[str]] = {
     "census": IO,
     "client_weights": {"errors"},
     "combination": NORMAL_FORM | {"formats.computed", "formats.limits"},
-    "combined_module": {"adapter", "combination", "dense_merge", "factored", "stacked_sum"},
+    "combined_module": {"combination", "dense_merge", "factored", "header", "stacked_sum"},
+    "algebra_task": {"combination", "combined_module", "factored", "header", "matrix_task", "spectrum_rules"},
+    "algebra_steps": {"adapter", "algebra_options", "algebra_task", "cluster", "combination", "errors", "header"}
+    | {"extract_steps", "journal", "matrix_task"},
     "algebra_options": {"adapter", "client_weights", "combination", "errors", "spectrum_rules"},
     "algebra": NORMAL_FORM
     | {"algebra_options", "budget", "combination", "combined_module", "devices", "factored", "spectrum_rules"}
+    | {"algebra_steps", "algebra_task", "cluster", "extract_steps", "extraction", "journal"}
     | {"formats", "formats.computed", "writer"},
     "adapter_facts": NORMAL_FORM | {"formats", "formats.architectures", "ties"},
     "runtime_checks": {"adapter_facts"},
