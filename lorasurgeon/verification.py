@@ -53,6 +53,7 @@ class TensorCheck:
     def message(self) -> str:
         """One sentence saying what was found, naming the tensor."""
         v, by = self.verdict, ", ".join(self.adapters)
+        verb = "changes" if len(self.adapters) == 1 else "change"
         if self.kind == "missing":
             return f"{self.name}: missing from MERGED" + (f" (changed by {by})" if by else "")
         if self.kind == "extra":
@@ -63,7 +64,7 @@ class TensorCheck:
         return {
             "exact": f"{self.name}: exact",
             "within tolerance": f"{self.name}: within tolerance (up to {v.max_ulps:.3g} ulps)",
-            "adapter not applied": f"{self.name}: adapter not applied: MERGED equals BASE, but {by} change it",
+            "adapter not applied": f"{self.name}: adapter not applied: MERGED equals BASE, but {by} {verb} it",
             "wrong scale": f"{self.name}: wrong scale: MERGED − BASE is {v.scale or 0:.3g}·ΔW, not ΔW ({ulps})",
             "changed without an adapter": f"{self.name}: changed without an adapter: no adapter touches it, but "
             f"MERGED differs from BASE",
