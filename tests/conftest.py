@@ -10,9 +10,18 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# The suite (and CI) draws the same hypothesis examples on every run, so a failure reproduces and whether a
+# change lands never depends on the draw; HYPOTHESIS_PROFILE=explore draws new examples to look for new bugs
+# (each one found becomes a named test, as in test_fuzz's ONCE_INTERNAL_ERRORS). Loaded before the test
+# modules, so their @settings and profiles inherit it.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 @pytest.fixture(scope="session")

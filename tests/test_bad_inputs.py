@@ -501,6 +501,7 @@ CASES: list[Case] = [
     json_case("adapter", "not UTF-8", b'{"r": "\xff"}', "adapter_config.json", "is not valid JSON"),
     json_case("adapter", "r a string", b'+"4"', "r", "must be a positive integer, not '4'"),
     json_case("adapter", "r zero", b"+0", "r", "must be a positive integer, not 0"),
+    json_case("adapter", "r past a double's integers", b"+9007199254740992", "r", "must be an integer below 2**53"),
     json_case("adapter", "lora_alpha a list", b"+[8]", "lora_alpha", "must be a finite number"),
     json_case("adapter", "lora_alpha 2**1100", b"+" + str(2**1100).encode(), "lora_alpha", "must be a finite number"),
     json_case("adapter", "target_modules a number", b"+3", "target_modules", "must be a string, a list of strings"),

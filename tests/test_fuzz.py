@@ -636,6 +636,7 @@ ONCE_INTERNAL_ERRORS = {
     "invalid regex as a rank_pattern key": _config_with(rank_pattern={"(": 4}),
     "rank_pattern value 0": _config_with(rank_pattern={"q_proj": 0}),
     "lora_alpha 2**1100": _config_with(lora_alpha="HUGE"),
+    "r 2**1100": _config_with(r="HUGE"),
     "1-D lora_B in the header": _one_dimensional_lora_b,
 }
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from lorasurgeon import rotations, tuner_merge, weight_products
@@ -150,6 +150,9 @@ def test_road_unmerge_inverts_its_merge(seed: int, variant: str) -> None:
     size = {"road_1": out // 2, "road_2": out, "road_4": 2 * out}[variant]
     theta, alpha = torch.randn(size, generator=g), torch.rand(size, generator=g) + 0.5
     first, second = rotations.road_columns(variant, group, theta, alpha)
+    # det = α₁α₂·cos(θ₁ − θ₂) for road_2/road_4: near 0 the pair's map is near singular and fp32 rounding is
+    # amplified by 1/det; the inverse is exact maths, so it is checked where that amplification is small.
+    assume(bool(rotations.road_determinants(first, second, group).abs().min() > 0.1))
     w = torch.randn(out, 5, generator=g)
     merged = rotations.road_merge(w, first, second, group)
     assert not torch.allclose(merged, w)

@@ -28,6 +28,8 @@ class FieldReader:
         value = self.config.get(name, default)
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise self._bad(name, "a positive integer" if minimum == 1 else f"an integer of at least {minimum}")
+        if value >= 2**53:  # past a double's integers: alpha / r would overflow or round
+            raise self._bad(name, "an integer below 2**53")
         return value
 
     def number(self, name: str, default: float) -> float:
