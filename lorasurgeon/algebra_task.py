@@ -20,9 +20,10 @@ import torch
 
 from lorasurgeon.combination import Job, Method
 from lorasurgeon.combined_module import Keep, ModuleResult, compute
+from lorasurgeon.devices import torch_threads
 from lorasurgeon.factored import ModuleRow
 from lorasurgeon.header import TensorInfo
-from lorasurgeon.matrix_task import Stamp, read_tensor, torch_threads
+from lorasurgeon.matrix_task import Stamp, read_tensor, tensor_place
 from lorasurgeon.spectrum_rules import SpectrumRule, choose_rank
 
 Rank = SpectrumRule | int  # a rule applied to each module's spectrum, or one module's rank fixed beforehand
@@ -54,7 +55,7 @@ class AlgebraTask:
         """What the result depends on, hashed: each term's tensors, places, weight and scale, the files' stamps,
         the method and rank, the settings, the device type, the threads and the torch version."""
         terms = [
-            [t.adapter, t.weight, t.module.scale, t.module.kind, [_where(i) for i in t.module.tensors]]
+            [t.adapter, t.weight, t.module.scale, t.module.kind, [tensor_place(i) for i in t.module.tensors]]
             for t in self.job.terms
         ]
         rank = self.rank if isinstance(self.rank, int) else asdict(self.rank)
@@ -114,7 +115,3 @@ def outcome_entry(outcome: ModuleOutcome) -> tuple[dict[str, torch.Tensor], dict
 def outcome_of(tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> ModuleOutcome:
     result = ModuleResult(ModuleRow(**record["row"]), record["norm"], record["naive"], record["params"])
     return ModuleOutcome(result, tensors["b"], tensors["a"], tensors.get("bias"))
-
-
-def _where(info: TensorInfo) -> list[Any]:
-    return [info.name, info.dtype, list(info.shape), str(info.path), info.start, info.end]

@@ -11,17 +11,16 @@ the same matrices differs in the last bits between 1 and 2 threads).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from lorasurgeon.decomposition import MatrixResult, decompose
+from lorasurgeon.devices import torch_threads
 from lorasurgeon.errors import InputError, NumericError
 from lorasurgeon.header import TensorInfo, read_into, torch_dtype
 from lorasurgeon.rank_rule import RankRule
@@ -51,7 +50,14 @@ class MatrixTask:
         """What the result depends on, hashed: the tensors' names, places and files' stamps, the rule, the device
         type, the threads and the torch version. A journal entry under another key is never used for it."""
         device = torch.device(self.device).type
-        fields = (self.module, self.kind, self.transpose, _where(self.base), _where(self.tuned), self.stamps)
+        fields = (
+            self.module,
+            self.kind,
+            self.transpose,
+            tensor_place(self.base),
+            tensor_place(self.tuned),
+            self.stamps,
+        )
         text = json.dumps([*fields, asdict(self.rule), device, self.threads, torch.__version__], default=str)
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
@@ -133,15 +139,6 @@ def outcome_of(tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> Matr
     return MatrixOutcome(MatrixResult(**fields), tensors["b"], tensors["a"])
 
 
-def _where(info: TensorInfo) -> list[Any]:
+def tensor_place(info: TensorInfo) -> list[Any]:
+    """A tensor's name, dtype, shape, file and byte range, as JSON: what a task's key says of where it reads."""
     return [info.name, info.dtype, list(info.shape), str(info.path), info.start, info.end]
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -5,10 +5,9 @@ Only the tensor in hand (and its factors) is resident. Untouched tensors are cop
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from lorasurgeon import linalg, lycoris, step_checks, terms, tuner_steps
 from lorasurgeon.adapter import Adapter
 from lorasurgeon.checkpoint import MODEL_CONFIG, Checkpoint
+from lorasurgeon.devices import torch_threads
 from lorasurgeon.errors import MismatchError
 from lorasurgeon.header import torch_dtype
 from lorasurgeon.mirror import copy_companions, output_bytes, output_index, output_metadata
@@ -130,9 +130,11 @@ def execute(
     phase = PHASES[plan.operation]
     if on_progress:
         on_progress(Progress(0, len(plan.steps), 0, total_bytes, phase))
-    torch_threads = _torch_threads(1 if device.type == "cpu" else torch.get_num_threads())
+    # A CPU merge runs each block on one torch thread: its cache-sized blocks are too small to share out (two
+    # threads took longer on a 2-core machine), and the reader and writer threads need the other cores.
+    threads = torch_threads(1 if device.type == "cpu" else torch.get_num_threads())
     work = Work.of(plan, device, SIGNS[plan.operation])
-    with Workspace(device) as workspace, ReadAhead(plan, workspace) as ahead, torch_threads:
+    with Workspace(device) as workspace, ReadAhead(plan, workspace) as ahead, threads:
         for shard in base.shards:
             steps = [s for s in plan.steps if s.shard == shard.name]
             entries = [(s.tensor.name, s.out_dtype, s.tensor.shape) for s in steps]
@@ -156,18 +158,6 @@ def execute(
     if base.layout == "file":
         return [], []
     return copy_companions(base.root, plan, writer)
-
-
-@contextlib.contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    """Run with `count` torch threads. A CPU merge uses one: its cache-sized blocks are too small to share out
-    (two threads took longer on a 2-core machine), and the reader and writer threads need the other cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def compute(

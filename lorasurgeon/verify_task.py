@@ -15,10 +15,8 @@ steps) are refused by name (`task_refusal`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import torch
 
 from lorasurgeon.adapter import Adapter, AdapterFormat, LoraModule
 from lorasurgeon.checkpoint import Checkpoint
+from lorasurgeon.devices import torch_threads
 from lorasurgeon.errors import InputError
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.matrix_task import Stamp, file_stamp
@@ -104,7 +103,7 @@ def run_verify_task(task: VerifyTask) -> Verdict:
     reader = Checkpoint(path=task.merged.path, layout="file", root=task.merged.path.parent, shards=())
     adapters = tuple(Adapter(Path(p), fmt, {}, (), reader) for p, fmt in task.adapters)
     plan = Plan("merge", reader, adapters, (1.0,) * len(adapters), (task.step,), ())  # reads by path, nothing more
-    with reader, _threads(task.threads):
+    with reader, torch_threads(task.threads):
         verdict = judge(plan, task.step, reader.read(task.merged), task.tolerance)
     _check_stamps(task)
     return verdict
@@ -135,13 +134,3 @@ def _check_stamps(task: VerifyTask) -> None:
                 f"{path}: is not the file the verify was planned from (size or mtime changed, or another node sees "
                 "another file at this path); every node must read the same checkpoints"
             )
-
-
-@contextlib.contextmanager
-def _threads(count: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -121,12 +121,12 @@ ALLOWED: dict[str, set[str]] = {
     "step_checks": {"errors", "header", "linalg", "plan"},
     "surgery": NORMAL_FORM
     | {"linalg", "lycoris", "mirror", "placement", "plan", "progress", "tuner_steps", "writer", "workspace"}
-    | {"quantized_steps", "read_ahead", "step_checks", "terms"},
+    | {"devices", "quantized_steps", "read_ahead", "step_checks", "terms"},
     "decomposition": {"linalg", "rank_rule"},
     "pairing": IO | {"rank_rule", "formats.architectures"},
     "cluster": {"errors"},
     "journal": IO,
-    "matrix_task": {"errors", "header", "decomposition", "rank_rule"},
+    "matrix_task": {"devices", "errors", "header", "decomposition", "rank_rule"},
     "extract_steps": {"errors", "cluster", "decomposition", "journal", "matrix_task", "pairing", "progress"}
     | {"formats.peft"}
     | {"formats.moe"},
@@ -146,7 +146,8 @@ ALLOWED: dict[str, set[str]] = {
     "client_weights": {"errors"},
     "combination": NORMAL_FORM | {"formats.computed", "formats.limits"},
     "combined_module": {"combination", "dense_merge", "factored", "header", "stacked_sum"},
-    "algebra_task": {"combination", "combined_module", "factored", "header", "matrix_task", "spectrum_rules"},
+    "algebra_task": {"combination", "combined_module", "devices", "factored", "header", "matrix_task"}
+    | {"spectrum_rules"},
     "algebra_steps": {"adapter", "algebra_options", "algebra_task", "cluster", "combination", "errors", "header"}
     | {"extract_steps", "journal", "matrix_task"},
     "algebra_options": {"adapter", "client_weights", "combination", "errors", "spectrum_rules"},
@@ -162,7 +163,8 @@ ALLOWED: dict[str, set[str]] = {
     | {"adapter_facts", "runtimes", "lowering", "ties", "formats.architectures", "formats.peft", "formats.peft_config"}
     | {"formats.writing"},
     "companions": {"checkpoint"},
-    "verify_task": {"adapter", "checkpoint", "errors", "header", "matrix_task", "placement", "plan", "surgery"}
+    "verify_task": {"adapter", "checkpoint", "devices", "errors", "header", "matrix_task", "placement", "plan"}
+    | {"surgery"}
     | {"verdict"},
     "verify_steps": {"checkpoint", "cluster", "errors", "journal", "matrix_task", "plan", "progress", "verdict"}
     | {"verify_task"},
