@@ -7,6 +7,7 @@ tensor is one block, and the oracle tests would never see the block boundaries o
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,45 @@ def llama_adapter(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> 
     from builders import save_adapter
 
     return save_adapter(llama_dir, tmp_path_factory.mktemp("adapter") / "lora", r=4, lora_alpha=8)
+
+
+@pytest.fixture(scope="module")
+def rich(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Path:
+    """r=8 rsLoRA with a rank and an alpha pattern: heterogeneous scales and ranks in one adapter."""
+    from builders import save_adapter
+
+    path = tmp_path_factory.mktemp("rich") / "lora"
+    patterns = {"rank_pattern": {"down_proj": 6}, "alpha_pattern": {"o_proj": 4}}
+    return save_adapter(llama_dir, path, seed=3, r=8, lora_alpha=16, use_rslora=True, **patterns)
+
+
+@pytest.fixture(scope="module")
+def partial(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Path:
+    """r=2 on three of the seven projections: another rank, alpha and target set."""
+    from builders import save_adapter
+
+    path = tmp_path_factory.mktemp("partial") / "lora"
+    return save_adapter(llama_dir, path, seed=4, r=2, lora_alpha=3, target_modules=["q_proj", "v_proj", "down_proj"])
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[str]:
+    """A local Ray instance for the module (2 CPUs, the repository importable on its workers); yields its GCS
+    address, for drivers in other processes. Skips where the ray extra is not installed."""
+    ray = pytest.importorskip("ray")
+    root = Path(__file__).resolve().parent.parent
+    path = os.pathsep.join([str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")])
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=80 * 2**20,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture(autouse=True)

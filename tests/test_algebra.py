@@ -20,21 +20,6 @@ pytestmark = pytest.mark.oracle
 STORED = 1e-6  # relative: the output's factors are stored in fp32 (one rounding each, ~6e-8, times a few)
 
 
-@pytest.fixture(scope="module")
-def rich(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Path:
-    """r=8 rsLoRA with a rank and an alpha pattern: heterogeneous scales and ranks in one adapter."""
-    path = tmp_path_factory.mktemp("rich") / "lora"
-    patterns = {"rank_pattern": {"down_proj": 6}, "alpha_pattern": {"o_proj": 4}}
-    return save_adapter(llama_dir, path, seed=3, r=8, lora_alpha=16, use_rslora=True, **patterns)
-
-
-@pytest.fixture(scope="module")
-def partial(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Path:
-    """r=2 on three of the seven projections: another rank, alpha and target set."""
-    path = tmp_path_factory.mktemp("partial") / "lora"
-    return save_adapter(llama_dir, path, seed=4, r=2, lora_alpha=3, target_modules=["q_proj", "v_proj", "down_proj"])
-
-
 def peft_deltas(base: Path, adapters: dict[str, Path]) -> tuple[object, dict[str, dict[str, torch.Tensor]]]:
     """The adapters loaded into one PeftModel on `base` (fp32), asserting PEFT warns of no key, and every
     module's ΔW per adapter as PEFT computes it (get_delta_weight), fp64."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +24,8 @@ from lorasurgeon.errors import LorasurgeonError, UnsupportedError
 from lorasurgeon.extraction import JOURNAL
 from lorasurgeon.writer import TMP_MARK
 
-ROOT = Path(__file__).resolve().parent.parent
 ADAPTER = "adapter_model.safetensors"
 MODULES = 2 * 7  # two layers, seven projections
-
-
-@pytest.fixture(scope="module")
-def rich(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Path:
-    """r=8 rsLoRA with a rank and an alpha pattern: heterogeneous scales and ranks in one adapter."""
-    path = tmp_path_factory.mktemp("rich") / "lora"
-    patterns = {"rank_pattern": {"down_proj": 6}, "alpha_pattern": {"o_proj": 4}}
-    return save_adapter(llama_dir, path, seed=3, r=8, lora_alpha=16, use_rslora=True, **patterns)
-
-
-@pytest.fixture(scope="module")
-def partial(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Path:
-    """r=2 on three of the seven projections: another rank, alpha and target set."""
-    path = tmp_path_factory.mktemp("partial") / "lora"
-    return save_adapter(llama_dir, path, seed=4, r=2, lora_alpha=3, target_modules=["q_proj", "v_proj", "down_proj"])
 
 
 def written(out: Path) -> dict[str, bytes]:
@@ -196,24 +179,6 @@ def test_cli_takes_the_flags_and_refuses_in_one_line(
 
 
 # --- on a local Ray cluster ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[str]:
-    """A local Ray instance for the module; yields its GCS address."""
-    ray = pytest.importorskip("ray")
-    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=80 * 2**20,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": path}},
-    )
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ from lorasurgeon.verdict import Verdict
 from lorasurgeon.verify_steps import JOURNAL_PREFIX
 from lorasurgeon.verify_task import VerifyTask, run_verify_task
 
-ROOT = Path(__file__).resolve().parent.parent
 TENSORS_CHANGED = 14  # 7 projections x 2 layers
 
 
@@ -201,24 +199,6 @@ def test_a_step_that_cannot_be_a_task_is_refused_by_name(tmp_path: Path) -> None
 
 
 # --- on a local Ray cluster ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[str]:
-    """A local Ray instance for the module; yields its GCS address."""
-    ray = pytest.importorskip("ray")
-    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=80 * 2**20,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": path}},
-    )
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
 
 
 @pytest.mark.slow
