@@ -32,7 +32,8 @@ MISSING = (
 
 @dataclass(frozen=True)
 class CompressedMerge:
-    """The merged module's new stored tensors (local name -> tensor) and the ΔW figures of lorasurgeon.fp8.Fp8Merge."""
+    """The merged module's new stored tensors (local name -> tensor) and the ΔW figures of
+    lorasurgeon.fp8_merge.Fp8Merge."""
 
     tensors: dict[str, torch.Tensor]
     survival: float
@@ -62,7 +63,7 @@ def merge_compressed(
     parts: Mapping[str, torch.Tensor], scheme: Mapping[str, Any], delta: torch.Tensor, where: str
 ) -> CompressedMerge:
     """decompress(parts) + ΔW compressed back into the same scheme, with the survival figures of D = the change
-    the new stored tensors carry (see lorasurgeon.fp8.Fp8Merge).
+    the new stored tensors carry (see lorasurgeon.fp8_merge.Fp8Merge).
 
     Each scale group (tensor, channel, group or block) keeps its stored scale and zero point, or takes fresh
     min-max ones, whichever stores its W + ΔW closer (the stored ones on ties). Fresh qparams alone re-round

@@ -17,47 +17,18 @@ scale per (bm, bn) block, grid (..., ⌈m/bm⌉, ⌈n/bn⌉); the last row/colum
 - `power_of_two` scales (config `scale_fmt: "ue8m0"`, DeepSeek-V3.1) are s = 2^⌈log2(amax / 448)⌉, as both
   DeepSeek's `act_quant` and transformers round them.
 
-The merge (`merge_fp8_block`) keeps a block's stored scale where that stores W + ΔW closer than a fresh one:
-re-rounding a whole block onto a fresh grid adds noise of the order of the fp8 step, which for a small ΔW
-is larger than ΔW itself. Inputs must be finite; a non-finite value makes its block's scale non-finite,
-which `Fp8Merge.finite` reports.
+Dequantizing does not use torch's fp8 → fp32 cast, which is a scalar loop on CPU (5 × the rest of a merge): the
+e4m3 bits are moved into an fp16 pattern by integer arithmetic (`decode`), which is exact, and fp16 → fp32 is a
+vector instruction. The merge itself is lorasurgeon.fp8_merge.
 """
 
 from __future__ import annotations
-
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
-# Elements of W merged at a time (whole block rows): 16 MB of fp32 per temporary, a few of them at once.
-CHUNK_ELEMENTS = 1 << 22
-DeltaRows = Callable[[int, int, int], torch.Tensor]  # (matrix, first row, end row) -> fp32 rows of ΔW
-
-
-@dataclass(frozen=True)
-class Fp8Merge:
-    """W + ΔW stored back in the block format, and how much of ΔW the stored weights carry.
-
-    With D = deq(q, s) − deq(q_old, s_old), the change the stored weights actually carry:
-    - `survival` = ‖D‖ / ‖ΔW‖ (ANCHORS-2 Appendix A). It is not a fraction: where ΔW is far below the fp8
-      step it tends to 0 (ΔW lost), but rounding noise alone can push it to 1 or past it.
-    - `error` = ‖D − ΔW‖ / ‖ΔW‖: 0 when ΔW is stored exactly, about 1 when the merge is no better than not
-      merging at all. The figure to flag on.
-    For ΔW = 0 both are 1 and 0 when nothing changed, and inf when re-quantizing alone changed the weights.
-    `rescaled` counts the blocks that took a fresh scale; `finite` is False when W + ΔW was not.
-    """
-
-    q: torch.Tensor
-    scale_inv: torch.Tensor
-    survival: float
-    error: float
-    rescaled: int
-    finite: bool
 
 
 def grid_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
@@ -70,10 +41,44 @@ def dequantize_blocks(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int
     """fp32 q · s, each block by its scale. `scale_inv` may have any shape holding the grid's elements
     (a per-tensor scale of shape () with block (m, n), a per-channel one (m, 1) with block (1, n))."""
     shape = tuple(q.shape)
-    grid = grid_shape(shape, block)
-    blocks = _blocks(q.to(torch.float32, copy=True), block)  # (..., sm, bm, sn, bn), ours to scale in place
-    blocks.mul_(scale_inv.to(torch.float32).reshape(grid)[..., :, None, :, None])
-    return _unblocks(blocks, shape)
+    codes = _blocks(q.view(torch.uint8), block)  # (..., sm, bm, sn, bn); padding is code 0, +0.0
+    whole = codes.reshape(*codes.shape[:-4], -1, codes.shape[-2] * block[1])
+    out = torch.empty(whole.shape, dtype=torch.float32, device=q.device)
+    scale = scale_inv.to(torch.float32).reshape(grid_shape(shape, block))
+    dequantize_into(out, whole, scale, block, torch.empty_like(whole, dtype=torch.int16))
+    return _unblocks(_blocks(out, block), shape)
+
+
+def dequantize_into(
+    out: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int],
+    bits: torch.Tensor,
+    checked: bool = True,
+) -> torch.Tensor:
+    """`out` = e4m3(codes) · scale, each block by its scale, in fp32, and returned: `codes` uint8 (..., m, n) of
+    whole blocks, `scale` fp32 (..., m/bm, n/bn), `bits` an int16 scratch shaped like `codes`.
+
+    Bit for bit torch's fp8 cast times the scale, without the cast: e4m3(c) / 256 has the fp16 bit pattern
+    (c & 0x80) << 8 | (c & 0x7F) << 7 (exponent and mantissa move from bits 6..0 to 13..7, fp16's exponent
+    bias being e4m3's plus 8, subnormals included), which is 128 · int8(c) with bit 14 cleared (128 · int8(c)
+    of a negative int8(c) = c − 256 sets bits 15 and 14); fp16 → fp32 is exact, and
+    fl(e4m3(c) / 256 · 256 s) = fl(e4m3(c) · s), 256 being a power of two. The NaN codes 0x7F and 0xFF, which
+    that pattern would read as ±480, are the one case left to torch's cast; `checked=False` skips looking for
+    them (two passes over the codes), for a caller that knows what a NaN code would become.
+    """
+    if codes.numel() == 0:
+        return out
+    *lead, m, n = codes.shape
+    (bm, bn), factor = block, scale.mul(256)
+    if checked and (int(codes.amax()) == 0xFF or int(codes.view(torch.int8).amax()) == 0x7F):
+        out.copy_(codes.view(E4M3))
+        factor = scale
+    else:
+        out.copy_(bits.copy_(codes.view(torch.int8)).mul_(128).bitwise_and_(~0x4000).view(torch.float16))
+    out.view(*lead, m // bm, bm, n // bn, bn).mul_(factor[..., :, None, :, None])
+    return out
 
 
 def quantize_blocks(
@@ -88,88 +93,10 @@ def quantize_blocks(
     `scale_inv` (grid shaped), q on those scales, values past ±448 · s clipped."""
     shape = tuple(w.shape)
     blocks = _blocks(w.to(torch.float32), block)  # (..., sm, bm, sn, bn); partial blocks zero padded
-    scale = _fresh_scale(blocks, power_of_two, scale_dtype) if scale_inv is None else scale_inv
-    scaled = (blocks / scale.to(torch.float32)[..., :, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX)
-    return _unblocks(scaled, shape).to(E4M3), scale
-
-
-def merge_fp8_block(
-    q: torch.Tensor,
-    scale_inv: torch.Tensor,
-    delta: torch.Tensor | DeltaRows,
-    block: tuple[int, int],
-    power_of_two: bool = False,
-) -> Fp8Merge:
-    """W + ΔW in the stored layout, W = deq(q, s): q' float8_e4m3fn shaped like q, s' shaped and typed like
-    `scale_inv`. `delta` is fp32 ΔW shaped like q (not modified), or a function giving its rows
-    `delta(e, start, stop)` of matrix e of a stacked (E, m, n) weight (0 for a matrix), so that ΔW of a large
-    weight is never whole in memory.
-
-    Each block keeps its stored scale, or takes the fresh one (amax / 448 of W + ΔW), whichever stores its
-    W + ΔW closer (squared error; the stored scale on ties, so a block ΔW does not move keeps its bytes).
-    A fresh scale alone re-rounds every element onto a new grid; keeping the old one alone clips what ΔW
-    pushes past ±448 · s. Worked a block-row chunk at a time, so temporaries stay small.
-
-    >>> q, s = quantize_blocks(torch.randn(256, 256), (128, 128))
-    >>> merged = merge_fp8_block(q, s, torch.full((256, 256), 0.5), (128, 128))
-    >>> merged.q.dtype, tuple(merged.scale_inv.shape), merged.error < 0.2
-    (torch.float8_e4m3fn, (2, 2), True)
-    """
-    *_, m, n = q.shape
-    grid = grid_shape(tuple(q.shape), block)
-    qs = q.reshape(-1, m, n)
-    rows_of = delta if callable(delta) else _rows_of(delta.reshape(-1, m, n))
-    ss = scale_inv.reshape(-1, grid[-2], grid[-1])
-    out_q, out_s = torch.empty_like(qs), torch.empty_like(ss)
-    rows = max(1, CHUNK_ELEMENTS // (block[0] * n)) * block[0]
-    totals = torch.zeros(4, dtype=torch.float64, device=q.device)  # ‖ΔW‖², ‖D‖², ‖D − ΔW‖², fresh blocks
-    finite = True
-    for e in range(qs.shape[0]):
-        for start in range(0, m, rows):
-            cells = slice(start // block[0], -(-min(start + rows, m) // block[0]))
-            part = slice(start, start + rows)
-            out_q[e, part], out_s[e, cells], sums = _merge_rows(
-                qs[e, part], ss[e, cells], rows_of(e, start, min(start + rows, m)), block, power_of_two
-            )
-            totals += sums
-            finite = finite and bool(torch.isfinite(out_s[e, cells]).all())
-    wanted, got, missed, rescaled = totals.tolist()
-    if wanted == 0:
-        survival, error = (1.0, 0.0) if got == 0 else (math.inf, math.inf)
-    else:
-        survival, error = math.sqrt(got / wanted), math.sqrt(missed / wanted)
-    return Fp8Merge(out_q.reshape(q.shape), out_s.reshape(scale_inv.shape), survival, error, int(rescaled), finite)
-
-
-def _rows_of(deltas: torch.Tensor) -> DeltaRows:
-    return lambda e, start, stop: deltas[e, start:stop]
-
-
-def _merge_rows(
-    q: torch.Tensor, scale: torch.Tensor, delta: torch.Tensor, block: tuple[int, int], power_of_two: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One chunk of whole block rows: (q', s', [‖ΔW‖², ‖D‖², ‖D − ΔW‖², blocks rescaled])."""
-    base = dequantize_blocks(q, scale, block)
-    target = base + delta  # (rows, n) fp32
-    candidates = []
-    for given in (scale, None):  # the stored scale first: it wins ties
-        cq, cs = quantize_blocks(target, block, power_of_two, scale.dtype, given)
-        stored = dequantize_blocks(cq, cs, block)
-        miss = torch.linalg.vector_norm(_blocks(stored - target, block), dim=(-3, -1)).square()  # (sm, sn)
-        candidates.append((cq, cs, stored, miss))
-    (kq, ks, kd, kmiss), (fq, fs, fd, fmiss) = candidates
-    keep = kmiss <= fmiss  # (sm, sn); NaN (non-finite W + ΔW) takes the fresh scale, which shows it
-    if bool(keep.all()) or not bool(keep.any()):  # one policy everywhere (the common case): no blending
-        chosen_q, chosen_s, change = (kq, ks, kd) if bool(keep.all()) else (fq, fs, fd)
-        change = change.sub_(base)
-    else:
-        spread = _unblocks(
-            keep[:, None, :, None].expand(*keep.shape[:1], block[0], keep.shape[1], block[1]), tuple(q.shape)
-        )
-        chosen_q, chosen_s = torch.where(spread, kq, fq), torch.where(keep, ks, fs)
-        change = torch.where(spread, kd, fd).sub_(base)  # D
-    sums = torch.stack([_square(delta), _square(change), _square(change.sub_(delta)), (~keep).sum().double()])
-    return chosen_q, chosen_s, sums
+    if scale_inv is None:
+        scale_inv = fresh_scale(blocks.abs().amax(dim=(-3, -1)), power_of_two, scale_dtype)
+    scaled = (blocks / scale_inv.to(torch.float32)[..., :, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX)
+    return _unblocks(scaled, shape).to(E4M3), scale_inv
 
 
 def dequantized(
@@ -185,17 +112,10 @@ def dequantized(
     return exact.to(dtype)
 
 
-def _square(x: torch.Tensor) -> torch.Tensor:
-    """‖x‖² as an fp64 scalar; the norm in fp32 (torch sums it in a cascade, good to ~1e-6 relative): a reported
-    ratio needs no more, and an fp64 norm costs 6x."""
-    norm: torch.Tensor = torch.linalg.vector_norm(x)
-    return norm.double().square()
-
-
-def _fresh_scale(blocks: torch.Tensor, power_of_two: bool, scale_dtype: torch.dtype) -> torch.Tensor:
-    """amax / 448 per block of (..., sm, bm, sn, bn) `blocks` (2^⌈log2⌉ of it for ue8m0), in `scale_dtype`;
-    1 for an all-zero block (or one whose scale underflows), where q is 0 whatever s is."""
-    scale = blocks.abs().amax(dim=(-3, -1)) / E4M3_MAX  # (..., sm, sn)
+def fresh_scale(amax: torch.Tensor, power_of_two: bool, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Each block's fresh scale from its amax = max |W_blk| (any shape): amax / 448 (2^⌈log2⌉ of it for
+    ue8m0), in `scale_dtype`; 1 for an all-zero block (or one whose scale underflows), where q is 0 whatever s is."""
+    scale = amax / E4M3_MAX
     if power_of_two:
         scale = _ceil_power_of_two(scale)
     scale = scale.to(scale_dtype)

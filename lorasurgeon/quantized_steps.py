@@ -9,13 +9,15 @@ small (scales); a large one is computed again when its turn comes, so memory sta
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from lorasurgeon import blocks, requant
+from lorasurgeon.devices import torch_threads
 from lorasurgeon.errors import NumericError
-from lorasurgeon.fp8 import DeltaRows
+from lorasurgeon.fp8_merge import DeltaRows
 from lorasurgeon.header import torch_dtype
 from lorasurgeon.plan import Plan, Step
 from lorasurgeon.terms import Factors, blockwise, fused_term
@@ -27,7 +29,7 @@ LOST = 0.5  # a weight is flagged when its survival is below this, or its error 
 @dataclass(frozen=True)
 class Requantized:
     """One quantized weight the merge rewrote: `survival` = ‖D‖ / ‖ΔW‖ and `error` = ‖D − ΔW‖ / ‖ΔW‖, where D is
-    the change the stored weight carries (lorasurgeon.fp8.Fp8Merge); `lost` flags one where the quantization kept
+    the change the stored weight carries (lorasurgeon.fp8_merge.Fp8Merge); `lost` flags one where the quantization kept
     too little of ΔW (survival below LOST, or error above it)."""
 
     tensor: str
@@ -51,7 +53,14 @@ class Requantizer:
         self._kept: dict[str, torch.Tensor] = {}
 
     def compute(self, step: Step) -> torch.Tensor:
-        """The tensor the step writes: a rewritten part, or the dequantized float weight."""
+        """The tensor the step writes: a rewritten part, or the dequantized float weight. On CPU with every core
+        as torch threads (a CPU merge otherwise runs one): re-quantizing is compute-bound, some forty passes over
+        each weight, where a float merge is disk-bound and shares its cores with the reader and writer."""
+        cores = (os.cpu_count() or 1) if self.factors.device.type == "cpu" else torch.get_num_threads()
+        with torch_threads(cores):
+            return self._compute(step)
+
+    def _compute(self, step: Step) -> torch.Tensor:
         part = step.quantized
         assert part is not None  # only quantized steps come here
         name = step.tensor.name

@@ -2,7 +2,7 @@
 weight that formats/quantization.py lists in `Quantization.weights`.
 
 The caller reads the weight's stored tensors (`QuantizedWeight.parts`, local name -> checkpoint name; they may
-sit in different shards) and passes them by local name. Dispatches to lorasurgeon.fp8 (maths) for "fp8-block"
+sit in different shards) and passes them by local name. Dispatches to lorasurgeon.fp8_merge (maths) for "fp8-block"
 and to lorasurgeon.compressed (the compressed-tensors library) for "compressed-tensors".
 """
 
@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from lorasurgeon import compressed, fp8
+from lorasurgeon import compressed, fp8, fp8_merge
 from lorasurgeon.quantized import QuantizedWeight
 
 
 @dataclass(frozen=True)
 class Requantized:
     """The new data of a merged quantized weight, by checkpoint tensor name (exactly the weight's `rewritten`
-    parts; its other parts are copied as they are), and how much of ΔW it carries (lorasurgeon.fp8.Fp8Merge)."""
+    parts; its other parts are copied as they are), and how much of ΔW it carries (lorasurgeon.fp8_merge.Fp8Merge)."""
 
     tensors: dict[str, torch.Tensor]
     survival: float
@@ -29,14 +29,14 @@ class Requantized:
 
 
 def merge_in_format(
-    weight: QuantizedWeight, parts: Mapping[str, torch.Tensor], delta: torch.Tensor | fp8.DeltaRows, where: str
+    weight: QuantizedWeight, parts: Mapping[str, torch.Tensor], delta: torch.Tensor | fp8_merge.DeltaRows, where: str
 ) -> Requantized:
     """deq(parts) + ΔW stored back in the weight's format, same tensor names, dtypes and shapes. `delta` is the
     fp32 ΔW shaped like `weight.shape` (not modified), or for FP8 blocks a function of its rows (see
-    fp8.merge_fp8_block); `where` names the checkpoint in errors."""
+    fp8_merge.merge_fp8_block); `where` names the checkpoint in errors."""
     if weight.method == "fp8-block":
         assert weight.block is not None  # set for every fp8-block weight by formats/fp8_block.py
-        merged = fp8.merge_fp8_block(
+        merged = fp8_merge.merge_fp8_block(
             parts["weight"], parts["weight_scale_inv"], delta, weight.block, weight.power_of_two
         )
         local = {"weight": merged.q, "weight_scale_inv": merged.scale_inv}

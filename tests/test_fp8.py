@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorasurgeon import fp8
+from lorasurgeon import fp8, fp8_merge
 
 E4M3_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
 
@@ -166,7 +166,7 @@ def test_merge_matches_fp64_formula(relative: float, shape: tuple[int, int], blo
     base = fp8.dequantize_blocks(q, s, block).numpy()
     delta = rng.standard_normal((shape[0], 4)) @ rng.standard_normal((4, shape[1]))
     delta = (delta * relative * np.linalg.norm(base) / np.linalg.norm(delta)).astype(np.float32)
-    merged = fp8.merge_fp8_block(q, s, torch.from_numpy(delta), block)
+    merged = fp8_merge.merge_fp8_block(q, s, torch.from_numpy(delta), block)
     ref_q, ref_s = merge(q.double().numpy(), s.numpy(), delta.astype(np.float64), block)
     # A fresh scale is amax / 448 of fp32(fp32(q·s) + ΔW) here, of the exact sum there: a few ulps apart.
     np.testing.assert_allclose(merged.scale_inv.numpy(), ref_s, rtol=2**-21, atol=0)
@@ -183,7 +183,7 @@ def test_merge_matches_fp64_formula(relative: float, shape: tuple[int, int], blo
 def test_merge_keeps_weights_and_scales_for_zero_delta() -> None:
     torch.manual_seed(5)
     q, s = fp8.quantize_blocks(torch.randn(48, 80), (16, 32))
-    merged = fp8.merge_fp8_block(q, s, torch.zeros(48, 80), (16, 32))
+    merged = fp8_merge.merge_fp8_block(q, s, torch.zeros(48, 80), (16, 32))
     assert (merged.survival, merged.error, merged.rescaled, merged.finite) == (1.0, 0.0, 0, True)
     assert torch.equal(merged.scale_inv, s) and torch.equal(merged.q.float(), q.float())  # −0 may become +0
 
@@ -191,9 +191,9 @@ def test_merge_keeps_weights_and_scales_for_zero_delta() -> None:
 def test_merge_figures_for_lost_and_large_deltas() -> None:
     torch.manual_seed(6)
     q, s = fp8.quantize_blocks(torch.randn(64, 64), (32, 32))
-    lost = fp8.merge_fp8_block(q, s, torch.full((64, 64), 1e-6), (32, 32))  # far below the fp8 step
+    lost = fp8_merge.merge_fp8_block(q, s, torch.full((64, 64), 1e-6), (32, 32))  # far below the fp8 step
     assert lost.survival == 0 and lost.error == 1 and torch.equal(lost.q.view(torch.uint8), q.view(torch.uint8))
-    big = fp8.merge_fp8_block(q, s, torch.randn(64, 64) * 30, (32, 32))  # amax grows 30x: fresh scales
+    big = fp8_merge.merge_fp8_block(q, s, torch.randn(64, 64) * 30, (32, 32))  # amax grows 30x: fresh scales
     assert big.rescaled == 4 and big.error < 0.05 and not torch.equal(big.scale_inv, s)
 
 
@@ -201,15 +201,15 @@ def test_merge_reports_nonfinite() -> None:
     q, s = fp8.quantize_blocks(torch.randn(32, 32), (16, 16))
     delta = torch.zeros(32, 32)
     delta[3, 3] = float("inf")
-    assert not fp8.merge_fp8_block(q, s, delta, (16, 16)).finite
+    assert not fp8_merge.merge_fp8_block(q, s, delta, (16, 16)).finite
 
 
 def test_merge_of_stacked_experts_is_per_expert() -> None:
     torch.manual_seed(7)
     q, s = fp8.quantize_blocks(torch.randn(3, 40, 72), (16, 32))
     delta = torch.randn(3, 40, 72) * 0.05
-    merged = fp8.merge_fp8_block(q, s, delta, (16, 32))
-    one = fp8.merge_fp8_block(q[1], s[1], delta[1], (16, 32))
+    merged = fp8_merge.merge_fp8_block(q, s, delta, (16, 32))
+    one = fp8_merge.merge_fp8_block(q[1], s[1], delta[1], (16, 32))
     assert torch.equal(merged.q[1].view(torch.uint8), one.q.view(torch.uint8)) and torch.equal(
         merged.scale_inv[1], one.scale_inv
     )
@@ -219,7 +219,7 @@ def test_per_tensor_scale_is_one_block() -> None:
     torch.manual_seed(8)
     w = torch.randn(24, 40)
     q, s = fp8.quantize_blocks(w, (24, 40))
-    merged = fp8.merge_fp8_block(q, s.reshape(()), torch.randn(24, 40) * 0.3, (24, 40))
+    merged = fp8_merge.merge_fp8_block(q, s.reshape(()), torch.randn(24, 40) * 0.3, (24, 40))
     assert merged.scale_inv.shape == () and merged.error < 0.2
 
 
@@ -232,7 +232,7 @@ def test_bf16_scales_are_rounded_before_dividing() -> None:
     ref_q, _ = quantize(w.double().numpy(), (32, 32), s.float().numpy())
     assert s.dtype == torch.bfloat16 and np.array_equal(q.double().numpy(), ref_q)
     delta = torch.randn(64, 64) * 5  # fresh scales everywhere
-    merged = fp8.merge_fp8_block(q, s, delta, (32, 32))
+    merged = fp8_merge.merge_fp8_block(q, s, delta, (32, 32))
     assert merged.scale_inv.dtype == torch.bfloat16 and merged.rescaled == 4 and merged.error < 0.1
     target = (fp8.dequantize_blocks(q, s, (32, 32)) + delta).numpy()
     ref_q, _ = quantize(target, (32, 32), merged.scale_inv.float().numpy())
@@ -276,7 +276,7 @@ def test_merge_is_never_worse_than_either_scale_policy(
     q, s = fp8.quantize_blocks(w, (bm, bn))
     assert ((fp8.dequantize_blocks(q, s, (bm, bn)) - w).abs() <= w.abs() / 16 + s.max() * 2**-10 * 1.001).all()
     delta = torch.randn(m, n, generator=generator) * scale * relative
-    merged = fp8.merge_fp8_block(q, s, delta, (bm, bn))
+    merged = fp8_merge.merge_fp8_block(q, s, delta, (bm, bn))
     target = fp8.dequantize_blocks(q, s, (bm, bn)) + delta
 
     def miss(cq: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
@@ -306,8 +306,52 @@ def test_delta_given_by_rows_is_the_same_merge() -> None:
             calls.append((e, start, stop))
             return stacked[e, start:stop].clone()
 
-        whole, chunked = fp8.merge_fp8_block(q, s, delta, (32, 32)), fp8.merge_fp8_block(q, s, rows, (32, 32))
+        whole = fp8_merge.merge_fp8_block(q, s, delta, (32, 32))
+        chunked = fp8_merge.merge_fp8_block(q, s, rows, (32, 32))
         assert torch.equal(whole.q.view(torch.uint8), chunked.q.view(torch.uint8))
         assert torch.equal(whole.scale_inv, chunked.scale_inv)
         assert (whole.survival, whole.error, whole.rescaled) == (chunked.survival, chunked.error, chunked.rescaled)
         assert len({c[0] for c in calls}) == stacked.shape[0] and whole.error < 0.5  # guard: every matrix asked
+
+
+def test_dequantizing_is_torchs_cast_for_every_code() -> None:
+    """dequantize_into decodes e4m3 by integer arithmetic instead of torch's (scalar, slow) fp8 cast: bit for bit
+    the cast times the scale for all 256 codes (−0 and subnormals included) on scales from a subnormal fp32 one
+    to 2^100; the two NaN codes are NaN."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).repeat(4, 1)  # (4, 256): every code per row
+    scale = torch.tensor([1.0, 3.7e-5, 2.0**-140, 2.0**100]).repeat_interleave(4).reshape(4, 4)  # block (1, 64)
+    want = codes.view(torch.float8_e4m3fn).float() * scale.repeat_interleave(64, dim=1)
+    got = fp8.dequantize_into(torch.empty(4, 256), codes, scale, (1, 64), torch.empty(4, 256, dtype=torch.int16))
+    nan = torch.isnan(want)
+    assert torch.equal(nan, torch.isnan(got)) and int(nan.sum()) == 8
+    finite = codes[:, (codes[0] & 0x7F) != 0x7F]  # without NaN codes: the integer route itself
+    want = finite.view(torch.float8_e4m3fn).float() * scale[:, :1]
+    got = fp8.dequantize_into(
+        torch.empty(want.shape), finite, scale[:, :1], (1, 254), torch.empty_like(finite, dtype=torch.int16)
+    )
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # bit patterns: −0 stays −0
+    assert got[0].unique().numel() == 253  # guard: every finite value decoded to its own
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (2, 130, 270)])
+def test_chunks_of_rows_and_columns_are_the_same_merge(monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...]) -> None:
+    """A weight larger than a chunk is merged a band of block rows and a run of block columns at a time, partial
+    edge blocks and stacked experts included: bit for bit the merge done in one chunk. ΔW is zero on every other
+    block, so chunks mix blocks that keep their stored bytes with blocks that take a fresh scale."""
+    generator = torch.Generator().manual_seed(12)
+    block = (32, 32)
+    q, s = fp8.quantize_blocks(torch.randn(shape, generator=generator), block)
+    delta = torch.randn(shape, generator=generator) * 0.5
+    rows, cols = (torch.arange(n) // 32 for n in shape[-2:])
+    zero = (rows[:, None] + cols[None, :]) % 2 == 0
+    delta[..., zero] = 0
+    whole = fp8_merge.merge_fp8_block(q, s, delta, block)
+    monkeypatch.setattr(fp8_merge, "CHUNK_ELEMENTS", 2 * 32 * 32)  # two blocks a chunk: 32 rows × 64 columns
+    chunked = fp8_merge.merge_fp8_block(q, s, delta, block)
+    assert torch.equal(whole.q.view(torch.uint8), chunked.q.view(torch.uint8))
+    assert torch.equal(whole.scale_inv, chunked.scale_inv) and whole.rescaled == chunked.rescaled
+    assert chunked.survival == pytest.approx(whole.survival, rel=1e-6)
+    assert chunked.error == pytest.approx(whole.error, rel=1e-6)
+    kept = s == whole.scale_inv  # the zero-ΔW blocks keep their scale, and their codes
+    assert kept[..., zero[::32, ::32]].all() and 0 < whole.rescaled < s.numel()
+    assert torch.equal(whole.q.view(torch.uint8)[..., zero], q.view(torch.uint8)[..., zero])

@@ -45,10 +45,11 @@ ALLOWED: dict[str, set[str]] = {
     "rotations": set(),
     "weight_products": set(),
     "fp8": set(),
+    "fp8_merge": {"fp8"},
     "experts": set(),
     "quantized": set(),
     "compressed": {"errors"},
-    "requant": {"compressed", "fp8", "quantized"},
+    "requant": {"compressed", "fp8", "fp8_merge", "quantized"},
     "factored": {"errors"},
     "stacked_sum": {"errors", "factored"},
     "spectrum_rules": {"errors"},
@@ -116,7 +117,7 @@ ALLOWED: dict[str, set[str]] = {
     "mirror": IO | {"layout", "plan", "version", "writer"},
     "workspace": IO,
     "terms": {"errors", "header", "experts", "linalg", "lycoris", "placement", "plan"},
-    "quantized_steps": {"blocks", "errors", "fp8", "header", "plan", "requant", "terms"},
+    "quantized_steps": {"blocks", "devices", "errors", "fp8_merge", "header", "plan", "requant", "terms"},
     "read_ahead": {"plan", "workspace"},
     "step_checks": {"errors", "header", "linalg", "plan"},
     "surgery": NORMAL_FORM
@@ -269,7 +270,18 @@ def test_imports_only_what_its_entry_allows(module: str) -> None:
     assert mine <= ALLOWED[module], f"{module} imports {sorted(mine - ALLOWED[module])}, which its entry does not allow"
 
 
-MATHS = ["linalg", "blocks", "lycoris", "fp8", "experts", "factored", "stacked_sum", "spectrum_rules", "budget"]
+MATHS = [
+    "linalg",
+    "blocks",
+    "lycoris",
+    "fp8",
+    "fp8_merge",
+    "experts",
+    "factored",
+    "stacked_sum",
+    "spectrum_rules",
+    "budget",
+]
 MATHS += ["dense_merge", "lowering", "verdict"]
 
 
@@ -299,7 +311,7 @@ def test_never_imports_torch_at_module_level(module: str) -> None:
     names |= {n.module or "" for n in top if isinstance(n, ast.ImportFrom)}
     assert not {n for n in names if n.split(".")[0] == "torch"}, module
     heavy = {"linalg", "surgery", "writer", "extraction", "decomposition", "conversion", "terms", "quantized_steps"}
-    heavy |= {"experts", "fp8", "requant", "compressed", "read_ahead", "step_checks"}
+    heavy |= {"experts", "fp8", "fp8_merge", "requant", "compressed", "read_ahead", "step_checks"}
     mine = set().union(*(ours(n) for n in top))
     assert not mine & heavy, f"{module} imports {sorted(mine & heavy)} (which import torch) at module level"
 
