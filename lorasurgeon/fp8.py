@@ -17,9 +17,9 @@ scale per (bm, bn) block, grid (..., ⌈m/bm⌉, ⌈n/bn⌉); the last row/colum
 - `power_of_two` scales (config `scale_fmt: "ue8m0"`, DeepSeek-V3.1) are s = 2^⌈log2(amax / 448)⌉, as both
   DeepSeek's `act_quant` and transformers round them.
 
-Dequantizing does not use torch's fp8 → fp32 cast, which is a scalar loop on CPU (5 × the rest of a merge): the
-e4m3 bits are moved into an fp16 pattern by integer arithmetic (`decode`), which is exact, and fp16 → fp32 is a
-vector instruction. The merge itself is lorasurgeon.fp8_merge.
+Dequantizing does not use torch's fp8 → fp32 cast, a scalar loop on CPU (about 3 ns an element, against 0.4 ns
+for the route here on cached data): `dequantize_into` moves the e4m3 bits into an fp16 pattern by integer
+arithmetic, which is exact, and fp16 → fp32 is a vector instruction. The merge itself is lorasurgeon.fp8_merge.
 """
 
 from __future__ import annotations

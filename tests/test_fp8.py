@@ -355,3 +355,16 @@ def test_chunks_of_rows_and_columns_are_the_same_merge(monkeypatch: pytest.Monke
     kept = s == whole.scale_inv  # the zero-ΔW blocks keep their scale, and their codes
     assert kept[..., zero[::32, ::32]].all() and 0 < whole.rescaled < s.numel()
     assert torch.equal(whole.q.view(torch.uint8)[..., zero], q.view(torch.uint8)[..., zero])
+
+
+@pytest.mark.gpu
+def test_merge_on_cuda_is_the_cpu_merge() -> None:
+    """The same passes on a GPU (`merge --device cuda`): codes and scales bit for bit the CPU merge's."""
+    generator = torch.Generator().manual_seed(13)
+    q, s = fp8.quantize_blocks(torch.randn(3, 300, 520, generator=generator), (128, 128))
+    delta = torch.randn(3, 300, 520, generator=generator) * 0.2
+    cpu = fp8_merge.merge_fp8_block(q, s, delta, (128, 128))
+    gpu = fp8_merge.merge_fp8_block(q.cuda(), s.cuda(), delta.cuda(), (128, 128))
+    assert torch.equal(gpu.q.cpu().view(torch.uint8), cpu.q.view(torch.uint8))
+    assert torch.equal(gpu.scale_inv.cpu(), cpu.scale_inv) and gpu.rescaled == cpu.rescaled
+    assert gpu.error == pytest.approx(cpu.error, rel=1e-5) and cpu.rescaled > 0
