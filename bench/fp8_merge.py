@@ -18,14 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
-import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -33,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge import Measurement, command, inputs_of, measure
+from merge import command, stack_bench
 
 HIDDEN, EXPERT, HEADS, Q_RANK, KV_RANK, NOPE, ROPE, V_HEAD = 7168, 2048, 128, 1536, 512, 128, 64, 128
 BLOCK, RANK, ALPHA = 128, 16, 32
@@ -44,7 +40,6 @@ ATTENTION = {
     "kv_b_proj": (HEADS * (NOPE + V_HEAD), KV_RANK),
     "o_proj": (HIDDEN, HEADS * V_HEAD),
 }
-CONTENDERS = ("copy", "merge")
 
 
 def fp8_weight(shape: tuple[int, int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,55 +176,18 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()))
     args = parser.parse_args()
-    print(f"# python bench/fp8_merge.py {' '.join(sys.argv[1:])}")
-    print(
-        f"# {platform.node()}: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start, "
-        f"torch {torch.__version__}"
-    )
-    tmp = Path(tempfile.mkdtemp(prefix="lorasurgeon-fp8-bench-", dir=args.tmp))
-    results: list[Measurement] = []
-    try:
-        start = time.perf_counter()
-        base, adapter = tmp / "base", tmp / "adapter"
-        write_base(base, args.layers, args.experts)
-        write_adapter(adapter, args.layers, args.experts)
-        size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
-        print(
-            f"  built {args.layers} layers x {args.experts} experts, {size / 1e9:.2f} GB, "
-            f"in {time.perf_counter() - start:.0f} s"
-        )
-        document = tmp / "merge.json"
-        for rep in range(args.repeat):
-            for contender in CONTENDERS if rep % 2 == 0 else CONTENDERS[::-1]:
-                out = tmp / f"out-{contender}"
-                argv = command(contender, base, adapter, out, args.device)
-                argv = merge_command(base, adapter, out, args.device, document) if contender == "merge" else argv
-                m = measure(contender, "warm", argv, tmp / f"{contender}.log", inputs_of(base, adapter))
-                print(
-                    f"  repeat {rep + 1}/{args.repeat}  {contender:<5} {m.seconds:7.2f} s wall  "
-                    f"{m.cpu_seconds:6.2f} s CPU  {m.peak_rss_mb:8.0f} MB"
-                )
-                results.append(m)
-                if contender == "merge" and rep == 0:
-                    figures = figures_of(document)
-                    lost = sum(f["lost"] for f in figures.values())
-                    survival = statistics.median(f["survival"] for f in figures.values())
-                    print(
-                        f"  {len(figures)} weights merged in format, median survival {survival:.3f}, "
-                        f"{lost} flagged lost"
-                    )
-                    verify(base, adapter, out, figures, args.experts)
-                shutil.rmtree(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    wall = {c: statistics.median(m.seconds for m in results if m.contender == c) for c in CONTENDERS}
-    rss = {c: max(m.peak_rss_mb for m in results if m.contender == c) for c in CONTENDERS}
-    print("\n| contender | runs | wall s (median) | peak RSS MB (max) |\n|---|---|---|---|")
-    for c in CONTENDERS:
-        print(f"| {c} | {sum(m.contender == c for m in results)} | {wall[c]:.2f} | {rss[c]:.0f} |")
-    ratio = wall["merge"] / wall["copy"]
-    print(f"\nmerge / copy wall time: {ratio:.2f} (target <= 1.5: {'met' if ratio <= 1.5 else 'missed'})")
-    print(f"# load average {os.getloadavg()[0]:.2f} at the end")
+
+    def merge_argv(base: Path, adapter: Path, out: Path, tmp: Path) -> list[str]:
+        return merge_command(base, adapter, out, args.device, tmp / "merge.json")
+
+    def check(base: Path, adapter: Path, merged: Path, tmp: Path) -> None:
+        figures = figures_of(tmp / "merge.json")
+        lost = sum(f["lost"] for f in figures.values())
+        survival = statistics.median(f["survival"] for f in figures.values())
+        print(f"  {len(figures)} weights merged in format, median survival {survival:.3f}, {lost} flagged lost")
+        verify(base, adapter, merged, figures, args.experts)
+
+    stack_bench(args, write_base, write_adapter, check, target=1.5, merge_argv=merge_argv)
 
 
 if __name__ == "__main__":

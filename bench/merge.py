@@ -300,6 +300,65 @@ def run_all(tmp: Path, base: Path, adapter: Path, args: argparse.Namespace) -> l
     return results
 
 
+def stack_bench(
+    args: argparse.Namespace,
+    write_base: Callable[[Path, int, int], None],
+    write_adapter: Callable[[Path, int, int], None],
+    check: Callable[[Path, Path, Path, Path], None],
+    target: float,
+    merge_argv: Callable[[Path, Path, Path, Path], list[str]] | None = None,
+) -> None:
+    """The main of a layer-stack benchmark (bench/moe_merge.py, bench/fp8_merge.py): build `args.layers` layers of
+    `args.experts` experts, then copy and merge alternately (`args.repeat` times each, a fresh process each run),
+    `check(base, adapter, merged, tmp)` the first merge, and print the medians against `target` (merge / copy).
+    `merge_argv(base, adapter, out, tmp)` replaces the plain merge command."""
+    script = Path(sys.argv[0]).name
+    print(f"# python bench/{script} {' '.join(sys.argv[1:])}")
+    print(
+        f"# {platform.node()}: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start, "
+        f"torch {torch.__version__}"
+    )
+    tmp = Path(tempfile.mkdtemp(prefix=f"lorasurgeon-{Path(script).stem}-", dir=args.tmp))
+    contenders = ("copy", "merge")
+    results: list[Measurement] = []
+    try:
+        start = time.perf_counter()
+        base, adapter = tmp / "base", tmp / "adapter"
+        write_base(base, args.layers, args.experts)
+        write_adapter(adapter, args.layers, args.experts)
+        size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+        print(
+            f"  built {args.layers} layers x {args.experts} experts, {size / 1e9:.2f} GB, "
+            f"in {time.perf_counter() - start:.0f} s"
+        )
+        for rep in range(args.repeat):
+            for contender in contenders if rep % 2 == 0 else contenders[::-1]:
+                out = tmp / f"out-{contender}"
+                argv = command(contender, base, adapter, out, args.device)
+                if contender == "merge" and merge_argv is not None:
+                    argv = merge_argv(base, adapter, out, tmp)
+                m = measure(contender, "warm", argv, tmp / f"{contender}.log", inputs_of(base, adapter))
+                print(
+                    f"  repeat {rep + 1}/{args.repeat}  {contender:<5} {m.seconds:7.2f} s wall  "
+                    f"{m.cpu_seconds:6.2f} s CPU  {m.peak_rss_mb:8.0f} MB"
+                )
+                results.append(m)
+                if contender == "merge" and rep == 0:
+                    check(base, adapter, out, tmp)
+                shutil.rmtree(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    wall = {c: statistics.median(m.seconds for m in results if m.contender == c) for c in contenders}
+    rss = {c: max(m.peak_rss_mb for m in results if m.contender == c) for c in contenders}
+    print("\n| contender | runs | wall s (median) | wall s (min-max) | peak RSS MB (max) |\n|---|---|---|---|---|")
+    for c in contenders:
+        times = [m.seconds for m in results if m.contender == c]
+        print(f"| {c} | {len(times)} | {wall[c]:.2f} | {min(times):.2f}-{max(times):.2f} | {rss[c]:.0f} |")
+    ratio = wall["merge"] / wall["copy"]
+    print(f"\nmerge / copy wall time: {ratio:.2f} (target <= {target}: {'met' if ratio <= target else 'missed'})")
+    print(f"# load average {os.getloadavg()[0]:.2f} at the end")
+
+
 # ---------------------------------------------------------------------------------------------- verification
 
 

@@ -17,13 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shutil
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -31,12 +26,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge import Measurement, command, inputs_of, measure, ulps
+from merge import stack_bench, ulps
 
 HIDDEN, EXPERT, SHARED, HEADS, VOCAB = 2048, 1408, 5632, 16, 1024
 RANK, ALPHA = 16, 32
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-CONTENDERS = ("copy", "merge")
 
 
 def layer_tensors(layer: int, experts: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -164,48 +158,11 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()))
     args = parser.parse_args()
-    print(f"# python bench/moe_merge.py {' '.join(sys.argv[1:])}")
-    print(
-        f"# {platform.node()}: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start, "
-        f"torch {torch.__version__}"
-    )
-    tmp = Path(tempfile.mkdtemp(prefix="lorasurgeon-moe-bench-", dir=args.tmp))
-    results: list[Measurement] = []
-    try:
-        start = time.perf_counter()
-        base, adapter = tmp / "base", tmp / "adapter"
-        write_base(base, args.layers, args.experts)
-        write_adapter(adapter, args.layers, args.experts)
-        size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
-        print(
-            f"  built {args.layers} layers x {args.experts} experts, {size / 1e9:.2f} GB, "
-            f"in {time.perf_counter() - start:.0f} s"
-        )
-        for rep in range(args.repeat):
-            order = CONTENDERS if rep % 2 == 0 else CONTENDERS[::-1]
-            for contender in order:
-                out = tmp / f"out-{contender}"
-                argv = command(contender, base, adapter, out, args.device)
-                m = measure(contender, "warm", argv, tmp / f"{contender}.log", inputs_of(base, adapter))
-                print(
-                    f"  repeat {rep + 1}/{args.repeat}  {contender:<5} {m.seconds:7.2f} s wall  "
-                    f"{m.cpu_seconds:6.2f} s CPU  {m.peak_rss_mb:8.0f} MB"
-                )
-                results.append(m)
-                if contender == "merge" and rep == 0:
-                    verify(base, adapter, out, args.layers, args.experts)
-                shutil.rmtree(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    wall = {c: statistics.median(m.seconds for m in results if m.contender == c) for c in CONTENDERS}
-    rss = {c: max(m.peak_rss_mb for m in results if m.contender == c) for c in CONTENDERS}
-    print("\n| contender | runs | wall s (median) | wall s (min-max) | peak RSS MB (max) |\n|---|---|---|---|---|")
-    for c in CONTENDERS:
-        times = [m.seconds for m in results if m.contender == c]
-        print(f"| {c} | {len(times)} | {wall[c]:.2f} | {min(times):.2f}-{max(times):.2f} | {rss[c]:.0f} |")
-    ratio = wall["merge"] / wall["copy"]
-    print(f"\nmerge / copy wall time: {ratio:.2f} (target <= 1.3: {'met' if ratio <= 1.3 else 'missed'})")
-    print(f"# load average {os.getloadavg()[0]:.2f} at the end")
+
+    def check(base: Path, adapter: Path, merged: Path, tmp: Path) -> None:
+        verify(base, adapter, merged, args.layers, args.experts)
+
+    stack_bench(args, write_base, write_adapter, check, target=1.3)
 
 
 if __name__ == "__main__":

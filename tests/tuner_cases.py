@@ -13,22 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import builders
 import pytest
 import torch
 
-LLAMA = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
-    attention_bias=True,
-    mlp_bias=True,
-)
-GPT2 = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0)
+LLAMA = dict(builders.LLAMA, attention_bias=True, mlp_bias=True)  # biases: tuners that change them are tested
+GPT2 = builders.GPT2
 ATTN = ["q_proj", "v_proj", "down_proj"]
 
 
