@@ -71,12 +71,13 @@ def dequantize_into(
     if codes.numel() == 0:
         return out
     *lead, m, n = codes.shape
-    (bm, bn), factor = block, scale.mul(256)
+    bm, bn = block
     if checked and (int(codes.amax()) == 0xFF or int(codes.view(torch.int8).amax()) == 0x7F):
         out.copy_(codes.view(E4M3))
         factor = scale
     else:
         out.copy_(bits.copy_(codes.view(torch.int8)).mul_(128).bitwise_and_(~0x4000).view(torch.float16))
+        factor = scale.mul(256)
     out.view(*lead, m // bm, bm, n // bn, bn).mul_(factor[..., :, None, :, None])
     return out
 
@@ -95,8 +96,23 @@ def quantize_blocks(
     blocks = _blocks(w.to(torch.float32), block)  # (..., sm, bm, sn, bn); partial blocks zero padded
     if scale_inv is None:
         scale_inv = fresh_scale(blocks.abs().amax(dim=(-3, -1)), power_of_two, scale_dtype)
-    scaled = (blocks / scale_inv.to(torch.float32)[..., :, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX)
-    return _unblocks(scaled, shape).to(E4M3), scale_inv
+    whole = blocks.reshape(*blocks.shape[:-4], -1, blocks.shape[-2] * block[1])
+    codes = torch.empty(whole.shape, dtype=torch.uint8, device=w.device)
+    quantize_into(codes, torch.empty_like(whole), whole, scale_inv.to(torch.float32), block)
+    return _unblocks(_blocks(codes, block), shape).view(E4M3), scale_inv
+
+
+def quantize_into(
+    codes: torch.Tensor, scaled: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]
+) -> torch.Tensor:
+    """`codes` (uint8, returned) = e4m3 codes of RNE(clamp(w / s, ±448)), each block of fp32 `w` (..., m, n, whole
+    blocks) divided by its `scale` (fp32, grid shaped) in fp32; `scaled` (fp32, like w) receives the clamped
+    quotients (the cast rounds them)."""
+    *lead, m, n = w.shape
+    (bm, bn), per_block = block, scale[..., :, None, :, None]
+    torch.div(w.view(*lead, m // bm, bm, n // bn, bn), per_block, out=scaled.view(*lead, m // bm, bm, n // bn, bn))
+    codes.view(E4M3).copy_(scaled.clamp_(-E4M3_MAX, E4M3_MAX))
+    return codes
 
 
 def dequantized(

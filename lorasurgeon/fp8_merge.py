@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from lorasurgeon.fp8 import E4M3, E4M3_MAX, dequantize_into, fresh_scale, grid_shape
+from lorasurgeon.fp8 import E4M3, dequantize_into, fresh_scale, grid_shape, quantize_into
 
 # Elements of W merged at a time (whole blocks): 4 MB per fp32 buffer, six of them, so that the forty-odd passes
 # over a chunk run from the cache (measured on the 2-core VM: 2^20 beat 2^18 and 2^22).
@@ -180,9 +180,7 @@ def _candidate(
     squared error ‖stored − (W + ΔW)‖² (fp32, grid shaped). The codes need no NaN check (dequantize_into): they
     hold one only where W + ΔW is not finite, and then the block's fresh scale is not finite and wins."""
     (rows, n), (bm, bn) = work.target.shape, block
-    per_block = scale[:, None, :, None]
-    torch.div(work.target.view(rows // bm, bm, n // bn, bn), per_block, out=stored.view(rows // bm, bm, n // bn, bn))
-    codes.view(E4M3).copy_(stored.clamp_(-E4M3_MAX, E4M3_MAX))
+    quantize_into(codes, stored, work.target, scale, block)
     dequantize_into(stored, codes, scale, block, work.bits, checked=False)
     error = torch.sub(stored, work.target, out=work.scratch).view(rows, n // bn, bn)
     squares: torch.Tensor = torch.linalg.vector_norm(error, dim=-1).square_().view(rows // bm, bm, n // bn).sum(1)
