@@ -1,16 +1,17 @@
-"""W + ΔW stored back in the FP8 block format (lorasurgeon.fp8 holds the format's maths): pure maths, torch only.
+"""W + ΔW stored back in the FP8 block format (lorasurgeon.fp8 holds the format's maths): pure maths.
 
 Each block keeps its stored scale, or takes the fresh one (amax / 448 of W + ΔW), whichever stores its W + ΔW
-closer (squared error; the stored scale on ties, so a block ΔW does not move keeps its bytes). Re-rounding a
-whole block onto a fresh grid adds noise of the order of the fp8 step, which for a small ΔW is larger than ΔW
-itself; keeping the stored scale alone clips what ΔW pushes past ±448 · s. Inputs must be finite; a non-finite
-value makes its block's scale non-finite, which `Fp8Merge.finite` reports.
+closer: the smaller ‖D − ΔW‖², D = deq(q', s') − W being the change the stored weights carry; the stored scale on
+ties, so a block ΔW does not move keeps its bytes. Re-rounding a whole block onto a fresh grid adds noise of the
+order of the fp8 step, which for a small ΔW is larger than ΔW itself; keeping the stored scale alone clips what ΔW
+pushes past ±448 · s. A non-finite W + ΔW is reported (`Fp8Merge.finite`), never stored.
 
-Re-quantizing both ways and measuring what ΔW keeps takes some forty passes over each element, so the work goes
-a chunk of whole blocks at a time (a band of block rows, a run of block columns: CHUNK_ELEMENTS) through
-buffers made once per weight (`_Buffers`): the passes over a chunk then run from the cache, and no temporary is
-allocated (on CPU a fresh one costs a page fault per 4 KB, as much as the pass). A per-tensor scale (one block)
-is one chunk.
+On CPU the work is lorasurgeon.fp8_kernel's compiled loop (numba, the `fp8` extra), a band of block rows at a
+time (CHUNK_ELEMENTS) on every torch thread. Elsewhere (CUDA), or without numba, it is the same arithmetic as
+torch operations, some forty passes over each element (4-5 × slower on CPU): a chunk of whole blocks at a time
+(a band of block rows, a run of block columns) through buffers made once per weight (`_Buffers`), so that no
+temporary is allocated. The two routes differ only in the order each block's sums of squares are added in, so
+they choose differently only between two scales that store a block equally well to within fp32 rounding.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from lorasurgeon.fp8 import E4M3, dequantize_into, fresh_scale, grid_shape, quantize_into
 
-# Elements of W merged at a time (whole blocks): 4 MB per fp32 buffer, six of them, so that the forty-odd passes
+# Elements of W merged at a time (whole blocks). The torch route keeps six fp32 buffers of it, so that its passes
 # over a chunk run from the cache (measured on the 2-core VM: 2^20 beat 2^18 and 2^22).
 CHUNK_ELEMENTS = 1 << 20
 DeltaRows = Callable[[int, int, int], torch.Tensor]  # (matrix, first row, end row) -> fp32 rows of ΔW
@@ -69,15 +70,75 @@ def merge_fp8_block(
     (torch.float8_e4m3fn, (2, 2), True)
     """
     *_, m, n = q.shape
-    (bm, bn), grid = block, grid_shape(tuple(q.shape), block)
-    codes = q.reshape(-1, m, n).view(torch.uint8)
+    grid = grid_shape(tuple(q.shape), block)
+    codes = q.reshape(-1, m, n).view(torch.uint8).contiguous()
     rows_of = delta if callable(delta) else _rows_of(delta.reshape(-1, m, n))
-    scales = scale_inv.reshape(-1, grid[-2], grid[-1])
+    scales = scale_inv.reshape(-1, grid[-2], grid[-1]).contiguous()
     out_q, out_s = torch.empty_like(codes), torch.empty_like(scales)
-    cols = min(grid[-1], max(1, CHUNK_ELEMENTS // (bm * bn))) * bn  # a chunk: whole blocks, ~CHUNK_ELEMENTS
-    rows = min(grid[-2], max(1, CHUNK_ELEMENTS // (bm * cols))) * bm
-    buffers = _Buffers.of(rows, cols, q.device)
-    totals = [0.0] * 4  # ‖ΔW‖², ‖D‖², ‖D − ΔW‖², fresh blocks
+    route = _on_cpu if q.device.type == "cpu" else _in_chunks
+    totals = route(codes, scales, rows_of, block, power_of_two, out_q, out_s)
+    if totals.wanted == 0:
+        survival, error = (1.0, 0.0) if totals.got == 0 else (math.inf, math.inf)
+    else:
+        survival, error = math.sqrt(totals.got / totals.wanted), math.sqrt(totals.missed / totals.wanted)
+    finite = totals.finite and bool(torch.isfinite(out_s).all())
+    return Fp8Merge(out_q.view(E4M3).reshape(q.shape), out_s.reshape(scale_inv.shape), survival, error,
+                    totals.rescaled, finite)  # fmt: skip
+
+
+@dataclass
+class _Totals:
+    """What a merge's chunks add up to: ‖ΔW‖², ‖D‖², ‖D − ΔW‖² (fp64), the blocks rescaled, and whether every
+    block's W + ΔW was finite."""
+
+    wanted: float = 0.0
+    got: float = 0.0
+    missed: float = 0.0
+    rescaled: int = 0
+    finite: bool = True
+
+    def add(self, wanted: float, got: float, missed: float, rescaled: int, finite: bool) -> None:
+        self.wanted, self.got, self.missed = self.wanted + wanted, self.got + got, self.missed + missed
+        self.rescaled, self.finite = self.rescaled + rescaled, self.finite and finite
+
+
+Chunk = tuple[float, float, float, int, bool]  # one chunk's or band's part of _Totals, in its order
+
+
+def _on_cpu(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    rows_of: DeltaRows,
+    block: tuple[int, int],
+    power_of_two: bool,
+    out_q: torch.Tensor,
+    out_s: torch.Tensor,
+) -> _Totals:
+    """The CPU route: lorasurgeon.fp8_kernel's compiled loop, or without numba (the `fp8` extra) the torch route."""
+    try:
+        from lorasurgeon import fp8_kernel  # imports numba: only a CPU FP8 merge pays for it
+    except ImportError:  # numba missing, or not working with this numpy
+        return _in_chunks(codes, scales, rows_of, block, power_of_two, out_q, out_s)
+    totals = _Totals()
+    for band in fp8_kernel.merge_bands(codes, scales, rows_of, block, power_of_two, out_q, out_s, CHUNK_ELEMENTS):
+        totals.add(*band)
+    return totals
+
+
+def _in_chunks(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    rows_of: DeltaRows,
+    block: tuple[int, int],
+    power_of_two: bool,
+    out_q: torch.Tensor,
+    out_s: torch.Tensor,
+) -> _Totals:
+    """The torch route (CUDA): a band of block rows and a run of block columns at a time, in `_Buffers`."""
+    (_, m, n), (bm, bn), (sm, sn) = codes.shape, block, scales.shape[1:]
+    cols = min(sn, max(1, CHUNK_ELEMENTS // (bm * bn))) * bn  # a chunk: whole blocks, ~CHUNK_ELEMENTS
+    rows = min(sm, max(1, CHUNK_ELEMENTS // (bm * cols))) * bm
+    buffers, totals = _Buffers.of(rows, cols, codes.device), _Totals()
     for e in range(codes.shape[0]):
         for top in range(0, m, rows):
             bottom = min(top + rows, m)
@@ -90,15 +151,8 @@ def merge_fp8_block(
                     buffers,
                 )  # fmt: skip
                 out_q[e, top:bottom, left:right] = merged[: bottom - top, : right - left]
-                totals = [t + u for t, u in zip(totals, sums, strict=True)]
-    wanted, got, missed, rescaled = totals
-    if wanted == 0:
-        survival, error = (1.0, 0.0) if got == 0 else (math.inf, math.inf)
-    else:
-        survival, error = math.sqrt(got / wanted), math.sqrt(missed / wanted)
-    finite = bool(torch.isfinite(out_s).all())
-    return Fp8Merge(out_q.view(E4M3).reshape(q.shape), out_s.reshape(scale_inv.shape), survival, error,
-                    int(rescaled), finite)  # fmt: skip
+                totals.add(*sums)
+    return totals
 
 
 @dataclass(frozen=True)
@@ -139,9 +193,9 @@ def _merge_chunk(
     block: tuple[int, int],
     power_of_two: bool,
     buffers: _Buffers,
-) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+) -> tuple[torch.Tensor, torch.Tensor, Chunk]:
     """One chunk of blocks (uint8 codes, r × n, and ΔW; views): (the merged codes padded to whole blocks, a
-    view of a buffer; s'; [‖ΔW‖², ‖D‖², ‖D − ΔW‖², blocks rescaled]). Padding is code 0 and ΔW 0, so it stores
+    view of a buffer; s'; its part of _Totals). Padding is code 0 and ΔW 0, so it stores
     exactly and adds nothing to a block's amax or error."""
     (r, n), (sm, sn) = codes.shape, scale.shape
     work = buffers.first(sm * block[0], sn * block[1])
@@ -152,10 +206,11 @@ def _merge_chunk(
     s = scale.to(torch.float32)
     dequantize_into(work.base, codes, s, block, work.bits)
     torch.add(work.base, delta, out=work.target)
-    kept_miss = _candidate(work, s, work.kept_codes, work.kept, block)
-    new_scale = fresh_scale(_block_amax(work, block), power_of_two, scale.dtype)
-    fresh_miss = _candidate(work, new_scale.to(torch.float32), work.fresh_codes, work.fresh, block)
-    keep = kept_miss <= fresh_miss  # (sm, sn); NaN (non-finite W + ΔW) takes the fresh scale, which shows it
+    kept_miss = _candidate(work, delta, s, work.kept_codes, work.kept, block)
+    amax = _block_amax(work, block)
+    new_scale = fresh_scale(amax, power_of_two, scale.dtype)
+    fresh_miss = _candidate(work, delta, new_scale.to(torch.float32), work.fresh_codes, work.fresh, block)
+    keep = kept_miss <= fresh_miss  # (sm, sn); NaN where W + ΔW is not finite, which `amax` reports
     kept = int(keep.sum())
     if kept in (0, keep.numel()):  # one policy everywhere (the common case): no blending
         chosen_codes, chosen_scale, stored = (
@@ -170,19 +225,25 @@ def _merge_chunk(
     change = torch.sub(stored, work.base, out=work.scratch)  # D
     got = _square(change)
     missed = _square(change.sub_(delta))  # not ‖stored − (W + ΔW)‖², which rounds W + ΔW
-    return chosen_codes, chosen_scale, [_square(delta), got, missed, keep.numel() - kept]
+    finite = bool(torch.isfinite(amax).all())
+    return chosen_codes, chosen_scale, (_square(delta), got, missed, keep.numel() - kept, finite)
 
 
 def _candidate(
-    work: _Buffers, scale: torch.Tensor, codes: torch.Tensor, stored: torch.Tensor, block: tuple[int, int]
+    work: _Buffers,
+    delta: torch.Tensor,
+    scale: torch.Tensor,
+    codes: torch.Tensor,
+    stored: torch.Tensor,
+    block: tuple[int, int],
 ) -> torch.Tensor:
     """W + ΔW quantized on `scale` into `codes`, its dequantized values into `stored`; returns each block's
-    squared error ‖stored − (W + ΔW)‖² (fp32, grid shaped). The codes need no NaN check (dequantize_into): they
-    hold one only where W + ΔW is not finite, and then the block's fresh scale is not finite and wins."""
+    ‖D − ΔW‖² = ‖(stored − W) − ΔW‖² (fp32, grid shaped). The codes need no NaN check (dequantize_into): they
+    hold one only where W + ΔW is not finite, which the merge reports instead of storing."""
     (rows, n), (bm, bn) = work.target.shape, block
     quantize_into(codes, stored, work.target, scale, block)
     dequantize_into(stored, codes, scale, block, work.bits, checked=False)
-    error = torch.sub(stored, work.target, out=work.scratch).view(rows, n // bn, bn)
+    error = torch.sub(stored, work.base, out=work.scratch).sub_(delta).view(rows, n // bn, bn)
     squares: torch.Tensor = torch.linalg.vector_norm(error, dim=-1).square_().view(rows // bm, bm, n // bn).sum(1)
     return squares
 

@@ -54,8 +54,9 @@ class Requantizer:
 
     def compute(self, step: Step) -> torch.Tensor:
         """The tensor the step writes: a rewritten part, or the dequantized float weight. On CPU with every core
-        as torch threads (a CPU merge otherwise runs one): re-quantizing is compute-bound, some forty passes over
-        each weight, where a float merge is disk-bound and shares its cores with the reader and writer."""
+        as torch threads (a CPU merge otherwise runs one; lorasurgeon.fp8_kernel runs a band per thread):
+        re-quantizing is compute-bound, where a float merge is disk-bound and shares its cores with the reader and
+        writer."""
         cores = (os.cpu_count() or 1) if self.factors.device.type == "cpu" else torch.get_num_threads()
         with torch_threads(cores):
             return self._compute(step)

@@ -269,19 +269,20 @@ def test_dequantized_bf16_is_transformers_dequantize() -> None:
 def test_merge_is_never_worse_than_either_scale_policy(
     m: int, n: int, bm: int, bn: int, scale: float, relative: float, seed: int
 ) -> None:
-    """Per block, the merged W + ΔW is stored at least as closely as with the stored scales alone or fresh
-    scales alone; round trips stay within half an e4m3 step of each element."""
+    """Per block, the merged W + ΔW (exactly, in fp64) is stored at least as closely as with the stored scales
+    alone or fresh scales alone; round trips stay within half an e4m3 step of each element."""
     generator = torch.Generator().manual_seed(seed)
     w = torch.randn(m, n, generator=generator) * scale
     q, s = fp8.quantize_blocks(w, (bm, bn))
     assert ((fp8.dequantize_blocks(q, s, (bm, bn)) - w).abs() <= w.abs() / 16 + s.max() * 2**-10 * 1.001).all()
     delta = torch.randn(m, n, generator=generator) * scale * relative
     merged = fp8_merge.merge_fp8_block(q, s, delta, (bm, bn))
-    target = fp8.dequantize_blocks(q, s, (bm, bn)) + delta
+    target = fp8.dequantize_blocks(q, s, (bm, bn)) + delta  # what each candidate quantizes, in fp32
+    exact = fp8.dequantize_blocks(q, s, (bm, bn)).double() + delta.double()  # what it should store
 
     def miss(cq: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(
-            grid((fp8.dequantize_blocks(cq, cs, (bm, bn)) - target).double().numpy() ** 2, (bm, bn)).sum(axis=(1, 3))
+            grid((fp8.dequantize_blocks(cq, cs, (bm, bn)).double() - exact).numpy() ** 2, (bm, bn)).sum(axis=(1, 3))
         )
 
     best = miss(merged.q, merged.scale_inv)
@@ -368,3 +369,28 @@ def test_merge_on_cuda_is_the_cpu_merge() -> None:
     assert torch.equal(gpu.q.cpu().view(torch.uint8), cpu.q.view(torch.uint8))
     assert torch.equal(gpu.scale_inv.cpu(), cpu.scale_inv) and gpu.rescaled == cpu.rescaled
     assert gpu.error == pytest.approx(cpu.error, rel=1e-5) and cpu.rescaled > 0
+
+
+def test_without_numba_the_cpu_merge_takes_the_torch_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """numba is the `fp8` extra: when lorasurgeon.fp8_kernel cannot be imported, a CPU merge runs the torch
+    operations instead, with the same result (tests/test_fp8_kernel.py compares the routes in detail)."""
+    import sys
+
+    generator = torch.Generator().manual_seed(15)
+    q, s = fp8.quantize_blocks(torch.randn(96, 160, generator=generator), (32, 32))
+    delta = torch.randn(96, 160, generator=generator) * 0.3
+    calls: list[int] = []
+
+    def torch_route(*args: object) -> object:
+        calls.append(1)
+        return route(*args)
+
+    usual = fp8_merge.merge_fp8_block(q, s, delta, (32, 32))  # the compiled loop where numba is installed
+    route = fp8_merge._in_chunks
+    monkeypatch.setitem(sys.modules, "lorasurgeon.fp8_kernel", None)  # `import` then raises ImportError
+    monkeypatch.delattr(sys.modules["lorasurgeon"], "fp8_kernel", raising=False)  # as if never imported
+    monkeypatch.setattr(fp8_merge, "_in_chunks", torch_route)
+    merged = fp8_merge.merge_fp8_block(q, s, delta, (32, 32))
+    assert calls and merged.finite and 0 < merged.rescaled < s.numel() and merged.error < 0.1
+    assert torch.equal(merged.q.view(torch.uint8), usual.q.view(torch.uint8))
+    assert torch.equal(merged.scale_inv, usual.scale_inv)
