@@ -1,6 +1,8 @@
 """Time lorasurgeon.fp8 on one DeepSeek-shaped matrix: dequantize, quantize, and the merge in format
-(dequantize + add + per-block scale choice + quantize + survival figures), against a plain copy of its bytes and
-torch's own fp8 → fp32 cast (the dequantize before lorasurgeon decoded e4m3 by integer arithmetic).
+(dequantize + add + per-block scale choice + quantize + survival figures) on its CPU route (lorasurgeon.fp8_kernel)
+and on the torch route CUDA takes, run here on CPU; against a plain copy of its bytes and torch's own fp8 → fp32
+cast (the dequantize before lorasurgeon decoded e4m3 by integer arithmetic). The merge's first call, which loads
+its compiled loops, is not timed.
 
     python bench/fp8_block.py [--size 4096] [--block 128] [--repeat 5] [--threads N]
 """
@@ -25,6 +27,15 @@ def best(fn: Callable[[], object], repeat: int) -> float:
     return min(times)
 
 
+def torch_route(q: torch.Tensor, s: torch.Tensor, delta: torch.Tensor, block: tuple[int, int]) -> object:
+    """merge_fp8_block as CUDA runs it (torch operations), here on CPU."""
+    kernel, fp8_merge._on_cpu = fp8_merge._on_cpu, fp8_merge._in_chunks
+    try:
+        return fp8_merge.merge_fp8_block(q, s, delta, block)
+    finally:
+        fp8_merge._on_cpu = kernel
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=4096)
@@ -46,6 +57,7 @@ def main() -> None:
         "dequantize": best(lambda: fp8.dequantize_blocks(q, s, block), args.repeat),
         "quantize (fresh scales)": best(lambda: fp8.quantize_blocks(w, block), args.repeat),
         "merge_fp8_block": best(lambda: fp8_merge.merge_fp8_block(q, s, delta, block), args.repeat),
+        "  the torch route": best(lambda: torch_route(q, s, delta, block), args.repeat),
     }
     print(f"{n}x{n}, {block[0]}x{block[1]} blocks, {args.threads} threads, best of {args.repeat}:")
     for name, seconds in timings.items():
