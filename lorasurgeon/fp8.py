@@ -24,11 +24,16 @@ arithmetic, which is exact, and fp16 → fp32 is a vector instruction. The merge
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+# What the merge's two routes (lorasurgeon.fp8_merge: torch operations; lorasurgeon.fp8_kernel: compiled) share:
+DeltaRows = Callable[[int, int, int], torch.Tensor]  # (matrix, first row, end row) -> fp32 rows of ΔW
+BlockSums = tuple[float, float, float, int, bool]  # over some blocks: ‖ΔW‖², ‖D‖², ‖D − ΔW‖², rescaled, finite
 
 
 def grid_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:

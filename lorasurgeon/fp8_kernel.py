@@ -31,7 +31,8 @@ import numba
 import numpy as np
 import torch
 
-from lorasurgeon.fp8 import fresh_scale
+from lorasurgeon.devices import torch_threads
+from lorasurgeon.fp8 import BlockSums, DeltaRows, fresh_scale
 
 _F = np.float32
 # numba computes int32 op int32 in int64 (and then in 4-lane vectors, not 8): every integer result is cut back
@@ -140,19 +141,16 @@ def merge_blocks(
                 out[top:bottom, bj * bn : bj * bn + bn] = spare[top:bottom, bj * bn : bj * bn + bn]
 
 
-Band = tuple[float, float, float, int, bool]  # ‖ΔW‖², ‖D‖², ‖D − ΔW‖² (fp64), blocks rescaled, W + ΔW finite
-
-
 def merge_bands(
     codes: torch.Tensor,
     scales: torch.Tensor,
-    rows_of: Callable[[int, int, int], torch.Tensor],
+    rows_of: DeltaRows,
     block: tuple[int, int],
     power_of_two: bool,
     out_q: torch.Tensor,
     out_s: torch.Tensor,
     elements: int,
-) -> Iterator[Band]:
+) -> Iterator[BlockSums]:
     """The merge of stacked matrices (`codes` uint8 (E, m, n), `scales` (E, ⌈m/bm⌉, ⌈n/bn⌉) in their stored
     dtype; `rows_of(e, top, bottom)` gives fp32 rows of matrix e's ΔW) into `out_q` and `out_s`, a band of
     whole block rows (about `elements`) per task on as many threads as torch has, each band's figures in band
@@ -166,22 +164,18 @@ def merge_bands(
         with lock:
             return rows_of(e, top, bottom).contiguous()
 
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            pending: deque[Future[Band]] = deque()
-            for e in range(codes.shape[0]):
-                for top in range(0, m, rows):
-                    bottom = min(top + rows, m)
-                    cells = (e, slice(top // bm, -(-bottom // bm)))
-                    band = (codes[e, top:bottom], scales[cells], partial(band_delta, e, top, bottom))
-                    pending.append(pool.submit(_band, *band, out_q[e, top:bottom], out_s[cells], block, power_of_two))
-                    if len(pending) > workers:  # one band waiting per thread at most: memory stays a few bands
-                        yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-    finally:
-        torch.set_num_threads(workers)
+    with torch_threads(1), ThreadPoolExecutor(workers) as pool:
+        pending: deque[Future[BlockSums]] = deque()
+        for e in range(codes.shape[0]):
+            for top in range(0, m, rows):
+                bottom = min(top + rows, m)
+                cells = (e, slice(top // bm, -(-bottom // bm)))
+                band = (codes[e, top:bottom], scales[cells], partial(band_delta, e, top, bottom))
+                pending.append(pool.submit(_band, *band, out_q[e, top:bottom], out_s[cells], block, power_of_two))
+                if len(pending) > workers:  # one band waiting per thread at most: memory stays a few bands
+                    yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _band(
@@ -192,7 +186,7 @@ def _band(
     out_scale: torch.Tensor,
     block: tuple[int, int],
     power_of_two: bool,
-) -> Band:
+) -> BlockSums:
     """One band (`delta_of()` gives its ΔW), its codes and scales written into the outputs."""
     delta, s = delta_of().numpy(), scale.to(torch.float32)
     amax, wanted = torch.empty_like(s), torch.empty_like(s)

@@ -17,17 +17,15 @@ they choose differently only between two scales that store a block equally well 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
 
-from lorasurgeon.fp8 import E4M3, dequantize_into, fresh_scale, grid_shape, quantize_into
+from lorasurgeon.fp8 import E4M3, BlockSums, DeltaRows, dequantize_into, fresh_scale, grid_shape, quantize_into
 
 # Elements of W merged at a time (whole blocks). The torch route keeps six fp32 buffers of it, so that its passes
 # over a chunk run from the cache (measured on the 2-core VM: 2^20 beat 2^18 and 2^22).
 CHUNK_ELEMENTS = 1 << 20
-DeltaRows = Callable[[int, int, int], torch.Tensor]  # (matrix, first row, end row) -> fp32 rows of ΔW
 
 
 @dataclass(frozen=True)
@@ -100,9 +98,6 @@ class _Totals:
     def add(self, wanted: float, got: float, missed: float, rescaled: int, finite: bool) -> None:
         self.wanted, self.got, self.missed = self.wanted + wanted, self.got + got, self.missed + missed
         self.rescaled, self.finite = self.rescaled + rescaled, self.finite and finite
-
-
-Chunk = tuple[float, float, float, int, bool]  # one chunk's or band's part of _Totals, in its order
 
 
 def _on_cpu(
@@ -193,7 +188,7 @@ def _merge_chunk(
     block: tuple[int, int],
     power_of_two: bool,
     buffers: _Buffers,
-) -> tuple[torch.Tensor, torch.Tensor, Chunk]:
+) -> tuple[torch.Tensor, torch.Tensor, BlockSums]:
     """One chunk of blocks (uint8 codes, r × n, and ΔW; views): (the merged codes padded to whole blocks, a
     view of a buffer; s'; its part of _Totals). Padding is code 0 and ΔW 0, so it stores
     exactly and adds nothing to a block's amax or error."""

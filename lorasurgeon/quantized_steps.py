@@ -17,7 +17,7 @@ import torch
 from lorasurgeon import blocks, requant
 from lorasurgeon.devices import torch_threads
 from lorasurgeon.errors import NumericError
-from lorasurgeon.fp8_merge import DeltaRows
+from lorasurgeon.fp8 import DeltaRows
 from lorasurgeon.header import torch_dtype
 from lorasurgeon.plan import Plan, Step
 from lorasurgeon.terms import Factors, blockwise, fused_term

@@ -29,7 +29,7 @@ class Requantized:
 
 
 def merge_in_format(
-    weight: QuantizedWeight, parts: Mapping[str, torch.Tensor], delta: torch.Tensor | fp8_merge.DeltaRows, where: str
+    weight: QuantizedWeight, parts: Mapping[str, torch.Tensor], delta: torch.Tensor | fp8.DeltaRows, where: str
 ) -> Requantized:
     """deq(parts) + ΔW stored back in the weight's format, same tensor names, dtypes and shapes. `delta` is the
     fp32 ΔW shaped like `weight.shape` (not modified), or for FP8 blocks a function of its rows (see

@@ -46,7 +46,7 @@ ALLOWED: dict[str, set[str]] = {
     "weight_products": set(),
     "fp8": set(),
     "fp8_merge": {"fp8", "fp8_kernel"},
-    "fp8_kernel": {"fp8"},
+    "fp8_kernel": {"devices", "fp8"},
     "experts": set(),
     "quantized": set(),
     "compressed": {"errors"},
@@ -118,7 +118,7 @@ ALLOWED: dict[str, set[str]] = {
     "mirror": IO | {"layout", "plan", "version", "writer"},
     "workspace": IO,
     "terms": {"errors", "header", "experts", "linalg", "lycoris", "placement", "plan"},
-    "quantized_steps": {"blocks", "devices", "errors", "fp8_merge", "header", "plan", "requant", "terms"},
+    "quantized_steps": {"blocks", "devices", "errors", "fp8", "header", "plan", "requant", "terms"},
     "read_ahead": {"plan", "workspace"},
     "step_checks": {"errors", "header", "linalg", "plan"},
     "surgery": NORMAL_FORM
