@@ -34,6 +34,29 @@ import torch
 from lorasurgeon.devices import torch_threads
 from lorasurgeon.fp8 import BlockSums, DeltaRows, fresh_scale
 
+
+def _wide_vectors() -> None:
+    """Let LLVM vectorize 16 fp32 lanes at a time where the CPU has AVX-512: for CPUs that have it, LLVM prefers
+    256-bit vectors by default, and the 512-bit loops merged 1.3-1.5 x faster on the 2-core VM (the results are
+    the same bits: every lane computes alone). numba's setting is the process's, so this is done only while no
+    one has set it (NUMBA_CPU_FEATURES / NUMBA_CPU_NAME) and before numba has compiled anything; other numba code
+    in the process then gets the wider vectors too, and compiles once more into its cache."""
+    from numba.core import codegen, registry
+    from numba.core import config as numba_config
+
+    config: Any = numba_config  # its settings are set at run time, out of mypy's sight
+    if (
+        config.CPU_FEATURES is not None
+        or config.CPU_NAME is not None
+        or "_toplevel_target_context" in vars(registry.cpu_target)
+    ):
+        return
+    features: str = codegen.get_host_cpu_features()  # type: ignore[no-untyped-call]
+    if "+avx512f" in features.split(","):
+        config.CPU_FEATURES = features + ",-prefer-256-bit"
+
+
+_wide_vectors()
 _F = np.float32
 # numba computes int32 op int32 in int64 (and then in 4-lane vectors, not 8): every integer result is cut back
 _I = np.int32

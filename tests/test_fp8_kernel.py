@@ -3,6 +3,10 @@ and the whole merge against the torch route (what CUDA runs), bit for bit, on CP
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -160,3 +164,19 @@ def test_nonfinite_base_codes_are_reported_on_both_routes(monkeypatch: pytest.Mo
     assert not fp8_merge.merge_fp8_block(q, s, torch.full((32, 32), 0.01), (16, 16)).finite
     q.view(torch.uint8)[5, 7] = 0x7E  # guard: without it the merge is finite
     assert fp8_merge.merge_fp8_block(q, s, torch.full((32, 32), 0.01), (16, 16)).finite
+
+
+def test_the_loops_use_512_bit_vectors_where_the_cpu_has_avx512() -> None:
+    """numba's default leaves AVX-512 CPUs at 256-bit vectors; fp8_kernel asks for the wide ones, in a fresh
+    process where the user chose no features, and leaves a choice the user made alone."""
+    from numba.core import codegen
+
+    if "+avx512f" not in codegen.get_host_cpu_features().split(","):
+        pytest.skip("no AVX-512 on this CPU")
+    probe = "import lorasurgeon.fp8_kernel; from numba.core import config; print(config.CPU_FEATURES)"
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CPU_FEATURES", "NUMBA_CPU_NAME")}
+    chosen = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert chosen.stdout.strip().endswith(",-prefer-256-bit")
+    env["NUMBA_CPU_FEATURES"] = "+avx2"
+    chosen = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert chosen.stdout.strip() == "+avx2"
