@@ -37,7 +37,7 @@ from lorasurgeon.fp8 import BlockSums, DeltaRows, fresh_scale
 
 def _wide_vectors() -> None:
     """Let LLVM vectorize 16 fp32 lanes at a time where the CPU has AVX-512: for CPUs that have it, LLVM prefers
-    256-bit vectors by default, and the 512-bit loops merged 1.3-1.5 x faster on the 2-core VM (the results are
+    256-bit vectors by default, and the 512-bit loops ran about 1.3 x faster on the 2-core VM (the results are
     the same bits: every lane computes alone). numba's setting is the process's, so this is done only while no
     one has set it (NUMBA_CPU_FEATURES / NUMBA_CPU_NAME) and before numba has compiled anything; other numba code
     in the process then gets the wider vectors too, and compiles once more into its cache."""
