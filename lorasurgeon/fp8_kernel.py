@@ -3,7 +3,8 @@
 
 As torch operations the merge makes some forty passes over every element (decode, add, two re-quantizations,
 their errors, the block maxima, the figures), each a trip through memory; here it makes two, each element's
-work done in registers, 8 lanes at a time. The loops take a band of whole block rows of one matrix (its last block
+work done in registers, 8 or 16 lanes at a time (see _wide_vectors). The loops take a band of whole block
+rows of one matrix (its last block
 row or column may be partial): `codes` uint8 (r, n), `scale` fp32 (⌈r/bm⌉, ⌈n/bn⌉), `delta` fp32 ΔW (r, n), all
 C-contiguous numpy arrays.
 
