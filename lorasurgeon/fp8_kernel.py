@@ -4,9 +4,8 @@
 As torch operations the merge makes some forty passes over every element (decode, add, two re-quantizations,
 their errors, the block maxima, the figures), each a trip through memory; here it makes two, each element's
 work done in registers, 8 or 16 lanes at a time (see _wide_vectors). The loops take a band of whole block
-rows of one matrix (its last block
-row or column may be partial): `codes` uint8 (r, n), `scale` fp32 (⌈r/bm⌉, ⌈n/bn⌉), `delta` fp32 ΔW (r, n), all
-C-contiguous numpy arrays.
+rows of one matrix (its last block row or column may be partial): `codes` uint8 (r, n), `scale` fp32
+(⌈r/bm⌉, ⌈n/bn⌉), `delta` fp32 ΔW (r, n), all C-contiguous numpy arrays.
 
 The arithmetic is the torch route's, operation for operation, in fp32 (lorasurgeon.fp8 states the format):
 W = e4m3(c) · s, T = W + ΔW, a candidate's codes RNE(clamp(T / s', ±448)) on its scale s', its change
