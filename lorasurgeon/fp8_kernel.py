@@ -20,10 +20,9 @@ file, or numba's user cache directory), and loaded from it afterwards (about 0.4
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from functools import partial
 from typing import Any
 
@@ -177,28 +176,42 @@ def merge_bands(
     """The merge of stacked matrices (`codes` uint8 (E, m, n), `scales` (E, ⌈m/bm⌉, ⌈n/bn⌉) in their stored
     dtype; `rows_of(e, top, bottom)` gives fp32 rows of matrix e's ΔW) into `out_q` and `out_s`, a band of
     whole block rows (about `elements`) per task on as many threads as torch has, each band's figures in band
-    order. A task computes its band's ΔW itself, one task at a time (`rows_of` reads the adapter through a cache
-    that is not thread-safe), with torch on one thread: its idle threads would spin on the cores the loops need."""
+    order. A task computes its band's ΔW itself (so `rows_of` must be safe to call from several threads), with
+    torch on one thread: its idle threads would spin on the cores the loops need."""
     (_, m, n), bm = codes.shape, block[0]
     rows = bm * max(1, elements // (bm * n))
-    workers, lock = torch.get_num_threads(), threading.Lock()
+    workers = torch.get_num_threads()
 
     def band_delta(e: int, top: int, bottom: int) -> torch.Tensor:
-        with lock:
-            return rows_of(e, top, bottom).contiguous()
+        return rows_of(e, top, bottom).contiguous()
 
-    with torch_threads(1), ThreadPoolExecutor(workers) as pool:
-        pending: deque[Future[BlockSums]] = deque()
-        for e in range(codes.shape[0]):
-            for top in range(0, m, rows):
-                bottom = min(top + rows, m)
-                cells = (e, slice(top // bm, -(-bottom // bm)))
-                band = (codes[e, top:bottom], scales[cells], partial(band_delta, e, top, bottom))
-                pending.append(pool.submit(_band, *band, out_q[e, top:bottom], out_s[cells], block, power_of_two))
-                if len(pending) > workers:  # one band waiting per thread at most: memory stays a few bands
-                    yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    pool, pending = _pool(workers), deque[Future[BlockSums]]()
+    try:
+        with torch_threads(1):
+            for e in range(codes.shape[0]):
+                for top in range(0, m, rows):
+                    bottom = min(top + rows, m)
+                    cells = (e, slice(top // bm, -(-bottom // bm)))
+                    band = (codes[e, top:bottom], scales[cells], partial(band_delta, e, top, bottom))
+                    pending.append(pool.submit(_band, *band, out_q[e, top:bottom], out_s[cells], block, power_of_two))
+                    if len(pending) > workers:  # one band waiting per thread at most: memory stays a few bands
+                        yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+    finally:  # on an error, no band outlives the merge
+        for future in pending:
+            future.cancel()
+        wait(pending)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """The threads that run the bands, kept from one weight to the next (a merge has thousands of weights)."""
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="lorasurgeon-fp8")
+    return _POOLS[workers]
 
 
 def _band(

@@ -25,6 +25,7 @@ from lorasurgeon.plan import Operation, Plan, Step, plan_surgery
 from lorasurgeon.progress import Phase, Progress
 from lorasurgeon.quantized_steps import Requantized, Work
 from lorasurgeon.read_ahead import ReadAhead, computed
+from lorasurgeon.shard_stream import ShardStream
 from lorasurgeon.workspace import Workspace
 from lorasurgeon.writer import CheckpointWriter
 
@@ -140,10 +141,7 @@ def execute(
             entries = [(s.tensor.name, s.out_dtype, s.tensor.shape) for s in steps]
             with writer.shard(shard.name, entries, output_metadata(shard.header.metadata, plan)) as stream:
                 for step in steps:
-                    if computed(step):
-                        stream.write(compute(plan, step, device, ahead.take(step), workspace, work))
-                    else:
-                        stream.copy_from(base, step.tensor)
+                    _write_step(plan, step, stream, device, ahead, workspace, work)
                     done_tensors += 1
                     done_bytes += step.tensor.nbytes
                     if on_progress:
@@ -158,6 +156,29 @@ def execute(
     if base.layout == "file":
         return [], []
     return copy_companions(base.root, plan, writer)
+
+
+def _write_step(
+    plan: Plan,
+    step: Step,
+    stream: ShardStream,
+    device: torch.device,
+    ahead: ReadAhead,
+    workspace: Workspace,
+    work: Work,
+) -> None:
+    """Write one step's tensor: computed, copied, or passed over when it was written ahead. After a quantized step,
+    the other rewritten parts of its weight still to come in this shard are written ahead, not kept till then."""
+    if stream.written_ahead(step.tensor.name):
+        stream.skip()
+    elif step.quantized is not None:
+        stream.write(work.requantizer.compute(step, ahead.take_parts(step)))
+        for name, tensor in work.requantizer.take_kept(stream.later).items():
+            stream.write_ahead(name, tensor)
+    elif computed(step):
+        stream.write(compute(plan, step, device, ahead.take(step), workspace, work))
+    else:
+        stream.copy_from(plan.base, step.tensor)
 
 
 def compute(

@@ -15,17 +15,17 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any
 
 from lorasurgeon import interrupts
-from lorasurgeon.checkpoint import COPY_CHUNK, Checkpoint, write_all
+from lorasurgeon.checkpoint import COPY_CHUNK, write_all
 from lorasurgeon.errors import Option, OutputError
-from lorasurgeon.header import TensorInfo, build_header, nbytes_of
+from lorasurgeon.header import build_header, nbytes_of
 from lorasurgeon.input_file import open_input
+from lorasurgeon.shard_stream import ShardStream
 from lorasurgeon.temporaries import (
     OLD_SUFFIX,
     TMP_MARK,  # re-exported: other modules recognise temporaries by it
@@ -37,9 +37,6 @@ from lorasurgeon.temporaries import (
     take_over_scratch,
     temporary_stem,
 )
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = ["TMP_MARK", "CheckpointWriter", "ShardStream", "check_output_path"]
 
@@ -117,7 +114,7 @@ class CheckpointWriter:
         expected = [nbytes_of(dtype, shape) for _, dtype, shape in entries]
         # Unbuffered: tensor bytes go straight to the descriptor, and in-kernel copies append at its offset.
         with self._guard(relname, len(header) + sum(expected)), open(target, "wb", buffering=0) as f:
-            stream = ShardStream(f, [name for name, _, _ in entries], expected)
+            stream = ShardStream(f, [name for name, _, _ in entries], expected, start=len(header))
             write_all(f, memoryview(header))
             try:
                 yield stream
@@ -193,64 +190,6 @@ class CheckpointWriter:
             remove(self.tmp)
             raise OutputError(f"{self.out}: cannot publish the output: {e.strerror or e}") from None
         interrupts.committed.append(self.out)
-
-
-class ShardStream:
-    """Takes a shard's tensors in header order, checks each one's size against the header, and writes it
-    behind the caller: tensor i is written on a worker thread while the caller computes tensor i + 1 (file
-    writes and torch ops both release the GIL). At most one write is pending, so at most one finished tensor
-    waits in memory."""
-
-    def __init__(self, f: BinaryIO, names: list[str], sizes: list[int]) -> None:
-        self.file = f
-        self._names = names
-        self._sizes = sizes
-        self._next = 0
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorasurgeon-writer")
-        self._pending: Future[None] | None = None
-
-    def write(self, tensor: torch.Tensor) -> None:
-        import torch  # here, not at the top: the CLI imports this module before it knows it needs torch
-
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._expect(len(data))
-        self._submit(write_all, self.file, data.data)
-
-    def copy_from(self, source: Checkpoint, info: TensorInfo) -> None:
-        """Append a tensor's bytes unchanged, straight from its source file."""
-        self._expect(info.nbytes)
-        self._submit(source.copy_to, info, self.file)
-
-    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
-        self._wait()
-        self._pending = self._worker.submit(self._then_flush, fn, *args)
-
-    def _then_flush(self, fn: Callable[..., None], *args: Any) -> None:
-        start = self.file.tell()
-        fn(*args)
-        # On Linux, DONTNEED starts writing the range's dirty pages back now (without waiting), so the fsync at
-        # the end of the shard has little left to do, and the written data does not crowd the page cache.
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.file.fileno(), start, self.file.tell() - start, os.POSIX_FADV_DONTNEED)
-
-    def _wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()  # re-raises the worker's OSError here, inside the writer's guard
-
-    def _expect(self, nbytes: int) -> None:
-        if self._next >= len(self._names) or nbytes != self._sizes[self._next]:
-            raise RuntimeError(f"writer: tensor #{self._next} does not match the shard header")
-        self._next += 1
-
-    def finish(self) -> None:
-        self._wait()
-        if self._next != len(self._names):
-            raise RuntimeError(f"writer: {len(self._names) - self._next} tensors were never written")
-
-    def close(self) -> None:
-        """Stop the worker after its current write (on success finish() has already waited for it)."""
-        self._worker.shutdown(wait=True, cancel_futures=True)
 
 
 def check_output_path(out: Path, inputs: Sequence[Path], force: bool) -> None:

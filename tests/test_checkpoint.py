@@ -67,6 +67,47 @@ def test_writer_output_is_read_by_safetensors_and_keeps_metadata(tmp_path: Path)
     assert int.from_bytes(out.read_bytes()[:8], "little") % 8 == 0  # padded to 8 bytes like the reference writer
 
 
+def test_tensors_written_ahead_give_the_file_written_in_order(tmp_path: Path) -> None:
+    tensors = {f"t{i}": torch.full((i + 1, 3), float(i)) for i in range(6)}
+    entries = [(name, "F32", tuple(t.shape)) for name, t in tensors.items()]
+
+    def write(out: Path, ahead_after: dict[str, list[str]]) -> bytes:
+        with CheckpointWriter(out, is_dir=False, inputs=[]) as w, w.shard(out.name, entries, {}) as stream:
+            for name, tensor in tensors.items():
+                if stream.written_ahead(name):
+                    stream.skip()
+                else:
+                    stream.write(tensor)
+                for later in ahead_after.get(name, []):
+                    assert stream.later(later)
+                    stream.write_ahead(later, tensors[later])
+                    assert stream.written_ahead(later) and not stream.later(later)
+        return out.read_bytes()
+
+    in_order = write(tmp_path / "a.safetensors", {})
+    ahead = write(tmp_path / "b.safetensors", {"t0": ["t5", "t2"], "t1": ["t3"], "t3": ["t4"]})  # t5 first: a hole
+    assert ahead == in_order and torch.equal(read_tensors(tmp_path / "b.safetensors")["t5"], tensors["t5"])
+    with CheckpointWriter(tmp_path / "c", is_dir=False, inputs=[]) as w, w.shard("c", entries, {}) as stream:
+        stream.write(tensors["t0"])
+        stream.write_ahead("t2", tensors["t2"])
+        for wrong in (
+            lambda: stream.write_ahead("t0", tensors["t0"]),  # already written
+            lambda: stream.write_ahead("t2", tensors["t2"]),  # twice
+            lambda: stream.write_ahead("t3", tensors["t4"]),  # not its size
+            lambda: stream.write_ahead("nope", tensors["t1"]),
+            stream.skip,  # t1 was not written ahead
+        ):
+            with pytest.raises(RuntimeError, match="writer:"):
+                wrong()
+        stream.write(tensors["t1"])
+        with pytest.raises(RuntimeError, match="does not match"):  # t2 is written already: only skip passes it
+            stream.write(tensors["t2"])
+        stream.skip()
+        for name in ("t3", "t4", "t5"):
+            stream.write(tensors[name])
+    assert (tmp_path / "c").read_bytes() == in_order
+
+
 def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with pytest.raises(RuntimeError), CheckpointWriter(out, is_dir=True, inputs=[]) as w:

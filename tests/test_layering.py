@@ -31,7 +31,8 @@ ALLOWED: dict[str, set[str]] = {
     "checkpoint": FILES | {"header", "hub", "layout", "strict_json"},
     "hub": {"errors"},
     "temporaries": {"errors"},
-    "writer": IO | {"input_file", "interrupts", "temporaries"},
+    "shard_stream": IO,
+    "writer": IO | {"input_file", "interrupts", "shard_stream", "temporaries"},
     "blocks": set(),
     "linalg": {"blocks"},
     "devices": {"errors"},
@@ -118,12 +119,12 @@ ALLOWED: dict[str, set[str]] = {
     "mirror": IO | {"layout", "plan", "version", "writer"},
     "workspace": IO,
     "terms": {"errors", "header", "experts", "linalg", "lycoris", "placement", "plan"},
-    "quantized_steps": {"blocks", "devices", "errors", "fp8", "header", "plan", "requant", "terms"},
+    "quantized_steps": {"blocks", "devices", "errors", "fp8", "header", "plan", "read_ahead", "requant", "terms"},
     "read_ahead": {"plan", "workspace"},
     "step_checks": {"errors", "header", "linalg", "plan"},
     "surgery": NORMAL_FORM
     | {"linalg", "lycoris", "mirror", "placement", "plan", "progress", "tuner_steps", "writer", "workspace"}
-    | {"devices", "quantized_steps", "read_ahead", "step_checks", "terms"},
+    | {"devices", "quantized_steps", "read_ahead", "shard_stream", "step_checks", "terms"},
     "decomposition": {"linalg", "rank_rule"},
     "pairing": IO | {"rank_rule", "formats.architectures"},
     "cluster": {"errors"},
@@ -209,6 +210,7 @@ NO_TORCH_AT_IMPORT += ["pairing", "rank_rule", "progress", "progress_bar", "unit
 NO_TORCH_AT_IMPORT += ["conflicts", "expert_fit", "quantized", "quantized_plan", "placement", "adapter_api"]
 NO_TORCH_AT_IMPORT += ["combination", "client_weights", "algebra_options", "spectrum_rules", "devices"]
 NO_TORCH_AT_IMPORT += ["adapter_facts", "runtime_checks", "runtime_rules", "runtimes", "companions", "runtime_lowering"]
+NO_TORCH_AT_IMPORT += ["shard_stream"]
 NO_TORCH_AT_IMPORT += ["views", "report_views", "arguments", *(m for m in ALLOWED if m.startswith("formats"))]
 # the modules that may import rich or click
 TERMINAL = {"render", "cli", "cli_options", "cli_adapter_commands", "progress_bar", "tables"}

@@ -30,6 +30,8 @@ from lorasurgeon.formats.quantization import detect_quantization, gguf_refusal, 
 from lorasurgeon.header import TensorInfo
 from lorasurgeon.quantized import Quantization
 from lorasurgeon.quantized_steps import Requantized
+from lorasurgeon.read_ahead import ReadAhead
+from lorasurgeon.shard_stream import ShardStream
 
 BLOCK = (16, 16)
 PROJECTIONS = 2 * 7  # two layers of seven projections
@@ -133,6 +135,26 @@ def test_scales_in_another_shard(tmp_path: Path, llama_dir: Path, fp8_dir: Path,
     assert a.keys() == b.keys() and all(
         torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a if a[k].dtype == torch.float8_e4m3fn
     )
+
+
+def test_fp8_codes_are_written_ahead_at_their_place(
+    tmp_path: Path, fp8_dir: Path, llama_adapter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """save_file stores the F32 scales before the F8 weights, so the scale's step computes the merge: the weight's
+    codes are written then, at their offset (never held till their turn), and the file is the in-order one. Each
+    weight's parts but the first one's were read ahead, while the weight before it was merged."""
+    ahead: list[str] = []
+    read: list[bool] = []
+    write_ahead, take_parts = ShardStream.write_ahead, ReadAhead.take_parts
+    monkeypatch.setattr(ShardStream, "write_ahead", lambda s, n, t: (ahead.append(n), write_ahead(s, n, t))[1])
+    monkeypatch.setattr(ReadAhead, "take_parts", lambda s, step: read.append(bool(p := take_parts(s, step))) or p)
+    figures = merge_lora(fp8_dir, llama_adapter, tmp_path / "ahead")
+    assert sorted(ahead) == sorted(figures) and read == [False] + [True] * (len(figures) - 1)
+    monkeypatch.setattr(ShardStream, "later", lambda s, n: False)  # nothing written ahead: kept, written in order
+    merge_lora(fp8_dir, llama_adapter, tmp_path / "in-order")
+    assert len(ahead) == len(figures)
+    for file in ("model.safetensors", "config.json"):
+        assert (tmp_path / "ahead" / file).read_bytes() == (tmp_path / "in-order" / file).read_bytes()
 
 
 @pytest.mark.parametrize("base", ["fp8_dir", "fp8_bf16_scales_dir"])
