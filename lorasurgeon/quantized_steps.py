@@ -23,7 +23,7 @@ from lorasurgeon.errors import NumericError
 from lorasurgeon.fp8 import DeltaRows
 from lorasurgeon.header import torch_dtype
 from lorasurgeon.plan import Plan, Step
-from lorasurgeon.read_ahead import Parts
+from lorasurgeon.read_ahead import Parts, read_parts
 from lorasurgeon.terms import Factors, Matrices, blockwise, fused_term
 
 KEPT_BYTES = 64 << 20  # parts kept for a later step of the same weight in another shard; larger ones are recomputed
@@ -75,8 +75,7 @@ class Requantizer:
         weight, base = part.weight, self.plan.base
         where = str(base.path)
         device = self.factors.device
-        read = read or {local: base.read(base.tensors[stored]) for local, stored in weight.parts.items()}
-        parts = {local: tensor.to(device) for local, tensor in read.items()}
+        parts = {local: tensor.to(device) for local, tensor in (read or read_parts(base, weight)).items()}
         if part.dequantize:
             whole = self.factors.summed(step, tuple(weight.shape)).mul_(self.sign) if step.terms else None
             return requant.dequantize(weight, parts, whole, torch_dtype(step.out_dtype), where)

@@ -9,7 +9,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from lorasurgeon.checkpoint import Checkpoint
 from lorasurgeon.plan import Plan, Step
+from lorasurgeon.quantized import QuantizedWeight
 from lorasurgeon.workspace import Workspace
 
 READ_AHEAD_BYTES = 256 << 20
@@ -78,12 +80,17 @@ class ReadAhead:
         base = self._plan.base
         if step.quantized is None:
             return self._workspace.read(base, step.tensor)
-        return {local: base.read(base.tensors[stored]) for local, stored in step.quantized.weight.parts.items()}
+        return read_parts(base, step.quantized.weight)
 
     def _nbytes(self, step: Step) -> int:
         if step.quantized is None:
             return step.tensor.nbytes
         return sum(self._plan.base.tensors[stored].nbytes for stored in step.quantized.weight.parts.values())
+
+
+def read_parts(base: Checkpoint, weight: QuantizedWeight) -> Parts:
+    """A quantized weight's stored tensors, read from whichever shards hold them."""
+    return {local: base.read(base.tensors[stored]) for local, stored in weight.parts.items()}
 
 
 def _base_start(step: Step) -> bool:

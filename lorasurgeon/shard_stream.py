@@ -30,7 +30,6 @@ class ShardStream:
     def __init__(self, f: BinaryIO, names: list[str], sizes: list[int], start: int = 0) -> None:
         """`start` is where the first tensor's bytes begin (after the header)."""
         self.file = f
-        self._names = names
         self._sizes = sizes
         self._index = {name: i for i, name in enumerate(names)}
         self._offsets = list(itertools.accumulate(sizes, initial=start))
@@ -85,14 +84,14 @@ class ShardStream:
             pending.result()  # re-raises the worker's OSError here, inside the writer's guard
 
     def _expect(self, nbytes: int) -> None:
-        if self._next >= len(self._names) or self._next in self._ahead or nbytes != self._sizes[self._next]:
+        if self._next >= len(self._sizes) or self._next in self._ahead or nbytes != self._sizes[self._next]:
             raise RuntimeError(f"writer: tensor #{self._next} does not match the shard header")
         self._next += 1
 
     def finish(self) -> None:
         self._wait()
-        if self._next != len(self._names):
-            raise RuntimeError(f"writer: {len(self._names) - self._next} tensors were never written")
+        if self._next != len(self._sizes):
+            raise RuntimeError(f"writer: {len(self._sizes) - self._next} tensors were never written")
 
     def close(self) -> None:
         """Stop the worker after its current write (on success finish() has already waited for it)."""

@@ -120,7 +120,7 @@ ALLOWED: dict[str, set[str]] = {
     "workspace": IO,
     "terms": {"errors", "header", "experts", "linalg", "lycoris", "placement", "plan"},
     "quantized_steps": {"blocks", "devices", "errors", "fp8", "header", "plan", "read_ahead", "requant", "terms"},
-    "read_ahead": {"plan", "workspace"},
+    "read_ahead": {"checkpoint", "plan", "quantized", "workspace"},
     "step_checks": {"errors", "header", "linalg", "plan"},
     "surgery": NORMAL_FORM
     | {"linalg", "lycoris", "mirror", "placement", "plan", "progress", "tuner_steps", "writer", "workspace"}

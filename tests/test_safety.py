@@ -583,7 +583,7 @@ calls = []
 def hook(method):
     def wrapped(self, *a):
         calls.append(1)
-        if len(calls) == len(self._names):
+        if len(calls) == len(self._sizes):
             os.write(PIPE, b"p"); time.sleep(1)
         return method(self, *a)
     return wrapped
