@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lorasurgeon import fp8, fp8_merge
@@ -265,29 +265,43 @@ def test_dequantized_bf16_is_transformers_dequantize() -> None:
     scale=st.floats(1e-6, 1e3),
     relative=st.floats(0, 2),
     seed=st.integers(0, 2**16),
+    torch_route=st.booleans(),
 )
+# A near tie that the merge, working in fp32, cannot see: a one-element block where the fresh scale stores
+# fp32(W + ΔW) exactly and the stored one 1.4e-14 (an fp32 ulp of it) off the exact fp64 sum
+@example(m=45, n=1, bm=1, bn=32, scale=1e-6, relative=2.0, seed=16820, torch_route=False)
+@example(m=45, n=1, bm=1, bn=32, scale=1e-6, relative=2.0, seed=16820, torch_route=True)
 def test_merge_is_never_worse_than_either_scale_policy(
-    m: int, n: int, bm: int, bn: int, scale: float, relative: float, seed: int
+    m: int, n: int, bm: int, bn: int, scale: float, relative: float, seed: int, torch_route: bool
 ) -> None:
     """Per block, the merged W + ΔW (exactly, in fp64) is stored at least as closely as with the stored scales
-    alone or fresh scales alone; round trips stay within half an e4m3 step of each element."""
+    alone or fresh scales alone, up to what the merge's fp32 arithmetic can tell apart; round trips stay within
+    half an e4m3 step of each element. On the CPU's compiled loops and on the torch route (CUDA's)."""
     generator = torch.Generator().manual_seed(seed)
     w = torch.randn(m, n, generator=generator) * scale
     q, s = fp8.quantize_blocks(w, (bm, bn))
     assert ((fp8.dequantize_blocks(q, s, (bm, bn)) - w).abs() <= w.abs() / 16 + s.max() * 2**-10 * 1.001).all()
     delta = torch.randn(m, n, generator=generator) * scale * relative
-    merged = fp8_merge.merge_fp8_block(q, s, delta, (bm, bn))
-    target = fp8.dequantize_blocks(q, s, (bm, bn)) + delta  # what each candidate quantizes, in fp32
-    exact = fp8.dequantize_blocks(q, s, (bm, bn)).double() + delta.double()  # what it should store
+    with pytest.MonkeyPatch.context() as patch:  # not the fixture: hypothesis runs many examples per test call
+        if torch_route:
+            patch.setattr(fp8_merge, "_on_cpu", fp8_merge._in_chunks)
+        merged = fp8_merge.merge_fp8_block(q, s, delta, (bm, bn))
+    base = fp8.dequantize_blocks(q, s, (bm, bn))
+    target = base + delta  # what each candidate quantizes, in fp32
+    exact = base.double() + delta.double()  # what it should store
+
+    def per_block(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(grid(x.numpy(), (bm, bn)).sum(axis=(1, 3)))
 
     def miss(cq: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(
-            grid((fp8.dequantize_blocks(cq, cs, (bm, bn)).double() - exact).numpy() ** 2, (bm, bn)).sum(axis=(1, 3))
-        )
+        return per_block((fp8.dequantize_blocks(cq, cs, (bm, bn)).double() - exact) ** 2).sqrt()
 
+    # The merge rounds W + ΔW and each error (stored − W) − ΔW in fp32: each element's error is off by less than
+    # 2^-22 of |W + ΔW| + |W| + |ΔW|, and a wrong choice between two candidates costs at most twice that
+    blind = 2 * per_block((2**-22 * (exact.abs() + base.double().abs() + delta.double().abs())) ** 2).sqrt()
     best = miss(merged.q, merged.scale_inv)
-    assert (best <= miss(*fp8.quantize_blocks(target, (bm, bn), scale_inv=s)) * (1 + 1e-5) + 1e-30).all()
-    assert (best <= miss(*fp8.quantize_blocks(target, (bm, bn))) * (1 + 1e-5) + 1e-30).all()
+    for alone in (fp8.quantize_blocks(target, (bm, bn), scale_inv=s), fp8.quantize_blocks(target, (bm, bn))):
+        assert (best <= miss(*alone) * (1 + 1e-5) + blind).all()
 
 
 def test_delta_given_by_rows_is_the_same_merge() -> None:
