@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -168,18 +169,21 @@ def _import_ray(cluster: Cluster) -> Any:
 
 @contextlib.contextmanager
 def _connected(ray: Any, cluster: Cluster) -> Iterator[None]:
-    """Connected to the cluster for the block; disconnects only if it connected (a caller's Ray stays)."""
-    if ray.is_initialized():
-        yield
-        return
-    try:
-        ray.init(address=cluster.address, logging_level=logging.ERROR, log_to_driver=False)
-    except Exception as e:  # Ray raises ConnectionError, RuntimeError or ValueError for an unreachable cluster
-        raise ClusterError(Option("cluster", cluster.label), f": cannot connect to the Ray cluster ({e})") from None
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    """Connected to the cluster for the block; disconnects only if it connected (a caller's Ray stays). Ray's driver
+    prints what the raylets report ("A worker died ...") on sys.stdout, whatever log_to_driver says: while it is
+    connected here, sys.stdout is sys.stderr, so that stdout stays the --json document alone."""
+    with contextlib.redirect_stdout(sys.stderr):
+        if ray.is_initialized():
+            yield
+            return
+        try:
+            ray.init(address=cluster.address, logging_level=logging.ERROR, log_to_driver=False)
+        except Exception as e:  # Ray raises ConnectionError, RuntimeError or ValueError for an unreachable cluster
+            raise ClusterError(Option("cluster", cluster.label), f": cannot connect to the Ray cluster ({e})") from None
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def _run_on_ray(

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 from builders import PROJECTIONS, read_tensors
+from killing import kill_when_marked, wait_to_be_killed
 from safetensors.torch import save_file
 
 import lorasurgeon
@@ -219,8 +219,7 @@ def slow_victim(task: MatrixTask) -> MatrixOutcome:
     """On a worker: the first run of VICTIM's task leaves its pid and waits to be killed; a rerun computes."""
     mark = MARKS / "victim.pid"
     if task.tuned.name == VICTIM and not mark.exists():
-        mark.write_text(str(os.getpid()))
-        time.sleep(120)
+        wait_to_be_killed(mark)
     return run_matrix_task(task)
 
 
@@ -234,18 +233,7 @@ def test_killed_worker_is_retried_with_the_same_result(
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     monkeypatch.setattr(sys.modules[__name__], "MARKS", tmp_path)
     monkeypatch.setattr(extract_steps, "run_matrix_task", slow_victim)
-    killed: list[int] = []
-
-    def killer() -> None:
-        mark = tmp_path / "victim.pid"
-        deadline = time.monotonic() + 120
-        while not (mark.exists() and mark.read_text()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        killed.append(int(mark.read_text()))
-        os.kill(killed[0], signal.SIGKILL)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
+    thread, killed = kill_when_marked(tmp_path / "victim.pid")
     try:
         summary = lorasurgeon.extract(base, tuned, tmp_path / "lora", cluster="ray", **OPTIONS)
     finally:
