@@ -1,7 +1,9 @@
 """Killing a Ray worker in the middle of a task, for the tests that Ray retries it and the output is unchanged.
 
-The task to kill, on its first run, calls `wait_to_be_killed(mark)` on its worker: it leaves the worker's pid in
-`mark` and sleeps; `kill_when_marked(mark)`, started on the driver before the run, kills that pid."""
+`KilledOnce` stands for a command's task function: the first time it runs the victim's step, it leaves its
+worker's pid in a mark file and sleeps; `kill_when_marked`, started on the driver before the run, kills that pid,
+and Ray's rerun of the step finds the mark and computes. Workers import this module (the tests' folder is on
+their PYTHONPATH, tests/conftest.py's ray_cluster), so it is pickled by reference."""
 
 from __future__ import annotations
 
@@ -9,12 +11,24 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
-def wait_to_be_killed(mark: Path) -> None:
-    mark.write_text(str(os.getpid()))
-    time.sleep(120)
+@dataclass(frozen=True)
+class KilledOnce:
+    task: Callable[[Any], Any]
+    name_of: Callable[[Any], str]  # picklable: a module's function, or operator.attrgetter
+    victim: str
+    mark: Path
+
+    def __call__(self, step: Any) -> Any:
+        if self.name_of(step) == self.victim and not self.mark.exists():
+            self.mark.write_text(str(os.getpid()))
+            time.sleep(120)
+        return self.task(step)
 
 
 def kill_when_marked(mark: Path) -> tuple[threading.Thread, list[int]]:

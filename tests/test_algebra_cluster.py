@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from builders import run_cli, save_adapter
-from killing import kill_when_marked, wait_to_be_killed
+from killing import KilledOnce, kill_when_marked
 
 import lorasurgeon
 from lorasurgeon import algebra_steps
@@ -221,33 +221,15 @@ def test_a_local_run_interrupted_resumes_on_the_cluster(
     assert written(out) == references["combine_svd"]
 
 
-VICTIM = "model.layers.1.mlp.up_proj"
-MARKS = Path()  # set by the test before the task is pickled (by value, with this global)
-
-
-def slow_victim(task: AlgebraTask) -> ModuleOutcome:
-    """On a worker: the first run of VICTIM's task leaves its pid and waits to be killed; a rerun computes."""
-    mark = MARKS / "victim.pid"
-    if task.job.name == VICTIM and not mark.exists():
-        wait_to_be_killed(mark)
-    return run_algebra_task(task)
-
-
 @pytest.mark.slow
 def test_killed_worker_is_retried_with_the_same_result(
     ray_cluster: str, rich: Path, partial: Path, references: dict[str, dict[str, bytes]], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    monkeypatch.setattr(sys.modules[__name__], "MARKS", tmp_path)
-    monkeypatch.setattr(algebra_steps, "run_algebra_task", slow_victim)
-    thread, killed = kill_when_marked(tmp_path / "victim.pid")
-    try:
-        summary = _combine_svd(rich, partial, tmp_path / "out", {"cluster": "ray"})
-    finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    victim = KilledOnce(run_algebra_task, attrgetter("job.name"), "model.layers.1.mlp.up_proj", tmp_path / "pid")
+    monkeypatch.setattr(algebra_steps, "run_algebra_task", victim)
+    thread, killed = kill_when_marked(victim.mark)
+    summary = _combine_svd(rich, partial, tmp_path / "out", {"cluster": "ray"})
     thread.join(5)
     assert killed and killed[0] != os.getpid()
     assert summary.work.retried == 1 and summary.work.steps == MODULES

@@ -14,13 +14,14 @@ import signal
 import subprocess
 import sys
 import time
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from builders import PROJECTIONS, read_tensors
-from killing import kill_when_marked, wait_to_be_killed
+from killing import KilledOnce, kill_when_marked
 from safetensors.torch import save_file
 
 import lorasurgeon
@@ -211,33 +212,17 @@ def test_cluster_extract_is_bit_identical_to_the_local_run(
     assert [m.spectrum for m in summary.matrices] == [m.spectrum for m in local.matrices]
 
 
-VICTIM = "model.layers.1.mlp.up_proj.weight"
-MARKS = Path()  # set by the test before the task is pickled (by value, with this global)
-
-
-def slow_victim(task: MatrixTask) -> MatrixOutcome:
-    """On a worker: the first run of VICTIM's task leaves its pid and waits to be killed; a rerun computes."""
-    mark = MARKS / "victim.pid"
-    if task.tuned.name == VICTIM and not mark.exists():
-        wait_to_be_killed(mark)
-    return run_matrix_task(task)
-
-
 @pytest.mark.slow
 def test_killed_worker_is_retried_with_the_same_result(
     ray_cluster: str, pair: tuple[Path, Path, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ray import cloudpickle
-
     base, tuned, reference = pair
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    monkeypatch.setattr(sys.modules[__name__], "MARKS", tmp_path)
-    monkeypatch.setattr(extract_steps, "run_matrix_task", slow_victim)
-    thread, killed = kill_when_marked(tmp_path / "victim.pid")
-    try:
-        summary = lorasurgeon.extract(base, tuned, tmp_path / "lora", cluster="ray", **OPTIONS)
-    finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    victim = KilledOnce(
+        run_matrix_task, attrgetter("tuned.name"), "model.layers.1.mlp.up_proj.weight", tmp_path / "pid"
+    )
+    monkeypatch.setattr(extract_steps, "run_matrix_task", victim)
+    thread, killed = kill_when_marked(victim.mark)
+    summary = lorasurgeon.extract(base, tuned, tmp_path / "lora", cluster="ray", **OPTIONS)
     thread.join(5)
     assert killed and killed[0] != os.getpid()
     assert summary.work is not None and summary.work.retried == 1 and summary.work.steps == MATRICES

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import sys
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
 import pytest
 from builders import run_cli
-from killing import kill_when_marked, wait_to_be_killed
+from killing import KilledOnce, kill_when_marked
 
 import lorasurgeon
 from lorasurgeon import verify_steps
@@ -233,18 +233,6 @@ def test_cluster_verify_gives_the_local_verdicts(
     assert journals(merges[which]) == [] and local["merged"] == on_ray["merged"] == str(merged)
 
 
-VICTIM = "model.layers.1.mlp.up_proj.weight"
-MARKS = Path()  # set by the test before the task is pickled (by value, with this global)
-
-
-def slow_victim(task: VerifyTask) -> Verdict:
-    """On a worker: the first run of VICTIM's task leaves its pid and waits to be killed; a rerun computes."""
-    mark = MARKS / "victim.pid"
-    if task.merged.name == VICTIM and not mark.exists():
-        wait_to_be_killed(mark)
-    return run_verify_task(task)
-
-
 @pytest.mark.slow
 def test_killed_worker_is_retried_with_the_same_verdicts(
     ray_cluster: str,
@@ -257,19 +245,15 @@ def test_killed_worker_is_retried_with_the_same_verdicts(
 ) -> None:
     """The verdicts are the local run's, and stdout is the --json document alone: Ray's driver prints the raylet's
     "A worker died ..." to stdout."""
-    from ray import cloudpickle
-
     code, local = verify_json(capsys, merges["half"], llama_dir, llama_adapter)
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    monkeypatch.setattr(sys.modules[__name__], "MARKS", tmp_path)
-    monkeypatch.setattr(verify_steps, "run_verify_task", slow_victim)
-    thread, killed = kill_when_marked(tmp_path / "victim.pid")
-    try:
-        ray_code, on_ray = verify_json(capsys, merges["half"], llama_dir, llama_adapter, "--cluster", "ray")
-    finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    victim = KilledOnce(
+        run_verify_task, attrgetter("merged.name"), "model.layers.1.mlp.up_proj.weight", tmp_path / "pid"
+    )
+    monkeypatch.setattr(verify_steps, "run_verify_task", victim)
+    thread, killed = kill_when_marked(victim.mark)
+    ray_code, on_ray = verify_json(capsys, merges["half"], llama_dir, llama_adapter, "--cluster", "ray")
     thread.join(5)
     assert killed and killed[0] != os.getpid()
     assert ray_code == code == 1 and comparable(on_ray) == comparable(local)
     assert on_ray["work"]["retried"] == 1 and on_ray["work"]["steps_run"] == len(local["tensors"])
-    assert [t["verdict"] for t in on_ray["tensors"] if t["name"] == VICTIM] == ["wrong scale"]
+    assert [t["verdict"] for t in on_ray["tensors"] if t["name"] == victim.victim] == ["wrong scale"]
