@@ -18,7 +18,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, Literal, TypeVar
 
 from lorasurgeon.errors import LorasurgeonError, Option, UnsupportedError
@@ -195,6 +195,7 @@ def _run_on_ray(
     resources: Resources,
     name: Callable[[S], str],
 ) -> WorkReport:
+    resources = _fitted(ray, resources)
     remote = ray.remote(ran_on_worker).options(
         num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=RETRIES, retry_exceptions=False
     )
@@ -216,6 +217,14 @@ def _run_on_ray(
             pending[remote.remote(task, steps[following])] = following
     names = {n["NodeID"]: n.get("NodeManagerAddress", n["NodeID"]) for n in ray.nodes()}
     return tally.report("ray", cluster.address, {k: f"{v} ({k[:8]})" for k, v in names.items()})
+
+
+def _fitted(ray: Any, resources: Resources) -> Resources:
+    """`resources` with its CPUs cut to the most any live node has: a step asking for more than that would wait
+    for ever. A task still runs the torch threads it carries (its results depend on them, not on Ray's count), on
+    fewer cores. Left as asked while no node has CPUs (a head node of 0 CPUs whose autoscaler adds workers)."""
+    largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    return replace(resources, cpus=min(resources.cpus, largest)) if largest > 0 else resources
 
 
 def _window(ray: Any, resources: Resources) -> int:

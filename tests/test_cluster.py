@@ -213,6 +213,21 @@ def test_cluster_extract_is_bit_identical_to_the_local_run(
 
 
 @pytest.mark.slow
+def test_more_threads_than_any_node_has_cores_still_run(
+    ray_cluster: str, pair: tuple[Path, Path, bytes], tmp_path: Path
+) -> None:
+    """--threads 4 on nodes of 2 CPUs: each task asks Ray for 2 (asking for 4 would wait for ever) and still runs
+    4 torch threads, so the adapter is the local --threads 4 run's."""
+    base, tuned, _ = pair
+    options = {**OPTIONS, "threads": 4}
+    local = lorasurgeon.extract(base, tuned, tmp_path / "local", **options)
+    summary = lorasurgeon.extract(base, tuned, tmp_path / "lora", cluster="ray", **options)
+    assert summary.work is not None and summary.work.engine == "ray" and summary.work.steps == MATRICES
+    assert (tmp_path / "lora" / ADAPTER).read_bytes() == (tmp_path / "local" / ADAPTER).read_bytes()
+    assert [m.spectrum for m in summary.matrices] == [m.spectrum for m in local.matrices]
+
+
+@pytest.mark.slow
 def test_killed_worker_is_retried_with_the_same_result(
     ray_cluster: str, pair: tuple[Path, Path, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
